@@ -1,0 +1,197 @@
+"""
+A GPT-2 style language model whose attention takes an explicit mask, plus a KV cache for chat.
+
+Architecture and parameter names follow GPT-2 / nanoGPT (learned positions, pre-LayerNorm, GELU MLP, tied
+embeddings; transformer.wte, transformer.h.N.attn.c_attn, lm_head, ...), so GPT-2 checkpoints load by name.
+What differs from nanoGPT:
+- There is no built-in causal assumption. Every forward gets the mask to use: a dense boolean tensor
+  (True = may attend; SDPA, any device) or a FlexAttention BlockMask (CUDA). mask.py builds both from one rule.
+- Positions are explicit, so packed documents restart at 0 and a chunk on top of a cache continues from it.
+- forward can run on a KVCache: the chunk's keys/values are written after the cached ones and the chunk attends
+  over the filled part of the cache only. The cache length advances in exactly one place, GPT.forward.
+"""
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+# FlexAttention is fast only compiled (CUDA); uncompiled it runs a reference implementation, forward only on CPU.
+compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 512  # longest sequence, and the KV cache's capacity
+    vocab_size: int = 261  # byte tokenizer: 256 bytes + 5 special tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm layers
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated up to block_size.
+
+    Memory: 2 (k and v) * n_layer * batch_size * block_size * n_embd elements, e.g. 2 * 4 * 1 * 512 * 128 * 4 bytes
+    = 2 MiB for the default model in fp32; bytes_per_token says what one token costs.
+    Appending a chunk of T tokens writes T slots per layer (O(T)); truncate(n) forgets everything after n tokens
+    (a /reset, or a re-prefill) without freeing memory. `length` changes only in GPT.forward and truncate.
+    """
+
+    def __init__(self, config, batch_size=1, device="cpu", dtype=torch.float32):
+        shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def capacity(self):
+        return self.kv.shape[4]
+
+    @property
+    def bytes_per_token(self):
+        return self.kv[:, :, :, :, 0].numel() * self.kv.element_size()
+
+    def store(self, layer, k, v):
+        """Write a chunk's k, v (B, n_head, T, head_dim) after the cached tokens; return the filled part."""
+        end = self.length + k.shape[2]
+        self.kv[layer, 0, :, :, self.length:end] = k
+        self.kv[layer, 1, :, :, self.length:end] = v
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+
+    def truncate(self, length):
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
+
+class CausalSelfAttention(nn.Module):
+    # the name is GPT-2's; the mask passed in decides what each token sees
+
+    def __init__(self, config, layer_index):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.layer_index = layer_index
+
+    def forward(self, x, mask, kv_cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.store(self.layer_index, k, v)  # attend over cached + new keys, filled slots only
+        if isinstance(mask, BlockMask):
+            flex = compiled_flex_attention if q.is_cuda else flex_attention
+            y = flex(q, k, v, block_mask=mask)
+        else:
+            # (T, S) or (B, T, S) -> broadcast over heads. Never is_causal: it is top-left aligned when T != S.
+            attn_mask = mask.view(-1, 1, *mask.shape[-2:])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_index)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), mask, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, mask, positions=None, targets=None, kv_cache=None):
+        """idx (B, T) token ids. mask: bool (T, S) or (B, T, S), True = may attend, or a BlockMask; S = T without a
+        cache, cache length + T with one (the rows of the whole sequence's mask for these T tokens).
+        positions (T,) or (B, T): default 0.. T-1, continuing from the cache length when there is one.
+        targets (B, T): next-token ids, -1 where no loss is taken. Returns (logits (B, T, vocab), loss or None)."""
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for block in self.transformer.h:
+            x = block(x, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T  # every layer has stored this chunk: the one place the cache grows
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # weight decay on matrices (Linear weights, embeddings) only; never on biases or LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops=989e12):
+        """Model FLOPs utilisation against a peak (default: H100 bf16 dense), PaLM appendix B accounting:
+        6N per token for the weights plus 12 * L * d * T for attention (counted as if every key were visible)."""
+        cfg = self.config
+        flops_per_token = 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        return flops_per_token * tokens_per_iter / dt / peak_flops
