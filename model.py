@@ -12,12 +12,15 @@ What differs from nanoGPT:
 """
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from flags import UserError
 
 # FlexAttention is fast only compiled (CUDA); uncompiled it runs a reference implementation, forward only on CPU.
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
@@ -195,3 +198,32 @@ class GPT(nn.Module):
         cfg = self.config
         flops_per_token = 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
         return flops_per_token * tokens_per_iter / dt / peak_flops
+
+
+def save_checkpoint(checkpoint, path):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact (temp file, then rename)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict (plain containers and tensors only: weights_only=True), or a UserError saying why not."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: run python train.py first (or pass --out_dir=DIR)")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); retrain or restore it") from None
+    missing = {"model", "model_args", "tokenizer", "mask"} - set(checkpoint if isinstance(checkpoint, dict) else ())
+    if missing:
+        raise UserError(f"{path} is not an ismGPT checkpoint (missing {', '.join(sorted(missing))})")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, device="cpu"):
+    """Rebuild the GPT a checkpoint describes and load its weights (eval mode)."""
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
