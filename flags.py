@@ -8,6 +8,7 @@ line (no traceback) before exiting with status 2.
 """
 import ast
 import dataclasses
+import difflib
 import sys
 
 
@@ -72,7 +73,9 @@ def parse(defaults, argv, doc=""):
             sys.exit(0)
         if not arg.startswith("--"):
             for key, value in _read_config_file(arg).items():
-                settings[key] = _convert(str(value), fields[key], key) if key in fields else _unknown(key, fields)
+                if key not in fields:
+                    _unknown(key, fields)
+                settings[key] = _convert(str(value), fields[key], key)
             continue
         key, sep, text = arg[2:].partition("=")
         if key not in fields:
@@ -86,7 +89,7 @@ def parse(defaults, argv, doc=""):
 
 
 def _unknown(key, fields):
-    close = [name for name in fields if key in name or name in key]
+    close = difflib.get_close_matches(key, fields, n=1)
     hint = f" (did you mean --{close[0]}?)" if close else " (--help lists them)"
     raise UserError(f"unknown flag --{key}{hint}")
 
