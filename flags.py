@@ -59,7 +59,8 @@ def usage(defaults, doc):
     lines = [doc.strip(), "", "flags (--key=value; a positional FILE holds key = value lines):"]
     for f in dataclasses.fields(defaults):
         help_text = f.metadata.get("help", "")
-        lines.append(f"  --{f.name}={getattr(defaults, f.name)!s:<14} {help_text}")
+        flag = f"--{f.name}={getattr(defaults, f.name)}"
+        lines.append(f"  {flag:<32} {help_text}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,124 @@
+"""
+Training batches from a prepared split: documents, packing into rows, and collating rows into tensors.
+
+A document is a (start, end, loss_from) triple of indices into the split's flat arrays:
+- causal and ism: one document per conversation, loss_from = start, so one pass trains every answer;
+- prefix: triplet expansion, one document per answer: the conversation up to the end of that answer, with loss
+  from its first token. Under the prefix mask every earlier token is prefix, so each answer needs its own copy
+  of the history; the expansion factor says how many more tokens that costs.
+Rows of block_size tokens hold whole documents (never split across rows), told apart by doc_ids, with positions
+restarting at 0 per document. Loss targets are the answer tokens of each document from loss_from on.
+"""
+import bisect
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data.chat import DataError
+from mask import ASSISTANT, MASKS
+
+NO_TARGET = -1
+PAD_ID = 0  # padding is its own document with no targets, so its token id never matters
+
+
+@dataclass
+class Split:
+    """A prepared split, memory-mapped: ids[T], roles[T], offsets[n_conversations + 1]."""
+    ids: np.ndarray
+    roles: np.ndarray
+    offsets: np.ndarray
+
+
+def load_split(data_dir, split):
+    arrays = {}
+    for field in ("ids", "roles", "offsets"):
+        path = os.path.join(data_dir, f"{split}_{field}.npy")
+        if not os.path.exists(path):
+            raise DataError(f"no prepared data at {path}: run python data/prepare.py")
+        arrays[field] = np.load(path, mmap_mode="r")
+    return Split(**arrays)
+
+
+def documents(split, kind):
+    """-> list of (start, end, loss_from) for the mask kind (see the module docstring)."""
+    if kind not in MASKS:
+        raise ValueError(f"unknown mask {kind!r}: choose one of {', '.join(MASKS)}")
+    offsets = np.asarray(split.offsets)
+    if kind != "prefix":
+        starts = offsets[:-1].tolist()
+        return list(zip(starts, offsets[1:].tolist(), starts))
+    # Answers are the maximal runs of ASSISTANT tokens. A run never spans two conversations: each one starts
+    # with <|bos|>, which is SYSTEM or USER.
+    is_answer = np.asarray(split.roles) == ASSISTANT
+    answer_start = np.flatnonzero(is_answer & ~np.r_[False, is_answer[:-1]])
+    answer_end = np.flatnonzero(is_answer & ~np.r_[is_answer[1:], False]) + 1
+    conv_start = offsets[np.searchsorted(offsets, answer_start, side="right") - 1]
+    return list(zip(conv_start.tolist(), answer_end.tolist(), answer_start.tolist()))
+
+
+def expansion_factor(split):
+    """Tokens the prefix mask trains on (one document per answer) / tokens in the conversations."""
+    prefix_tokens = sum(end - start for start, end, _ in documents(split, "prefix"))
+    return prefix_tokens / max(int(split.offsets[-1]), 1)
+
+
+def pack(docs, block_size, rng):
+    """Shuffle docs with the numpy Generator rng, then put each one into the fullest row it still fits in (best
+    fit: rows come out ~99% full where filling one row at a time leaves ~15% padding). A doc never straddles
+    rows. -> list of rows, each a list of docs."""
+    rows, free = [], []  # free: sorted (space left, row index) of rows that still have room
+    for i in rng.permutation(len(docs)):
+        doc = docs[i]
+        length = doc[1] - doc[0]
+        if length > block_size:
+            raise DataError(f"a conversation of {length} tokens does not fit block_size={block_size}: "
+                            f"prepare the data again with --block_size={block_size}")
+        k = bisect.bisect_left(free, (length, -1))
+        if k < len(free):
+            space, r = free.pop(k)
+        else:
+            space, r = block_size, len(rows)
+            rows.append([])
+        rows[r].append(doc)
+        if space > length:
+            bisect.insort(free, (space - length, r))
+    return rows
+
+
+def _targets(ids, roles, start, end, loss_from):
+    """Next-token targets inside one document: only where the next token is ASSISTANT, at or after loss_from."""
+    targets = np.full(end - start, NO_TARGET, dtype=np.int64)
+    next_pos = np.arange(start + 1, end)
+    trained = (roles[start + 1:end] == ASSISTANT) & (next_pos >= loss_from)
+    targets[:-1][trained] = ids[start + 1:end][trained]
+    return targets
+
+
+def collate(split, rows, block_size):
+    """rows -> dict of (B, block_size) int64 tensors: idx, targets (-1 = no loss), positions (from 0 per doc),
+    roles, doc_ids (0, 1, ... per row; the padding after the last doc is one more doc, ASSISTANT, no targets)."""
+    shape = (len(rows), block_size)
+    out = {"idx": np.full(shape, PAD_ID, dtype=np.int64), "targets": np.full(shape, NO_TARGET, dtype=np.int64),
+           "positions": np.zeros(shape, dtype=np.int64), "roles": np.full(shape, ASSISTANT, dtype=np.int64),
+           "doc_ids": np.zeros(shape, dtype=np.int64)}
+    for b, row in enumerate(rows):
+        t = 0
+        for doc_id, (start, end, loss_from) in enumerate(row):
+            span = slice(t, t + end - start)
+            out["idx"][b, span] = split.ids[start:end]
+            out["targets"][b, span] = _targets(split.ids, split.roles, start, end, loss_from)
+            out["positions"][b, span] = np.arange(end - start)
+            out["roles"][b, span] = split.roles[start:end]
+            out["doc_ids"][b, span] = doc_id
+            t = span.stop
+        out["positions"][b, t:] = np.arange(block_size - t)
+        out["doc_ids"][b, t:] = len(row)
+    return {name: torch.from_numpy(array) for name, array in out.items()}
+
+
+def epoch_rows(split, kind, block_size, seed, epoch):
+    """The packed rows of one epoch, the same for the same (seed, epoch): train.py indexes into them to resume
+    exactly and to shard across DDP ranks."""
+    return pack(documents(split, kind), block_size, np.random.default_rng((seed, epoch)))

@@ -1,0 +1,189 @@
+"""
+The chat format: conversations as JSON messages, rendered to token ids plus one role per token.
+
+    <|bos|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> answer <|end|> <|user|> ...
+
+Roles (mask.py's codes) follow the attention segments, not the text:
+- <|bos|> belongs to the first segment (SYSTEM if there is a system message, else USER);
+- a system or user message's header, text and <|end|> carry its role;
+- the <|assistant|> header after a user message is USER: it is the last prompt token the model reads before
+  answering, so it belongs to the query segment;
+- an answer's text and its closing <|end|> are ASSISTANT.
+
+render() is the concatenation of small pieces (render_start, render_system, render_user, render_answer) that the
+sampler calls one at a time. A piece never depends on what comes after it, so rendering is prefix-stable by
+construction: render(history + [user message]) begins with render(history), ids and roles, and is exactly the
+inference prompt. That is what lets the sampler reuse its KV cache across turns.
+"""
+import json
+
+from flags import UserError
+from mask import ASSISTANT, SYSTEM, USER
+
+ROLE_CODES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+class DataError(UserError):
+    """A problem the user can fix (bad file, bad line, missing data): reported as one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------- rendering
+
+def render_start(first_role, tok):
+    """<|bos|>, in the role of the conversation's first segment (SYSTEM or USER)."""
+    return [tok.bos], [first_role]
+
+
+def render_system(text, tok):
+    ids = [tok.system] + tok.encode(text) + [tok.end]
+    return ids, [SYSTEM] * len(ids)
+
+
+def render_user(text, tok):
+    """<|user|> text <|end|> <|assistant|>, all USER: the header that opens the answer ends the query."""
+    ids = [tok.user] + tok.encode(text) + [tok.end, tok.assistant]
+    return ids, [USER] * len(ids)
+
+
+def render_answer(content, tok):
+    """Answer content + <|end|>, all ASSISTANT. content is the answer text, or the token ids a sampler generated
+    (without <|end|>): re-encoding decoded text need not give back the same ids under BPE."""
+    ids = (tok.encode(content) if isinstance(content, str) else list(content)) + [tok.end]
+    return ids, [ASSISTANT] * len(ids)
+
+
+_PIECES = {"system": render_system, "user": render_user, "assistant": render_answer}
+
+
+def render(messages, tok):
+    """messages (validated) -> (ids, roles), two lists of equal length."""
+    first_role = SYSTEM if messages and messages[0]["role"] == "system" else USER
+    ids, roles = render_start(first_role, tok)
+    for message in messages:
+        piece_ids, piece_roles = _PIECES[message["role"]](message["content"], tok)
+        ids += piece_ids
+        roles += piece_roles
+    return ids, roles
+
+
+# --------------------------------------------------------------------------------------------------- validation
+
+def _check_message(message, number, where):
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise DataError(f'{where}: message {number} is not an object with "role" and "content"')
+    role, content = message["role"], message["content"]
+    if role not in ROLE_CODES:
+        raise DataError(f"{where}: message {number} has unknown role {role!r} (expected system, user or assistant)")
+    if not isinstance(content, str):
+        raise DataError(f"{where}: message {number} has non-string content ({type(content).__name__})")
+    if not content.strip():
+        raise DataError(f"{where}: message {number} has empty content")
+
+
+def _check_order(roles, where):
+    """Optional system first, then user and assistant alternating, starting with user."""
+    start = 1 if roles[0] == "system" else 0
+    for i in range(start, len(roles)):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if roles[i] != expected:
+            raise DataError(f"{where}: message {i + 1} is {roles[i]!r} where {expected!r} belongs "
+                            "(optional system first, then user and assistant alternating)")
+
+
+def validate(messages, where, need_answer=True):
+    """Raise DataError(f"{where}: <problem>") unless messages is a well-formed conversation. need_answer=True
+    (training data) also requires an assistant turn and a final assistant message; the sampler passes False."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'{where}: "messages" must be a non-empty list')
+    for number, message in enumerate(messages, 1):
+        _check_message(message, number, where)
+    roles = [m["role"] for m in messages]
+    _check_order(roles, where)
+    if need_answer and "assistant" not in roles:
+        raise DataError(f"{where}: no assistant turn")
+    if need_answer and roles[-1] != "assistant":
+        raise DataError(f"{where}: ends with a {roles[-1]} message; a training conversation ends with an answer")
+
+
+def _check_tasks(tasks, messages, where):
+    """Optional per-answer task tags (the synthetic data has them; eval scores per tag)."""
+    answers = sum(m["role"] == "assistant" for m in messages)
+    if not isinstance(tasks, list) or len(tasks) != answers or not all(isinstance(t, str) for t in tasks):
+        raise DataError(f'{where}: "tasks" must be a list of {answers} strings, one per assistant turn')
+
+
+# --------------------------------------------------------------------------------------------------------- JSONL
+
+def parse_line(raw, where, need_answer=True):
+    """One JSONL line (bytes) -> {"messages": [...]} plus "tasks" when present (other fields are dropped), or
+    None for a blank line."""
+    try:
+        record = json.loads(raw.decode("utf-8")) if raw.strip() else None
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+    if record is None:
+        return None
+    if not isinstance(record, dict) or "messages" not in record:
+        raise DataError(f'{where}: expected an object with a "messages" list')
+    validate(record["messages"], where, need_answer)
+    conversation = {"messages": record["messages"]}
+    if "tasks" in record:
+        _check_tasks(record["tasks"], record["messages"], where)
+        conversation["tasks"] = record["tasks"]
+    return conversation
+
+
+def read_jsonl(path, skip_bad=False, need_answer=True):
+    """-> (conversations, bad). Stops at the first bad line with DataError("path:line: problem"), or with
+    skip_bad collects bad = [(line_no, problem)] and goes on. Blank lines are ignored."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    conversations, bad = [], []
+    for line_no, raw in enumerate(lines, 1):
+        where = f"{path}:{line_no}"
+        try:
+            conversation = parse_line(raw, where, need_answer)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            bad.append((line_no, str(e).removeprefix(f"{where}: ")))
+            continue
+        if conversation is not None:
+            conversations.append(conversation)
+    return conversations, bad
+
+
+def write_jsonl(path, conversations):
+    with open(path, "w", encoding="utf-8") as f:
+        for conversation in conversations:
+            f.write(json.dumps(conversation, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- fitting blocks
+
+def fit_to_block(conversation, tok, block_size):
+    """The conversation itself if it renders to <= block_size tokens; else a copy cut after the last whole
+    user+assistant turn that still fits (system and earliest turns kept, "tasks" cut alongside); None when not
+    even the first turn fits. Never cuts inside a message."""
+    messages = conversation["messages"]
+    head = 1 if messages[0]["role"] == "system" else 0
+    length = len(render(messages[:head], tok)[0])
+    turns = 0
+    for user, answer in zip(messages[head::2], messages[head + 1::2]):
+        length += len(render_user(user["content"], tok)[0]) + len(render_answer(answer["content"], tok)[0])
+        if length > block_size:
+            break
+        turns += 1
+    if turns == 0:
+        return None
+    if head + 2 * turns == len(messages):
+        return conversation
+    cut = dict(conversation, messages=messages[:head + 2 * turns])
+    if "tasks" in conversation:
+        cut["tasks"] = conversation["tasks"][:turns]
+    return cut

@@ -1,0 +1,178 @@
+"""
+Prepare a dataset: conversations -> token ids, roles and offsets as .npy files, plus meta.json.
+
+    python data/prepare.py                                 # the synthetic default dataset -> data/synthetic/
+    python data/prepare.py --input=chats.jsonl             # your own JSONL -> data/chats/
+    python data/prepare.py --help                          # every flag with its default
+
+Writes into out_dir, per split (train, val): {split}_ids.npy (uint16, or int32 for vocabularies of 65536 tokens
+and more), {split}_roles.npy (uint8), {split}_offsets.npy (int64, conversation i is [offsets[i], offsets[i+1])),
+{split}.jsonl (the conversations as kept, for replaying held-out chats), and meta.json last, so a folder with
+meta.json is complete. No pickle: everything loads with np.load(..., mmap_mode="r") or json.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+import flags  # noqa: E402
+from data import synthetic  # noqa: E402
+from data.batching import Split, expansion_factor  # noqa: E402
+from data.chat import DataError, fit_to_block, read_jsonl, render, write_jsonl  # noqa: E402
+from data.tokenizer import get_tokenizer  # noqa: E402
+
+
+def _flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PrepareConfig:
+    """The flags of python data/prepare.py (prepare() has the same defaults, a test checks)."""
+    input: str = _flag("", "JSONL, one {\"messages\": [...]} per line; empty: the synthetic dataset")
+    out_dir: str = _flag("", "empty: data/synthetic, or data/<input file stem>")
+    tokenizer: str = _flag("byte", "byte (offline) or gpt2 (downloads its vocabulary once)")
+    block_size: int = _flag(512, "longer conversations are cut at a turn boundary, or dropped")
+    seed: int = _flag(1337, "synthetic generator and train/val shuffle")
+    skip_bad: bool = _flag(False, "skip bad input lines and list them, instead of stopping at the first")
+    val_fraction: float = _flag(0.05, "share of your own conversations held out")
+    n_train: int = _flag(20000, "synthetic training conversations")
+    n_val: int = _flag(500, "synthetic held-out conversations")
+
+
+SYNTHETIC_DIR = os.path.join(ROOT, "data", "synthetic")
+
+
+def default_out_dir(input=None):
+    if not input:
+        return SYNTHETIC_DIR
+    return os.path.join(ROOT, "data", os.path.splitext(os.path.basename(input))[0])
+
+
+def split_conversations(conversations, val_fraction, seed):
+    """Shuffle (seeded) and hold out val_fraction of them, at least one each way."""
+    if len(conversations) < 2:
+        raise DataError(f"need at least 2 conversations to make train and val splits, got {len(conversations)}")
+    order = np.random.default_rng(seed).permutation(len(conversations))
+    n_val = min(max(round(len(order) * val_fraction), 1), len(order) - 1)
+    return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
+
+
+def fit_all(conversations, tok, block_size):
+    """-> (kept conversations, number cut at a turn boundary, number dropped because no turn fits)."""
+    kept, cut, dropped = [], 0, 0
+    for conversation in conversations:
+        fitted = fit_to_block(conversation, tok, block_size)
+        if fitted is None:
+            dropped += 1
+            continue
+        cut += fitted is not conversation
+        kept.append(fitted)
+    return kept, cut, dropped
+
+
+def write_split(out_dir, name, conversations, tok):
+    """Render and save one split; -> its Split (in memory) for the statistics."""
+    ids, roles, offsets = [], [], [0]
+    for conversation in conversations:
+        conv_ids, conv_roles = render(conversation["messages"], tok)
+        ids += conv_ids
+        roles += conv_roles
+        offsets.append(len(ids))
+    split = Split(ids=np.array(ids, dtype=np.uint16 if tok.vocab_size < 2**16 else np.int32),
+                  roles=np.array(roles, dtype=np.uint8), offsets=np.array(offsets, dtype=np.int64))
+    for array in ("ids", "roles", "offsets"):
+        np.save(os.path.join(out_dir, f"{name}_{array}.npy"), getattr(split, array))
+    write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), conversations)
+    return split
+
+
+def split_stats(split, conversations, cut, dropped):
+    lengths = np.diff(split.offsets)
+    return {"conversations": len(conversations), "tokens": int(split.offsets[-1]),
+            "answers": sum(len(c["messages"]) // 2 for c in conversations),  # the system message rounds away
+            "mean_tokens": round(float(lengths.mean()), 1), "max_tokens": int(lengths.max()),
+            "cut": cut, "dropped": dropped, "prefix_expansion": round(expansion_factor(split), 3)}
+
+
+def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=1337, skip_bad=False,
+            val_fraction=0.05, n_train=20000, n_val=500):
+    """Build a prepared dataset in out_dir (default: default_out_dir(input)) and return its meta dict."""
+    out_dir = out_dir or default_out_dir(input)
+    tok = get_tokenizer(tokenizer)
+    bad = []
+    if input:
+        conversations, bad = read_jsonl(input, skip_bad=skip_bad)
+        train, val = split_conversations(conversations, val_fraction, seed)
+    elif n_train < 1 or n_val < 1:
+        raise DataError(f"n_train and n_val must be at least 1, got {n_train} and {n_val}")
+    else:
+        train, val = synthetic.splits(n_train, n_val, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"source": input or "synthetic", "seed": seed, "tokenizer": tok.describe(),
+            "vocab_size": tok.vocab_size, "block_size": block_size, "skipped_lines": len(bad),
+            "bad_lines": bad[:100], "splits": {}}
+    for name, conversations in (("train", train), ("val", val)):
+        kept, cut, dropped = fit_all(conversations, tok, block_size)
+        if not kept:
+            raise DataError(f"no {name} conversation fits block_size={block_size}")
+        split = write_split(out_dir, name, kept, tok)
+        meta["splits"][name] = split_stats(split, kept, cut, dropped)
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+def load_meta(data_dir):
+    """meta.json of a prepared folder (written last, so its presence means the folder is complete)."""
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"no prepared data in {data_dir} (missing meta.json): run python data/prepare.py") from None
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+
+def summary(meta, out_dir, seconds):
+    lines = [f"prepared {meta['source']} -> {out_dir} in {seconds:.1f}s "
+             f"(tokenizer {meta['tokenizer']['name']}, vocab {meta['vocab_size']}, block_size {meta['block_size']})",
+             "| split | conversations | tokens | mean | max | answers | cut | dropped | prefix expansion |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in meta["splits"].items():
+        lines.append(f"| {name} | {s['conversations']} | {s['tokens']} | {s['mean_tokens']} | {s['max_tokens']} | "
+                     f"{s['answers']} | {s['cut']} | {s['dropped']} | {s['prefix_expansion']} |")
+    if meta["skipped_lines"]:
+        shown = "; ".join(f"line {n}: {problem}" for n, problem in meta["bad_lines"][:5])
+        more = "; ..." if meta["skipped_lines"] > 5 else ""
+        lines.append(f"skipped {meta['skipped_lines']} bad lines ({shown}{more})")
+    return "\n".join(lines)
+
+
+def main(argv):
+    """-> exit status: 0, 1 for a problem with the data, 2 for a bad flag (one line on stderr, no traceback)."""
+    try:
+        config = flags.parse(PrepareConfig(), argv, __doc__)
+    except flags.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out_dir = config.out_dir or default_out_dir(config.input)
+    t0 = time.time()
+    try:
+        meta = prepare(**dict(asdict(config), out_dir=out_dir))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary(meta, out_dir, time.time() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

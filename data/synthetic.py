@@ -1,0 +1,142 @@
+"""
+The default dataset: seeded synthetic conversations whose answers need the history.
+
+Every assistant answer is short and checkable by exact match, and is tagged with its task family:
+    note     "my locker code is 4821"         -> "ok"       (a fact to remember)
+    recall   "what is my locker code?"        -> "4821"     (asked at least two turns after the note)
+    arith    "start at 7" / "add 5" / "double it" -> "7" / "12" / "24"   (a running value, 0..99)
+    sort     "9 4 7 1 sort"                   -> "1 4 7 9"  (data first, instruction last: only the last
+    reverse  "q w e r reverse"                -> "r e w q"   word says what to do with the data before it)
+Families mix within a conversation of 1 to 8 turns, so a recall or an arith step may have to look past several
+unrelated turns. The text uses a few dozen words, digits and letters: a byte-level model learns it on a CPU.
+"""
+import random
+
+FAMILIES = ("note", "recall", "arith", "sort", "reverse")
+MAX_TURNS = 8
+MAX_FACTS = 3
+RECALL_GAP = 2  # a fact is asked about at least this many turns after it was given
+SYSTEM_PROMPTS = ("answer briefly.", "keep answers short.", "you are a careful assistant.")
+SYSTEM_PROBABILITY = 0.25
+COLORS = ("red", "blue", "green", "black", "white", "pink", "gray", "gold")
+NAMES = ("ada", "bob", "max", "kim", "leo", "mia", "sam", "zoe")
+DIGITS, LETTERS = "0123456789", "abcdefghijklmnopqrstuvwxyz"
+
+
+def _digits(k):
+    return lambda rng: "".join(rng.choice(DIGITS) for _ in range(k))
+
+
+# fact -> how to draw its value
+FACTS = {
+    "locker code": _digits(4),
+    "pin": _digits(4),
+    "room number": _digits(3),
+    "lucky number": lambda rng: str(rng.randint(0, 99)),
+    "favorite color": lambda rng: rng.choice(COLORS),
+    "cat's name": lambda rng: rng.choice(NAMES),
+}
+
+
+class _State:
+    """What one conversation has established so far."""
+
+    def __init__(self):
+        self.facts = {}      # fact -> value
+        self.given_at = {}   # fact -> turn index of its note
+        self.value = None    # running arithmetic value, once started
+
+
+def _note(state, turn, rng):
+    fact = rng.choice(sorted(set(FACTS) - set(state.facts)))
+    state.facts[fact] = FACTS[fact](rng)
+    state.given_at[fact] = turn
+    return f"my {fact} is {state.facts[fact]}", "ok"
+
+
+def _recallable(state, turn):
+    return sorted(f for f, t in state.given_at.items() if turn - t >= RECALL_GAP)
+
+
+def _recall(state, turn, rng):
+    fact = rng.choice(_recallable(state, turn))
+    return f"what is my {fact}?", state.facts[fact]
+
+
+def _arith(state, turn, rng):
+    if state.value is None:
+        state.value = rng.randint(0, 99)
+        return f"start at {state.value}", str(state.value)
+    v, add, sub = state.value, rng.randint(1, 20), rng.randint(1, 20)
+    steps = [(f"add {add}", v + add), (f"subtract {sub}", v - sub), ("double it", 2 * v)]
+    if v % 2 == 0:
+        steps.append(("halve it", v // 2))
+    # never empty: adding fits below 80, subtracting from 80 up
+    text, state.value = rng.choice([(text, r) for text, r in steps if 0 <= r <= 99])
+    return text, str(state.value)
+
+
+def _items(rng):
+    pool = rng.choice((DIGITS, LETTERS))
+    return [rng.choice(pool) for _ in range(rng.randint(3, 8))]
+
+
+def _sort(state, turn, rng):
+    items = _items(rng)
+    return " ".join(items) + " sort", " ".join(sorted(items))
+
+
+def _reverse(state, turn, rng):
+    items = _items(rng)
+    return " ".join(items) + " reverse", " ".join(reversed(items))
+
+
+def _choices(state, turn, n_turns):
+    """(family, weight, make_turn) for the families that can come next. Recall and arith steps are favored once
+    possible: they are the turns that need the history. A fact is only given if there is time to ask for it."""
+    choices = [("sort", 1, _sort), ("reverse", 1, _reverse)]
+    if len(state.facts) < MAX_FACTS and n_turns - turn > RECALL_GAP:
+        choices.append(("note", 1.5, _note))
+    if _recallable(state, turn):
+        choices.append(("recall", 3, _recall))
+    choices.append(("arith", 1.5 if state.value is None else 3, _arith))
+    return choices
+
+
+def conversation(rng):
+    """One random conversation: {"messages": [...], "tasks": [family per assistant turn]}."""
+    messages = []
+    if rng.random() < SYSTEM_PROBABILITY:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    state, tasks = _State(), []
+    n_turns = rng.randint(1, MAX_TURNS)
+    for turn in range(n_turns):
+        choices = _choices(state, turn, n_turns)
+        family, _, make_turn = rng.choices(choices, weights=[w for _, w, _ in choices])[0]
+        query, answer = make_turn(state, turn, rng)
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+        tasks.append(family)
+    return {"messages": messages, "tasks": tasks}
+
+
+def _key(conv):
+    return tuple((m["role"], m["content"]) for m in conv["messages"])
+
+
+def generate(n, seed):
+    """n distinct conversations, the same ones for the same seed (each prefix of the list too)."""
+    rng = random.Random(seed)
+    seen, out = set(), []
+    while len(out) < n:
+        conv = conversation(rng)
+        if _key(conv) not in seen:
+            seen.add(_key(conv))
+            out.append(conv)
+    return out
+
+
+def splits(n_train, n_val, seed):
+    """(train, val) with no conversation in common. val comes first off the stream, so the held-out set for a
+    seed stays the same whatever n_train is."""
+    convs = generate(n_val + n_train, seed)
+    return convs[n_val:], convs[:n_val]
