@@ -10,6 +10,7 @@ What differs from nanoGPT:
 - forward can run on a KVCache: the chunk's keys/values are written after the cached ones and the chunk attends
   over the filled part of the cache only. The cache length advances in exactly one place, GPT.forward.
 """
+import functools
 import inspect
 import math
 import os
@@ -22,8 +23,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flags import UserError
 
-# FlexAttention is fast only compiled (CUDA); uncompiled it runs a reference implementation, forward only on CPU.
-compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention is fast only compiled (CUDA); uncompiled it runs a reference implementation, forward only on
+    CPU. Compiled on first use: importing torch.compile's machinery costs seconds that CPU runs never need."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @dataclass
@@ -92,7 +97,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.store(self.layer_index, k, v)  # attend over cached + new keys, filled slots only
         if isinstance(mask, BlockMask):
-            flex = compiled_flex_attention if q.is_cuda else flex_attention
+            flex = compiled_flex_attention() if q.is_cuda else flex_attention
             y = flex(q, k, v, block_mask=mask)
         else:
             # (T, S) or (B, T, S) -> broadcast over heads. Never is_causal: it is top-left aligned when T != S.

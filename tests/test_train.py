@@ -1,0 +1,329 @@
+"""train.py: a tiny run learns and its checkpoint reloads, the loss counts answer tokens only, resume is exact, DDP
+ranks agree (and equal one process with gradient accumulation), and user mistakes give one-line errors."""
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flags
+import train
+from data.batching import Split, collate, epoch_rows, load_split
+from data.prepare import prepare
+from flags import UserError
+from mask import ASSISTANT, USER
+from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--device=cpu", "--block_size=128", "--n_layer=2", "--n_head=2", "--n_embd=32", "--log_interval=5",
+        "--warmup_iters=5"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "synthetic")
+    prepare(path, block_size=128, n_train=150, n_val=20)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_data_dir(tmp_path_factory):
+    """So few conversations that a short run crosses epochs."""
+    path = str(tmp_path_factory.mktemp("small") / "synthetic")
+    prepare(path, block_size=128, n_train=16, n_val=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A tiny ISM run: (out_dir, trained model)."""
+    out_dir = str(tmp_path_factory.mktemp("out"))
+    model = train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--max_iters=40",
+                               "--eval_interval=20", "--batch_size=8", "--learning_rate=1e-2", "--min_lr=1e-3"])
+    return out_dir, model
+
+
+def run_train(*args):
+    """`python train.py args` from the repository root, one thread (tests share a small CPU)."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def answer_loss_by_hand(logits, batch, rows):
+    """Mean cross-entropy where the next token is an answer token of the same real (not padding) document,
+    computed from ids, roles and doc_ids alone (not from batch["targets"])."""
+    idx, roles, docs = batch["idx"], batch["roles"], batch["doc_ids"]
+    real_doc = docs < torch.tensor([len(row) for row in rows])[:, None]  # padding is the doc after the last
+    counted = (roles[:, 1:] == ASSISTANT) & (docs[:, 1:] == docs[:, :-1]) & real_doc[:, 1:]
+    logp = F.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, idx[:, 1:, None])[..., 0]
+    return -(logp[counted]).mean().item(), int(counted.sum())
+
+
+# ----------------------------------------------------------------------------------------------- learning
+
+def test_tiny_run_lowers_the_held_out_answer_loss(trained, data_dir):
+    _, model = trained
+    val = load_split(data_dir, "val")
+    torch.manual_seed(1337)  # the initial weights of the run (train.py seeds with --seed before building)
+    untrained = GPT(model.config)
+    before = train.estimate_val_loss(untrained, val, "ism", 128, batch_size=8)
+    after = train.estimate_val_loss(model, val, "ism", 128, batch_size=8)
+    assert before > 5.0  # ~ln(261): uniform guessing
+    assert after < 0.6 * before
+
+
+def test_checkpoint_reloads_the_trained_model(trained, data_dir):
+    out_dir, model = trained
+    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    assert checkpoint["mask"] == "ism" and checkpoint["iter_num"] == 40
+    assert checkpoint["tokenizer"]["name"] == "byte" and checkpoint["config"]["n_embd"] == 32
+    assert checkpoint["best_val_loss"] < 5.0
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
+    reloaded = model_from_checkpoint(checkpoint)
+    split = load_split(data_dir, "val")
+    batch = collate(split, epoch_rows(split, "ism", 128, 0, 0)[:4], 128)
+    mask = train.attention_mask("ism", batch, "sdpa")
+    model.eval()
+    with torch.no_grad():
+        expected = model(batch["idx"], mask, positions=batch["positions"])[0]
+        got = reloaded(batch["idx"], mask, positions=batch["positions"])[0]
+    assert torch.equal(got, expected)
+
+
+def test_val_loss_is_the_mean_over_answer_tokens(trained, data_dir):
+    _, model = trained
+    split = load_split(data_dir, "val")
+    rows = epoch_rows(split, "ism", 128, 0, 0)
+    total, count = train.answer_loss_totals(model, split, rows, "ism", 128, batch_size=3)
+    batch = collate(split, rows, 128)
+    with torch.no_grad():
+        logits = model.eval()(batch["idx"], train.attention_mask("ism", batch, "sdpa"), batch["positions"])[0]
+    by_hand, n = answer_loss_by_hand(logits, batch, rows)
+    assert count == n
+    assert total / count == pytest.approx(by_hand, rel=1e-5)
+
+
+# -------------------------------------------------------------------------------------------- loss masking
+
+class FixedLogits(torch.nn.Module):
+    """Stands in for the model: logits that ignore the input, so only the targets can move the loss."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.logits = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, idx, mask, positions=None):
+        return self.logits, None
+
+
+@pytest.mark.parametrize("kind", ["ism", "prefix"])
+def test_loss_sees_answer_targets_only(data_dir, kind):
+    split = load_split(data_dir, "val")
+    rows = epoch_rows(split, kind, 128, 0, 0)[:2]
+    stub = FixedLogits((2, 128, 261))
+    loss = train.answer_loss_sum(stub, collate(split, rows, 128), kind)
+    start, end, _ = rows[0][0]
+    roles = np.asarray(split.roles)
+    query = next(p for p in range(start + 1, end) if roles[p] == USER)  # the target of position query - 1
+    answer = next(p for p in range(start + 1, end) if roles[p] == ASSISTANT)
+    for p, should_change in ((query, False), (answer, True)):
+        ids = np.array(split.ids)
+        ids[p] = (ids[p] + 1) % 256
+        changed = train.answer_loss_sum(stub, collate(Split(ids, split.roles, split.offsets), rows, 128), kind)
+        assert (changed.item() != loss.item()) == should_change
+
+
+@pytest.mark.parametrize("kind", ["ism", "prefix", "causal"])
+def test_answer_loss_sum_matches_a_hand_computation(data_dir, kind):
+    split = load_split(data_dir, "train")
+    rows = epoch_rows(split, kind, 128, 0, 0)[:3]
+    batch = collate(split, rows, 128)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, n_layer=1, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        loss_sum = train.answer_loss_sum(model, batch, kind)
+        logits = model(batch["idx"], train.attention_mask(kind, batch, "sdpa"), batch["positions"])[0]
+    by_hand, n = answer_loss_by_hand(logits, batch, rows)
+    if kind != "prefix":  # prefix samples train on their last answer only; by_hand counts every answer
+        assert loss_sum.item() / n == pytest.approx(by_hand, rel=1e-5)
+    assert 0 < int((batch["targets"] != -1).sum()) <= n
+
+
+# --------------------------------------------------------------------------------------------------- resume
+
+def test_resume_is_exact(small_data_dir, tmp_path):
+    common = TINY + [f"--data_dir={small_data_dir}", "--mask=prefix", "--batch_size=2",
+                     "--gradient_accumulation_steps=2", "--dropout=0.1", "--lr_decay_iters=14", "--eval_interval=5"]
+    whole = train.main(common + [f"--out_dir={tmp_path / 'whole'}", "--max_iters=14"])
+    train.main(common + [f"--out_dir={tmp_path / 'parts'}", "--max_iters=6"])
+    resumed = train.main(common + [f"--out_dir={tmp_path / 'parts'}", "--max_iters=14", "--init_from=resume"])
+    ckpt = load_checkpoint(str(tmp_path / "parts" / "ckpt.pt"))
+    assert ckpt["iter_num"] == 14 and ckpt["data_state"]["epoch"] >= 1  # the run crossed an epoch boundary
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # and the run did something: the weights moved
+    torch.manual_seed(1337)
+    assert not torch.equal(GPT(whole.config).lm_head.weight, whole.lm_head.weight)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+    proc = run_train(*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=100000",
+                     "--log_interval=1", "--eval_interval=100000")
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "interrupted at iter" in out and "--init_from=resume" in out
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] >= 3
+
+
+# ------------------------------------------------------------------------------------------------------ DDP
+
+DDP_WORKER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import flags
+import train
+model = train.main(sys.argv[1:])
+torch.save(model.state_dict(), os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def test_ddp_two_ranks_hold_identical_weights_equal_to_one_process(data_dir, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER.format(root=ROOT, out=str(tmp_path)))
+    common = TINY + [f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=3", "--batch_size=2",
+                     "--device=cpu", "--learning_rate=1e-2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(worker), *common, f"--out_dir={tmp_path / 'ddp'}"],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("eval iter 6:") == 1  # rank 0 logs, rank 1 does not
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    # the same rows through one process with two micro-batches per step: the same mean over answer tokens
+    single = train.main(common + [f"--out_dir={tmp_path / 'single'}", "--gradient_accumulation_steps=2"])
+    torch.manual_seed(1337)
+    initial = GPT(single.config).state_dict()
+    for name, value in single.state_dict().items():
+        got, start = rank0[name], initial[name]
+        if name.endswith("attn.c_attn.bias"):  # [query, key, value] biases: the key bias has no true gradient
+            n = len(value) // 3                # (softmax ignores it), so Adam turns round-off there into steps
+            got, value, start = (torch.cat([x[:n], x[2 * n:]]) for x in (got, value, start))
+        moved = (value - start).abs().max()
+        # noise here is ~1e-7; a per-micro-batch mean instead of the mean over all answer tokens differs by ~1e-2
+        torch.testing.assert_close(got, value, atol=2e-6 + 1e-3 * moved, rtol=0)
+    assert os.path.exists(tmp_path / "ddp" / "ckpt.pt")
+
+
+# ------------------------------------------------------------------------------------------- user mistakes
+
+def one_line_error(argv, capsys):
+    """Run train.py's main as the command line does (flags.run); -> (exit status, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        flags.run(lambda: train.main(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--max_iter=5"], "unknown flag --max_iter (did you mean --max_iters?)"),
+    (["--mask=bidirectional"], "--mask=bidirectional: choose one of causal | prefix | ism"),
+    (["--batch_size=big"], "--batch_size=big: expected int"),
+    (["--init_from=resume", "--out_dir={missing}"], "no checkpoint at"),
+    (["--init_from=resume", "--out_dir={out}", "--mask=causal"], "was trained with --mask=ism: pass that to resume"),
+    (["--init_from=resume", "--out_dir={out}", "--n_embd=64"], "was trained with --n_embd=32: pass that to resume"),
+    (["--block_size=64"], "--block_size=64 is shorter than the longest conversation"),
+])
+def test_mistakes_give_one_line_errors(trained, data_dir, tmp_path, capsys, args, expected):
+    argv = [a.format(missing=tmp_path / "none", out=trained[0]) for a in TINY + [f"--data_dir={data_dir}"] + args]
+    status, err = one_line_error(argv, capsys)
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+
+
+def test_command_line_errors_are_one_line_without_traceback(data_dir, tmp_path):
+    """The real command: an unknown flag, and a checkpoint of corrupt bytes (both run at once; the CPU is small)."""
+    (tmp_path / "ckpt.pt").write_bytes(b"\x00not a checkpoint" * 10)
+    cases = {"unknown flag --bogus": ["--bogus=1"],
+             "is not a readable checkpoint": TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+                                                     "--init_from=resume"]}
+    procs = {expected: run_train(*argv) for expected, argv in cases.items()}
+    for expected, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2
+        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--n_embd=30", "--n_head=4"], "--n_embd=30 is not a multiple of --n_head=4"),
+    (["--device=cpu", "--attention=flex"], "--attention=flex cannot train on CPU"),
+    (["--device=cpu", "--dtype=bfloat16"], "--dtype=bfloat16 autocasts on CUDA only"),
+    (["--min_lr=1", "--learning_rate=0.1"], "--min_lr=1.0 is above --learning_rate=0.1"),
+    (["--batch_size=0"], "--batch_size=0: must be at least 1"),
+])
+def test_settings_that_cannot_work_are_refused(argv, message, tmp_path):
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.main(argv + [f"--data_dir={tmp_path / 'never-prepared'}"])
+    assert not os.path.exists(tmp_path / "never-prepared")
+
+
+# --------------------------------------------------------------------------------------------------- small parts
+
+def test_lr_schedule():
+    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    lrs = [train.get_lr(i, cfg) for i in range(120)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55) and lrs[110] == lrs[119] == 0.1
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+@pytest.mark.parametrize("kind", ["ism", "prefix"])
+def test_answer_token_count_agrees_with_the_collated_targets(data_dir, kind):
+    split = load_split(data_dir, "train")
+    rows = epoch_rows(split, kind, 128, 0, 0)[:12]
+    batch = collate(split, rows, 128)
+    assert train.answer_token_count(split, rows) == int((batch["targets"] != -1).sum()) > 0
+    padding = batch["doc_ids"] == torch.tensor([len(row) for row in rows])[:, None]
+    assert train.token_count(rows) == int((~padding).sum()) > 0
+
+
+def test_row_stream_is_the_epochs_in_order_and_restartable(data_dir):
+    split = load_split(data_dir, "train")
+    stream = train.RowStream(split, "ism", 128, seed=3)
+    taken = [stream.take(7) for _ in range(60)]  # several epochs
+    epochs = [epoch_rows(split, "ism", 128, 3, e) for e in range(stream.epoch + 1)]
+    flat = [row for e in epochs for row in e]
+    assert [row for rows in taken for row in rows] == flat[:7 * 60]
+    state = stream.state()
+    again = train.RowStream(split, "ism", 128, seed=3, **state)
+    assert again.take(20) == stream.take(20)
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention's training path)")
+@pytest.mark.parametrize("extra", [[], ["--compile"]])
+def test_cuda_run_uses_flex_and_bf16_and_matches_the_cpu_loss(data_dir, tmp_path, capsys, extra):
+    argv = [a for a in TINY if a != "--device=cpu"] + extra + [
+        f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=40", "--eval_interval=20", "--batch_size=8",
+        "--learning_rate=1e-2", "--min_lr=1e-3"]
+    train.main(argv)
+    log = capsys.readouterr().out
+    assert "attention flex" in log and "bf16 autocast" in log and "mfu" in log
+    checkpoint = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    first_eval = float(log.split("eval iter 0: val answer loss ")[1].split()[0])
+    assert checkpoint["best_val_loss"] < 0.6 * first_eval
+    # the same weights on the CPU through SDPA in float32 give the held-out loss the GPU measured (flex, bf16)
+    cpu_loss = train.estimate_val_loss(model_from_checkpoint(checkpoint), load_split(data_dir, "val"), "ism", 128, 8)
+    assert cpu_loss == pytest.approx(checkpoint["best_val_loss"], abs=0.03)
