@@ -156,6 +156,17 @@ class ChatSession:
         return [dict(m, content=self.tok.decode(m["content"])) if m["role"] == "assistant" else dict(m)
                 for m in self.messages]
 
+    def replace_answer(self, text):
+        """Put `text` in place of the last answer (teacher-forced history, for evaluation). The cache forgets the
+        replaced answer's tokens; the next turn feeds the new answer together with its prompt."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("there is no answer to replace")
+        self.messages[-1] = {"role": "assistant", "content": self.tok.encode(text)}
+        answer_start = len(render(self.messages[:-1], self.tok)[0])
+        self.ids, self.roles = render(self.messages, self.tok)
+        if self.cache is not None:
+            self.cache.truncate(min(self.cache.length, answer_start))
+
     @torch.no_grad()
     def turn(self, user_text, max_new_tokens=256, temperature=0.0, top_k=None, generator=None, on_text=None,
              interruptible=False):

@@ -7,12 +7,14 @@ Every assistant answer is short and checkable by exact match, and is tagged with
     arith    "start at 7" / "add 5" / "double it" -> "7" / "12" / "24"   (a running value, 0..99)
     sort     "9 4 7 1 sort"                   -> "1 4 7 9"  (data first, instruction last: only the last
     reverse  "q w e r reverse"                -> "r e w q"   word says what to do with the data before it)
+    minmax   "9 4 7 1 5 max" / "... min"      -> "9" / "1"  (instruction last too, with a one-token answer: the
+                                                             cheapest place for a bidirectional query to help)
 Families mix within a conversation of 1 to 8 turns, so a recall or an arith step may have to look past several
 unrelated turns. The text uses a few dozen words, digits and letters: a byte-level model learns it on a CPU.
 """
 import random
 
-FAMILIES = ("note", "recall", "arith", "sort", "reverse")
+FAMILIES = ("note", "recall", "arith", "sort", "reverse", "minmax")
 MAX_TURNS = 8
 MAX_FACTS = 3
 RECALL_GAP = 2  # a fact is asked about at least this many turns after it was given
@@ -91,10 +93,18 @@ def _reverse(state, turn, rng):
     return " ".join(items) + " reverse", " ".join(reversed(items))
 
 
+def _minmax(state, turn, rng):
+    # Under causal attention a digit cannot know whether it is wanted (the instruction comes after it) nor how it
+    # compares with the digits after it; under ISM, after one layer, it can know both.
+    items = [rng.choice(DIGITS) for _ in range(rng.randint(4, 10))]
+    instruction = rng.choice(("max", "min"))
+    return " ".join(items) + " " + instruction, (max if instruction == "max" else min)(items)
+
+
 def _choices(state, turn, n_turns):
     """(family, weight, make_turn) for the families that can come next. Recall and arith steps are favored once
     possible: they are the turns that need the history. A fact is only given if there is time to ask for it."""
-    choices = [("sort", 1, _sort), ("reverse", 1, _reverse)]
+    choices = [("sort", 1, _sort), ("reverse", 1, _reverse), ("minmax", 1, _minmax)]
     if len(state.facts) < MAX_FACTS and n_turns - turn > RECALL_GAP:
         choices.append(("note", 1.5, _note))
     if _recallable(state, turn):

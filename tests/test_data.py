@@ -261,6 +261,9 @@ def solve(query, facts, state):
         state["value"] = state["value"] * 2 if query == "double it" else state["value"] // 2
     else:
         *items, instruction = query.split(" ")
+        if instruction in ("max", "min"):
+            assert 4 <= len(items) <= 10 and all(x in "0123456789" for x in items)
+            return sorted(items)[-1 if instruction == "max" else 0]
         assert instruction in ("sort", "reverse") and 3 <= len(items) <= 8
         return " ".join(sorted(items) if instruction == "sort" else items[::-1])
     assert 0 <= state["value"] <= 99
