@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch.nn import functional as F
@@ -47,7 +47,7 @@ from data.batching import collate, documents, epoch_rows
 from data.chat import render, render_user
 from data.prepare import load_meta, prepare
 from data.tokenizer import get_tokenizer
-from flags import UserError
+from flags import UserError, setting
 from mask import MASKS
 from model import GPT, GPTConfig, KVCache
 from sample import ChatSession
@@ -55,10 +55,6 @@ from train import TrainConfig, answer_token_count, attention_mask, load_data, se
 
 SECTIONS = ("train", "chat", "decode")
 DEFAULTS = TrainConfig()
-
-
-def setting(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -59,7 +59,7 @@ import flags
 from data.batching import load_split
 from data.chat import DataError, read_jsonl
 from data.synthetic import FAMILIES
-from flags import UserError
+from flags import UserError, setting
 from mask import MASKS
 from sample import ChatSession, load_chat_model, resolve_device
 from train import estimate_val_loss
@@ -70,10 +70,6 @@ POOLED = "instruction-last"
 FAMILY_ORDER = INSTRUCTION_LAST + tuple(f for f in FAMILIES if f not in INSTRUCTION_LAST)
 UNTAGGED = "untagged"
 LAST_TURN_BUCKET = 8  # turns 8, 9, ... are reported together as "8+"
-
-
-def setting(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -12,6 +12,11 @@ import difflib
 import sys
 
 
+def setting(default, help):
+    """A config dataclass field with its --help text: `max_iters: int = setting(700, "optimizer steps")`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad flag, bad file, missing checkpoint): shown as one line, no traceback."""
 

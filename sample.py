@@ -23,14 +23,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 from data.chat import DataError, read_jsonl, render, render_user
 from data.tokenizer import tokenizer_from_description
-from flags import UserError, parse, run
+from flags import UserError, parse, run, setting
 from mask import ASSISTANT, MASKS, make_mask
 from model import KVCache, load_checkpoint, model_from_checkpoint
 
@@ -295,22 +295,19 @@ class ChatSession:
 
 @dataclass
 class SampleConfig:
-    out_dir: str = field(default="out", metadata={"help": "directory holding ckpt.pt (written by train.py)"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:1"})
-    system: str = field(default="", metadata={"help": "system message opening each conversation (--script: "
-                                                      "unless the conversation has its own)"})
-    temperature: float = field(default=0.8, metadata={"help": "sampling temperature; 0 = greedy (argmax)"})
-    top_k: int = field(default=200, metadata={"help": "sample among the k most likely tokens; 0 = all"})
-    max_new_tokens: int = field(default=256, metadata={"help": "longest answer, in tokens"})
-    seed: int = field(default=1337, metadata={"help": "seed of the sampling generator"})
-    no_cache: bool = field(default=False, metadata={"help": "reference path: recompute the whole context for "
-                                                            "every token, no KV cache"})
-    script: str = field(default="", metadata={"help": "FILE.jsonl: answer each conversation's user messages in "
-                                                      "order, print one JSON object per turn"})
-    json: bool = field(default=False, metadata={"help": "stdin chat: print one JSON object per turn instead of "
-                                                        "the streamed reply"})
-    stats: bool = field(default=False, metadata={"help": "show the per-turn stats line from the start (/stats "
-                                                         "toggles it)"})
+    out_dir: str = setting("out", "directory holding ckpt.pt (written by train.py)")
+    device: str = setting("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    system: str = setting("", "system message opening each conversation (--script: unless the conversation has "
+                              "its own)")
+    temperature: float = setting(0.8, "sampling temperature; 0 = greedy (argmax)")
+    top_k: int = setting(200, "sample among the k most likely tokens; 0 = all")
+    max_new_tokens: int = setting(256, "longest answer, in tokens")
+    seed: int = setting(1337, "seed of the sampling generator")
+    no_cache: bool = setting(False, "reference path: recompute the whole context for every token, no KV cache")
+    script: str = setting("", "FILE.jsonl: answer each conversation's user messages in order, print one JSON "
+                              "object per turn")
+    json: bool = setting(False, "stdin chat: print one JSON object per turn instead of the streamed reply")
+    stats: bool = setting(False, "show the per-turn stats line from the start (/stats toggles it)")
 
 
 def check_config(cfg):

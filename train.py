@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -43,13 +43,9 @@ from data.batching import NO_TARGET, collate, documents, epoch_rows, expansion_f
 from data.chat import DataError
 from data.prepare import load_meta, prepare
 from data.tokenizer import TOKENIZERS
-from flags import UserError
+from flags import UserError, setting
 from mask import ASSISTANT, MASKS, block_mask, make_mask
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
-
-
-def setting(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -22,28 +22,25 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 import flags  # noqa: E402
+from flags import setting  # noqa: E402
 from data import synthetic  # noqa: E402
 from data.batching import Split, expansion_factor  # noqa: E402
 from data.chat import DataError, fit_to_block, read_jsonl, render, write_jsonl  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 
-def _flag(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class PrepareConfig:
     """The flags of python data/prepare.py (prepare() has the same defaults, a test checks)."""
-    input: str = _flag("", "JSONL, one {\"messages\": [...]} per line; empty: the synthetic dataset")
-    out_dir: str = _flag("", "empty: data/synthetic, or data/<input file stem>")
-    tokenizer: str = _flag("byte", "byte (offline) or gpt2 (downloads its vocabulary once)")
-    block_size: int = _flag(512, "longer conversations are cut at a turn boundary, or dropped")
-    seed: int = _flag(1337, "synthetic generator and train/val shuffle")
-    skip_bad: bool = _flag(False, "skip bad input lines and list them, instead of stopping at the first")
-    val_fraction: float = _flag(0.05, "share of your own conversations held out")
-    n_train: int = _flag(20000, "synthetic training conversations")
-    n_val: int = _flag(500, "synthetic held-out conversations")
+    input: str = setting("", "JSONL, one {\"messages\": [...]} per line; empty: the synthetic dataset")
+    out_dir: str = setting("", "empty: data/synthetic, or data/<input file stem>")
+    tokenizer: str = setting("byte", "byte (offline) or gpt2 (downloads its vocabulary once)")
+    block_size: int = setting(512, "longer conversations are cut at a turn boundary, or dropped")
+    seed: int = setting(1337, "synthetic generator and train/val shuffle")
+    skip_bad: bool = setting(False, "skip bad input lines and list them, instead of stopping at the first")
+    val_fraction: float = setting(0.05, "share of your own conversations held out")
+    n_train: int = setting(20000, "synthetic training conversations")
+    n_val: int = setting(500, "synthetic held-out conversations")
 
 
 SYNTHETIC_DIR = os.path.join(ROOT, "data", "synthetic")
