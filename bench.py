@@ -43,7 +43,7 @@ import flags
 import model as model_module
 import train as train_module
 from data import synthetic
-from data.batching import collate, documents, epoch_rows
+from data.batching import answer_target_count, collate, documents, epoch_rows
 from data.chat import render, render_user
 from data.prepare import load_meta, prepare
 from data.tokenizer import get_tokenizer
@@ -51,7 +51,7 @@ from flags import UserError, setting
 from mask import MASKS
 from model import GPT, GPTConfig, KVCache
 from sample import ChatSession
-from train import TrainConfig, answer_token_count, attention_mask, load_data, setup_device, to_device, token_count
+from train import TrainConfig, attention_mask, load_data, setup_device, to_device, token_count
 
 SECTIONS = ("train", "chat", "decode")
 DEFAULTS = TrainConfig()
@@ -125,12 +125,13 @@ def sync(device):
 
 
 def rounds(fns, repeats, warmup):
-    """{name: fn} -> {name: [fn()'s value in each kept round]}. One call of each fn per round, round after round, so
-    a shared machine's changing load hits every variant alike; the first `warmup` rounds are dropped."""
-    values = {name: [] for name in fns}
+    """{name: fn} -> {name: [fn()'s value in each kept round]}. One call of each fn per round, round after round, in
+    a rotating order, so a shared machine's changing load and cache effects hit every variant alike; the first
+    `warmup` rounds are dropped."""
+    values, names = {name: [] for name in fns}, list(fns)
     for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
-            value = fn()
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # rotate: no variant always first
+            value = fns[name]()
             if round_ >= warmup:
                 values[name].append(value)
     return values
@@ -265,7 +266,7 @@ def train_section(cfg, device):
     for kind in MASKS:
         rows = [epoch[kind][i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(2)]
         rows = [r for r in rows if r] or [epoch[kind]]
-        batches[kind] = [(to_device(collate(split, r, cfg.block_size), device), answer_token_count(split, r),
+        batches[kind] = [(to_device(collate(split, r, cfg.block_size), device), answer_target_count(split, r),
                           token_count(r)) for r in rows]
 
     def step_fn(kind, attention, ceiling=False):
@@ -446,9 +447,10 @@ def chat_section(cfg, device, tok, model, hf):
         for p in peers.values():
             p.reset()
         for k, text in enumerate(users):
-            results = {}
-            for name, s in sessions.items():
-                results[name] = s.turn(text, max_new_tokens=cfg.answer_tokens, temperature=0.0)
+            results, shift = {}, (round_ + k) % len(sessions)
+            order = list(sessions)[shift:] + list(sessions)[:shift]  # rotate: no session always goes first
+            for name in order:
+                results[name] = sessions[name].turn(text, max_new_tokens=cfg.answer_tokens, temperature=0.0)
             ism = sessions["ism"]
             prompt_end = len(ism.ids) - cfg.answer_tokens - 1  # before this turn's answer and its <|end|>
             for name, p in peers.items():

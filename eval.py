@@ -20,7 +20,7 @@ One checkpoint
           an early mistake does not spoil later turns (an arith chain, a recall of a misheard fact). The fair
           per-turn-index comparison (the default; ChatSession.replace_answer puts the gold answer in).
     own   the model's own reply, what a user sees: mistakes compound, so late turns also measure earlier ones.
-- Reported per task family (the "tasks" tags of the synthetic data; sort and reverse, the "instruction after the
+- Reported per task family (the "tasks" tags of the synthetic data; minmax, sort and reverse, the "instruction after the
   data" families where bidirectional attention inside a query matters mechanically, come first and also pooled),
   per turn index (1..7, then 8+) and overall.
 
@@ -44,7 +44,6 @@ interrupted experiment continues where it stopped (the run it was in starts over
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -61,6 +60,7 @@ from data.chat import DataError, read_jsonl
 from data.synthetic import FAMILIES
 from flags import UserError, setting
 from mask import MASKS
+from bench import machine
 from sample import ChatSession, load_chat_model, resolve_device
 from train import estimate_val_loss
 
@@ -202,17 +202,9 @@ def tally(records):
 
 # ----------------------------------------------------------------------------------------- one checkpoint
 
-def machine():
-    """CPU model or GPU name, and the torch version."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cores), torch {torch.__version__}"
+def machine_line(device):
+    info = machine(device)
+    return f"{info['name']} ({info['cpus']} CPUs), torch {info['torch']}"
 
 
 @contextmanager
@@ -228,7 +220,7 @@ def one_cpu_thread(device):
         torch.set_num_threads(threads)
 
 
-def evaluate(out_dir, data_dir="", device="cpu", history="own", max_conversations=0, max_new_tokens=64,
+def evaluate(out_dir, data_dir="", device="cpu", history="gold", max_conversations=0, max_new_tokens=64,
              batch_size=16):
     """Held-out answer loss and exact match of one checkpoint (see the module docstring). -> a JSON-able dict."""
     model, tok, kind, checkpoint = load_chat_model(out_dir, device)
@@ -257,7 +249,7 @@ def evaluate(out_dir, data_dir="", device="cpu", history="own", max_conversation
             **tally(records), "unfinished_replies": sum(not r["finished"] for r in records),
             "turns_with_dropped_history": sum(r["dropped_turns"] > 0 for r in records),
             "seconds": {"val_loss": round(t1 - t0, 2), "chat": round(t2 - t1, 2)}, "device": str(device),
-            "machine": machine(), "records": records}
+            "machine": machine_line(device), "records": records}
 
 
 def percent(x):
@@ -392,7 +384,7 @@ def mean_std(values):
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def fmt_ms(pair, scale=100.0, digits=1):
+def fmt_mean_std(pair, scale=100.0, digits=1):
     mean, std = pair
     if mean is None:
         return "-"
@@ -453,7 +445,7 @@ def compare_report(result):
     def table(name, label, rows):
         out = [head.format(label), rule]
         for row, entry in rows.items():
-            cells = [fmt_ms(entry[m]) for m in masks] + ([fmt_ms(entry["ism-causal"])] if paired else [])
+            cells = [fmt_mean_std(entry[m]) for m in masks] + ([fmt_mean_std(entry["ism-causal"])] if paired else [])
             out.append(f"| {name(row)} | {entry['n']} | " + " | ".join(cells) + " |")
         return out
 
@@ -469,10 +461,10 @@ def compare_report(result):
                   "train wall s | in steps s | eval s |", "|---|---|---|---|---|---|---|---|"]
     for m in masks:
         k = s["cost"][m]
-        lines.append(f"| {m} | {fmt_ms(k['val_loss'], 1, 4)} | {fmt_ms(k['exact_match'])} | "
-                     f"{fmt_ms(k['tokens'], 1, 0)} | {fmt_ms(k['answer_tokens'], 1, 0)} | "
-                     f"{fmt_ms(k['wall_seconds'], 1, 0)} | {fmt_ms(k['step_seconds'], 1, 0)} | "
-                     f"{fmt_ms(k['eval_seconds'], 1, 0)} |")
+        lines.append(f"| {m} | {fmt_mean_std(k['val_loss'], 1, 4)} | {fmt_mean_std(k['exact_match'])} | "
+                     f"{fmt_mean_std(k['tokens'], 1, 0)} | {fmt_mean_std(k['answer_tokens'], 1, 0)} | "
+                     f"{fmt_mean_std(k['wall_seconds'], 1, 0)} | {fmt_mean_std(k['step_seconds'], 1, 0)} | "
+                     f"{fmt_mean_std(k['eval_seconds'], 1, 0)} |")
     lines.append("\nsame optimizer steps for every mask: prefix trains on triplet-expanded samples (one per answer, "
                  "with its whole history), so the same tokens hold fewer answers; answer tokens trained say how many.")
     return "\n".join(lines)
@@ -491,7 +483,7 @@ def compare(cfg, device, history, argv):
             runs[kind, seed] = {"train": train_record, "eval": eval_run(cfg, run_dir, history, device, say)}
     settings = {"masks": masks, "seeds": seeds, "data_dir": data_dir, "history": history,
                 "conversations": runs[masks[0], seeds[0]]["eval"]["conversations"],
-                "total_seconds": round(time.time() - t0, 1), "machine": machine(), "device": device,
+                "total_seconds": round(time.time() - t0, 1), "machine": machine_line(device), "device": device,
                 "command": "python eval.py " + " ".join(argv),
                 **{k: getattr(cfg, k) for k in ("max_iters", "n_layer", "n_head", "n_embd", "block_size",
                                                 "train_batch_size", "train_args", "max_new_tokens")}}

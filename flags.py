@@ -9,6 +9,7 @@ line (no traceback) before exiting with status 2.
 import ast
 import dataclasses
 import difflib
+import math
 import sys
 
 
@@ -29,12 +30,14 @@ def _convert(text, kind, key):
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        value = float(text) if kind in (int, float) else kind(text)
+        if kind in (int, float) and not math.isfinite(value):
+            raise ValueError  # nan and inf pass every range check, then train to NaN
         if kind is int:
-            value = float(text)
             if value != int(value):
                 raise ValueError
             return int(value)
-        return kind(text)
+        return value
     except ValueError:
         raise UserError(f"--{key}={text}: expected {kind.__name__}") from None
 

@@ -98,7 +98,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.store(self.layer_index, k, v)  # attend over cached + new keys, filled slots only
         if isinstance(mask, BlockMask):
             flex = compiled_flex_attention() if q.is_cuda else flex_attention
-            y = flex(q, k, v, block_mask=mask)
+            y = flex(q, k, v, block_mask=mask)  # FlexAttention has no attention dropout; the residual ones apply
         else:
             # (T, S) or (B, T, S) -> broadcast over heads. Never is_causal: it is top-left aligned when T != S.
             attn_mask = mask.view(-1, 1, *mask.shape[-2:])
@@ -201,7 +201,8 @@ class GPT(nn.Module):
         """Model FLOPs utilisation against a peak (default: H100 bf16 dense), PaLM appendix B accounting:
         6N per token for the weights plus 12 * L * d * T for attention (counted as if every key were visible)."""
         cfg = self.config
-        flops_per_token = 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        n_params = self.num_params() - self.transformer.wpe.weight.numel()  # a lookup, no multiply-adds (as nanoGPT)
+        flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
         return flops_per_token * tokens_per_iter / dt / peak_flops
 
 

@@ -6,8 +6,8 @@ A chat session keeps the conversation as token ids and roles (data.chat.render o
 Each turn renders the user message (`<|user|> text <|end|> <|assistant|>`), feeds it, then samples the answer one
 token at a time. What the feeding costs depends on the mask (DESIGN.md invariant 4):
 - causal and ISM: appending tokens never changes the attention rows of earlier tokens, so the cache is reused
-  across turns and a turn prefills only its new tokens: the previous answer's closing <|end|> (sampled, never fed)
-  and the new prompt. That is ISM's inference claim: a multi-turn chat costs what its new tokens cost.
+  across turns and a turn prefills only its new tokens: the previous answer's closing <|end|> (sampled, never fed;
+  after a reply cut short, also its last token, whose logits nothing needed) and the new prompt. That is ISM's inference claim: a multi-turn chat costs what its new tokens cost.
 - prefix: the history is one bidirectional block that grows every turn, so every cached row goes stale; each turn
   re-prefills the whole history, then decodes on that cache (answer rows are causal).
 - `--no_cache`: the reference. Every sampled token recomputes the whole context with the full mask, no cache.
@@ -194,7 +194,6 @@ class ChatSession:
         self.messages.append({"role": "user", "content": user_text})
         try:  # from here on, the finally block closes the answer whatever happens
             self.ids, self.roles = self.ids + prompt_ids, self.roles + prompt_roles
-            assert (self.ids, self.roles) == render(self.messages, self.tok), "bug: the session's ids left render()"
             roles = torch.tensor(self.roles + [ASSISTANT] * max(budget, 0), device=self.device)
             logits, reused, prefilled = self._prefill(roles)
             for step in range(budget):

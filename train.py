@@ -32,19 +32,18 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flags
-from data.batching import NO_TARGET, collate, documents, epoch_rows, expansion_factor, load_split
+from data.batching import NO_TARGET, answer_target_count, collate, documents, epoch_rows, expansion_factor, load_split
 from data.chat import DataError
 from data.prepare import load_meta, prepare
 from data.tokenizer import TOKENIZERS
 from flags import UserError, setting
-from mask import ASSISTANT, MASKS, block_mask, make_mask
+from mask import MASKS, block_mask, make_mask
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 
@@ -75,7 +74,8 @@ class TrainConfig:
     n_layer: int = setting(4, "transformer blocks")
     n_head: int = setting(4, "attention heads")
     n_embd: int = setting(128, "embedding width (a multiple of n_head)")
-    dropout: float = setting(0.0, "dropout probability")
+    dropout: float = setting(0.0, "dropout probability (with --attention=flex, residual dropout only: FlexAttention "
+                                  "has no attention dropout)")
     # optimizer
     learning_rate: float = setting(6e-3, "peak learning rate (AdamW)")
     min_lr: float = setting(6e-4, "learning rate at the end of the cosine decay (~learning_rate/10)")
@@ -224,15 +224,6 @@ def rank_rows(rows, batch_size, rank, world_size):
     return [rows[s:s + batch_size] for s in starts]
 
 
-def answer_token_count(split, rows):
-    """Answer targets in rows, read off the roles without collating: every ASSISTANT token of a document from
-    max(start + 1, loss_from) on is the target of the position before it (data/batching.py's rule). Every rank can
-    count a whole step this way, with no communication."""
-    roles = split.roles
-    return sum(int(np.count_nonzero(roles[max(start + 1, loss_from):end] == ASSISTANT))
-               for row in rows for start, end, loss_from in row)
-
-
 def token_count(rows):
     """Non-padding tokens in rows: what a step actually trains on."""
     return sum(end - start for row in rows for start, end, _ in row)
@@ -321,6 +312,7 @@ def get_lr(it, cfg):
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
+RUN_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "dropout")  # change the data order or dropout
 
 
 def check_resumable(checkpoint, path, cfg, model_args, tokenizer):
@@ -330,6 +322,8 @@ def check_resumable(checkpoint, path, cfg, model_args, tokenizer):
     saved = checkpoint["model_args"]
     wrong = [f"--mask={checkpoint['mask']}"] if checkpoint["mask"] != cfg.mask else []
     wrong += [f"--{k}={saved[k]}" for k in SHAPE_KEYS if saved.get(k) != model_args[k]]
+    saved_cfg = checkpoint.get("config", {})
+    wrong += [f"--{k}={saved_cfg[k]}" for k in RUN_KEYS if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
     if wrong:
         raise UserError(f"{path} was trained with {' '.join(wrong)}: pass that to resume it, or start a new run "
                         "with --init_from=scratch or another --out_dir")
@@ -456,7 +450,8 @@ def train(cfg, rank, local_rank, world_size):
                 best_val_loss = min(best_val_loss, val_loss)
                 log(f"eval iter {iter_num}: val answer loss {val_loss:.4f} (best {best_val_loss:.4f}); trained on "
                     f"{tokens['tokens']:,} tokens, {tokens['answer_tokens']:,} answer tokens")
-                save("latest")
+                if iter_num > 0:  # a fresh run never replaces an existing ckpt.pt with untrained weights
+                    save("latest")
                 t_interval, steps_timed = time.time(), 0  # step timings leave evaluation out
             if iter_num >= cfg.max_iters:
                 break
@@ -475,8 +470,8 @@ def train(cfg, rank, local_rank, world_size):
             rows = stream.take(rows_per_step)  # the step's rows, every rank's
             mine = rank_rows(rows, cfg.batch_size, rank, world_size)
             batches = [to_device(collate(train_split, r, cfg.block_size), device) for r in mine]
-            answer_tokens = answer_token_count(train_split, rows)
-            local_answers = answer_token_count(train_split, [row for r in mine for row in r])
+            answer_tokens = answer_target_count(train_split, rows)
+            local_answers = answer_target_count(train_split, [row for r in mine for row in r])
             step_loss = train_step(model, optimizer, batches, cfg.mask, answer_tokens, attention, ctx,
                                    cfg.grad_clip, world_size)
             step_tokens = token_count(rows)

@@ -96,6 +96,14 @@ def _targets(ids, roles, start, end, loss_from):
     return targets
 
 
+def answer_target_count(split, rows):
+    """How many targets collate(split, rows) would train, read off the roles without collating (_targets' rule:
+    every ASSISTANT token of a document from max(start + 1, loss_from) on is the target of the token before it).
+    Cheap enough that every rank counts a whole step, with no communication."""
+    return sum(int(np.count_nonzero(split.roles[max(start + 1, loss_from):end] == ASSISTANT))
+               for row in rows for start, end, loss_from in row)
+
+
 def collate(split, rows, block_size):
     """rows -> dict of (B, block_size) int64 tensors: idx, targets (-1 = no loss), positions (from 0 per doc),
     roles, doc_ids (0, 1, ... per row; the padding after the last doc is one more doc, ASSISTANT, no targets)."""

@@ -140,7 +140,7 @@ def read_jsonl(path, skip_bad=False, need_answer=True):
     skip_bad collects bad = [(line_no, problem)] and goes on. Blank lines are ignored."""
     try:
         with open(path, "rb") as f:
-            lines = f.read().splitlines()
+            lines = f.read().removeprefix(b"\xef\xbb\xbf").splitlines()  # a UTF-8 BOM (Windows editors)
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
     conversations, bad = [], []

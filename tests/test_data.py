@@ -191,6 +191,13 @@ def test_non_utf8_line_and_missing_file(tmp_path):
         read_jsonl(str(tmp_path / "nope.jsonl"))
 
 
+def test_a_utf8_bom_is_not_part_of_the_first_line(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n" + GOOD.encode() + b"\r\n")
+    conversations, _ = read_jsonl(str(path))
+    assert conversations == [json.loads(GOOD)] * 2
+
+
 def test_a_prompt_needs_no_answer():
     validate(msgs(("system", "s"), ("user", "a"), ("assistant", "b"), ("user", "c")), "prompt", need_answer=False)
     with pytest.raises(DataError, match="^prompt: message 2 is 'user'"):

@@ -29,6 +29,8 @@ def test_values_are_converted_by_the_field_type():
     (["--max_iters=ten"], "--max_iters=ten: expected int"),
     (["--max_iters=2.5"], "--max_iters=2.5: expected int"),
     (["--compile=maybe"], "--compile=maybe: expected bool"),
+    (["--learning_rate=nan"], "--learning_rate=nan: expected float"),
+    (["--max_iters=1e400"], "--max_iters=1e400: expected int"),
     (["--mask"], "--mask needs a value: --mask=VALUE"),
 ])
 def test_mistakes_raise_one_line_errors(argv, message):

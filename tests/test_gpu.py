@@ -80,3 +80,19 @@ def test_bf16_training_steps_reduce_the_loss():
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("kind", MASKS)
+def test_chat_session_on_cuda_matches_the_no_cache_path(kind):
+    # The path eval.py and bench.py take with --device=cuda: prefill chunks, then one token at a time.
+    from data.tokenizer import get_tokenizer
+    from sample import ChatSession
+    torch.manual_seed(0)
+    model = GPT(CONFIG).cuda().eval()
+    tok = get_tokenizer("byte")
+    cached, reference = ChatSession(model, tok, kind), ChatSession(model, tok, kind, use_cache=False)
+    for user in ["9 4 7 1 sort", "my pin is 4821", "what is my pin?"]:
+        got = cached.turn(user, max_new_tokens=12)
+        want = reference.turn(user, max_new_tokens=12)
+        assert got["reply"] == want["reply"]
+    assert cached.ids == reference.ids

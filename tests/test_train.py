@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import flags
 import train
-from data.batching import Split, collate, epoch_rows, load_split
+from data.batching import Split, answer_target_count, collate, epoch_rows, load_split
 from data.prepare import prepare
 from flags import UserError
 from mask import ASSISTANT, USER
@@ -54,12 +54,27 @@ def run_train(*args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-def answer_loss_by_hand(logits, batch, rows):
-    """Mean cross-entropy where the next token is an answer token of the same real (not padding) document,
-    computed from ids, roles and doc_ids alone (not from batch["targets"])."""
+def in_last_answer(roles, docs):
+    """True on ASSISTANT tokens with no query token after them in their document: a prefix sample's answer."""
+    keep = torch.zeros_like(roles, dtype=torch.bool)
+    for b in range(roles.shape[0]):
+        docs_with_a_later_query = set()
+        for t in reversed(range(roles.shape[1])):
+            if roles[b, t] != ASSISTANT:
+                docs_with_a_later_query.add(int(docs[b, t]))
+            else:
+                keep[b, t] = int(docs[b, t]) not in docs_with_a_later_query
+    return keep
+
+
+def answer_loss_by_hand(logits, batch, rows, kind):
+    """Mean cross-entropy where the next token is an answer token of the same real (not padding) document (under
+    prefix: of the document's last answer), computed from ids, roles and doc_ids alone (not batch["targets"])."""
     idx, roles, docs = batch["idx"], batch["roles"], batch["doc_ids"]
     real_doc = docs < torch.tensor([len(row) for row in rows])[:, None]  # padding is the doc after the last
     counted = (roles[:, 1:] == ASSISTANT) & (docs[:, 1:] == docs[:, :-1]) & real_doc[:, 1:]
+    if kind == "prefix":
+        counted &= in_last_answer(roles, docs)[:, 1:]
     logp = F.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, idx[:, 1:, None])[..., 0]
     return -(logp[counted]).mean().item(), int(counted.sum())
 
@@ -103,7 +118,7 @@ def test_val_loss_is_the_mean_over_answer_tokens(trained, data_dir):
     batch = collate(split, rows, 128)
     with torch.no_grad():
         logits = model.eval()(batch["idx"], train.attention_mask("ism", batch, "sdpa"), batch["positions"])[0]
-    by_hand, n = answer_loss_by_hand(logits, batch, rows)
+    by_hand, n = answer_loss_by_hand(logits, batch, rows, "ism")
     assert count == n
     assert total / count == pytest.approx(by_hand, rel=1e-5)
 
@@ -127,10 +142,10 @@ def test_loss_sees_answer_targets_only(data_dir, kind):
     rows = epoch_rows(split, kind, 128, 0, 0)[:2]
     stub = FixedLogits((2, 128, 261))
     loss = train.answer_loss_sum(stub, collate(split, rows, 128), kind)
-    start, end, _ = rows[0][0]
+    start, end, loss_from = rows[0][0]
     roles = np.asarray(split.roles)
     query = next(p for p in range(start + 1, end) if roles[p] == USER)  # the target of position query - 1
-    answer = next(p for p in range(start + 1, end) if roles[p] == ASSISTANT)
+    answer = next(p for p in range(max(start + 1, loss_from), end) if roles[p] == ASSISTANT)  # a trained one
     for p, should_change in ((query, False), (answer, True)):
         ids = np.array(split.ids)
         ids[p] = (ids[p] + 1) % 256
@@ -148,10 +163,9 @@ def test_answer_loss_sum_matches_a_hand_computation(data_dir, kind):
     with torch.no_grad():
         loss_sum = train.answer_loss_sum(model, batch, kind)
         logits = model(batch["idx"], train.attention_mask(kind, batch, "sdpa"), batch["positions"])[0]
-    by_hand, n = answer_loss_by_hand(logits, batch, rows)
-    if kind != "prefix":  # prefix samples train on their last answer only; by_hand counts every answer
-        assert loss_sum.item() / n == pytest.approx(by_hand, rel=1e-5)
-    assert 0 < int((batch["targets"] != -1).sum()) <= n
+    by_hand, n = answer_loss_by_hand(logits, batch, rows, kind)
+    assert loss_sum.item() / n == pytest.approx(by_hand, rel=1e-5)
+    assert int((batch["targets"] != -1).sum()) == n > 0
 
 
 # --------------------------------------------------------------------------------------------------- resume
@@ -293,7 +307,7 @@ def test_answer_token_count_agrees_with_the_collated_targets(data_dir, kind):
     split = load_split(data_dir, "train")
     rows = epoch_rows(split, kind, 128, 0, 0)[:12]
     batch = collate(split, rows, 128)
-    assert train.answer_token_count(split, rows) == int((batch["targets"] != -1).sum()) > 0
+    assert answer_target_count(split, rows) == int((batch["targets"] != -1).sum()) > 0
     padding = batch["doc_ids"] == torch.tensor([len(row) for row in rows])[:, None]
     assert train.token_count(rows) == int((~padding).sum()) > 0
 
