@@ -170,6 +170,14 @@ def test_answer_loss_sum_matches_a_hand_computation(data_dir, kind):
 
 # --------------------------------------------------------------------------------------------------- resume
 
+def test_a_fresh_run_keeps_the_old_checkpoint_until_it_has_trained(trained, data_dir):
+    out_dir, _ = trained
+    path = os.path.join(out_dir, "ckpt.pt")
+    before = open(path, "rb").read()
+    train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--max_iters=0", "--mask=causal"])
+    assert open(path, "rb").read() == before
+
+
 def test_resume_is_exact(small_data_dir, tmp_path):
     common = TINY + [f"--data_dir={small_data_dir}", "--mask=prefix", "--batch_size=2",
                      "--gradient_accumulation_steps=2", "--dropout=0.1", "--lr_decay_iters=14", "--eval_interval=5"]
@@ -257,6 +265,7 @@ def one_line_error(argv, capsys):
     (["--init_from=resume", "--out_dir={missing}"], "no checkpoint at"),
     (["--init_from=resume", "--out_dir={out}", "--mask=causal"], "was trained with --mask=ism: pass that to resume"),
     (["--init_from=resume", "--out_dir={out}", "--n_embd=64"], "was trained with --n_embd=32: pass that to resume"),
+    (["--init_from=resume", "--out_dir={out}", "--seed=7"], "was trained with --seed=1337: pass that to resume"),
     (["--block_size=64"], "--block_size=64 is shorter than the longest conversation"),
 ])
 def test_mistakes_give_one_line_errors(trained, data_dir, tmp_path, capsys, args, expected):
