@@ -62,8 +62,8 @@ class TrainConfig:
     attention: str = setting("auto", "auto | sdpa | flex (auto: FlexAttention on CUDA, SDPA dense mask on CPU)")
     compile: bool = setting(False, "torch.compile the model")
     # how long, how often
-    max_iters: int = setting(700, "optimizer steps in total")
-    eval_interval: int = setting(100, "evaluate the held-out answer loss and save ckpt.pt every this many steps")
+    max_iters: int = setting(1400, "optimizer steps in total")
+    eval_interval: int = setting(200, "evaluate the held-out answer loss and save ckpt.pt every this many steps")
     eval_iters: int = setting(0, "held-out batches per evaluation (0: the whole val split)")
     log_interval: int = setting(20, "print a training line every this many steps")
     # batches
