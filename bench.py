@@ -49,7 +49,7 @@ from data.prepare import load_meta, prepare
 from data.tokenizer import get_tokenizer
 from flags import UserError, setting
 from mask import MASKS
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache, resolve_device
 from sample import ChatSession
 from train import TrainConfig, attention_mask, load_data, setup_device, to_device, token_count
 
@@ -103,8 +103,6 @@ def parse_config(argv):
         raise UserError(f"--sections={cfg.sections}: choose from {','.join(SECTIONS)}")
     if cfg.device not in ("cpu", "cuda", "auto"):
         raise UserError(f"--device={cfg.device}: choose one of cpu | cuda | auto")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda but CUDA is not available here: use --device=cpu")
     for key in ("repeats", "chat_repeats", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "answer_tokens", "new_tokens"):
         if getattr(cfg, key) < 1:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be at least 1")
@@ -656,7 +654,7 @@ def decode_tables(r, notes):
 def main(argv=None):
     """Run the sections the flags ask for, print the tables (or JSON); return the results dict."""
     cfg, sections = parse_config(sys.argv[1:] if argv is None else argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

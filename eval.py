@@ -61,7 +61,8 @@ from data.synthetic import FAMILIES
 from flags import UserError, setting
 from mask import MASKS
 from bench import machine
-from sample import ChatSession, load_chat_model, resolve_device
+from model import resolve_device
+from sample import ChatSession, load_chat_model
 from train import estimate_val_loss
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -233,3 +233,16 @@ def model_from_checkpoint(checkpoint, device="cpu"):
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval()
+
+
+def resolve_device(name):
+    """'auto' -> cuda if available else cpu; otherwise check that the device exists."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name}: not a device (try cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name}: CUDA is not available here; use --device=cpu")
+    return name

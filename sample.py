@@ -32,7 +32,7 @@ from data.chat import DataError, read_jsonl, render, render_user
 from data.tokenizer import tokenizer_from_description
 from flags import UserError, parse, run, setting
 from mask import ASSISTANT, MASKS, make_mask
-from model import KVCache, load_checkpoint, model_from_checkpoint
+from model import KVCache, load_checkpoint, model_from_checkpoint, resolve_device
 
 _KEEP = object()  # reset(): keep the current system message
 _SMALLEST_TURN = 6  # <|user|> x <|end|> <|assistant|> + one answer token + <|end|>
@@ -63,19 +63,6 @@ def load_chat_model(out_dir, device="cpu"):
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens, model only {model.config.vocab_size}")
     return model, tok, kind, checkpoint
-
-
-def resolve_device(name):
-    """'auto' -> cuda if available else cpu; otherwise check that the device exists."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name}: not a device (try cpu, cuda, cuda:1, auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name}: CUDA is not available here; use --device=cpu")
-    return name
 
 
 # ------------------------------------------------------------------------------------------------------ sampling

@@ -44,7 +44,7 @@ from data.prepare import load_meta, prepare
 from data.tokenizer import TOKENIZERS
 from flags import UserError, setting
 from mask import MASKS, block_mask, make_mask
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, resolve_device, save_checkpoint
 
 
 @dataclass
@@ -120,9 +120,7 @@ def check_config(cfg):
 # ------------------------------------------------------------------------------------------------- the system
 
 def device_type_of(cfg):
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda but CUDA is not available here: use --device=cpu (or auto)")
-    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    return torch.device(resolve_device(cfg.device)).type
 
 
 def setup_device(cfg, local_rank=0):
