@@ -2,20 +2,28 @@
 Command-line settings, nanoGPT style: every setting is a field of a dataclass, overridden as --key=value.
 
 Unlike nanoGPT's exec'd configurator, `--help` lists every flag with its default, values are converted by the
-field's type (`--learning_rate=1` is a float, `--max_iters=2e3` an int), and a config file holds plain
-`key = value` lines read with ast.literal_eval, never executed. Mistakes raise UserError, which `run` prints as one
-line (no traceback) before exiting with status 2.
+field's type (`--learning_rate=1` is a float, `--max_iters=2e3` an int) and checked against the field's allowed
+values and range, and a config file holds plain `key = value` lines read with ast.literal_eval, never executed.
+Mistakes raise UserError, which `run` prints as one line (no traceback) before exiting with status 2.
 """
 import ast
 import dataclasses
 import difflib
 import math
+import os
+import signal
 import sys
 
+_BOUNDS = {"min": (lambda v, b: v >= b, "at least"), "max": (lambda v, b: v <= b, "at most"),
+           "above": (lambda v, b: v > b, "above"), "below": (lambda v, b: v < b, "below")}
 
-def setting(default, help):
-    """A config dataclass field with its --help text: `max_iters: int = setting(700, "optimizer steps")`."""
-    return dataclasses.field(default=default, metadata={"help": help})
+
+def setting(default, help, choices=None, **bounds):
+    """A config dataclass field with its --help text and what it allows:
+    `max_iters: int = setting(1400, "optimizer steps", min=0)`, `mask: str = setting("ism", "...", choices=MASKS)`.
+    Bounds: min and max (inclusive), above and below (exclusive)."""
+    assert set(bounds) <= set(_BOUNDS), bounds
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
 
 
 class UserError(Exception):
@@ -42,13 +50,26 @@ def _convert(text, kind, key):
         raise UserError(f"--{key}={text}: expected {kind.__name__}") from None
 
 
+def _check_allowed(key, value, metadata):
+    choices = metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise UserError(f"--{key}={value}: choose one of {' | '.join(map(str, choices))}")
+    for bound, limit in metadata.get("bounds", {}).items():
+        holds, words = _BOUNDS[bound]
+        if not holds(value, limit):
+            raise UserError(f"--{key}={value}: must be {words} {limit}")
+
+
 def _read_config_file(path):
     """`key = value` lines (Python literals), # comments allowed."""
-    settings = {}
     try:
-        lines = open(path).read().splitlines()
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
+    settings = {}
     for n, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -58,7 +79,7 @@ def _read_config_file(path):
             if not sep:
                 raise ValueError
             settings[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             raise UserError(f"{path}:{n}: expected key = value (a Python literal), got {line!r}") from None
     return settings
 
@@ -66,15 +87,17 @@ def _read_config_file(path):
 def usage(defaults, doc):
     lines = [doc.strip(), "", "flags (--key=value; a positional FILE holds key = value lines):"]
     for f in dataclasses.fields(defaults):
-        help_text = f.metadata.get("help", "")
         flag = f"--{f.name}={getattr(defaults, f.name)}"
-        lines.append(f"  {flag:<32} {help_text}")
+        lines.append(f"  {flag:<32} {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
-def parse(defaults, argv, doc=""):
-    """Return a copy of the dataclass `defaults` with config-file values, then --key=value flags, applied."""
-    fields = {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)}
+def parse(defaults, argv, doc="", shared_files=False):
+    """Return a copy of the dataclass `defaults` with config-file values, then --key=value flags, applied.
+    shared_files=True: a config file may hold settings of another script too (bench.py reads train.py's files);
+    its keys this script does not know are skipped instead of refused."""
+    fields = {f.name: f for f in dataclasses.fields(defaults)}
+    kinds = {name: type(getattr(defaults, name)) for name in fields}
     settings = {}
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -82,31 +105,44 @@ def parse(defaults, argv, doc=""):
             sys.exit(0)
         if not arg.startswith("--"):
             for key, value in _read_config_file(arg).items():
+                if key not in fields and shared_files:
+                    continue
                 if key not in fields:
-                    _unknown(key, fields)
-                settings[key] = _convert(str(value), fields[key], key)
+                    _unknown(key, fields, f"{arg}: ")
+                settings[key] = _convert(str(value), kinds[key], key)
             continue
         key, sep, text = arg[2:].partition("=")
         if key not in fields:
             _unknown(key, fields)
         if not sep:
-            if fields[key] is not bool:
+            if kinds[key] is not bool:
                 raise UserError(f"--{key} needs a value: --{key}=VALUE")
             text = "true"
-        settings[key] = _convert(text, fields[key], key)
+        settings[key] = _convert(text, kinds[key], key)
+    for key, value in settings.items():
+        _check_allowed(key, value, fields[key].metadata)
     return dataclasses.replace(defaults, **settings)
 
 
-def _unknown(key, fields):
+def _unknown(key, fields, where=""):
     close = difflib.get_close_matches(key, fields, n=1)
     hint = f" (did you mean --{close[0]}?)" if close else " (--help lists them)"
-    raise UserError(f"unknown flag --{key}{hint}")
+    raise UserError(f"{where}unknown flag --{key}{hint}")
 
 
 def run(main):
-    """Call main(); a UserError becomes one line on stderr and exit status 2."""
+    """Call main() the way a script's user expects: a UserError is one line on stderr and exit status 2; Ctrl-C
+    exits with 130 and no traceback; a closed pipe (`python sample.py | head -1`) ends the output quietly."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away. Point stdout at /dev/null so that Python's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

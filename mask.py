@@ -12,13 +12,15 @@ each other. For a query token at position q and a key token at position kv of th
 The prefix is every token before the start of the document's last ASSISTANT segment; a document that ends in
 a query (a prompt awaiting its answer) is all prefix.
 
-The rule is written once, as `mask_mod(kind, roles, doc_ids)`: a predicate (b, h, q_idx, kv_idx) -> bool in the
-FlexAttention style, closed over per-token tensors. `make_mask` evaluates it on a grid (dense bool for SDPA);
-`block_mask` hands it to FlexAttention's create_block_mask (CUDA). One rule, two backends.
+Each line above is built from small named predicates (b, h, q_idx, kv_idx) -> bool, combined with FlexAttention's
+and_masks / or_masks, as attention-gym writes masks. `mask_mod` returns the combined predicate; `make_mask`
+evaluates it on a grid (a dense bool tensor, for SDPA, any device) and `block_mask` hands the very same predicate
+to FlexAttention's create_block_mask (CUDA). One rule, two backends.
 
 Run `python mask.py` to see the three masks of a small conversation.
 """
 import torch
+from torch.nn.attention.flex_attention import and_masks, or_masks
 
 SYSTEM, USER, ASSISTANT = 0, 1, 2
 MASKS = ("causal", "prefix", "ism")
@@ -38,8 +40,18 @@ def _starts(x):
 
 
 def segment_info(roles, doc_ids=None):
-    """Per-token tensors the rule is built from, each (B, T): document index, segment index, and whether the
-    token lies in its document's prefix. Documents are maximal runs of equal doc_id."""
+    """Per-token tensors the predicates read, each (B, T): document index, segment index, and whether the token
+    lies in its document's prefix. Documents are maximal runs of equal doc_id.
+
+    A worked example, two packed documents (S=SYSTEM, U=USER, A=ASSISTANT):
+
+        position   0 1 2 3 4 5 6 7 8 9
+        roles      S S U U A A U A U A
+        doc_ids    0 0 0 0 0 0 0 0 1 1
+        doc        0 0 0 0 0 0 0 0 1 1
+        segment    0 0 1 1 2 2 3 4 5 6     a new segment where the role or the document changes
+        in_prefix  T T T T T T T F T F     before the start of its document's last answer
+    """
     roles = _as_rows(roles)
     doc_ids = torch.zeros_like(roles) if doc_ids is None else _as_rows(doc_ids)
     new_doc = _starts(doc_ids)
@@ -53,27 +65,49 @@ def segment_info(roles, doc_ids=None):
     return doc, segment, in_prefix
 
 
+# ---------------------------------------------------------------------------------------- the named predicates
+
+def earlier(b, h, q_idx, kv_idx):
+    """The key is not after the query (q sees itself)."""
+    return kv_idx <= q_idx
+
+
+def same_document(doc):
+    def same_doc(b, h, q_idx, kv_idx):
+        return doc[b, q_idx] == doc[b, kv_idx]
+    return same_doc
+
+
+def same_query_segment(segment, roles):
+    """Both tokens in one SYSTEM or USER segment: a query sees all of itself, before and after."""
+    is_query = roles != ASSISTANT
+
+    def within_query(b, h, q_idx, kv_idx):
+        return (segment[b, q_idx] == segment[b, kv_idx]) & is_query[b, q_idx]
+    return within_query
+
+
+def both_in_prefix(in_prefix):
+    def within_prefix(b, h, q_idx, kv_idx):
+        return in_prefix[b, q_idx] & in_prefix[b, kv_idx]
+    return within_prefix
+
+
 def mask_mod(kind, roles, doc_ids=None):
     """The rule as a FlexAttention mask_mod: allowed(b, h, q_idx, kv_idx) -> bool tensor."""
     if kind not in MASKS:
         raise ValueError(f"unknown mask {kind!r}: choose one of {', '.join(MASKS)}")
     roles = _as_rows(roles)
     doc, segment, in_prefix = segment_info(roles, doc_ids)
-    is_query = roles != ASSISTANT
+    same_doc = same_document(doc)
+    if kind == "causal":
+        return and_masks(same_doc, earlier)
+    if kind == "ism":
+        return and_masks(same_doc, or_masks(earlier, same_query_segment(segment, roles)))
+    return and_masks(same_doc, or_masks(earlier, both_in_prefix(in_prefix)))
 
-    def allowed(b, h, q_idx, kv_idx):
-        same_doc = doc[b, q_idx] == doc[b, kv_idx]
-        earlier = kv_idx <= q_idx
-        if kind == "causal":
-            return same_doc & earlier
-        if kind == "ism":
-            same_query_segment = (segment[b, q_idx] == segment[b, kv_idx]) & is_query[b, q_idx]
-            return same_doc & (earlier | same_query_segment)
-        both_in_prefix = in_prefix[b, q_idx] & in_prefix[b, kv_idx]
-        return same_doc & (earlier | both_in_prefix)
 
-    return allowed
-
+# ------------------------------------------------------------------------------------------------- the two forms
 
 def make_mask(kind, roles, doc_ids=None, start=0):
     """Dense boolean mask (True = may attend) for SDPA. roles (T,) -> (T - start, T); roles (B, T) ->

@@ -1,27 +1,26 @@
 """
-A GPT-2 style language model whose attention takes an explicit mask, plus a KV cache for chat.
+A GPT-2 language model whose attention takes an explicit mask, plus a KV cache for chat.
 
-Architecture and parameter names follow GPT-2 / nanoGPT (learned positions, pre-LayerNorm, GELU MLP, tied
-embeddings; transformer.wte, transformer.h.N.attn.c_attn, lm_head, ...), so GPT-2 checkpoints load by name.
-What differs from nanoGPT:
+Architecture, parameter names and numerics follow GPT-2 / nanoGPT (learned positions, pre-LayerNorm, the tanh GELU,
+tied embeddings; transformer.wte, transformer.h.N.attn.c_attn, lm_head, ...), so GPT-2 weights load by name and
+give GPT-2's logits. What differs from nanoGPT:
 - There is no built-in causal assumption. Every forward gets the mask to use: a dense boolean tensor
   (True = may attend; SDPA, any device) or a FlexAttention BlockMask (CUDA). mask.py builds both from one rule.
 - Positions are explicit, so packed documents restart at 0 and a chunk on top of a cache continues from it.
 - forward can run on a KVCache: the chunk's keys/values are written after the cached ones and the chunk attends
-  over the filled part of the cache only. The cache length advances in exactly one place, GPT.forward.
+  over the filled part of the cache only. The cache length advances in GPT.forward, after every layer stored the
+  chunk, and nowhere else but after a static decode step (see decode_static).
+This file imports torch only.
 """
 import functools
 import inspect
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-from flags import UserError
 
 
 @functools.cache
@@ -34,7 +33,7 @@ def compiled_flex_attention():
 @dataclass
 class GPTConfig:
     block_size: int = 512  # longest sequence, and the KV cache's capacity
-    vocab_size: int = 261  # byte tokenizer: 256 bytes + 5 special tokens
+    vocab_size: int = 261  # byte tokenizer: 256 bytes + 5 special tokens (may be padded: rows no token uses)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -48,7 +47,7 @@ class KVCache:
     Memory: 2 (k and v) * n_layer * batch_size * block_size * n_embd elements, e.g. 2 * 4 * 1 * 512 * 128 * 4 bytes
     = 2 MiB for the default model in fp32; bytes_per_token says what one token costs.
     Appending a chunk of T tokens writes T slots per layer (O(T)); truncate(n) forgets everything after n tokens
-    (a /reset, or a re-prefill) without freeing memory. `length` changes only in GPT.forward and truncate.
+    (a /reset, or a re-prefill) without freeing memory.
     """
 
     def __init__(self, config, batch_size=1, device="cpu", dtype=torch.float32):
@@ -71,6 +70,13 @@ class KVCache:
         self.kv[layer, 1, :, :, self.length:end] = v
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
+    def store_at(self, layer, position, k, v):
+        """Write one token's k, v at `position` (a 1-element tensor) and return the WHOLE buffers, unfilled slots
+        included: fixed shapes, as a CUDA graph needs. The caller's mask must exclude the slots after position."""
+        self.kv[layer, 0].index_copy_(2, position, k)
+        self.kv[layer, 1].index_copy_(2, position, v)
+        return self.kv[layer, 0], self.kv[layer, 1]
+
     def truncate(self, length):
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
@@ -90,20 +96,26 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.layer_index = layer_index
 
-    def forward(self, x, mask, kv_cache=None):
+    def forward(self, x, mask, kv_cache=None, position=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if kv_cache is not None:
+        if kv_cache is not None and position is None:
             k, v = kv_cache.store(self.layer_index, k, v)  # attend over cached + new keys, filled slots only
+        elif kv_cache is not None:
+            k, v = kv_cache.store_at(self.layer_index, position, k, v)  # the whole capacity; the mask cuts it
+        dropout = self.dropout if self.training else 0.0
         if isinstance(mask, BlockMask):
             flex = compiled_flex_attention() if q.is_cuda else flex_attention
             y = flex(q, k, v, block_mask=mask)  # FlexAttention has no attention dropout; the residual ones apply
+        elif mask is None:
+            # Plain causal attention, no mask tensor: only bench.py's speed ceiling asks for it (one document per
+            # row assumed). is_causal is top-left aligned when T != S, so it is wrong on top of a cache.
+            assert kv_cache is None, "mask=None (is_causal) cannot run on a KV cache"
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            # (T, S) or (B, T, S) -> broadcast over heads. Never is_causal: it is top-left aligned when T != S.
-            attn_mask = mask.view(-1, 1, *mask.shape[-2:])
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            attn_mask = mask.view(-1, 1, *mask.shape[-2:])  # (T, S) or (B, T, S) -> broadcast over heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -113,7 +125,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU ("gelu_new"); the exact one differs by ~3e-4
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -130,8 +142,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), mask, kv_cache)
+    def forward(self, x, mask, kv_cache=None, position=None):
+        x = x + self.attn(self.ln_1(x), mask, kv_cache, position)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -176,16 +188,26 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        for block in self.transformer.h:
-            x = block(x, mask, kv_cache)
+        logits = self._layers(idx, positions, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T  # every layer has stored this chunk: the one place the cache grows
-        logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
+
+    def decode_static(self, idx, mask, position, kv_cache):
+        """One token per row in fixed shapes, for a compiled decode step (a CUDA graph): idx (B, 1), position a
+        1-element long tensor, mask (1, capacity) over the cache's whole buffer with every slot after `position`
+        False. Writes the token's K/V at `position` and returns the logits (B, 1, vocab). It does not advance
+        kv_cache.length, a Python int that a graph replay cannot change: the caller adds 1 after each step."""
+        return self._layers(idx, position, mask, kv_cache, position)
+
+    def _layers(self, idx, positions, mask, kv_cache, position=None):
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for block in self.transformer.h:
+            x = block(x, mask, kv_cache, position)
+        return self.lm_head(self.transformer.ln_f(x))
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # weight decay on matrices (Linear weights, embeddings) only; never on biases or LayerNorm gains
@@ -204,45 +226,3 @@ class GPT(nn.Module):
         n_params = self.num_params() - self.transformer.wpe.weight.numel()  # a lookup, no multiply-adds (as nanoGPT)
         flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
         return flops_per_token * tokens_per_iter / dt / peak_flops
-
-
-def save_checkpoint(checkpoint, path):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact (temp file, then rename)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """The checkpoint dict (plain containers and tensors only: weights_only=True), or a UserError saying why not."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: run python train.py first (or pass --out_dir=DIR)")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); retrain or restore it") from None
-    missing = {"model", "model_args", "tokenizer", "mask"} - set(checkpoint if isinstance(checkpoint, dict) else ())
-    if missing:
-        raise UserError(f"{path} is not an ismGPT checkpoint (missing {', '.join(sorted(missing))})")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint, device="cpu"):
-    """Rebuild the GPT a checkpoint describes and load its weights (eval mode)."""
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
-
-
-def resolve_device(name):
-    """'auto' -> cuda if available else cpu; otherwise check that the device exists."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name}: not a device (try cpu, cuda, cuda:1, auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name}: CUDA is not available here; use --device=cpu")
-    return name

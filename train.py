@@ -4,17 +4,16 @@ Train an ismGPT chat model: answer-only loss under a causal, prefix or ISM atten
     python train.py                                   # synthetic data (prepared if missing), ISM, CPU or GPU
     python train.py --mask=causal --out_dir=out-causal
     python train.py --init_from=resume                # continue out/ckpt.pt exactly where it stopped
+    python train.py config/gpt2_small.py              # a settings file, then flags
     torchrun --standalone --nproc_per_node=8 train.py --device=cuda --batch_size=64   # DDP, one GPU per rank
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py
 
 How it trains
 - Batches: causal and ISM pack whole conversations into rows of block_size tokens (documents told apart by
   doc_ids); prefix trains on the triplet-expanded samples, one per answer (data/batching.py). The training rows are
   an endless stream of epochs, each packed afresh from (seed, epoch); every rank reads the same stream and takes its
   own rows, so ranks never share a row, and the stream position is all a checkpoint needs to continue exactly.
-- Loss: cross-entropy on the answer targets only. With gradient accumulation (and DDP) the loss of a step is the
-  mean over ALL answer tokens of the step, on every micro-batch and rank: each micro-batch adds its sum of token
-  losses divided by the step's answer-token count, so a micro-batch with more answer tokens weighs more.
+- Loss: cross-entropy on the answer targets only (loss.py says why), weighted so that a step's gradient is that of
+  the mean over ALL answer tokens of the step, on every micro-batch and rank.
 - AdamW (weight decay on matrices only), linear warmup then cosine decay to min_lr, gradient clipping.
 - Randomness: weights are initialised from --seed; dropout is reseeded from (seed, rank, iteration) before every
   step, so a resumed run draws the same dropout masks as an uninterrupted one and no RNG state needs saving.
@@ -24,9 +23,12 @@ How it trains
 - Devices: on CUDA, bf16 autocast, TF32, FlexAttention with mask.py's BlockMask; on CPU, float32 (never autocast)
   and SDPA with the dense mask (FlexAttention's backward does not exist on CPU).
 """
+import signal
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
+
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,122 +36,89 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flags
-from data.batching import NO_TARGET, answer_target_count, collate, documents, epoch_rows, expansion_factor, load_split
+from checkpoint import RunLock, load_checkpoint, save_checkpoint
+from common import THREADS_HELP, resolve_device, runtime, set_threads
+from data.batching import answer_target_count, collate, documents, epoch_rows, expansion_factor, load_split, \
+    token_count
 from data.chat import DataError
 from data.prepare import load_meta, prepare
 from data.tokenizer import TOKENIZERS
 from flags import UserError, setting
-from mask import MASKS, block_mask, make_mask
-from model import GPT, GPTConfig, load_checkpoint, resolve_device, save_checkpoint
+from loss import answer_loss_totals, train_step, val_rows
+from mask import MASKS
+from model import GPT, GPTConfig
+
+DEFAULT_DATA_DIR = "data/synthetic"
 
 
 @dataclass
 class TrainConfig:
     # what and where
-    mask: str = setting("ism", "attention mask: ism | causal | prefix")
+    mask: str = setting("ism", "attention mask: ism | causal | prefix", choices=MASKS)
     out_dir: str = setting("out", "folder of ckpt.pt (written, and read by --init_from=resume)")
-    data_dir: str = setting("data/synthetic", "prepared data (python data/prepare.py); a missing folder is "
-                                              "filled with the synthetic dataset")
-    tokenizer: str = setting("byte", "byte | gpt2: the tokenizer of data train.py prepares itself (else unused)")
-    init_from: str = setting("scratch", "scratch | resume (continue out_dir/ckpt.pt)")
+    data_dir: str = setting(DEFAULT_DATA_DIR, f"prepared data (python data/prepare.py); only {DEFAULT_DATA_DIR} is "
+                                              "prepared automatically (the synthetic dataset) when missing")
+    tokenizer: str = setting("byte", "byte | gpt2: the tokenizer of data train.py prepares itself (else unused)",
+                             choices=TOKENIZERS)
+    init_from: str = setting("scratch", "scratch | resume (continue out_dir/ckpt.pt)", choices=("scratch", "resume"))
+    overwrite: bool = setting(False, "start from scratch even where out_dir holds a checkpoint (replaced at the first "
+                                     "save); without it a fresh run refuses to")
     # how
-    device: str = setting("auto", "auto | cpu | cuda (auto: cuda when available)")
-    dtype: str = setting("auto", "auto | float32 | bfloat16 (auto: bf16 autocast on CUDA, float32 on CPU)")
-    attention: str = setting("auto", "auto | sdpa | flex (auto: FlexAttention on CUDA, SDPA dense mask on CPU)")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")
+    dtype: str = setting("auto", "auto | float32 | bfloat16 (auto: bf16 autocast on CUDA, float32 on CPU)",
+                         choices=("auto", "float32", "bfloat16"))
+    attention: str = setting("auto", "auto | sdpa | flex (auto: FlexAttention on CUDA, SDPA dense mask on CPU)",
+                             choices=("auto", "sdpa", "flex"))
     compile: bool = setting(False, "torch.compile the model")
+    threads: int = setting(0, THREADS_HELP, min=0)
     # how long, how often
-    max_iters: int = setting(1400, "optimizer steps in total")
-    eval_interval: int = setting(200, "evaluate the held-out answer loss and save ckpt.pt every this many steps")
-    eval_iters: int = setting(0, "held-out batches per evaluation (0: the whole val split)")
-    log_interval: int = setting(20, "print a training line every this many steps")
+    max_iters: int = setting(1400, "optimizer steps in total", min=0)
+    eval_interval: int = setting(200, "evaluate the held-out answer loss and save ckpt.pt every this many steps",
+                                 min=1)
+    eval_iters: int = setting(0, "held-out batches per evaluation (0: the whole val split)", min=0)
+    log_interval: int = setting(20, "print a training line every this many steps", min=1)
     # batches
-    batch_size: int = setting(8, "rows per micro-batch (per rank)")
-    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (per rank)")
-    block_size: int = setting(512, "tokens per row; at least the data's longest conversation")
+    batch_size: int = setting(8, "rows per micro-batch (per rank)", min=1)
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (per rank)", min=1)
+    block_size: int = setting(512, "tokens per row; at least the data's longest conversation", min=1)
     # model
-    n_layer: int = setting(4, "transformer blocks")
-    n_head: int = setting(4, "attention heads")
-    n_embd: int = setting(128, "embedding width (a multiple of n_head)")
+    n_layer: int = setting(4, "transformer blocks", min=1)
+    n_head: int = setting(4, "attention heads", min=1)
+    n_embd: int = setting(128, "embedding width (a multiple of n_head)", min=1)
     dropout: float = setting(0.0, "dropout probability (with --attention=flex, residual dropout only: FlexAttention "
-                                  "has no attention dropout)")
+                                  "has no attention dropout)", min=0, below=1)
     # optimizer
-    learning_rate: float = setting(6e-3, "peak learning rate (AdamW)")
-    min_lr: float = setting(6e-4, "learning rate at the end of the cosine decay (~learning_rate/10)")
-    warmup_iters: int = setting(50, "linear warmup steps")
-    lr_decay_iters: int = setting(0, "steps of cosine decay (0: max_iters); set it to extend a run later")
-    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
-    beta1: float = setting(0.9, "AdamW beta1")
-    beta2: float = setting(0.99, "AdamW beta2")
-    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)")
-    seed: int = setting(1337, "seed of the initial weights, the data order and dropout")
+    learning_rate: float = setting(6e-3, "peak learning rate (AdamW)", above=0)
+    min_lr: float = setting(6e-4, "learning rate at the end of the cosine decay (~learning_rate/10)", min=0)
+    warmup_iters: int = setting(50, "linear warmup steps", min=0)
+    lr_decay_iters: int = setting(0, "steps of cosine decay (0: max_iters); set it to extend a run later", min=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only", min=0)
+    beta1: float = setting(0.9, "AdamW beta1", min=0, below=1)
+    beta2: float = setting(0.99, "AdamW beta2", min=0, below=1)
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)", min=0)
+    seed: int = setting(1337, "seed of the initial weights, the data order and dropout", min=0, max=2**63 - 1)
 
 
 def check_config(cfg):
-    """One-line UserErrors for settings that cannot work (the flags module already checked the types)."""
-    choices = {"mask": MASKS, "init_from": ("scratch", "resume"), "device": ("auto", "cpu", "cuda"),
-               "dtype": ("auto", "float32", "bfloat16"), "attention": ("auto", "sdpa", "flex"),
-               "tokenizer": TOKENIZERS}
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {' | '.join(allowed)}")
-    for key in ("n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps", "block_size",
-                "eval_interval", "log_interval"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"--{key}={getattr(cfg, key)}: must be at least 1")
-    for key in ("max_iters", "eval_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay",
-                "grad_clip"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"--{key}={getattr(cfg, key)}: must not be negative")
+    """One-line UserErrors for settings that cannot work together (flags.parse checked each one alone)."""
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd={cfg.n_embd} is not a multiple of --n_head={cfg.n_head}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout={cfg.dropout}: must be in [0, 1)")
-    if not 0 < cfg.learning_rate:
-        raise UserError(f"--learning_rate={cfg.learning_rate}: must be positive")
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}")
-    for key in ("beta1", "beta2"):
-        if not 0 <= getattr(cfg, key) < 1:
-            raise UserError(f"--{key}={getattr(cfg, key)}: must be in [0, 1)")
 
 
 # ------------------------------------------------------------------------------------------------- the system
-
-def device_type_of(cfg):
-    return torch.device(resolve_device(cfg.device)).type
-
-
-def setup_device(cfg, local_rank=0):
-    """-> (device, device_type, autocast context, attention backend), checked against what this machine can do."""
-    device_type = device_type_of(cfg)
-    device = f"cuda:{local_rank}" if device_type == "cuda" else "cpu"
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "bfloat16" and device_type == "cpu":
-        raise UserError("--dtype=bfloat16 autocasts on CUDA only: use --dtype=float32 (or auto) on CPU")
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    attention = cfg.attention if cfg.attention != "auto" else ("flex" if device_type == "cuda" else "sdpa")
-    if attention == "flex" and device_type == "cpu":
-        raise UserError("--attention=flex cannot train on CPU (FlexAttention has no CPU backward): use "
-                        "--attention=sdpa (or auto)")
-    return device, device_type, ctx, attention
-
 
 def setup_ddp(cfg):
     """-> (rank, local_rank, world_size); initialises the process group (nccl on CUDA, gloo on CPU) when
     launched by torchrun, which sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous address."""
     if "RANK" not in os.environ:
         return 0, 0, 1
-    dist.init_process_group(backend="nccl" if device_type_of(cfg) == "cuda" else "gloo")
+    backend = "nccl" if torch.device(resolve_device(cfg.device)).type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
     return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
 
 
@@ -165,14 +134,18 @@ def all_ranks_sum(values, device):
 # ------------------------------------------------------------------------------------------------------- data
 
 def load_data(cfg, is_master):
-    """-> (meta, train split, val split). A data_dir that does not exist yet gets the synthetic dataset (made by
-    global rank 0: on several nodes without a shared disk, prepare the data on each node first)."""
-    if not os.path.exists(cfg.data_dir) and is_master:
+    """-> (meta, train split, val split). The default data_dir is filled with the synthetic dataset when it does
+    not exist yet (by global rank 0: on several nodes without a shared disk, prepare the data on each node first);
+    any other missing data_dir is an error, never a silent stand-in."""
+    if not os.path.exists(cfg.data_dir) and cfg.data_dir == DEFAULT_DATA_DIR and is_master:
         print(f"no data at {cfg.data_dir}: preparing the synthetic dataset there "
               f"(tokenizer {cfg.tokenizer}, block_size {cfg.block_size})", flush=True)
         prepare(cfg.data_dir, tokenizer=cfg.tokenizer, block_size=cfg.block_size)
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's preparation
+    if not os.path.exists(cfg.data_dir):
+        raise UserError(f"no data at {cfg.data_dir}: prepare it with python data/prepare.py --out_dir={cfg.data_dir} "
+                        "(or check the path)")
     meta = load_meta(cfg.data_dir)
     longest = max(s["max_tokens"] for s in meta["splits"].values())
     if cfg.block_size < longest:
@@ -207,12 +180,6 @@ class RowStream:
         return {"epoch": self.epoch, "row": self.row}
 
 
-def to_device(batch, device):
-    if device == "cpu":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def rank_rows(rows, batch_size, rank, world_size):
     """This rank's micro-batches (lists of rows) of a step whose rows, all ranks', are `rows`: micro-batch k of
     rank r is rows [(k * world_size + r) * batch_size, ... + batch_size), so 2 ranks x 1 micro-batch train on the
@@ -222,79 +189,7 @@ def rank_rows(rows, batch_size, rank, world_size):
     return [rows[s:s + batch_size] for s in starts]
 
 
-def token_count(rows):
-    """Non-padding tokens in rows: what a step actually trains on."""
-    return sum(end - start for row in rows for start, end, _ in row)
-
-
-# ------------------------------------------------------------------------------------------------------- loss
-
-def attention_mask(kind, batch, attention):
-    """The batch's mask for the model: FlexAttention BlockMask or SDPA's dense (B, T, T) bool."""
-    if attention == "flex":
-        return block_mask(kind, batch["roles"], batch["doc_ids"])
-    return make_mask(kind, batch["roles"], batch["doc_ids"])
-
-
-def answer_loss_sum(model, batch, kind, attention="sdpa"):
-    """Sum (not mean) of the cross-entropy over the batch's answer targets (targets != -1), in float32.
-    A sum, so micro-batches and ranks can be weighted by their answer-token counts; 0 when there are none."""
-    logits, _ = model(batch["idx"], attention_mask(kind, batch, attention), positions=batch["positions"])
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["targets"].view(-1),
-                           ignore_index=NO_TARGET, reduction="sum")
-
-
-def val_rows(split, kind, block_size, batch_size, eval_iters=0):
-    """The held-out rows, packed the same way for every run (seed 0, epoch 0): eval_iters batches, 0 = all."""
-    rows = epoch_rows(split, kind, block_size, seed=0, epoch=0)
-    return rows[:eval_iters * batch_size] if eval_iters else rows
-
-
-@torch.no_grad()
-def answer_loss_totals(model, split, rows, kind, block_size, batch_size, device="cpu", attention="sdpa",
-                       ctx=nullcontext()):
-    """-> (sum of answer-token losses, number of answer tokens) over rows, in eval mode."""
-    was_training = model.training
-    model.eval()
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for i in range(0, len(rows), batch_size):
-        batch = collate(split, rows[i:i + batch_size], block_size)
-        count += int((batch["targets"] != NO_TARGET).sum())
-        with ctx:
-            total += answer_loss_sum(model, to_device(batch, device), kind, attention)
-    model.train(was_training)
-    return total.item(), count
-
-
-def estimate_val_loss(model, split, kind, block_size, batch_size=16, device="cpu", attention="sdpa",
-                      ctx=nullcontext(), eval_iters=0):
-    """Held-out answer loss: the mean cross-entropy over every answer token of the val rows (eval_iters batches,
-    0 = the whole split). Every answer token is counted once under every mask, so the numbers compare."""
-    rows = val_rows(split, kind, block_size, batch_size, eval_iters)
-    total, count = answer_loss_totals(model, split, rows, kind, block_size, batch_size, device, attention, ctx)
-    return total / max(count, 1)
-
-
-def train_step(model, optimizer, batches, kind, answer_tokens, attention="sdpa", ctx=nullcontext(),
-               grad_clip=1.0, world_size=1):
-    """One optimizer step over this rank's micro-batches. answer_tokens = the step's answer targets over every
-    micro-batch of every rank, so the gradient is that of the mean loss over all of them (DDP averages gradients
-    over ranks, hence the world_size factor). Gradients are synchronised on the last micro-batch only.
-    -> this rank's summed answer loss (a tensor: reading it waits for the GPU)."""
-    total = 0.0
-    for k, batch in enumerate(batches):
-        last = k == len(batches) - 1
-        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
-            with ctx:
-                loss_sum = answer_loss_sum(model, batch, kind, attention)
-            (loss_sum * (world_size / max(answer_tokens, 1))).backward()
-        total = total + loss_sum.detach()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
-
+# --------------------------------------------------------------------------------------------- step settings
 
 def get_lr(it, cfg):
     """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters (0: max_iters)."""
@@ -305,6 +200,12 @@ def get_lr(it, cfg):
         return cfg.min_lr
     ratio = (it - cfg.warmup_iters) / max(decay_iters - cfg.warmup_iters, 1)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def reseed_dropout(seed, rank, iter_num):
+    """Seed torch's RNG from (seed, rank, iteration) alone: a resumed run then draws the dropout masks an
+    uninterrupted run would have, with no RNG state in the checkpoint."""
+    torch.manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + iter_num) % 2**63)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -363,13 +264,24 @@ def fmt_duration(seconds):
 
 # ------------------------------------------------------------------------------------------------------- main
 
+def check_fresh_start(cfg):
+    """A fresh run must not silently replace the checkpoint of another run."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.init_from == "scratch" and os.path.exists(path) and not cfg.overwrite:
+        raise UserError(f"{path} already holds a model: continue it with --init_from=resume, replace it with "
+                        "--overwrite, or pick another --out_dir")
+
+
 def main(argv=None):
     """Train as the flags say; returns the trained model (raw module, not the compiled/DDP wrapper)."""
     cfg = flags.parse(TrainConfig(), sys.argv[1:] if argv is None else argv, __doc__)
     check_config(cfg)
+    check_fresh_start(cfg)
+    set_threads(cfg.threads)
     rank, local_rank, world_size = setup_ddp(cfg)
     try:
-        return train(cfg, rank, local_rank, world_size)
+        with RunLock(cfg.out_dir) if rank == 0 else nullcontext():  # one run per out_dir; rank 0 writes it
+            return train(cfg, rank, local_rank, world_size)
     except DataError as e:
         raise UserError(str(e)) from None
     finally:
@@ -380,22 +292,23 @@ def main(argv=None):
 def train(cfg, rank, local_rank, world_size):
     is_master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if is_master else (lambda *a: None)
-    device, device_type, ctx, attention = setup_device(cfg, local_rank)
+    rt = runtime(cfg.device, cfg.dtype, cfg.attention, local_rank)
     meta, train_split, val_split = load_data(cfg, is_master)
     if meta["tokenizer"]["name"] != cfg.tokenizer:  # the flag only chooses the tokenizer of data train.py prepares
         log(f"note: {cfg.data_dir} holds {meta['tokenizer']['name']} tokens; --tokenizer={cfg.tokenizer} is ignored")
         cfg = replace(cfg, tokenizer=meta["tokenizer"]["name"])  # so the saved config says what was used
 
-    # model, optimizer, and where the run starts
+    # the model, its optimizer, and where the run starts
     model_args = dict(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**model_args)).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    model = GPT(GPTConfig(**model_args)).to(rt.device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           rt.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     iter_num, best_val_loss, data_state, tokens = 0, float("inf"), {}, {"tokens": 0, "answer_tokens": 0}
     if cfg.init_from == "resume":
-        checkpoint = load_checkpoint(ckpt_path, device)
+        checkpoint = load_checkpoint(ckpt_path, rt.device)
         check_resumable(checkpoint, ckpt_path, cfg, model_args, meta["tokenizer"])
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -410,14 +323,14 @@ def train(cfg, rank, local_rank, world_size):
         model = torch.compile(model)
     eval_model = model  # compiled or not, never DDP-wrapped: evaluation needs no gradient sync
     if world_size > 1:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        model = DDP(model, device_ids=[local_rank] if rt.device_type == "cuda" else None)
 
     rows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     n_docs = len(documents(train_split, cfg.mask))
     log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_head} heads, "
         f"{cfg.n_embd} wide, block_size {cfg.block_size}, vocab {meta['vocab_size']} ({meta['tokenizer']['name']})")
-    precision = "float32" if isinstance(ctx, nullcontext) else "bf16 autocast"
-    log(f"run: mask {cfg.mask}, {device} ({precision}), attention {attention}, {world_size} rank(s), "
+    precision = "float32" if rt.dtype == "float32" else "bf16 autocast"
+    log(f"run: mask {cfg.mask}, {rt.device} ({precision}), attention {rt.attention}, {world_size} rank(s), "
         f"{rows_per_step} rows x {cfg.block_size} tokens per step")
     log(f"data: {cfg.data_dir}: {len(train_split.offsets) - 1:,} train conversations ({int(train_split.offsets[-1]):,} "
         f"tokens) -> {n_docs:,} {cfg.mask} training samples in {len(stream.rows):,} rows per epoch "
@@ -429,8 +342,8 @@ def train(cfg, rank, local_rank, world_size):
 
     def evaluate():
         total, count = answer_loss_totals(eval_model, val_split, eval_rows, cfg.mask, cfg.block_size,
-                                          cfg.batch_size, device, attention, ctx)
-        total, count = all_ranks_sum([total, count], device)
+                                          cfg.batch_size, rt)
+        total, count = all_ranks_sum([total, count], rt.device)
         return total / max(count, 1)
 
     def save(reason):
@@ -443,6 +356,7 @@ def train(cfg, rank, local_rank, world_size):
     steps_timed = 0
     with StopOnSignal() as stop:
         while True:
+            # 1. evaluate the held-out answer loss and save the latest state, every eval_interval steps and at the end
             if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
                 val_loss = evaluate()
                 best_val_loss = min(best_val_loss, val_loss)
@@ -451,41 +365,47 @@ def train(cfg, rank, local_rank, world_size):
                 if iter_num > 0:  # a fresh run never replaces an existing ckpt.pt with untrained weights
                     save("latest")
                 t_interval, steps_timed = time.time(), 0  # step timings leave evaluation out
+            # 2. stop when done, or when asked to (every rank must agree: under DDP they compare at log steps only)
             if iter_num >= cfg.max_iters:
                 break
-            # a stop must be agreed by every rank: under DDP they compare at log steps only (it costs a sync)
             may_stop = world_size == 1 or iter_num % cfg.log_interval == 0
-            if may_stop and all_ranks_sum([float(stop.requested)], device)[0]:
-                save("interrupted")
+            if may_stop and all_ranks_sum([float(stop.requested)], rt.device)[0]:
+                if iter_num > 0:  # as above: untrained weights never replace a checkpoint
+                    save("interrupted")
                 log(f"interrupted at iter {iter_num}/{cfg.max_iters}: continue with the same flags and "
                     "--init_from=resume")
                 raise SystemExit(130)
 
+            # 3. this step's learning rate and dropout seed
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_003 + iter_num)  # dropout, resumable
-            rows = stream.take(rows_per_step)  # the step's rows, every rank's
+            reseed_dropout(cfg.seed, rank, iter_num)
+
+            # 4. the step's rows (every rank's), then this rank's micro-batches
+            rows = stream.take(rows_per_step)
             mine = rank_rows(rows, cfg.batch_size, rank, world_size)
-            batches = [to_device(collate(train_split, r, cfg.block_size), device) for r in mine]
+            batches = [rt.to_device(collate(train_split, r, cfg.block_size)) for r in mine]
             answer_tokens = answer_target_count(train_split, rows)
-            local_answers = answer_target_count(train_split, [row for r in mine for row in r])
-            step_loss = train_step(model, optimizer, batches, cfg.mask, answer_tokens, attention, ctx,
-                                   cfg.grad_clip, world_size)
-            step_tokens = token_count(rows)
-            tokens["tokens"] += step_tokens
+
+            # 5. forward, backward and the optimizer step, weighted by the step's answer tokens over all ranks
+            step_loss = train_step(model, optimizer, batches, cfg.mask, answer_tokens, rt, cfg.grad_clip, world_size)
+            tokens["tokens"] += token_count(rows)
             tokens["answer_tokens"] += answer_tokens
             iter_num += 1
             steps_timed += 1
+
+            # 6. log this rank's loss, the speed and the time left
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                local_answers = answer_target_count(train_split, [row for r in mine for row in r])
                 loss = step_loss.item() / max(local_answers, 1)  # waits for the GPU, so the timing is honest
                 dt = (time.time() - t_interval) / steps_timed
                 mfu = ""
-                if device_type == "cuda":
+                if rt.device_type == "cuda":
                     per_rank_tokens = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
                     mfu = f", mfu {100 * raw_model.estimate_mfu(per_rank_tokens, dt):.1f}%"
                 log(f"iter {iter_num}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.1e}, {1000 * dt:.1f}ms/iter, "
-                    f"{step_tokens / dt:,.0f} tok/s ({answer_tokens / dt:,.0f} answer tok/s){mfu}, "
+                    f"{token_count(rows) / dt:,.0f} tok/s ({answer_tokens / dt:,.0f} answer tok/s){mfu}, "
                     f"eta {fmt_duration((cfg.max_iters - iter_num) * dt)}")
                 t_interval, steps_timed = time.time(), 0
     log(f"done: {iter_num} iters in {fmt_duration(time.time() - t_start)}, best val answer loss "

@@ -104,6 +104,11 @@ def answer_target_count(split, rows):
                for row in rows for start, end, loss_from in row)
 
 
+def token_count(rows):
+    """Non-padding tokens in rows: what a step actually trains on."""
+    return sum(end - start for row in rows for start, end, _ in row)
+
+
 def collate(split, rows, block_size):
     """rows -> dict of (B, block_size) int64 tensors: idx, targets (-1 = no loss), positions (from 0 per doc),
     roles, doc_ids (0, 1, ... per row; the padding after the last doc is one more doc, ASSISTANT, no targets)."""

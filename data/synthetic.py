@@ -15,6 +15,9 @@ unrelated turns. The text uses a few dozen words, digits and letters: a byte-lev
 import random
 
 FAMILIES = ("note", "recall", "arith", "sort", "reverse", "minmax")
+# Data first, the instruction as the query's last word: where attention inside a query matters mechanically.
+INSTRUCTION_LAST = ("minmax", "sort", "reverse")
+POOLED = "instruction-last"  # the name of the three pooled, in reports
 MAX_TURNS = 8
 MAX_FACTS = 3
 RECALL_GAP = 2  # a fact is asked about at least this many turns after it was given

@@ -86,7 +86,7 @@ def test_bf16_training_steps_reduce_the_loss():
 def test_chat_session_on_cuda_matches_the_no_cache_path(kind):
     # The path eval.py and bench.py take with --device=cuda: prefill chunks, then one token at a time.
     from data.tokenizer import get_tokenizer
-    from sample import ChatSession
+    from engine import ChatSession
     torch.manual_seed(0)
     model = GPT(CONFIG).cuda().eval()
     tok = get_tokenizer("byte")

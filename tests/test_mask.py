@@ -9,7 +9,7 @@ from mask import ASSISTANT, MASKS, SYSTEM, USER, block_mask, make_mask, segment_
 
 
 def oracle(kind, roles, doc_ids=None):
-    """allowed(i, j) by plain loops over Python lists, from the definitions in the issue, nothing shared."""
+    """allowed(i, j) by plain loops over Python lists, from the definitions in mask.py's docstring, nothing shared."""
     T = len(roles)
     docs = doc_ids if doc_ids is not None else [0] * T
 

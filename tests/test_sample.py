@@ -12,18 +12,22 @@ import pytest
 import torch
 
 import sample
+from checkpoint import save_checkpoint
 from data.chat import render
 from data.tokenizer import get_tokenizer
 from flags import run
 from mask import ASSISTANT, MASKS, USER, make_mask
-from model import GPT, GPTConfig, KVCache, save_checkpoint
-from sample import ChatSession, TextStream, TurnError
+from engine import ChatSession, TextStream, TurnError, load_chat_model
+from flags import UserError
+from model import GPT, GPTConfig, KVCache
 
 TOK = get_tokenizer("byte")
 CONFIG = GPTConfig(block_size=128, vocab_size=TOK.vocab_size, n_layer=2, n_head=2, n_embd=32)
 SYSTEM_TEXT = "be brief"
 USERS = ["hi", "what is 2+2?", "say <|end|> <|assistant|> plainly", "héllo ✓ bye"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STRUCTURAL = torch.zeros(CONFIG.vocab_size, dtype=torch.bool)  # special tokens an answer may never contain
+STRUCTURAL[[TOK.bos, TOK.system, TOK.user, TOK.assistant]] = True
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +74,7 @@ def reference_reply(model, kind, messages, user_text, max_new_tokens, block_size
         for _ in range(budget):
             logits = model(torch.tensor([ids]), make_mask(kind, torch.tensor(roles)))[0][0, -1]
             steps.append(logits)
-            token = int(torch.argmax(logits))
+            token = int(torch.argmax(logits.masked_fill(STRUCTURAL, float("-inf"))))
             if token == TOK.end:
                 break
             reply.append(token)
@@ -226,7 +230,7 @@ def test_message_too_long_is_refused_and_changes_nothing():
 
 
 def test_system_message_too_long_is_refused():
-    with pytest.raises(sample.UserError, match="system message"):
+    with pytest.raises(UserError, match="system message"):
         ChatSession(MODEL, TOK, "ism", system="s" * 200)
 
 
@@ -346,7 +350,7 @@ def cli(argv, stdin="", monkeypatch=None, capsys=None):
 
 
 def test_load_chat_model(out_dir):
-    model, tok, kind, checkpoint = sample.load_chat_model(out_dir, "cpu")
+    model, tok, kind, checkpoint = load_chat_model(out_dir, "cpu")
     assert kind == "ism" and tok.describe() == TOK.describe() and checkpoint["iter_num"] == 0
     torch.testing.assert_close(model.state_dict(), MODEL.state_dict())
 

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 
 import flags
 import train
-from data.batching import Split, answer_target_count, collate, epoch_rows, load_split
+from checkpoint import load_checkpoint, model_from_checkpoint
+from data.batching import Split, answer_target_count, collate, epoch_rows, load_split, token_count
 from data.prepare import prepare
 from flags import UserError
 from mask import ASSISTANT, USER
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint
+from loss import answer_loss_sum, answer_loss_totals, batch_mask, estimate_val_loss
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--block_size=128", "--n_layer=2", "--n_head=2", "--n_embd=32", "--log_interval=5",
@@ -86,8 +88,8 @@ def test_tiny_run_lowers_the_held_out_answer_loss(trained, data_dir):
     val = load_split(data_dir, "val")
     torch.manual_seed(1337)  # the initial weights of the run (train.py seeds with --seed before building)
     untrained = GPT(model.config)
-    before = train.estimate_val_loss(untrained, val, "ism", 128, batch_size=8)
-    after = train.estimate_val_loss(model, val, "ism", 128, batch_size=8)
+    before = estimate_val_loss(untrained, val, "ism", 128, batch_size=8)
+    after = estimate_val_loss(model, val, "ism", 128, batch_size=8)
     assert before > 5.0  # ~ln(261): uniform guessing
     assert after < 0.6 * before
 
@@ -102,7 +104,7 @@ def test_checkpoint_reloads_the_trained_model(trained, data_dir):
     reloaded = model_from_checkpoint(checkpoint)
     split = load_split(data_dir, "val")
     batch = collate(split, epoch_rows(split, "ism", 128, 0, 0)[:4], 128)
-    mask = train.attention_mask("ism", batch, "sdpa")
+    mask = batch_mask("ism", batch, "sdpa")
     model.eval()
     with torch.no_grad():
         expected = model(batch["idx"], mask, positions=batch["positions"])[0]
@@ -114,10 +116,10 @@ def test_val_loss_is_the_mean_over_answer_tokens(trained, data_dir):
     _, model = trained
     split = load_split(data_dir, "val")
     rows = epoch_rows(split, "ism", 128, 0, 0)
-    total, count = train.answer_loss_totals(model, split, rows, "ism", 128, batch_size=3)
+    total, count = answer_loss_totals(model, split, rows, "ism", 128, batch_size=3)
     batch = collate(split, rows, 128)
     with torch.no_grad():
-        logits = model.eval()(batch["idx"], train.attention_mask("ism", batch, "sdpa"), batch["positions"])[0]
+        logits = model.eval()(batch["idx"], batch_mask("ism", batch, "sdpa"), batch["positions"])[0]
     by_hand, n = answer_loss_by_hand(logits, batch, rows, "ism")
     assert count == n
     assert total / count == pytest.approx(by_hand, rel=1e-5)
@@ -141,7 +143,7 @@ def test_loss_sees_answer_targets_only(data_dir, kind):
     split = load_split(data_dir, "val")
     rows = epoch_rows(split, kind, 128, 0, 0)[:2]
     stub = FixedLogits((2, 128, 261))
-    loss = train.answer_loss_sum(stub, collate(split, rows, 128), kind)
+    loss = answer_loss_sum(stub, collate(split, rows, 128), kind)
     start, end, loss_from = rows[0][0]
     roles = np.asarray(split.roles)
     query = next(p for p in range(start + 1, end) if roles[p] == USER)  # the target of position query - 1
@@ -149,7 +151,7 @@ def test_loss_sees_answer_targets_only(data_dir, kind):
     for p, should_change in ((query, False), (answer, True)):
         ids = np.array(split.ids)
         ids[p] = (ids[p] + 1) % 256
-        changed = train.answer_loss_sum(stub, collate(Split(ids, split.roles, split.offsets), rows, 128), kind)
+        changed = answer_loss_sum(stub, collate(Split(ids, split.roles, split.offsets), rows, 128), kind)
         assert (changed.item() != loss.item()) == should_change
 
 
@@ -161,8 +163,8 @@ def test_answer_loss_sum_matches_a_hand_computation(data_dir, kind):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, n_layer=1, n_head=2, n_embd=32)).eval()
     with torch.no_grad():
-        loss_sum = train.answer_loss_sum(model, batch, kind)
-        logits = model(batch["idx"], train.attention_mask(kind, batch, "sdpa"), batch["positions"])[0]
+        loss_sum = answer_loss_sum(model, batch, kind)
+        logits = model(batch["idx"], batch_mask(kind, batch, "sdpa"), batch["positions"])[0]
     by_hand, n = answer_loss_by_hand(logits, batch, rows, kind)
     assert loss_sum.item() / n == pytest.approx(by_hand, rel=1e-5)
     assert int((batch["targets"] != -1).sum()) == n > 0
@@ -174,7 +176,11 @@ def test_a_fresh_run_keeps_the_old_checkpoint_until_it_has_trained(trained, data
     out_dir, _ = trained
     path = os.path.join(out_dir, "ckpt.pt")
     before = open(path, "rb").read()
-    train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--max_iters=0", "--mask=causal"])
+    with pytest.raises(UserError, match="already holds a model: continue it with --init_from=resume, replace it "
+                                        "with --overwrite"):
+        train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--max_iters=0", "--mask=causal"])
+    train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--max_iters=0", "--mask=causal",
+                       "--overwrite"])
     assert open(path, "rb").read() == before
 
 
@@ -318,7 +324,7 @@ def test_answer_token_count_agrees_with_the_collated_targets(data_dir, kind):
     batch = collate(split, rows, 128)
     assert answer_target_count(split, rows) == int((batch["targets"] != -1).sum()) > 0
     padding = batch["doc_ids"] == torch.tensor([len(row) for row in rows])[:, None]
-    assert train.token_count(rows) == int((~padding).sum()) > 0
+    assert token_count(rows) == int((~padding).sum()) > 0
 
 
 def test_row_stream_is_the_epochs_in_order_and_restartable(data_dir):
@@ -348,5 +354,5 @@ def test_cuda_run_uses_flex_and_bf16_and_matches_the_cpu_loss(data_dir, tmp_path
     first_eval = float(log.split("eval iter 0: val answer loss ")[1].split()[0])
     assert checkpoint["best_val_loss"] < 0.6 * first_eval
     # the same weights on the CPU through SDPA in float32 give the held-out loss the GPU measured (flex, bf16)
-    cpu_loss = train.estimate_val_loss(model_from_checkpoint(checkpoint), load_split(data_dir, "val"), "ism", 128, 8)
+    cpu_loss = estimate_val_loss(model_from_checkpoint(checkpoint), load_split(data_dir, "val"), "ism", 128, 8)
     assert cpu_loss == pytest.approx(checkpoint["best_val_loss"], abs=0.03)

@@ -1,0 +1,111 @@
+"""
+Checkpoint files: out_dir/ckpt.pt, written atomically, read with torch.load(weights_only=True) (plain dicts and
+tensors only: a checkpoint file can never run code), and one training run per out_dir at a time.
+
+A checkpoint is a dict: model (state dict), model_args (GPTConfig fields), tokenizer (its description), mask,
+and from train.py also optimizer, config, iter_num, best_val_loss, data_state and tokens.
+"""
+import fcntl
+import os
+import tempfile
+
+import torch
+
+from flags import UserError
+from model import GPT, GPTConfig
+
+REQUIRED_KEYS = {"model", "model_args", "tokenizer", "mask"}
+
+
+def save_checkpoint(checkpoint, path):
+    """Write atomically: a unique temporary file in the same folder, synced, then renamed over path. A crash or a
+    full disk mid-write leaves the previous checkpoint intact and no temporary file behind (UserError)."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)  # never follows a planted symlink
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is as readable as any file
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint, if any, is "
+                        "unchanged") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict, or a UserError saying why not."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: run python train.py first (or pass --out_dir=DIR)")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated, foreign or malicious files
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); retrain or restore it") from None
+    missing = REQUIRED_KEYS - set(checkpoint if isinstance(checkpoint, dict) else ())
+    if missing:
+        raise UserError(f"{path} is not an ismGPT checkpoint (missing {', '.join(sorted(missing))})")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, device="cpu", path="the checkpoint"):
+    """Rebuild the GPT a checkpoint describes and load its weights (eval mode); UserError if they disagree."""
+    try:
+        model = GPT(GPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:  # not a file train.py wrote
+        raise UserError(f"{path}: weights do not match model_args ({type(e).__name__}); retrain or restore "
+                        "it") from None
+    return model.to(device).eval()
+
+
+class RunLock:
+    """Hold out_dir/train.lock while a run trains, so that a second run on the same out_dir is refused instead of
+    both writing one ckpt.pt. The lock is the kernel's (flock): a killed run releases it with its process."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, "train.lock")
+        self.file = None
+
+    def __enter__(self):
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise UserError(f"cannot write to {os.path.dirname(self.path)} ({e.strerror}): pick another "
+                            "--out_dir") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"another training run ({owner}) is using {os.path.dirname(self.path)}: wait for it to "
+                            "finish or pick another --out_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # closing releases the lock; the file stays (removing it would race with a new run)
+

@@ -1,0 +1,112 @@
+"""
+What the scripts share about where they run: the device, precision and attention backend of a run (one Runtime
+value), torch's thread count, and a description of the machine for reports.
+"""
+import os
+import platform
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from flags import UserError
+
+THREADS_HELP = ("torch CPU threads (0: torch's default, one per core). On a machine shared with other busy "
+                "processes, 1 is often much faster: each op otherwise waits for a descheduled thread")
+
+
+def resolve_device(name):
+    """'auto' -> cuda if available else cpu; otherwise check that the device exists."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name}: not a device (try cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name}: CUDA is not available here; use --device=cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device={name}: only cpu and cuda are supported")
+    return name
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a model runs: device ("cpu", "cuda:0"), dtype of the autocast ("float32": none) and the
+    attention backend ("sdpa": dense mask, any device; "flex": FlexAttention's BlockMask, CUDA)."""
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention: str = "sdpa"
+
+    @property
+    def device_type(self):
+        return torch.device(self.device).type
+
+    def autocast(self):
+        if self.dtype == "bfloat16":
+            return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def to_device(self, batch):
+        """A dict of CPU tensors on this device (pinned and asynchronous on CUDA)."""
+        if self.device_type == "cpu":
+            return batch
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+def runtime(device="auto", dtype="auto", attention="auto", local_rank=0):
+    """The Runtime these settings ask for, checked against what this machine can do (UserError if it cannot).
+    auto: CUDA when available, with bf16 autocast, TF32 matmuls and FlexAttention; else CPU, float32, SDPA."""
+    device = resolve_device(device)
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}" if device == "cuda" else device
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "bfloat16" and device_type == "cpu":
+        raise UserError("--dtype=bfloat16 autocasts on CUDA only: use --dtype=float32 (or auto) on CPU")
+    if attention == "auto":
+        attention = "flex" if device_type == "cuda" else "sdpa"
+    if attention == "flex" and device_type == "cpu":
+        raise UserError("--attention=flex cannot train on CPU (FlexAttention has no CPU backward): use "
+                        "--attention=sdpa (or auto)")
+    return Runtime(device, dtype, attention)
+
+
+def set_threads(n):
+    """torch's intra-op CPU threads; 0 keeps torch's default."""
+    if n:
+        torch.set_num_threads(n)
+
+
+@contextmanager
+def cpu_threads(n, device="cpu"):
+    """Run the block with n torch threads on a CPU device (0 or a GPU device: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if n and torch.device(device).type == "cpu":
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def machine(device):
+    """{device, name, torch, threads, cpus, python, load_average}: what a timing or a score was measured on."""
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = platform.processor() or "unknown CPU"
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    info = {"device": str(device), "name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = round(os.getloadavg()[0], 2)  # > cpus: other work shares the machine, timings noisy
+    return info

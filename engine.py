@@ -1,0 +1,412 @@
+"""
+The chat engine: one conversation with a model and its KV cache, a turn at a time. sample.py (command line),
+serve.py (HTTP), eval.py and bench.py all drive it; none has its own copy of a turn.
+
+A turn (ChatSession.generate) has four phases:
+1. make room  if history + prompt + room for an answer would pass block_size, drop the oldest whole turns (the
+              system message stays); what is kept is re-prefilled from position 0.
+2. prefill    feed the tokens the cache lacks, each under its row of the whole conversation's mask, and keep the
+              last token's logits. Under causal and ISM, appending tokens never changes the attention row of an
+              earlier token (the mask is globally causal, and a query segment is closed before anything follows
+              it), so the cache is reused across turns and a turn prefills only its new tokens: the previous
+              answer's <|end|> (sampled, never fed; after a reply cut short, also its last token) and the new
+              prompt. Under prefix the prompt joins one bidirectional block with the whole history, so every
+              cached row is stale and the history is re-prefilled: that O(history) cost per turn is what ISM
+              removes.
+3. decode     sample a token, feed it alone on top of the cache, repeat until <|end|> or the token budget. An
+              answer token's row is the same under all three masks, everything up to itself: it is in no query
+              segment, and being in the last answer, in no prefix.
+4. close      whatever stopped the answer (<|end|>, the budget, Ctrl-C, a closed connection), the history gets
+              the answer and its <|end|>, so the conversation stays well-formed; the cache holds a prefix of it.
+
+As in gpt-fast, the model-facing steps are small functions (prefill, decode_one_token, decode_n_tokens); a
+StaticDecoder runs decode_one_token in fixed shapes so that torch.compile can make it one CUDA graph.
+"""
+import codecs
+import os
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch.nn import functional as F
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from data.chat import DataError, render, render_user
+from data.tokenizer import tokenizer_from_description
+from flags import UserError
+from mask import ASSISTANT, MASKS, make_mask
+from model import KVCache
+
+_KEEP = object()  # reset(): keep the current system message
+_SMALLEST_TURN = 6  # <|user|> x <|end|> <|assistant|> + one answer token + <|end|>
+DECODE_MODES = ("eager", "static", "compiled")
+
+
+class TurnError(UserError):
+    """A turn that cannot be taken (empty message, a message too long for the context). Nothing has changed."""
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+
+def load_chat_model(out_dir, device="cpu", dtype="float32"):
+    """out_dir/ckpt.pt -> (model in eval mode, tokenizer, mask kind, checkpoint dict); UserError (one line) if the
+    checkpoint is missing, unreadable or inconsistent."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    checkpoint = load_checkpoint(path, device)  # missing: "... run python train.py first"
+    kind = checkpoint["mask"]
+    if kind not in MASKS:
+        raise UserError(f"{path}: unknown mask {kind!r} (expected one of {', '.join(MASKS)})")
+    try:
+        tok = tokenizer_from_description(checkpoint["tokenizer"])
+    except DataError as e:
+        raise UserError(f"{path}: {e}") from None
+    model = model_from_checkpoint(checkpoint, device, path)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens, model only {model.config.vocab_size}")
+    return model.to(getattr(torch, dtype)), tok, kind, checkpoint
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+
+@dataclass
+class Sampling:
+    """How the next token is chosen. temperature 0 = greedy (argmax). top_k (0/None: all) and top_p (None or 1:
+    all) restrict the candidates. generator: a CPU torch.Generator (None: torch's global RNG); sampling runs on
+    the CPU, so a seed gives the same tokens on any device for the same logits. min_new_tokens: <|end|> cannot be
+    chosen before this many answer tokens (benchmarks use it to get answers of a fixed length)."""
+    temperature: float = 0.0
+    top_k: int = None
+    top_p: float = None
+    generator: torch.Generator = None
+    min_new_tokens: int = 0
+
+
+def never_sampled(tok, vocab_size):
+    """Ids an answer may never contain: the structural special tokens (only <|end|> may end an answer) and the
+    embedding rows past the tokenizer's vocabulary (padding for speed, no token of its own)."""
+    never = torch.zeros(vocab_size, dtype=torch.bool)
+    never[[tok.bos, tok.system, tok.user, tok.assistant]] = True
+    never[tok.vocab_size:] = True
+    return never
+
+
+def sample_token(logits, sampling, never):
+    """logits (V,) -> token id, never one where `never` (V,) is True."""
+    logits = logits.float().cpu().masked_fill(never, float("-inf"))
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    # Shift so the best logit is 0 before dividing: a tiny temperature then gives -inf, never nan.
+    logits = (logits - logits.max()) / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.numel():
+        kth = torch.topk(logits, sampling.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p  # mass before it already reaches p
+        probs[order[outside]] = 0.0
+    return int(torch.multinomial(probs, 1, generator=sampling.generator))
+
+
+class TextStream:
+    """Token ids in, printable text out. A byte token may be part of a UTF-8 character: its bytes wait until the
+    character is complete, so a stream never shows a broken character (invalid bytes become U+FFFD, as in
+    tok.decode). The concatenated pieces equal tok.decode(ids)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token):
+        return self.decoder.decode(self.tok.token_bytes(token))
+
+    def flush(self):
+        return self.decoder.decode(b"", final=True)
+
+
+# --------------------------------------------------------------------------------------- the model-facing steps
+
+def feed(model, ids, roles, kind, start, cache=None):
+    """Feed the conversation's tokens ids[start:] on top of a cache holding its first `start` tokens (no cache:
+    start is 0) and return the last token's logits. roles covers at least ids; the chunk's mask rows are its slice
+    of the whole conversation's mask, make_mask(kind, roles[:end])[start:end]: one rule for every chunk."""
+    end = len(ids)
+    idx = torch.tensor([ids[start:]], device=roles.device)
+    logits, _ = model(idx, make_mask(kind, roles[:end], start=start), kv_cache=cache)
+    return logits[0, -1]
+
+
+def prefill(model, ids, roles, kind, cache):
+    """Phase 2: feed what the cache lacks of ids. -> (last logits, tokens reused from the cache, tokens fed)."""
+    if kind == "prefix":
+        # The prompt joins the history's bidirectional block: every cached row is stale. Re-prefill it all.
+        cache.truncate(0)
+    start = cache.length  # causal / ISM: earlier rows never change; reuse them, feed only the new tokens
+    return feed(model, ids, roles, kind, start, cache), start, len(ids) - start
+
+
+def decode_one_token(model, token, roles, kind, cache):
+    """Feed one answer token on top of the cache; -> its logits. (Its mask row is everything up to itself under
+    every mask; taking it from make_mask keeps one rule for all chunks.)"""
+    position = cache.length
+    idx = torch.tensor([[token]], device=roles.device)
+    logits, _ = model(idx, make_mask(kind, roles[:position + 1], start=position), kv_cache=cache)
+    return logits[0, -1]
+
+
+class StaticDecoder:
+    """decode_one_token in fixed shapes: the token and its position are tensors, the K/V are written at that
+    position of the preallocated cache, and attention runs over the cache's whole capacity with every slot after
+    the position masked out (an answer token's row, the same under every mask). Nothing depends on Python values
+    that change from step to step, so torch.compile(mode="reduce-overhead") captures the step as one CUDA graph
+    and replays it: no per-kernel launch cost, which bounds the decode of a small model on a GPU.
+    compile=False runs the same step eagerly (the tests check it equals decode_one_token)."""
+
+    def __init__(self, model, cache, compile=True):
+        self.model, self.cache = model, cache
+        device = cache.kv.device
+        self.slots = torch.arange(cache.capacity, device=device)
+        self.step = self._step
+        if compile:
+            if device.type == "cuda":
+                torch._dynamo.mark_static_address(cache.kv)  # updated in place by every replay of the graph
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self.step = torch.compile(self._step, mode=mode, fullgraph=True)
+
+    def _step(self, idx, position):
+        mask = (self.slots <= position).unsqueeze(0)  # (1, capacity)
+        return self.model.decode_static(idx, mask, position, self.cache)[0, -1]
+
+    def __call__(self, token):
+        device = self.slots.device
+        idx = torch.tensor([[token]], device=device)
+        position = torch.tensor([self.cache.length], device=device)
+        logits = self.step(idx, position).clone()  # a graph replay reuses its output buffer
+        self.cache.length += 1  # the step wrote slot `position` in every layer
+        return logits
+
+
+def decode_n_tokens(first_logits, budget, sample, next_logits, end):
+    """Phase 3: yield up to `budget` sampled tokens, each drawn from the logits after the one before (the first
+    from first_logits), stopping after a sampled `end` (yielded too). The last allowed token is never fed:
+    nothing would read its logits."""
+    logits = first_logits
+    for step in range(budget):
+        token = sample(logits, step)
+        yield token
+        if token == end or step + 1 == budget:
+            return
+        logits = next_logits(token)
+
+
+# ------------------------------------------------------------------------------------------------- chat session
+
+class ChatSession:
+    """One conversation with a model: its messages, their rendering (ids, roles) and a KV cache.
+
+    Public state (read it, don't write it):
+      messages  system (optional), then user / assistant alternating; an assistant message's content is the list of
+                token ids that were generated (without <|end|>): re-encoding decoded text need not give them back.
+      ids, roles  render(messages): the whole history, each answer closed by <|end|>. Always <= block_size.
+      cache     the KVCache (None with use_cache=False); it holds ids[:cache.length], the rest is fed next turn.
+      turns     turns answered since the last reset (dropped ones included).
+      last      the current or latest turn's facts: prefill_tokens, reused_tokens, dropped_turns, stopped.
+    use_cache=False is the reference path: every sampled token recomputes the whole context, no cache.
+    decode: "eager" (the readable default: attention over the filled cache), "static" (StaticDecoder, not
+    compiled) or "compiled" (StaticDecoder under torch.compile; a CUDA graph on CUDA).
+    reply_reserve: tokens kept free for the answer when deciding whether to drop old turns (capped by
+    max_new_tokens); default block_size // 4.
+    """
+
+    def __init__(self, model, tok, kind, system=None, use_cache=True, device=None, reply_reserve=None,
+                 decode="eager"):
+        if kind not in MASKS:
+            raise ValueError(f"unknown mask {kind!r}: choose one of {', '.join(MASKS)}")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"unknown decode mode {decode!r}: choose one of {', '.join(DECODE_MODES)}")
+        self.model, self.tok, self.kind = model, tok, kind
+        self.block_size = model.config.block_size
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.reply_reserve = max(1, self.block_size // 4) if reply_reserve is None else reply_reserve
+        self.never = never_sampled(tok, model.config.vocab_size)
+        self.cache = KVCache(model.config, 1, self.device, param.dtype) if use_cache else None
+        self.static = None
+        if use_cache and decode != "eager":
+            self.static = StaticDecoder(model, self.cache, compile=decode == "compiled")
+        self.system, self.last = None, None
+        self.reset(system)
+
+    def reset(self, system=_KEEP):
+        """Start a new conversation (cache truncated to 0), with a new system message if one is given (None or ""
+        for none). UserError if the system message leaves no room for a turn; the session is then unchanged."""
+        system = self.system if system is _KEEP else (system or None)
+        messages = [{"role": "system", "content": system}] if system else []
+        ids, roles = render(messages, self.tok)
+        if len(ids) + _SMALLEST_TURN > self.block_size:
+            raise UserError(f"the system message is {len(ids)} tokens; it leaves no room for a turn in "
+                            f"block_size {self.block_size}")
+        self.system, self.messages, self.ids, self.roles, self.turns = system, messages, ids, roles, 0
+        if self.cache is not None:
+            self.cache.truncate(0)
+
+    def transcript(self):
+        """messages with answers as text: [{"role", "content"}]."""
+        return [dict(m, content=self.tok.decode(m["content"])) if m["role"] == "assistant" else dict(m)
+                for m in self.messages]
+
+    def replace_answer(self, text):
+        """Put `text` in place of the last answer (teacher-forced history, for evaluation). The cache forgets the
+        replaced answer's tokens; the next turn feeds the new answer together with its prompt."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("there is no answer to replace")
+        self.messages[-1] = {"role": "assistant", "content": self.tok.encode(text)}
+        answer_start = len(render(self.messages[:-1], self.tok)[0])
+        self.ids, self.roles = render(self.messages, self.tok)
+        if self.cache is not None:
+            self.cache.truncate(min(self.cache.length, answer_start))
+
+    def generate(self, user_text, max_new_tokens=256, sampling=None):
+        """Answer one user message: -> an iterator of the sampled token ids, a sampled <|end|> last. Raises
+        TurnError at once, changing nothing, for an empty message or one that cannot fit even without history.
+        Phase 1 (make room) runs now, so `last` already says how many turns were dropped; the answer is closed
+        (phase 4) when the iterator ends, is closed (close(), or `with closing(...)`) or raises."""
+        started = time.perf_counter()
+        if not user_text.strip():
+            raise TurnError("empty message")
+        prompt_ids, prompt_roles = render_user(user_text, self.tok)
+        dropped = self._make_room(len(prompt_ids), max_new_tokens)  # phase 1
+        budget = min(max_new_tokens, self.block_size - len(self.ids) - len(prompt_ids) - 1)  # room for <|end|>
+        self.last = {"user": user_text, "started": started, "dropped_turns": dropped, "prefill_tokens": 0,
+                     "reused_tokens": 0, "stopped": "max_new_tokens" if budget == max_new_tokens else "block_size"}
+        return self._answer(user_text, prompt_ids, prompt_roles, budget, sampling or Sampling())
+
+    @torch.no_grad()
+    def _answer(self, user_text, prompt_ids, prompt_roles, budget, sampling):
+        self.messages.append({"role": "user", "content": user_text})
+        self.ids, self.roles = self.ids + prompt_ids, self.roles + prompt_roles
+        roles = torch.tensor(self.roles + [ASSISTANT] * budget, device=self.device)
+        reply = []
+        try:  # from here on, the finally block closes the answer whatever happens
+            logits = self._prefill(roles)  # phase 2
+            next_logits = partial(self._next_logits, reply, roles)
+            for token in decode_n_tokens(logits, budget, self._sampler(sampling), next_logits, self.tok.end):
+                if token == self.tok.end:  # phase 3
+                    self.last["stopped"] = "end"
+                else:
+                    reply.append(token)
+                yield token
+        except (KeyboardInterrupt, GeneratorExit):
+            if self.last["stopped"] != "end":  # a consumer may stop reading at the <|end|> it was given
+                self.last["stopped"] = "interrupted"
+            raise
+        finally:
+            self._close(reply)  # phase 4
+
+    def consume(self, tokens, on_text=None, interruptible=False):
+        """Read a generate() iterator to its end, measuring it, and stream the answer's text to on_text(str) in
+        whole characters. Returns {turn, user, reply, prefill_tokens, reused_tokens, generated_tokens, ttft_ms,
+        decode_tokens_per_s, dropped_turns, stopped, context_tokens}:
+          prefill_tokens  tokens fed at once before the first sampled token (no cache: the whole context);
+          reused_tokens   tokens whose K/V came from the cache (0 under prefix, after a drop, and with no cache);
+          generated_tokens  tokens sampled, a sampled <|end|> included; ttft_ms from generate() to the first one;
+          decode_tokens_per_s  over the tokens after the first (None when fewer than two);
+          stopped         "end" (sampled <|end|>), "max_new_tokens", "block_size" (context full) or "interrupted";
+          context_tokens  len(ids) afterwards.
+        KeyboardInterrupt while answering closes the answer, then is re-raised, or with interruptible=True ends
+        the turn with stopped="interrupted"."""
+        stream, times = TextStream(self.tok), []
+        try:
+            with closing(tokens):
+                for token in tokens:
+                    times.append(time.perf_counter())
+                    text = stream.push(token) if token != self.tok.end else ""
+                    if text and on_text is not None:
+                        on_text(text)
+        except KeyboardInterrupt:
+            if not interruptible:
+                raise
+        rest = stream.flush()
+        if rest and on_text is not None:
+            on_text(rest)
+        return self._turn_record(times)
+
+    def turn(self, user_text, max_new_tokens=256, on_text=None, interruptible=False, **sampling):
+        """generate() then consume(): one measured turn. Sampling keywords as in Sampling (temperature=0 is
+        greedy)."""
+        return self.consume(self.generate(user_text, max_new_tokens, Sampling(**sampling)), on_text, interruptible)
+
+    # ---------------------------------------------------------------------------------------------- internals
+
+    def _make_room(self, prompt_len, max_new_tokens):
+        """Drop the oldest whole user+answer turns until history + prompt + room for an answer fit in block_size.
+        Returns how many were dropped; raises TurnError, changing nothing, if not even the prompt alone fits."""
+        need = prompt_len + min(max_new_tokens, self.reply_reserve) + 1  # + the answer's <|end|>
+        if len(self.ids) + need <= self.block_size:
+            return 0
+        head = 1 if self.system else 0
+        for drop in range(1, (len(self.messages) - head) // 2 + 1):
+            kept = self.messages[:head] + self.messages[head + 2 * drop:]
+            ids, roles = render(kept, self.tok)
+            if len(ids) + need <= self.block_size:
+                self.messages, self.ids, self.roles = kept, ids, roles
+                if self.cache is not None:
+                    self.cache.truncate(0)  # positions restart at 0: the kept history is re-prefilled
+                return drop
+        taken = len(render(self.messages[:head], self.tok)[0])
+        raise TurnError(f"message of {prompt_len} tokens does not fit: block_size {self.block_size}, {taken} taken "
+                        f"by {'the system message' if head else '<|bos|>'}, "
+                        f"{min(max_new_tokens, self.reply_reserve) + 1} kept for the answer; shorten it")
+
+    def _prefill(self, roles):
+        if self.cache is None:  # the reference path: the whole context, every time
+            logits, reused, fed = feed(self.model, self.ids, roles, self.kind, 0), 0, len(self.ids)
+        else:
+            logits, reused, fed = prefill(self.model, self.ids, roles, self.kind, self.cache)
+        self.last.update(prefill_tokens=fed, reused_tokens=reused)
+        return logits
+
+    def _next_logits(self, reply, roles, token):
+        """Logits after answer token `token`, the last of reply: fed alone on the cache, or (no cache) the whole
+        context recomputed."""
+        if self.cache is None:
+            return feed(self.model, self.ids + reply, roles, self.kind, 0)
+        if self.static is not None:
+            return self.static(token)
+        return decode_one_token(self.model, token, roles, self.kind, self.cache)
+
+    def _sampler(self, sampling):
+        """sample(logits, step) -> token id, with <|end|> held back for the first min_new_tokens steps."""
+        hold_end = self.never.clone()
+        hold_end[self.tok.end] = True
+
+        def sample(logits, step):
+            return sample_token(logits, sampling, hold_end if step < sampling.min_new_tokens else self.never)
+        return sample
+
+    def _close(self, reply):
+        """Phase 4: the answer, closed by <|end|>, joins the history. The cache holds a prefix of the new ids
+        (GPT.forward grows it only after every layer stored a chunk); the next turn feeds ids[cache.length:]."""
+        self.messages.append({"role": "assistant", "content": reply})
+        self.ids, self.roles = render(self.messages, self.tok)
+        self.turns += 1
+
+    def _turn_record(self, times):
+        generated, last = len(times), self.last
+        decode_time = times[-1] - times[0] if times else 0.0
+        return {
+            "turn": self.turns,
+            "user": last["user"],
+            "reply": self.tok.decode(self.messages[-1]["content"]),
+            "prefill_tokens": last["prefill_tokens"],
+            "reused_tokens": last["reused_tokens"],
+            "generated_tokens": generated,
+            "ttft_ms": round((times[0] - last["started"]) * 1e3, 3) if times else None,
+            "decode_tokens_per_s": round((generated - 1) / decode_time, 1) if generated > 1 and decode_time > 0
+            else None,
+            "dropped_turns": last["dropped_turns"],
+            "stopped": last["stopped"],
+            "context_tokens": len(self.ids),
+        }

@@ -1,0 +1,333 @@
+"""
+Does ISM answer better? Train every mask with every seed, score each model, and summarise.
+
+    python experiments/compare_masks.py                    # causal, ISM and prefix x seeds 1, 2, 3 (~30 min, 2 CPUs)
+    python experiments/compare_masks.py --device=cuda --max_iters=5000 --n_layer=6 --n_head=6 --n_embd=384 \
+        --train_batch_size=32 --out_dir=out/compare-gpu              # the larger version, on a GPU
+
+Each run is `python train.py --mask=M --seed=S --out_dir=OUT_DIR/M-sS --max_iters=N ...` (exactly the user's
+training; its log goes to train.log in that folder), then `python eval.py --out_dir=OUT_DIR/M-sS --json` (exactly the
+user's scoring: held-out answer loss, and exact match of greedy replies through the chat path). The tables give mean
+± std over seeds of exact match per family and per turn index, the paired ISM - causal difference, the held-out
+answer loss and the training cost (tokens processed and answer tokens trained, read from the checkpoint; wall time
+of the training process and its time in optimizer steps, read from the train log).
+
+Same model size, seeds (so the same initial weights) and optimizer steps for every mask: rows of block_size tokens
+are equally full, so every mask processes about the same tokens, and prefix, whose samples are triplet-expanded,
+trains on fewer answers in those tokens (the table says how many). Default budget: 2 layers x 128 wide (0.5M
+parameters), 900 steps of 8 rows x 512 tokens (~1.5 epochs of the synthetic data for causal/ISM).
+
+Resuming: a run whose folder holds a finished ckpt.pt trained with the same train.py flags (run.json records them)
+is not trained again, and its evaluation (eval.json) is reused when the evaluation settings match too; an
+interrupted experiment continues where it stopped (the run it was in starts over).
+"""
+import signal
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while starting up: exit quietly (flags.run restores)
+
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
+from data.synthetic import INSTRUCTION_LAST, POOLED  # noqa: E402
+from flags import UserError, setting  # noqa: E402
+from mask import MASKS  # noqa: E402
+
+
+@dataclass
+class CompareConfig:
+    out_dir: str = setting("out/compare", "one folder per run, <mask>-s<seed>")
+    data_dir: str = setting("data/synthetic", "prepared data (the default is prepared by train.py if missing)")
+    device: str = setting("auto", "auto | cpu | cuda, for training and scoring")
+    masks: str = setting("causal,ism,prefix", "masks to train, comma-separated")
+    seeds: str = setting("1,2,3", "seeds, comma-separated (the same for every mask)")
+    max_iters: int = setting(900, "optimizer steps per run", min=1)
+    n_layer: int = setting(2, "transformer blocks (2: shallow, where in-query attention should matter)", min=1)
+    n_head: int = setting(4, "attention heads", min=1)
+    n_embd: int = setting(128, "embedding width", min=1)
+    block_size: int = setting(512, "tokens per training row", min=1)
+    train_batch_size: int = setting(8, "rows per optimizer step", min=1)
+    train_args: str = setting("", "more train.py flags for every run, e.g. '--learning_rate=1e-3'")
+    history: str = setting("gold", "gold | own: what eval.py keeps in the conversation after a scored turn",
+                           choices=("gold", "own"))
+    max_conversations: int = setting(0, "held-out conversations replayed per run (0: all)", min=0)
+    max_new_tokens: int = setting(64, "longest reply when scoring", min=1)
+    json: bool = setting(False, "print one JSON object instead of markdown tables")
+
+
+def parse_list(text, key, kind):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UserError(f"--{key} is empty")
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise UserError(f"--{key}={text}: expected comma-separated {kind.__name__} values") from None
+
+
+def check_config(cfg):
+    masks, seeds = parse_list(cfg.masks, "masks", str), parse_list(cfg.seeds, "seeds", int)
+    for kind in masks:
+        if kind not in MASKS:
+            raise UserError(f"--masks: unknown mask {kind!r} (choose from {', '.join(MASKS)})")
+    if len(set(masks)) < len(masks) or len(set(seeds)) < len(seeds):
+        raise UserError("--masks and --seeds must not repeat an entry")
+    try:
+        extra = shlex.split(cfg.train_args)
+    except ValueError as e:
+        raise UserError(f"--train_args: {e}") from None
+    ours = {a.split("=", 1)[0] for a in train_argv(replace(cfg, train_args=""), "ism", 0, "")}
+    for arg in extra:
+        if arg.split("=", 1)[0] in ours | {"--init_from", "--overwrite"}:
+            raise UserError(f"--train_args: {arg.split('=', 1)[0]} is set by the experiment itself; pass it to "
+                            "compare_masks.py (see --help)")
+    return masks, seeds
+
+
+# ------------------------------------------------------------------------------------------------------ one run
+
+def train_argv(cfg, kind, seed, run_dir):
+    """The train.py flags of one run (also the record that says whether a finished run can be reused)."""
+    return [f"--mask={kind}", f"--seed={seed}", f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}",
+            f"--device={cfg.device}", f"--max_iters={cfg.max_iters}", f"--n_layer={cfg.n_layer}",
+            f"--n_head={cfg.n_head}", f"--n_embd={cfg.n_embd}", f"--block_size={cfg.block_size}",
+            f"--batch_size={cfg.train_batch_size}", f"--eval_interval={cfg.max_iters}", "--eval_iters=1",
+            f"--log_interval={max(1, min(20, cfg.max_iters // 10))}"] + shlex.split(cfg.train_args)
+
+
+_ITER_LINE = re.compile(r"^iter (\d+)/\d+: .*?([\d.]+)ms/iter", re.M)
+
+
+def step_seconds(log):
+    """Time spent in optimizer steps, from train.py's `iter N/M: ... X ms/iter` lines (each the mean over the steps
+    since the previous line); None if the log has none."""
+    total, last, found = 0.0, 0, False
+    for match in _ITER_LINE.finditer(log):
+        n, ms = int(match.group(1)), float(match.group(2))
+        total += (n - last) * ms / 1000
+        last, found = n, True
+    return round(total, 2) if found else None
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def run_script(script, argv, log_path, what):
+    """Run `python script argv` from the repository root; stdout to log_path (or returned, log_path None).
+    -> (stdout text, seconds). A failure is a UserError naming its last line and the log."""
+    t0 = time.time()
+    with open(log_path or os.devnull, "w") as log:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, text=True,
+                              stdout=log if log_path else subprocess.PIPE,
+                              stderr=subprocess.STDOUT if log_path else subprocess.PIPE)
+    seconds = time.time() - t0
+    output = open(log_path).read() if log_path else proc.stdout
+    if proc.returncode != 0:
+        text = (output if log_path else proc.stderr).strip()
+        last = text.splitlines()[-1] if text else "(no output)"
+        raise UserError(f"{what} failed (exit {proc.returncode}): {last}" + (f" (log: {log_path})" if log_path else ""))
+    return output, seconds
+
+
+def train_run(cfg, kind, seed, say):
+    """Train one run unless its folder holds a finished one with the same flags. -> (run_dir, run.json dict)."""
+    run_dir = os.path.join(cfg.out_dir, f"{kind}-s{seed}")
+    argv = train_argv(cfg, kind, seed, run_dir)
+    record = read_json(os.path.join(run_dir, "run.json"))
+    if record and record.get("argv") == argv and os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        say(f"{kind}-s{seed}: trained already ({run_dir}), reusing it")
+        return run_dir, record
+    os.makedirs(run_dir, exist_ok=True)
+    if record:  # it described another run: forget it before ckpt.pt is overwritten
+        os.remove(os.path.join(run_dir, "run.json"))
+    say(f"{kind}-s{seed}: python train.py {' '.join(argv)}")
+    log, seconds = run_script("train.py", argv + ["--init_from=scratch", "--overwrite"],
+                              os.path.join(run_dir, "train.log"), f"training {kind}-s{seed}")
+    record = {"argv": argv, "wall_seconds": round(seconds, 2), "step_seconds": step_seconds(log)}
+    write_json(os.path.join(run_dir, "run.json"), record)
+    say(f"{kind}-s{seed}: trained in {seconds:.0f}s")
+    return run_dir, record
+
+
+def eval_run(cfg, run_dir, say):
+    """python eval.py on one run, reusing run_dir/eval.json when the checkpoint and the evaluation settings match."""
+    ckpt = os.stat(os.path.join(run_dir, "ckpt.pt"))
+    argv = [f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}", f"--device={cfg.device}",
+            f"--history={cfg.history}", f"--max_conversations={cfg.max_conversations}",
+            f"--max_new_tokens={cfg.max_new_tokens}", "--json"]
+    key = {"argv": argv, "ckpt": [ckpt.st_size, ckpt.st_mtime_ns]}
+    cached = read_json(os.path.join(run_dir, "eval.json"))
+    if cached and cached.get("key") == key:
+        return cached["result"]
+    output, seconds = run_script("eval.py", argv, None, f"scoring {run_dir}")
+    result = json.loads(output)
+    del result["records"]
+    write_json(os.path.join(run_dir, "eval.json"), {"key": key, "result": result})
+    say(f"{os.path.basename(run_dir)}: evaluated in {seconds:.0f}s, exact match "
+        f"{percent(result['overall']['accuracy'])}%, held-out answer loss {result['val_loss']:.4f}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ summary
+
+def mean_std(values):
+    """-> (mean, sample std or None for one value); None values are left out, (None, None) if none is left."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def percent(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def fmt_mean_std(pair, scale=100.0, digits=1):
+    mean, std = pair
+    if mean is None:
+        return "-"
+    text = f"{scale * mean:,.{digits}f}"
+    return text if std is None else f"{text} ± {scale * std:,.{digits}f}"
+
+
+def summarise(runs, masks, seeds):
+    """runs {(mask, seed): {"eval", "train"}} -> mean/std tables (JSON-able), accuracy as fractions."""
+    def acc(kind, table, row):
+        return [runs[kind, s]["eval"][table].get(row, {}).get("accuracy") for s in seeds]
+
+    first = runs[masks[0], seeds[0]]["eval"]
+    rows = {"by_family": list(dict.fromkeys(r for m in masks for s in seeds for r in runs[m, s]["eval"]["by_family"])),
+            "by_turn": list(first["by_turn"])}  # the same conversations for every run: the same turn rows
+    summary = {}
+    for table, names in rows.items():
+        summary[table] = {}
+        for row in names:
+            entry = {m: mean_std(acc(m, table, row)) for m in masks}
+            entry["n"] = first[table].get(row, {}).get("n")
+            if "ism" in masks and "causal" in masks:  # paired by seed: the same initial weights and conversations
+                diffs = [None if i is None or c is None else i - c
+                         for i, c in zip(acc("ism", table, row), acc("causal", table, row))]
+                entry["ism-causal"] = mean_std(diffs)
+            summary[table][row] = entry
+    overall = {m: mean_std([runs[m, s]["eval"]["overall"]["accuracy"] for s in seeds]) for m in masks}
+    cost = {}
+    for m in masks:
+        ev = [runs[m, s]["eval"] for s in seeds]
+        tr = [runs[m, s]["train"] for s in seeds]
+        cost[m] = {"val_loss": mean_std([e["val_loss"] for e in ev]), "exact_match": overall[m],
+                   "tokens": mean_std([e["trained_tokens"] for e in ev]),
+                   "answer_tokens": mean_std([e["trained_answer_tokens"] for e in ev]),
+                   "wall_seconds": mean_std([t.get("wall_seconds") for t in tr]),
+                   "step_seconds": mean_std([t.get("step_seconds") for t in tr]),
+                   "eval_seconds": mean_std([e["seconds"]["val_loss"] + e["seconds"]["chat"] for e in ev])}
+    return {"overall": overall, "cost": cost, **summary}
+
+
+def family_label(family):
+    if family == POOLED:
+        return f"**{POOLED}** (pooled)"
+    return f"**{family}**" if family in INSTRUCTION_LAST else family
+
+
+def report(result):
+    s, c = result["summary"], result["settings"]
+    masks = c["masks"]
+    paired = "ism" in masks and "causal" in masks
+    lines = [f"# ismGPT quality: {' vs '.join(masks)}, {len(c['seeds'])} seed(s) ({', '.join(map(str, c['seeds']))})",
+             f"budget: {c['n_layer']} layers x {c['n_embd']} wide ({c['n_head']} heads), block_size "
+             f"{c['block_size']}, {c['max_iters']} optimizer steps of {c['train_batch_size']} rows x "
+             f"{c['block_size']} tokens, the same seeds (initial weights) for every mask; data {c['data_dir']}"
+             + (f"; train.py {c['train_args']}" if c["train_args"] else ""),
+             f"eval: {c['conversations']} held-out conversations, greedy through ChatSession (KV cache), "
+             f"{c['history_note']}; exact match % as mean ± std over seeds",
+             f"machine: {c['machine']}, device {c['device']}; the whole experiment took {c['total_seconds'] / 60:.1f} "
+             "min (runs found already trained or evaluated cost nothing)",
+             f"command: {c['command']}", ""]
+    head = "| {} | answers | " + " | ".join(masks) + (" | ism - causal (paired) |" if paired else " |")
+    rule = "|---|---|" + "---|" * (len(masks) + paired)
+
+    def table(name, label, rows):
+        out = [head.format(label), rule]
+        for row, entry in rows.items():
+            cells = [fmt_mean_std(entry[m]) for m in masks] + ([fmt_mean_std(entry["ism-causal"])] if paired else [])
+            out.append(f"| {name(row)} | {entry['n']} | " + " | ".join(cells) + " |")
+        return out
+
+    lines += table(family_label, "family (exact match %)", s["by_family"])
+    overall = {"n": result["runs"][0]["eval"]["overall"]["n"], **s["overall"]}
+    if paired:
+        by_seed = {(r["mask"], r["seed"]): r["eval"]["overall"]["accuracy"] for r in result["runs"]}
+        diffs = [by_seed["ism", seed] - by_seed["causal", seed] for seed in c["seeds"]]
+        overall["ism-causal"] = mean_std(diffs)
+    lines += table(lambda r: "**overall**", "family (exact match %)", {"overall": overall})[2:]
+    lines += [""] + table(str, "turn (exact match %)", s["by_turn"])
+    lines += ["", "| mask | held-out answer loss | exact match % | tokens trained | answer tokens trained | "
+                  "train wall s | in steps s | eval s |", "|---|---|---|---|---|---|---|---|"]
+    for m in masks:
+        k = s["cost"][m]
+        lines.append(f"| {m} | {fmt_mean_std(k['val_loss'], 1, 4)} | {fmt_mean_std(k['exact_match'])} | "
+                     f"{fmt_mean_std(k['tokens'], 1, 0)} | {fmt_mean_std(k['answer_tokens'], 1, 0)} | "
+                     f"{fmt_mean_std(k['wall_seconds'], 1, 0)} | {fmt_mean_std(k['step_seconds'], 1, 0)} | "
+                     f"{fmt_mean_std(k['eval_seconds'], 1, 0)} |")
+    lines.append("\nsame optimizer steps for every mask: prefix trains on triplet-expanded samples (one per answer, "
+                 "with its whole history), so the same tokens hold fewer answers; answer tokens trained say how many.")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+def compare(cfg, masks, seeds, argv):
+    say = (lambda text: print(f"[compare] {text}", file=sys.stderr, flush=True))
+    t0 = time.time()
+    runs = {}
+    for seed in seeds:  # seed-major: an interrupted experiment already has whole seeds of every mask
+        for kind in masks:
+            run_dir, train_record = train_run(cfg, kind, seed, say)
+            runs[kind, seed] = {"train": train_record, "eval": eval_run(cfg, run_dir, say)}
+    first = runs[masks[0], seeds[0]]["eval"]
+    settings = {"masks": masks, "seeds": seeds, "data_dir": cfg.data_dir, "history": cfg.history,
+                "history_note": first["history_note"], "conversations": first["conversations"],
+                "total_seconds": round(time.time() - t0, 1), "machine": first["machine"], "device": first["device"],
+                "command": "python experiments/compare_masks.py " + " ".join(argv),
+                **{k: getattr(cfg, k) for k in ("max_iters", "n_layer", "n_head", "n_embd", "block_size",
+                                                "train_batch_size", "train_args", "max_new_tokens")}}
+    out_runs = [{"mask": m, "seed": s, **runs[m, s]} for s in seeds for m in masks]
+    return {"settings": settings, "summary": summarise(runs, masks, seeds), "runs": out_runs}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = flags.parse(CompareConfig(), argv, __doc__)
+    masks, seeds = check_config(cfg)
+    result = compare(cfg, masks, seeds, argv)
+    print(json.dumps(result) if cfg.json else report(result))
+    return result
+
+
+if __name__ == "__main__":
+    flags.run(main)

@@ -1,0 +1,89 @@
+"""
+The answer loss: cross-entropy on answer targets only, as one training step weighs it and as the held-out loss
+measures it. train.py trains with it; eval.py and bench.py measure with the same functions.
+
+Why answer targets only: under ISM and prefix a query token may attend to the tokens after it in its own query, so
+predicting its next token would be copying, not learning. Answer tokens see only what came before them under
+every mask, so their loss is honest, and it is what a chat model is for. data/batching.py sets the targets: an
+answer token (and the answer's closing <|end|>) is the target of the token before it; everything else is -1.
+"""
+from contextlib import nullcontext
+
+import torch
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import Runtime
+from data.batching import NO_TARGET, collate, epoch_rows
+from mask import block_mask, make_mask
+
+CPU = Runtime()
+
+
+def batch_mask(kind, batch, attention):
+    """The batch's attention mask: FlexAttention BlockMask ("flex"), SDPA's dense (B, T, T) bool ("sdpa"), or None
+    for "sdpa_is_causal": SDPA's built-in causal mask, no mask built. That one lets a packed document see the
+    documents before it in its row, so it is not a correct step under any mask: bench.py times it as a ceiling."""
+    if attention == "flex":
+        return block_mask(kind, batch["roles"], batch["doc_ids"])
+    if attention == "sdpa_is_causal":
+        return None
+    return make_mask(kind, batch["roles"], batch["doc_ids"])
+
+
+def answer_loss_sum(model, batch, kind, attention="sdpa"):
+    """Sum (not mean) of the cross-entropy over the batch's answer targets (targets != -1), in float32.
+    A sum, so micro-batches and ranks can be weighted by their answer-token counts; 0 when there are none."""
+    logits, _ = model(batch["idx"], batch_mask(kind, batch, attention), positions=batch["positions"])
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["targets"].view(-1),
+                           ignore_index=NO_TARGET, reduction="sum")
+
+
+def train_step(model, optimizer, batches, kind, answer_tokens, rt=CPU, grad_clip=1.0, world_size=1):
+    """One optimizer step over this rank's micro-batches. answer_tokens = the step's answer targets over every
+    micro-batch of every rank, so the gradient is that of the mean loss over all of them: a micro-batch with
+    more answer tokens weighs more, and DDP's average over ranks is undone by the world_size factor. Gradients
+    are synchronised on the last micro-batch only. -> this rank's summed answer loss (a tensor: reading it waits
+    for the GPU)."""
+    total = 0.0
+    for k, batch in enumerate(batches):
+        last = k == len(batches) - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
+            with rt.autocast():
+                loss_sum = answer_loss_sum(model, batch, kind, rt.attention)
+            (loss_sum * (world_size / max(answer_tokens, 1))).backward()
+        total = total + loss_sum.detach()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def val_rows(split, kind, block_size, batch_size, eval_iters=0):
+    """The held-out rows, packed the same way for every run (seed 0, epoch 0): eval_iters batches, 0 = all."""
+    rows = epoch_rows(split, kind, block_size, seed=0, epoch=0)
+    return rows[:eval_iters * batch_size] if eval_iters else rows
+
+
+@torch.no_grad()
+def answer_loss_totals(model, split, rows, kind, block_size, batch_size, rt=CPU):
+    """-> (sum of answer-token losses, number of answer tokens) over rows, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=rt.device), 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate(split, rows[i:i + batch_size], block_size)
+        count += int((batch["targets"] != NO_TARGET).sum())
+        with rt.autocast():
+            total += answer_loss_sum(model, rt.to_device(batch), kind, rt.attention)
+    model.train(was_training)
+    return total.item(), count
+
+
+def estimate_val_loss(model, split, kind, block_size, batch_size=16, rt=CPU, eval_iters=0):
+    """Held-out answer loss: the mean cross-entropy over every answer token of the val rows (eval_iters batches,
+    0 = the whole split). Every answer token is counted once under every mask, so the numbers compare."""
+    rows = val_rows(split, kind, block_size, batch_size, eval_iters)
+    total, count = answer_loss_totals(model, split, rows, kind, block_size, batch_size, rt)
+    return total / max(count, 1)

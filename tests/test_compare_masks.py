@@ -1,0 +1,90 @@
+"""experiments/compare_masks.py: its small parts on hand-made input, and a smoke run as a user starts it (tiny model,
+2 optimizer steps per mask; run again, it must reuse every run)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data.prepare import prepare
+from experiments import compare_masks as cm
+from flags import run
+from mask import MASKS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=128", "--train_batch_size=2", "--max_iters=2"]
+
+
+def test_step_seconds_reads_the_train_log():
+    log = ("model: ...\niter 5/12: loss 1.0, lr 1e-3, 100.0ms/iter, 9 tok/s\neval iter 10: ...\n"
+           "iter 10/12: loss 1.0, lr 1e-3, 200.0ms/iter, 9 tok/s\niter 12/12: loss 1, lr 1e-3, 50.0ms/iter, 9 tok/s\n")
+    assert cm.step_seconds(log) == pytest.approx(5 * 0.1 + 5 * 0.2 + 2 * 0.05)
+    assert cm.step_seconds("no steps here") is None
+
+
+def test_mean_std():
+    assert cm.mean_std([0.5, 0.7, None]) == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)))
+    assert cm.mean_std([0.5]) == (0.5, None)
+    assert cm.mean_std([None]) == (None, None)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One tiny experiment (1 seed, 3 masks, 2 steps each), run as a user would: -> (out_dir, JSON, argv)."""
+    data_dir = str(tmp_path_factory.mktemp("data") / "synthetic")
+    prepare(data_dir, block_size=128, n_train=40, n_val=6)
+    out_dir = str(tmp_path_factory.mktemp("compare"))
+    argv = [f"--out_dir={out_dir}", f"--data_dir={data_dir}", "--seeds=7", "--max_conversations=3", "--device=cpu",
+            *TINY]
+    first = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "compare_masks.py"), *argv, "--json"],
+                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    return out_dir, json.loads(first.stdout), argv
+
+
+def test_compare_runs_every_mask_and_summarises(compared):
+    out_dir, result, _ = compared
+    assert [(r["mask"], r["seed"]) for r in result["runs"]] == [("causal", 7), ("ism", 7), ("prefix", 7)]
+    for r in result["runs"]:
+        assert r["eval"]["iter_num"] == 2 and r["eval"]["mask"] == r["mask"]
+        assert r["eval"]["trained_tokens"] > 0 and r["train"]["wall_seconds"] > 0
+        assert r["train"]["step_seconds"] is not None
+        assert math.isfinite(r["eval"]["val_loss"])
+        assert os.path.exists(os.path.join(out_dir, f"{r['mask']}-s7", "train.log"))
+    summary = result["summary"]
+    assert set(summary["cost"]) == set(MASKS)
+    for table in ("by_family", "by_turn"):
+        for entry in summary[table].values():
+            assert set(entry) == set(MASKS) | {"ism-causal", "n"}
+    assert result["settings"]["max_iters"] == 2 and result["settings"]["seeds"] == [7]
+
+
+def test_compare_again_reuses_finished_runs_and_prints_tables(compared, capsys):
+    _, _, argv = compared
+    cm.main(argv)  # in this process: nothing is trained or scored again (no subprocess would run)
+    again = capsys.readouterr()
+    assert again.err.count("trained already") == 3 and "python train.py" not in again.err
+    assert "evaluated in" not in again.err
+    out = again.out
+    assert out.startswith("# ismGPT quality: causal vs ism vs prefix, 1 seed(s) (7)")
+    assert "budget: 1 layers x 16 wide (2 heads), block_size 128, 2 optimizer steps of 2 rows" in out
+    assert "| family (exact match %) | answers | causal | ism | prefix | ism - causal (paired) |" in out
+    assert "| turn (exact match %) | answers |" in out and "| **overall** |" in out
+    assert "| mask | held-out answer loss |" in out
+    for mask in MASKS:
+        assert f"| {mask} | " in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--masks=causal,full"], "unknown mask 'full'"),
+    (["--seeds=1,x"], "--seeds=1,x: expected comma-separated int"),
+    (["--train_args=--mask=causal"], "--train_args: --mask is set by the experiment itself"),
+])
+def test_user_errors_are_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: cm.main(args))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
