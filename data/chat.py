@@ -72,12 +72,32 @@ def _check_message(message, number, where):
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise DataError(f'{where}: message {number} is not an object with "role" and "content"')
     role, content = message["role"], message["content"]
+    if not isinstance(role, str):
+        raise DataError(f"{where}: message {number} has a non-string role ({type(role).__name__})")
     if role not in ROLE_CODES:
-        raise DataError(f"{where}: message {number} has unknown role {role!r} (expected system, user or assistant)")
+        raise DataError(f"{where}: message {number} has unknown role {_shorten(role)} "
+                        "(expected system, user or assistant)")
     if not isinstance(content, str):
         raise DataError(f"{where}: message {number} has non-string content ({type(content).__name__})")
     if not content.strip():
         raise DataError(f"{where}: message {number} has empty content")
+    if not _is_unicode(content):
+        raise DataError(f"{where}: message {number} content is not valid Unicode (a lone surrogate such as \\ud800)")
+
+
+def _shorten(text, limit=40):
+    """repr of text, cut so that an error stays one readable line."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def _is_unicode(text):
+    """False for a str holding a lone surrogate (JSON allows "\\ud800"): it cannot be encoded, and tiktoken would
+    silently turn it into U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_order(roles, where):
@@ -110,6 +130,9 @@ def _check_tasks(tasks, messages, where):
     answers = sum(m["role"] == "assistant" for m in messages)
     if not isinstance(tasks, list) or len(tasks) != answers or not all(isinstance(t, str) for t in tasks):
         raise DataError(f'{where}: "tasks" must be a list of {answers} strings, one per assistant turn')
+    for number, task in enumerate(tasks, 1):
+        if not _is_unicode(task):
+            raise DataError(f'{where}: "tasks" entry {number} is not valid Unicode (a lone surrogate)')
 
 
 # --------------------------------------------------------------------------------------------------------- JSONL
@@ -123,6 +146,8 @@ def parse_line(raw, where, need_answer=True):
         raise DataError(f"{where}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
     if record is None:
         return None
     if not isinstance(record, dict) or "messages" not in record:
