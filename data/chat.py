@@ -14,6 +14,9 @@ render() is the concatenation of small pieces (render_start, render_system, rend
 sampler calls one at a time. A piece never depends on what comes after it, so rendering is prefix-stable by
 construction: render(history + [user message]) begins with render(history), ids and roles, and is exactly the
 inference prompt. That is what lets the sampler reuse its KV cache across turns.
+
+Input lines are OpenAI-style {"messages": [{"role": "user", "content": "hi"}, ...]} or ShareGPT-style
+{"conversations": [{"from": "human", "value": "hi"}, ...]}, told apart line by line; both read as the same messages.
 """
 import json
 
@@ -21,6 +24,9 @@ from flags import UserError
 from mask import ASSISTANT, SYSTEM, USER
 
 ROLE_CODES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# ShareGPT's speaker names ("from") -> roles. Exports use human/gpt; some also write the OpenAI names, or chatgpt.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
 
 
 class DataError(UserError):
@@ -138,8 +144,9 @@ def _check_tasks(tasks, messages, where):
 # --------------------------------------------------------------------------------------------------------- JSONL
 
 def parse_line(raw, where, need_answer=True):
-    """One JSONL line (bytes) -> {"messages": [...]} plus "tasks" when present (other fields are dropped), or
-    None for a blank line."""
+    """One JSONL line (bytes), {"messages": [{"role", "content"}, ...]} or ShareGPT's {"conversations": [{"from",
+    "value"}, ...]} -> {"messages": [...]} plus "tasks" when present (other fields are dropped), or None for a
+    blank line."""
     try:
         record = json.loads(raw.decode("utf-8")) if raw.strip() else None
     except UnicodeDecodeError:
@@ -150,14 +157,43 @@ def parse_line(raw, where, need_answer=True):
         raise DataError(f"{where}: JSON nested too deeply") from None
     if record is None:
         return None
-    if not isinstance(record, dict) or "messages" not in record:
-        raise DataError(f'{where}: expected an object with a "messages" list')
-    validate(record["messages"], where, need_answer)
-    conversation = {"messages": record["messages"]}
+    messages = _messages_of(record, where)
+    validate(messages, where, need_answer)
+    conversation = {"messages": messages}
     if "tasks" in record:
-        _check_tasks(record["tasks"], record["messages"], where)
+        _check_tasks(record["tasks"], messages, where)
         conversation["tasks"] = record["tasks"]
     return conversation
+
+
+def _messages_of(record, where):
+    """The line's messages, in the OpenAI format: "messages" as they are, or ShareGPT's "conversations" mapped."""
+    if not isinstance(record, dict) or not ("messages" in record or "conversations" in record):
+        raise DataError(f'{where}: expected an object with a "messages" list (or ShareGPT\'s "conversations")')
+    if "messages" in record and "conversations" in record:  # which one to train on would be a guess
+        raise DataError(f'{where}: has both "messages" and "conversations": keep one')
+    if "messages" in record:
+        return record["messages"]
+    return _from_sharegpt(record["conversations"], where)
+
+
+def _from_sharegpt(turns, where):
+    """[{"from": "human", "value": text}, ...] -> [{"role": "user", "content": text}, ...]; validate() checks
+    the rest (content, order) as for any line."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f'{where}: "conversations" must be a non-empty list')
+    messages = []
+    for number, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f'{where}: message {number} is not an object with "from" and "value"')
+        speaker = turn["from"]
+        if not isinstance(speaker, str):
+            raise DataError(f'{where}: message {number} has a non-string "from" ({type(speaker).__name__})')
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f'{where}: message {number} has unknown "from" {_shorten(speaker)} '
+                            "(expected human, gpt or system)")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+    return messages
 
 
 def read_jsonl(path, skip_bad=False, need_answer=True):

@@ -32,7 +32,8 @@ from data.tokenizer import get_tokenizer  # noqa: E402
 @dataclass
 class PrepareConfig:
     """The flags of python data/prepare.py (prepare() has the same defaults, a test checks)."""
-    input: str = setting("", "JSONL, one {\"messages\": [...]} per line; empty: the synthetic dataset")
+    input: str = setting("", "JSONL, one {\"messages\": [...]} or ShareGPT {\"conversations\": [...]} per line; "
+                             "empty: the synthetic dataset")
     out_dir: str = setting("", "empty: data/synthetic, or data/<input file stem>")
     tokenizer: str = setting("byte", "byte (offline) or gpt2 (downloads its vocabulary once)")
     block_size: int = setting(512, "longer conversations are cut at a turn boundary, or dropped")
