@@ -24,8 +24,9 @@ import numpy as np  # noqa: E402
 import flags  # noqa: E402
 from flags import setting  # noqa: E402
 from data import synthetic  # noqa: E402
-from data.batching import Split, expansion_factor  # noqa: E402
+from data.batching import expansion_factor  # noqa: E402
 from data.chat import DataError, fit_to_block, read_jsonl, render, write_jsonl  # noqa: E402
+from data.store import Split, load_meta  # noqa: E402, F401  (load_meta: imported from here by train.py and bench.py)
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 
@@ -125,16 +126,6 @@ def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=133
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
-
-
-def load_meta(data_dir):
-    """meta.json of a prepared folder (written last, so its presence means the folder is complete)."""
-    path = os.path.join(data_dir, "meta.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"no prepared data in {data_dir} (missing meta.json): run python data/prepare.py") from None
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
