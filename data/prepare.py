@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,7 +26,8 @@ from flags import setting  # noqa: E402
 from data import synthetic  # noqa: E402
 from data.batching import expansion_factor  # noqa: E402
 from data.chat import DataError, fit_to_block, read_jsonl, render, write_jsonl  # noqa: E402
-from data.store import Split, load_meta  # noqa: E402, F401  (load_meta: imported from here by train.py and bench.py)
+from data.store import ARRAYS, SPLITS, Split, array_name  # noqa: E402
+from data.store import load_meta  # noqa: E402, F401  (train.py and bench.py import it from here)
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 
@@ -46,12 +47,43 @@ class PrepareConfig:
 
 
 SYNTHETIC_DIR = os.path.join(ROOT, "data", "synthetic")
+# The shortest conversation, <|bos|> <|user|> x <|end|> <|assistant|> y <|end|>, is 7 tokens: a smaller block holds
+# nothing at all.
+MIN_BLOCK_SIZE = 7
+OUTPUT_FILES = ([array_name(split, field) for split in SPLITS for field in ARRAYS] +
+                [f"{split}.jsonl" for split in SPLITS] + ["meta.json"])
 
 
 def default_out_dir(input=None):
     if not input:
         return SYNTHETIC_DIR
     return os.path.join(ROOT, "data", os.path.splitext(os.path.basename(input))[0])
+
+
+def check_settings(config):
+    """DataError naming the flag, for values prepare cannot use. config is a PrepareConfig with out_dir filled in."""
+    if config.seed < 0:
+        raise DataError(f"--seed={config.seed}: must be 0 or more (numpy seeds are unsigned)")
+    if not 0 <= config.val_fraction < 1:
+        raise DataError(f"--val_fraction={config.val_fraction}: must be at least 0 and below 1")
+    for name in ("n_train", "n_val"):
+        if getattr(config, name) < 1:
+            raise DataError(f"--{name}={getattr(config, name)}: must be at least 1")
+    if config.block_size < MIN_BLOCK_SIZE:
+        raise DataError(f"--block_size={config.block_size}: must be at least {MIN_BLOCK_SIZE}, the length of the "
+                        "shortest conversation")
+    if config.input:
+        refuse_to_overwrite(config.input, config.out_dir)
+
+
+def refuse_to_overwrite(input, out_dir):
+    """The outputs replace out_dir's entries by name, so the input must not be one of them (however it is spelled:
+    real paths are compared)."""
+    input_path = os.path.realpath(input)
+    for name in OUTPUT_FILES:
+        if input_path == os.path.join(os.path.realpath(out_dir), name):
+            raise DataError(f"--input={input} is the {name} that --out_dir={out_dir} would get: copy it elsewhere "
+                            "first, or choose another --out_dir")
 
 
 def split_conversations(conversations, val_fraction, seed):
@@ -104,13 +136,14 @@ def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=133
             val_fraction=0.05, n_train=20000, n_val=500):
     """Build a prepared dataset in out_dir (default: default_out_dir(input)) and return its meta dict."""
     out_dir = out_dir or default_out_dir(input)
+    check_settings(PrepareConfig(input=input or "", out_dir=out_dir, tokenizer=tokenizer, block_size=block_size,
+                                 seed=seed, skip_bad=skip_bad, val_fraction=val_fraction, n_train=n_train,
+                                 n_val=n_val))
     tok = get_tokenizer(tokenizer)
     bad = []
     if input:
         conversations, bad = read_jsonl(input, skip_bad=skip_bad)
         train, val = split_conversations(conversations, val_fraction, seed)
-    elif n_train < 1 or n_val < 1:
-        raise DataError(f"n_train and n_val must be at least 1, got {n_train} and {n_val}")
     else:
         train, val = synthetic.splits(n_train, n_val, seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -149,17 +182,18 @@ def main(argv):
     """-> exit status: 0, 1 for a problem with the data, 2 for a bad flag (one line on stderr, no traceback)."""
     try:
         config = flags.parse(PrepareConfig(), argv, __doc__)
-    except flags.UserError as e:
+        config = replace(config, out_dir=config.out_dir or default_out_dir(config.input))
+        check_settings(config)
+    except flags.UserError as e:  # DataError included: these are bad flag values
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out_dir = config.out_dir or default_out_dir(config.input)
     t0 = time.time()
     try:
-        meta = prepare(**dict(asdict(config), out_dir=out_dir))
+        meta = prepare(**asdict(config))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(summary(meta, out_dir, time.time() - t0))
+    print(summary(meta, config.out_dir, time.time() - t0))
     return 0
 
 

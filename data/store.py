@@ -23,8 +23,12 @@ class Split:
     offsets: np.ndarray
 
 
+def array_name(split, field):
+    return f"{split}_{field}.npy"
+
+
 def array_path(data_dir, split, field):
-    return os.path.join(data_dir, f"{split}_{field}.npy")
+    return os.path.join(data_dir, array_name(split, field))
 
 
 def damaged(path, problem):

@@ -1,0 +1,107 @@
+"""Tests for data/prepare.py's guards: flag ranges and its own input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data.chat import DataError
+from data.prepare import main as prepare_main, prepare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def line(user, answer):
+    return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+
+
+def write_chats(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def run_cli(*args):
+    """python data/prepare.py args -> (exit status, stderr lines)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), *args], capture_output=True,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    return result.returncode, result.stderr.splitlines()
+
+
+def snapshot(folder):
+    """{file name: bytes} of everything in folder, hidden files included."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+# ------------------------------------------------------------------------------------------------ flag ranges
+
+# flag -> the same setting as prepare()'s argument
+BAD_SETTINGS = {"--seed=-1": {"seed": -1}, "--val_fraction=1": {"val_fraction": 1.0},
+                "--val_fraction=-0.1": {"val_fraction": -0.1}, "--n_train=0": {"n_train": 0},
+                "--n_val=-3": {"n_val": -3}, "--block_size=6": {"block_size": 6},
+                "--block_size=-512": {"block_size": -512}}
+
+
+@pytest.mark.parametrize("flag", list(BAD_SETTINGS))
+def test_out_of_range_settings_are_one_line_and_write_nothing(tmp_path, capsys, flag):
+    out = tmp_path / "out"
+    name = flag[2:].split("=")[0]
+    assert prepare_main([f"--out_dir={out}", "--n_train=4", "--n_val=2", flag]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"error: --{name}=")
+    with pytest.raises(DataError, match=f"^--{name}="):
+        prepare(str(out), **{"n_train": 4, "n_val": 2, **BAD_SETTINGS[flag]})
+    assert not out.exists()
+
+
+def test_a_negative_seed_is_one_line_from_the_command_line(tmp_path):
+    status, errors = run_cli("--seed=-1", f"--out_dir={tmp_path / 'out'}")
+    assert status == 2 and len(errors) == 1 and "--seed=-1" in errors[0] and "Traceback" not in errors[0]
+
+
+def test_the_shortest_conversation_fits_the_smallest_block(tmp_path):
+    # <|bos|> <|user|> x <|end|> <|assistant|> y <|end|>: 7 byte-level tokens
+    path = write_chats(tmp_path / "tiny.jsonl", [line("x", "y"), line("z", "w")])
+    meta = prepare(str(tmp_path / "out"), input=path, block_size=7)
+    assert meta["splits"]["train"]["max_tokens"] == meta["splits"]["val"]["max_tokens"] == 7
+
+
+def test_val_fraction_zero_still_holds_one_out(tmp_path):
+    path = write_chats(tmp_path / "chats.jsonl", [line(f"q{i}", "a") for i in range(5)])
+    meta = prepare(str(tmp_path / "out"), input=path, val_fraction=0)
+    assert meta["splits"]["val"]["conversations"] == 1 and meta["splits"]["train"]["conversations"] == 4
+
+
+# ------------------------------------------------------------------------------------------------- its own input
+
+@pytest.fixture
+def prepared_own(tmp_path):
+    """A folder prepared from a JSONL file, -> (folder, the file)."""
+    path = write_chats(tmp_path / "chats.jsonl", [line(f"q{i}", f"a{i}") for i in range(6)])
+    out = tmp_path / "out"
+    prepare(str(out), input=path, val_fraction=0.4)
+    return out, path
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "val.jsonl"])
+def test_prepare_refuses_to_overwrite_its_input(prepared_own, name):
+    out, _ = prepared_own
+    before = snapshot(out)
+    roundabout = os.path.join(str(out), "..", out.name, name)  # the same file, spelled another way
+    for input in (str(out / name), roundabout):
+        with pytest.raises(DataError, match="--input=.*--out_dir=") as error:
+            prepare(str(out), input=input)
+        assert "\n" not in str(error.value)
+    assert snapshot(out) == before
+
+
+def test_overwriting_the_input_is_one_line_from_the_command_line(prepared_own):
+    out, _ = prepared_own
+    status, errors = run_cli(f"--input={out / 'val.jsonl'}", f"--out_dir={out}")
+    assert status == 2 and len(errors) == 1 and "val.jsonl" in errors[0] and "Traceback" not in errors[0]
+
+
+def test_a_copy_of_a_prepared_split_is_fine_input(prepared_own, tmp_path):
+    out, _ = prepared_own
+    copy = write_chats(tmp_path / "again.jsonl", (out / "train.jsonl").read_text().splitlines())
+    assert prepare(str(out), input=copy)["splits"]["train"]["conversations"] >= 1
