@@ -26,7 +26,7 @@ from flags import setting  # noqa: E402
 from data import synthetic  # noqa: E402
 from data.batching import expansion_factor  # noqa: E402
 from data.chat import DataError, fit_to_block, read_jsonl, render, write_jsonl  # noqa: E402
-from data.store import ARRAYS, SPLITS, Split, array_name  # noqa: E402
+from data.store import ARRAYS, SPLITS, Split, array_name, array_path  # noqa: E402
 from data.store import load_meta  # noqa: E402, F401  (train.py and bench.py import it from here)
 from data.tokenizer import get_tokenizer  # noqa: E402
 
@@ -87,49 +87,77 @@ def refuse_to_overwrite(input, out_dir):
 
 
 def split_conversations(conversations, val_fraction, seed):
-    """Shuffle (seeded) and hold out val_fraction of them, at least one each way."""
-    if len(conversations) < 2:
-        raise DataError(f"need at least 2 conversations to make train and val splits, got {len(conversations)}")
+    """Shuffle (seeded) and hold out val_fraction of them, at least one each way (there must be 2 or more)."""
     order = np.random.default_rng(seed).permutation(len(conversations))
     n_val = min(max(round(len(order) * val_fraction), 1), len(order) - 1)
     return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
 
 
 def fit_all(conversations, tok, block_size):
-    """-> (kept conversations, number cut at a turn boundary, number dropped because no turn fits)."""
-    kept, cut, dropped = [], 0, 0
+    """-> (kept, dropped): kept = [(conversation as fitted, whether it was cut at a turn boundary)], dropped = how
+    many had not even their first turn fit."""
+    kept, dropped = [], 0
     for conversation in conversations:
         fitted = fit_to_block(conversation, tok, block_size)
         if fitted is None:
             dropped += 1
-            continue
-        cut += fitted is not conversation
-        kept.append(fitted)
-    return kept, cut, dropped
+        else:
+            kept.append((fitted, fitted is not conversation))
+    return kept, dropped
 
 
-def write_split(out_dir, name, conversations, tok):
-    """Render and save one split; -> its Split (in memory) for the statistics."""
+def own_splits(input, tok, block_size, skip_bad, val_fraction, seed):
+    """-> (train, val, dropped, bad lines) from the user's JSONL. Fitted before splitting, so that every
+    conversation that fits can land in either split."""
+    conversations, bad = read_jsonl(input, skip_bad=skip_bad)
+    if len(conversations) < 2:
+        raise DataError(f"{input}: need at least 2 conversations (one for train, one for val), found "
+                        f"{len(conversations)}")
+    kept, dropped = fit_all(conversations, tok, block_size)
+    if len(kept) < 2:
+        raise DataError(f"{input}: {len(kept)} of {len(conversations)} conversations fits --block_size={block_size}, "
+                        "and train and val need one each: raise --block_size")
+    train, val = split_conversations(kept, val_fraction, seed)
+    return train, val, dropped, bad
+
+
+def synthetic_splits(tok, block_size, n_train, n_val, seed):
+    """-> (train, val, dropped). The generator draws val apart from train (the same val for any n_train), so each
+    split is fitted on its own."""
+    splits, dropped = [], 0
+    for name, conversations in zip(SPLITS, synthetic.splits(n_train, n_val, seed)):
+        kept, split_dropped = fit_all(conversations, tok, block_size)
+        if not kept:
+            raise DataError(f"no synthetic {name} conversation fits --block_size={block_size}")
+        splits.append(kept)
+        dropped += split_dropped
+    return *splits, dropped
+
+
+def render_split(conversations, tok):
+    """Conversations -> their Split, in memory."""
     ids, roles, offsets = [], [], [0]
     for conversation in conversations:
         conv_ids, conv_roles = render(conversation["messages"], tok)
         ids += conv_ids
         roles += conv_roles
         offsets.append(len(ids))
-    split = Split(ids=np.array(ids, dtype=np.uint16 if tok.vocab_size < 2**16 else np.int32),
-                  roles=np.array(roles, dtype=np.uint8), offsets=np.array(offsets, dtype=np.int64))
-    for array in ("ids", "roles", "offsets"):
-        np.save(os.path.join(out_dir, f"{name}_{array}.npy"), getattr(split, array))
+    return Split(ids=np.array(ids, dtype=np.uint16 if tok.vocab_size < 2**16 else np.int32),
+                 roles=np.array(roles, dtype=np.uint8), offsets=np.array(offsets, dtype=np.int64))
+
+
+def write_split(out_dir, name, split, conversations):
+    for field in ARRAYS:
+        np.save(array_path(out_dir, name, field), getattr(split, field))
     write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), conversations)
-    return split
 
 
-def split_stats(split, conversations, cut, dropped):
+def split_stats(split, conversations, cut):
     lengths = np.diff(split.offsets)
     return {"conversations": len(conversations), "tokens": int(split.offsets[-1]),
             "answers": sum(len(c["messages"]) // 2 for c in conversations),  # the system message rounds away
             "mean_tokens": round(float(lengths.mean()), 1), "max_tokens": int(lengths.max()),
-            "cut": cut, "dropped": dropped, "prefix_expansion": round(expansion_factor(split), 3)}
+            "cut": cut, "prefix_expansion": round(expansion_factor(split), 3)}
 
 
 def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=1337, skip_bad=False,
@@ -142,20 +170,18 @@ def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=133
     tok = get_tokenizer(tokenizer)
     bad = []
     if input:
-        conversations, bad = read_jsonl(input, skip_bad=skip_bad)
-        train, val = split_conversations(conversations, val_fraction, seed)
+        train, val, dropped, bad = own_splits(input, tok, block_size, skip_bad, val_fraction, seed)
     else:
-        train, val = synthetic.splits(n_train, n_val, seed)
-    os.makedirs(out_dir, exist_ok=True)
+        train, val, dropped = synthetic_splits(tok, block_size, n_train, n_val, seed)
     meta = {"source": input or "synthetic", "seed": seed, "tokenizer": tok.describe(),
             "vocab_size": tok.vocab_size, "block_size": block_size, "skipped_lines": len(bad),
-            "bad_lines": bad[:100], "splits": {}}
-    for name, conversations in (("train", train), ("val", val)):
-        kept, cut, dropped = fit_all(conversations, tok, block_size)
-        if not kept:
-            raise DataError(f"no {name} conversation fits block_size={block_size}")
-        split = write_split(out_dir, name, kept, tok)
-        meta["splits"][name] = split_stats(split, kept, cut, dropped)
+            "bad_lines": bad[:100], "dropped": dropped, "splits": {}}
+    os.makedirs(out_dir, exist_ok=True)
+    for name, kept in zip(SPLITS, (train, val)):
+        conversations = [conversation for conversation, _ in kept]
+        split = render_split(conversations, tok)
+        write_split(out_dir, name, split, conversations)
+        meta["splits"][name] = split_stats(split, conversations, cut=sum(was_cut for _, was_cut in kept))
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
@@ -166,11 +192,14 @@ def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=133
 def summary(meta, out_dir, seconds):
     lines = [f"prepared {meta['source']} -> {out_dir} in {seconds:.1f}s "
              f"(tokenizer {meta['tokenizer']['name']}, vocab {meta['vocab_size']}, block_size {meta['block_size']})",
-             "| split | conversations | tokens | mean | max | answers | cut | dropped | prefix expansion |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| split | conversations | tokens | mean | max | answers | cut | prefix expansion |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in meta["splits"].items():
         lines.append(f"| {name} | {s['conversations']} | {s['tokens']} | {s['mean_tokens']} | {s['max_tokens']} | "
-                     f"{s['answers']} | {s['cut']} | {s['dropped']} | {s['prefix_expansion']} |")
+                     f"{s['answers']} | {s['cut']} | {s['prefix_expansion']} |")
+    if meta["dropped"]:
+        lines.append(f"dropped {meta['dropped']} conversations whose first turn alone exceeds block_size "
+                     f"{meta['block_size']}")
     if meta["skipped_lines"]:
         shown = "; ".join(f"line {n}: {problem}" for n, problem in meta["bad_lines"][:5])
         more = "; ..." if meta["skipped_lines"] > 5 else ""

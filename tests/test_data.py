@@ -418,7 +418,7 @@ def test_prepare_own_data_cuts_drops_and_skips(tmp_path):
     splits = meta["splits"]
     assert meta["skipped_lines"] == 1 and meta["bad_lines"][0][0] == 11
     assert splits["train"]["cut"] + splits["val"]["cut"] == 1
-    assert splits["train"]["dropped"] + splits["val"]["dropped"] == 1
+    assert meta["dropped"] == 1
     assert splits["train"]["conversations"] + splits["val"]["conversations"] == 9
     assert all(len(load_split(str(out), s).ids) <= 32 * 9 for s in ("train", "val"))
     assert max(np.diff(load_split(str(out), "train").offsets)) <= 32

@@ -1,4 +1,4 @@
-"""Tests for data/prepare.py's guards: flag ranges and its own input."""
+"""Tests for data/prepare.py's guards: flag ranges, its own input, fitting before splitting."""
 import json
 import os
 import subprocess
@@ -105,3 +105,38 @@ def test_a_copy_of_a_prepared_split_is_fine_input(prepared_own, tmp_path):
     out, _ = prepared_own
     copy = write_chats(tmp_path / "again.jsonl", (out / "train.jsonl").read_text().splitlines())
     assert prepare(str(out), input=copy)["splits"]["train"]["conversations"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------- fit, then split
+
+@pytest.mark.parametrize("seed", range(6))
+def test_conversations_are_fitted_before_the_split(tmp_path, seed):
+    """Two of three conversations fit: whichever the long one is, train and val get one each."""
+    long_answer = "z" * 40
+    path = write_chats(tmp_path / "chats.jsonl", [line("a", "b"), line("c", long_answer), line("d", "e")])
+    meta = prepare(str(tmp_path / "out"), input=path, block_size=16, seed=seed)
+    assert meta["dropped"] == 1
+    for name in ("train", "val"):
+        assert meta["splits"][name]["conversations"] == 1 and meta["splits"][name]["cut"] == 0
+        assert long_answer not in (tmp_path / "out" / f"{name}.jsonl").read_text()
+
+
+def test_fewer_than_two_fitting_conversations_is_one_line(tmp_path):
+    path = write_chats(tmp_path / "chats.jsonl", [line("a", "b"), line("c", "z" * 40), line("d", "y" * 40)])
+    with pytest.raises(DataError, match=r"1 of 3 conversations fits --block_size=16") as error:
+        prepare(str(tmp_path / "out"), input=path, block_size=16)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cut_conversations_are_counted_in_the_split_that_holds_them(tmp_path):
+    two_turns = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]})
+    path = write_chats(tmp_path / "chats.jsonl", [two_turns, line("e", "f"), line("g", "h"), line("i", "j")])
+    out = tmp_path / "out"
+    meta = prepare(str(out), input=path, block_size=12, val_fraction=0.5, seed=1)  # one turn is 7 tokens, two 13
+    for name in ("train", "val"):
+        kept = [json.loads(text)["messages"] for text in (out / f"{name}.jsonl").read_text().splitlines()]
+        holds_the_cut_one = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] in kept
+        assert meta["splits"][name]["cut"] == int(holds_the_cut_one)
+    assert meta["dropped"] == 0
