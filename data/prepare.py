@@ -9,10 +9,16 @@ Writes into out_dir, per split (train, val): {split}_ids.npy (uint16, or int32 f
 and more), {split}_roles.npy (uint8), {split}_offsets.npy (int64, conversation i is [offsets[i], offsets[i+1])),
 {split}.jsonl (the conversations as kept, for replaying held-out chats), and meta.json last, so a folder with
 meta.json is complete. No pickle: everything loads with np.load(..., mmap_mode="r") or json.
+
+Nothing is lost: bad input and bad flags stop it before anything is written, the files are written into a work
+folder and moved in only when all are there (a failed run leaves out_dir as it was), other files in out_dir are left
+alone, and an --input that is one of the files it writes is refused.
 """
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -176,15 +182,56 @@ def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=133
     meta = {"source": input or "synthetic", "seed": seed, "tokenizer": tok.describe(),
             "vocab_size": tok.vocab_size, "block_size": block_size, "skipped_lines": len(bad),
             "bad_lines": bad[:100], "dropped": dropped, "splits": {}}
-    os.makedirs(out_dir, exist_ok=True)
+    splits = {}
     for name, kept in zip(SPLITS, (train, val)):
         conversations = [conversation for conversation, _ in kept]
-        split = render_split(conversations, tok)
-        write_split(out_dir, name, split, conversations)
-        meta["splits"][name] = split_stats(split, conversations, cut=sum(was_cut for _, was_cut in kept))
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+        splits[name] = render_split(conversations, tok), conversations
+        meta["splits"][name] = split_stats(splits[name][0], conversations, cut=sum(was_cut for _, was_cut in kept))
+    write_prepared(out_dir, splits, meta)
     return meta
+
+
+def write_prepared(out_dir, splits, meta):
+    """Write the splits ({name: (Split, conversations)}) and meta into out_dir, all or nothing: every file goes into
+    a work folder inside out_dir (the same filesystem, so moving is a rename) and moves in only once all are
+    written. A failure before that leaves out_dir as it was; other files there are never touched."""
+    created = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        work = tempfile.mkdtemp(prefix=".prepare-", dir=out_dir)
+    except OSError as e:
+        raise DataError(f"cannot create a folder in {out_dir}: {e.strerror}") from None
+    try:
+        write_all(work, splits, meta, out_dir)
+        move_in(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+
+
+def write_all(work, splits, meta, out_dir):
+    try:
+        for name, (split, conversations) in splits.items():
+            write_split(work, name, split, conversations)
+        with open(os.path.join(work, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    except OSError as e:
+        raise DataError(f"cannot write the prepared files in {out_dir} ({e.strerror}): it is left as it was") from None
+
+
+def move_in(work, out_dir):
+    """meta.json goes first and comes back last, so a folder caught midway has none: load_meta calls it incomplete
+    instead of pairing the old meta.json with new arrays."""
+    meta_path = os.path.join(out_dir, "meta.json")
+    try:
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for name in sorted(os.listdir(work), key=lambda name: name == "meta.json"):
+            os.replace(os.path.join(work, name), os.path.join(out_dir, name))
+    except OSError as e:
+        raise DataError(f"cannot move the prepared files into {out_dir} ({e.strerror}): it is incomplete now; run "
+                        "python data/prepare.py again") from None
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI

@@ -1,13 +1,17 @@
-"""Tests for data/prepare.py's guards: flag ranges, its own input, fitting before splitting."""
+"""Tests for data/prepare.py's guards: flag ranges, its own input, fitting before splitting, and a prepared folder
+that a failed run leaves as it was."""
+import errno
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from data.chat import DataError
-from data.prepare import main as prepare_main, prepare
+from data.prepare import load_meta, main as prepare_main, prepare
+from data.store import load_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,3 +144,69 @@ def test_cut_conversations_are_counted_in_the_split_that_holds_them(tmp_path):
         holds_the_cut_one = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] in kept
         assert meta["splits"][name]["cut"] == int(holds_the_cut_one)
     assert meta["dropped"] == 0
+
+
+# ------------------------------------------------------------------------------------ failures change nothing
+
+def fail_when_saving(monkeypatch, part):
+    """np.save fails, as on a full disk, for files whose name contains part."""
+    real_save = np.save
+
+    def save(file, *args, **kwargs):
+        if part in os.path.basename(str(file)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(file, *args, **kwargs)
+    monkeypatch.setattr(np, "save", save)
+
+
+def test_a_failed_re_prepare_leaves_the_folder_as_it_was(prepared_own, tmp_path, monkeypatch):
+    out, _ = prepared_own
+    (out / "notes.txt").write_text("the user's own file")
+    before = snapshot(out)
+    other = write_chats(tmp_path / "other.jsonl", [line(f"other {i}", "x") for i in range(6)])
+    fail_when_saving(monkeypatch, "val_")
+    with pytest.raises(DataError, match="No space left on device") as error:
+        prepare(str(out), input=other)
+    assert "\n" not in str(error.value) and str(out) in str(error.value)
+    assert snapshot(out) == before
+
+
+def test_a_failed_first_prepare_leaves_no_folder(tmp_path, monkeypatch):
+    fail_when_saving(monkeypatch, "train_")
+    with pytest.raises(DataError):
+        prepare(str(tmp_path / "new"), n_train=4, n_val=2)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_re_prepare_replaces_the_data_and_keeps_other_files(prepared_own, tmp_path):
+    out, _ = prepared_own
+    (out / "notes.txt").write_text("the user's own file")
+    other = write_chats(tmp_path / "other.jsonl", [line(f"other {i}", "x") for i in range(6)])
+    prepare(str(out), input=other)
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert "other" in (out / "train.jsonl").read_text() and "other" in (out / "val.jsonl").read_text()
+    assert sorted(os.listdir(out)) == sorted(["notes.txt", "meta.json", "train.jsonl", "val.jsonl"] +
+                                             [f"{s}_{a}.npy" for s in ("train", "val")
+                                              for a in ("ids", "roles", "offsets")])
+    assert load_meta(str(out))["source"] == other
+
+
+def test_an_interrupted_move_leaves_a_folder_that_reads_as_incomplete(prepared_own, tmp_path, monkeypatch):
+    out, _ = prepared_own
+    other = write_chats(tmp_path / "other.jsonl", [line(f"other {i}", "x") for i in range(6)])
+    real_replace, moves = os.replace, []
+
+    def replace(source, target):
+        moves.append(target)
+        if len(moves) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(source, target)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(DataError, match="python data/prepare.py"):
+        prepare(str(out), input=other)
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="missing meta.json"):
+        load_meta(str(out))
+    with pytest.raises(DataError, match="missing meta.json"):
+        load_split(str(out), "train")
+    assert not [name for name in os.listdir(out) if name.startswith(".")]  # no leftover work folder
