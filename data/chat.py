@@ -33,6 +33,11 @@ class DataError(UserError):
     """A problem the user can fix (bad file, bad line, missing data): reported as one line, no traceback."""
 
 
+def plural(count, noun):
+    """plural(1, "bad line") -> "1 bad line", plural(2, "bad line") -> "2 bad lines"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 # ---------------------------------------------------------------------------------------------------- rendering
 
 def render_start(first_role, tok):
@@ -135,7 +140,7 @@ def _check_tasks(tasks, messages, where):
     """Optional per-answer task tags (the synthetic data has them; eval scores per tag)."""
     answers = sum(m["role"] == "assistant" for m in messages)
     if not isinstance(tasks, list) or len(tasks) != answers or not all(isinstance(t, str) for t in tasks):
-        raise DataError(f'{where}: "tasks" must be a list of {answers} strings, one per assistant turn')
+        raise DataError(f'{where}: "tasks" must be a list of {plural(answers, "string")}, one per assistant turn')
     for number, task in enumerate(tasks, 1):
         if not _is_unicode(task):
             raise DataError(f'{where}: "tasks" entry {number} is not valid Unicode (a lone surrogate)')

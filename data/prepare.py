@@ -31,7 +31,7 @@ import flags  # noqa: E402
 from flags import setting  # noqa: E402
 from data import synthetic  # noqa: E402
 from data.batching import expansion_factor  # noqa: E402
-from data.chat import DataError, fit_to_block, read_jsonl, render, write_jsonl  # noqa: E402
+from data.chat import DataError, fit_to_block, plural, read_jsonl, render, write_jsonl  # noqa: E402
 from data.store import ARRAYS, SPLITS, Split, array_name, array_path  # noqa: E402
 from data.store import load_meta  # noqa: E402, F401  (train.py and bench.py import it from here)
 from data.tokenizer import get_tokenizer  # noqa: E402
@@ -121,7 +121,8 @@ def own_splits(input, tok, block_size, skip_bad, val_fraction, seed):
                         f"{len(conversations)}")
     kept, dropped = fit_all(conversations, tok, block_size)
     if len(kept) < 2:
-        raise DataError(f"{input}: {len(kept)} of {len(conversations)} conversations fits --block_size={block_size}, "
+        fit = "fits" if len(kept) == 1 else "fit"
+        raise DataError(f"{input}: {len(kept)} of {len(conversations)} conversations {fit} --block_size={block_size}, "
                         "and train and val need one each: raise --block_size")
     train, val = split_conversations(kept, val_fraction, seed)
     return train, val, dropped, bad
@@ -245,12 +246,12 @@ def summary(meta, out_dir, seconds):
         lines.append(f"| {name} | {s['conversations']} | {s['tokens']} | {s['mean_tokens']} | {s['max_tokens']} | "
                      f"{s['answers']} | {s['cut']} | {s['prefix_expansion']} |")
     if meta["dropped"]:
-        lines.append(f"dropped {meta['dropped']} conversations whose first turn alone exceeds block_size "
+        lines.append(f"dropped {plural(meta['dropped'], 'conversation')} whose first turn alone exceeds block_size "
                      f"{meta['block_size']}")
     if meta["skipped_lines"]:
         shown = "; ".join(f"line {n}: {problem}" for n, problem in meta["bad_lines"][:5])
         more = "; ..." if meta["skipped_lines"] > 5 else ""
-        lines.append(f"skipped {meta['skipped_lines']} bad lines ({shown}{more})")
+        lines.append(f"skipped {plural(meta['skipped_lines'], 'bad line')} ({shown}{more})")
     return "\n".join(lines)
 
 

@@ -166,8 +166,11 @@ BAD_LINES = {
     "message 1 has non-string content (int)": json.dumps({"messages": msgs(("user", 5), ("assistant", "b"))}),
     "no assistant turn": json.dumps({"messages": msgs(("system", "s"), ("user", "a"))}),
     "ends with a user message": json.dumps({"messages": msgs(("user", "a"), ("assistant", "b"), ("user", "c"))}),
-    '"tasks" must be a list of 1 strings': json.dumps({"messages": msgs(("user", "a"), ("assistant", "b")),
-                                                      "tasks": ["x", "y"]}),
+    '"tasks" must be a list of 1 string, one per': json.dumps({"messages": msgs(("user", "a"), ("assistant", "b")),
+                                                              "tasks": ["x", "y"]}),
+    '"tasks" must be a list of 2 strings, one per':
+        json.dumps({"messages": msgs(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")),
+                    "tasks": ["x"]}),
 }
 
 

@@ -210,3 +210,18 @@ def test_an_interrupted_move_leaves_a_folder_that_reads_as_incomplete(prepared_o
     with pytest.raises(DataError, match="missing meta.json"):
         load_split(str(out), "train")
     assert not [name for name in os.listdir(out) if name.startswith(".")]  # no leftover work folder
+
+
+# --------------------------------------------------------------------------------------------------- messages
+
+def test_counts_in_the_summary_are_singular_or_plural(tmp_path, capsys):
+    good = [line(f"q{i}", "a") for i in range(4)]
+    for bad_lines, said in ((1, "skipped 1 bad line ("), (2, "skipped 2 bad lines (")):
+        path = write_chats(tmp_path / "chats.jsonl", good + ["{"] * bad_lines)
+        assert prepare_main([f"--input={path}", f"--out_dir={tmp_path / 'out'}", "--skip_bad"]) == 0
+        assert said in capsys.readouterr().out
+    long_ones = [line("q", "z" * 40)] * 2
+    for dropped, said in ((1, "dropped 1 conversation "), (2, "dropped 2 conversations ")):
+        path = write_chats(tmp_path / "chats.jsonl", good + long_ones[:dropped])
+        assert prepare_main([f"--input={path}", f"--out_dir={tmp_path / 'out'}", "--block_size=16"]) == 0
+        assert said in capsys.readouterr().out
