@@ -1,1 +1,1 @@
-"""Conversations in, token ids and per-token roles out: tokenizer, chat format, datasets, batching."""
+"""Conversations in, token ids and per-token roles out: tokenizer, chat format, datasets, prepared folders, batching."""

@@ -10,35 +10,16 @@ Rows of block_size tokens hold whole documents (never split across rows), told a
 restarting at 0 per document. Loss targets are the answer tokens of each document from loss_from on.
 """
 import bisect
-import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from data.chat import DataError
+from data.store import Split, load_split  # noqa: F401  (imported from here by train.py, eval.py and the tests)
 from mask import ASSISTANT, MASKS
 
 NO_TARGET = -1
 PAD_ID = 0  # padding is its own document with no targets, so its token id never matters
-
-
-@dataclass
-class Split:
-    """A prepared split, memory-mapped: ids[T], roles[T], offsets[n_conversations + 1]."""
-    ids: np.ndarray
-    roles: np.ndarray
-    offsets: np.ndarray
-
-
-def load_split(data_dir, split):
-    arrays = {}
-    for field in ("ids", "roles", "offsets"):
-        path = os.path.join(data_dir, f"{split}_{field}.npy")
-        if not os.path.exists(path):
-            raise DataError(f"no prepared data at {path}: run python data/prepare.py")
-        arrays[field] = np.load(path, mmap_mode="r")
-    return Split(**arrays)
 
 
 def documents(split, kind):

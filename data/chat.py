@@ -14,6 +14,9 @@ render() is the concatenation of small pieces (render_start, render_system, rend
 sampler calls one at a time. A piece never depends on what comes after it, so rendering is prefix-stable by
 construction: render(history + [user message]) begins with render(history), ids and roles, and is exactly the
 inference prompt. That is what lets the sampler reuse its KV cache across turns.
+
+Input lines are OpenAI-style {"messages": [{"role": "user", "content": "hi"}, ...]} or ShareGPT-style
+{"conversations": [{"from": "human", "value": "hi"}, ...]}, told apart line by line; both read as the same messages.
 """
 import json
 
@@ -21,10 +24,18 @@ from flags import UserError
 from mask import ASSISTANT, SYSTEM, USER
 
 ROLE_CODES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# ShareGPT's speaker names ("from") -> roles. Exports use human/gpt; some also write the OpenAI names, or chatgpt.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
 
 
 class DataError(UserError):
     """A problem the user can fix (bad file, bad line, missing data): reported as one line, no traceback."""
+
+
+def plural(count, noun):
+    """plural(1, "bad line") -> "1 bad line", plural(2, "bad line") -> "2 bad lines"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
@@ -72,12 +83,32 @@ def _check_message(message, number, where):
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise DataError(f'{where}: message {number} is not an object with "role" and "content"')
     role, content = message["role"], message["content"]
+    if not isinstance(role, str):
+        raise DataError(f"{where}: message {number} has a non-string role ({type(role).__name__})")
     if role not in ROLE_CODES:
-        raise DataError(f"{where}: message {number} has unknown role {role!r} (expected system, user or assistant)")
+        raise DataError(f"{where}: message {number} has unknown role {_shorten(role)} "
+                        "(expected system, user or assistant)")
     if not isinstance(content, str):
         raise DataError(f"{where}: message {number} has non-string content ({type(content).__name__})")
     if not content.strip():
         raise DataError(f"{where}: message {number} has empty content")
+    if not _is_unicode(content):
+        raise DataError(f"{where}: message {number} content is not valid Unicode (a lone surrogate such as \\ud800)")
+
+
+def _shorten(text, limit=40):
+    """repr of text, cut so that an error stays one readable line."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def _is_unicode(text):
+    """False for a str holding a lone surrogate (JSON allows "\\ud800"): it cannot be encoded, and tiktoken would
+    silently turn it into U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_order(roles, where):
@@ -109,30 +140,65 @@ def _check_tasks(tasks, messages, where):
     """Optional per-answer task tags (the synthetic data has them; eval scores per tag)."""
     answers = sum(m["role"] == "assistant" for m in messages)
     if not isinstance(tasks, list) or len(tasks) != answers or not all(isinstance(t, str) for t in tasks):
-        raise DataError(f'{where}: "tasks" must be a list of {answers} strings, one per assistant turn')
+        raise DataError(f'{where}: "tasks" must be a list of {plural(answers, "string")}, one per assistant turn')
+    for number, task in enumerate(tasks, 1):
+        if not _is_unicode(task):
+            raise DataError(f'{where}: "tasks" entry {number} is not valid Unicode (a lone surrogate)')
 
 
 # --------------------------------------------------------------------------------------------------------- JSONL
 
 def parse_line(raw, where, need_answer=True):
-    """One JSONL line (bytes) -> {"messages": [...]} plus "tasks" when present (other fields are dropped), or
-    None for a blank line."""
+    """One JSONL line (bytes), {"messages": [{"role", "content"}, ...]} or ShareGPT's {"conversations": [{"from",
+    "value"}, ...]} -> {"messages": [...]} plus "tasks" when present (other fields are dropped), or None for a
+    blank line."""
     try:
         record = json.loads(raw.decode("utf-8")) if raw.strip() else None
     except UnicodeDecodeError:
         raise DataError(f"{where}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
     if record is None:
         return None
-    if not isinstance(record, dict) or "messages" not in record:
-        raise DataError(f'{where}: expected an object with a "messages" list')
-    validate(record["messages"], where, need_answer)
-    conversation = {"messages": record["messages"]}
+    messages = _messages_of(record, where)
+    validate(messages, where, need_answer)
+    conversation = {"messages": messages}
     if "tasks" in record:
-        _check_tasks(record["tasks"], record["messages"], where)
+        _check_tasks(record["tasks"], messages, where)
         conversation["tasks"] = record["tasks"]
     return conversation
+
+
+def _messages_of(record, where):
+    """The line's messages, in the OpenAI format: "messages" as they are, or ShareGPT's "conversations" mapped."""
+    if not isinstance(record, dict) or not ("messages" in record or "conversations" in record):
+        raise DataError(f'{where}: expected an object with a "messages" list (or ShareGPT\'s "conversations")')
+    if "messages" in record and "conversations" in record:  # which one to train on would be a guess
+        raise DataError(f'{where}: has both "messages" and "conversations": keep one')
+    if "messages" in record:
+        return record["messages"]
+    return _from_sharegpt(record["conversations"], where)
+
+
+def _from_sharegpt(turns, where):
+    """[{"from": "human", "value": text}, ...] -> [{"role": "user", "content": text}, ...]; validate() checks
+    the rest (content, order) as for any line."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f'{where}: "conversations" must be a non-empty list')
+    messages = []
+    for number, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f'{where}: message {number} is not an object with "from" and "value"')
+        speaker = turn["from"]
+        if not isinstance(speaker, str):
+            raise DataError(f'{where}: message {number} has a non-string "from" ({type(speaker).__name__})')
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f'{where}: message {number} has unknown "from" {_shorten(speaker)} '
+                            "(expected human, gpt or system)")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+    return messages
 
 
 def read_jsonl(path, skip_bad=False, need_answer=True):

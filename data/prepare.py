@@ -9,12 +9,18 @@ Writes into out_dir, per split (train, val): {split}_ids.npy (uint16, or int32 f
 and more), {split}_roles.npy (uint8), {split}_offsets.npy (int64, conversation i is [offsets[i], offsets[i+1])),
 {split}.jsonl (the conversations as kept, for replaying held-out chats), and meta.json last, so a folder with
 meta.json is complete. No pickle: everything loads with np.load(..., mmap_mode="r") or json.
+
+Nothing is lost: bad input and bad flags stop it before anything is written, the files are written into a work
+folder and moved in only when all are there (a failed run leaves out_dir as it was), other files in out_dir are left
+alone, and an --input that is one of the files it writes is refused.
 """
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -24,15 +30,18 @@ import numpy as np  # noqa: E402
 import flags  # noqa: E402
 from flags import setting  # noqa: E402
 from data import synthetic  # noqa: E402
-from data.batching import Split, expansion_factor  # noqa: E402
-from data.chat import DataError, fit_to_block, read_jsonl, render, write_jsonl  # noqa: E402
+from data.batching import expansion_factor  # noqa: E402
+from data.chat import DataError, fit_to_block, plural, read_jsonl, render, write_jsonl  # noqa: E402
+from data.store import ARRAYS, SPLITS, Split, array_name, array_path  # noqa: E402
+from data.store import load_meta  # noqa: E402, F401  (train.py and bench.py import it from here)
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 
 @dataclass
 class PrepareConfig:
     """The flags of python data/prepare.py (prepare() has the same defaults, a test checks)."""
-    input: str = setting("", "JSONL, one {\"messages\": [...]} per line; empty: the synthetic dataset")
+    input: str = setting("", "JSONL, one {\"messages\": [...]} or ShareGPT {\"conversations\": [...]} per line; "
+                             "empty: the synthetic dataset")
     out_dir: str = setting("", "empty: data/synthetic, or data/<input file stem>")
     tokenizer: str = setting("byte", "byte (offline) or gpt2 (downloads its vocabulary once)")
     block_size: int = setting(512, "longer conversations are cut at a turn boundary, or dropped")
@@ -44,6 +53,11 @@ class PrepareConfig:
 
 
 SYNTHETIC_DIR = os.path.join(ROOT, "data", "synthetic")
+# The shortest conversation, <|bos|> <|user|> x <|end|> <|assistant|> y <|end|>, is 7 tokens: a smaller block holds
+# nothing at all.
+MIN_BLOCK_SIZE = 7
+OUTPUT_FILES = ([array_name(split, field) for split in SPLITS for field in ARRAYS] +
+                [f"{split}.jsonl" for split in SPLITS] + ["meta.json"])
 
 
 def default_out_dir(input=None):
@@ -52,88 +66,173 @@ def default_out_dir(input=None):
     return os.path.join(ROOT, "data", os.path.splitext(os.path.basename(input))[0])
 
 
+def check_settings(config):
+    """DataError naming the flag, for values prepare cannot use. config is a PrepareConfig with out_dir filled in."""
+    if config.seed < 0:
+        raise DataError(f"--seed={config.seed}: must be 0 or more (numpy seeds are unsigned)")
+    if not 0 <= config.val_fraction < 1:
+        raise DataError(f"--val_fraction={config.val_fraction}: must be at least 0 and below 1")
+    for name in ("n_train", "n_val"):
+        if getattr(config, name) < 1:
+            raise DataError(f"--{name}={getattr(config, name)}: must be at least 1")
+    if config.block_size < MIN_BLOCK_SIZE:
+        raise DataError(f"--block_size={config.block_size}: must be at least {MIN_BLOCK_SIZE}, the length of the "
+                        "shortest conversation")
+    if config.input:
+        refuse_to_overwrite(config.input, config.out_dir)
+
+
+def refuse_to_overwrite(input, out_dir):
+    """The outputs replace out_dir's entries by name, so the input must not be one of them (however it is spelled:
+    real paths are compared)."""
+    input_path = os.path.realpath(input)
+    for name in OUTPUT_FILES:
+        if input_path == os.path.join(os.path.realpath(out_dir), name):
+            raise DataError(f"--input={input} is the {name} that --out_dir={out_dir} would get: copy it elsewhere "
+                            "first, or choose another --out_dir")
+
+
 def split_conversations(conversations, val_fraction, seed):
-    """Shuffle (seeded) and hold out val_fraction of them, at least one each way."""
-    if len(conversations) < 2:
-        raise DataError(f"need at least 2 conversations to make train and val splits, got {len(conversations)}")
+    """Shuffle (seeded) and hold out val_fraction of them, at least one each way (there must be 2 or more)."""
     order = np.random.default_rng(seed).permutation(len(conversations))
     n_val = min(max(round(len(order) * val_fraction), 1), len(order) - 1)
     return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
 
 
 def fit_all(conversations, tok, block_size):
-    """-> (kept conversations, number cut at a turn boundary, number dropped because no turn fits)."""
-    kept, cut, dropped = [], 0, 0
+    """-> (kept, dropped): kept = [(conversation as fitted, whether it was cut at a turn boundary)], dropped = how
+    many had not even their first turn fit."""
+    kept, dropped = [], 0
     for conversation in conversations:
         fitted = fit_to_block(conversation, tok, block_size)
         if fitted is None:
             dropped += 1
-            continue
-        cut += fitted is not conversation
-        kept.append(fitted)
-    return kept, cut, dropped
+        else:
+            kept.append((fitted, fitted is not conversation))
+    return kept, dropped
 
 
-def write_split(out_dir, name, conversations, tok):
-    """Render and save one split; -> its Split (in memory) for the statistics."""
+def own_splits(input, tok, block_size, skip_bad, val_fraction, seed):
+    """-> (train, val, dropped, bad lines) from the user's JSONL. Fitted before splitting, so that every
+    conversation that fits can land in either split."""
+    conversations, bad = read_jsonl(input, skip_bad=skip_bad)
+    if len(conversations) < 2:
+        raise DataError(f"{input}: need at least 2 conversations (one for train, one for val), found "
+                        f"{len(conversations)}")
+    kept, dropped = fit_all(conversations, tok, block_size)
+    if len(kept) < 2:
+        fit = "fits" if len(kept) == 1 else "fit"
+        raise DataError(f"{input}: {len(kept)} of {len(conversations)} conversations {fit} --block_size={block_size}, "
+                        "and train and val need one each: raise --block_size")
+    train, val = split_conversations(kept, val_fraction, seed)
+    return train, val, dropped, bad
+
+
+def synthetic_splits(tok, block_size, n_train, n_val, seed):
+    """-> (train, val, dropped). The generator draws val apart from train (the same val for any n_train), so each
+    split is fitted on its own."""
+    splits, dropped = [], 0
+    for name, conversations in zip(SPLITS, synthetic.splits(n_train, n_val, seed)):
+        kept, split_dropped = fit_all(conversations, tok, block_size)
+        if not kept:
+            raise DataError(f"no synthetic {name} conversation fits --block_size={block_size}")
+        splits.append(kept)
+        dropped += split_dropped
+    return *splits, dropped
+
+
+def render_split(conversations, tok):
+    """Conversations -> their Split, in memory."""
     ids, roles, offsets = [], [], [0]
     for conversation in conversations:
         conv_ids, conv_roles = render(conversation["messages"], tok)
         ids += conv_ids
         roles += conv_roles
         offsets.append(len(ids))
-    split = Split(ids=np.array(ids, dtype=np.uint16 if tok.vocab_size < 2**16 else np.int32),
-                  roles=np.array(roles, dtype=np.uint8), offsets=np.array(offsets, dtype=np.int64))
-    for array in ("ids", "roles", "offsets"):
-        np.save(os.path.join(out_dir, f"{name}_{array}.npy"), getattr(split, array))
+    return Split(ids=np.array(ids, dtype=np.uint16 if tok.vocab_size < 2**16 else np.int32),
+                 roles=np.array(roles, dtype=np.uint8), offsets=np.array(offsets, dtype=np.int64))
+
+
+def write_split(out_dir, name, split, conversations):
+    for field in ARRAYS:
+        np.save(array_path(out_dir, name, field), getattr(split, field))
     write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), conversations)
-    return split
 
 
-def split_stats(split, conversations, cut, dropped):
+def split_stats(split, conversations, cut):
     lengths = np.diff(split.offsets)
     return {"conversations": len(conversations), "tokens": int(split.offsets[-1]),
             "answers": sum(len(c["messages"]) // 2 for c in conversations),  # the system message rounds away
             "mean_tokens": round(float(lengths.mean()), 1), "max_tokens": int(lengths.max()),
-            "cut": cut, "dropped": dropped, "prefix_expansion": round(expansion_factor(split), 3)}
+            "cut": cut, "prefix_expansion": round(expansion_factor(split), 3)}
 
 
 def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=1337, skip_bad=False,
             val_fraction=0.05, n_train=20000, n_val=500):
     """Build a prepared dataset in out_dir (default: default_out_dir(input)) and return its meta dict."""
     out_dir = out_dir or default_out_dir(input)
+    check_settings(PrepareConfig(input=input or "", out_dir=out_dir, tokenizer=tokenizer, block_size=block_size,
+                                 seed=seed, skip_bad=skip_bad, val_fraction=val_fraction, n_train=n_train,
+                                 n_val=n_val))
     tok = get_tokenizer(tokenizer)
     bad = []
     if input:
-        conversations, bad = read_jsonl(input, skip_bad=skip_bad)
-        train, val = split_conversations(conversations, val_fraction, seed)
-    elif n_train < 1 or n_val < 1:
-        raise DataError(f"n_train and n_val must be at least 1, got {n_train} and {n_val}")
+        train, val, dropped, bad = own_splits(input, tok, block_size, skip_bad, val_fraction, seed)
     else:
-        train, val = synthetic.splits(n_train, n_val, seed)
-    os.makedirs(out_dir, exist_ok=True)
+        train, val, dropped = synthetic_splits(tok, block_size, n_train, n_val, seed)
     meta = {"source": input or "synthetic", "seed": seed, "tokenizer": tok.describe(),
             "vocab_size": tok.vocab_size, "block_size": block_size, "skipped_lines": len(bad),
-            "bad_lines": bad[:100], "splits": {}}
-    for name, conversations in (("train", train), ("val", val)):
-        kept, cut, dropped = fit_all(conversations, tok, block_size)
-        if not kept:
-            raise DataError(f"no {name} conversation fits block_size={block_size}")
-        split = write_split(out_dir, name, kept, tok)
-        meta["splits"][name] = split_stats(split, kept, cut, dropped)
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+            "bad_lines": bad[:100], "dropped": dropped, "splits": {}}
+    splits = {}
+    for name, kept in zip(SPLITS, (train, val)):
+        conversations = [conversation for conversation, _ in kept]
+        splits[name] = render_split(conversations, tok), conversations
+        meta["splits"][name] = split_stats(splits[name][0], conversations, cut=sum(was_cut for _, was_cut in kept))
+    write_prepared(out_dir, splits, meta)
     return meta
 
 
-def load_meta(data_dir):
-    """meta.json of a prepared folder (written last, so its presence means the folder is complete)."""
-    path = os.path.join(data_dir, "meta.json")
+def write_prepared(out_dir, splits, meta):
+    """Write the splits ({name: (Split, conversations)}) and meta into out_dir, all or nothing: every file goes into
+    a work folder inside out_dir (the same filesystem, so moving is a rename) and moves in only once all are
+    written. A failure before that leaves out_dir as it was; other files there are never touched."""
+    created = not os.path.isdir(out_dir)
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"no prepared data in {data_dir} (missing meta.json): run python data/prepare.py") from None
+        os.makedirs(out_dir, exist_ok=True)
+        work = tempfile.mkdtemp(prefix=".prepare-", dir=out_dir)
+    except OSError as e:
+        raise DataError(f"cannot create a folder in {out_dir}: {e.strerror}") from None
+    try:
+        write_all(work, splits, meta, out_dir)
+        move_in(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+
+
+def write_all(work, splits, meta, out_dir):
+    try:
+        for name, (split, conversations) in splits.items():
+            write_split(work, name, split, conversations)
+        with open(os.path.join(work, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    except OSError as e:
+        raise DataError(f"cannot write the prepared files in {out_dir} ({e.strerror}): it is left as it was") from None
+
+
+def move_in(work, out_dir):
+    """meta.json goes first and comes back last, so a folder caught midway has none: load_meta calls it incomplete
+    instead of pairing the old meta.json with new arrays."""
+    meta_path = os.path.join(out_dir, "meta.json")
+    try:
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for name in sorted(os.listdir(work), key=lambda name: name == "meta.json"):
+            os.replace(os.path.join(work, name), os.path.join(out_dir, name))
+    except OSError as e:
+        raise DataError(f"cannot move the prepared files into {out_dir} ({e.strerror}): it is incomplete now; run "
+                        "python data/prepare.py again") from None
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -141,15 +240,18 @@ def load_meta(data_dir):
 def summary(meta, out_dir, seconds):
     lines = [f"prepared {meta['source']} -> {out_dir} in {seconds:.1f}s "
              f"(tokenizer {meta['tokenizer']['name']}, vocab {meta['vocab_size']}, block_size {meta['block_size']})",
-             "| split | conversations | tokens | mean | max | answers | cut | dropped | prefix expansion |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| split | conversations | tokens | mean | max | answers | cut | prefix expansion |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in meta["splits"].items():
         lines.append(f"| {name} | {s['conversations']} | {s['tokens']} | {s['mean_tokens']} | {s['max_tokens']} | "
-                     f"{s['answers']} | {s['cut']} | {s['dropped']} | {s['prefix_expansion']} |")
+                     f"{s['answers']} | {s['cut']} | {s['prefix_expansion']} |")
+    if meta["dropped"]:
+        lines.append(f"dropped {plural(meta['dropped'], 'conversation')} whose first turn alone exceeds block_size "
+                     f"{meta['block_size']}")
     if meta["skipped_lines"]:
         shown = "; ".join(f"line {n}: {problem}" for n, problem in meta["bad_lines"][:5])
         more = "; ..." if meta["skipped_lines"] > 5 else ""
-        lines.append(f"skipped {meta['skipped_lines']} bad lines ({shown}{more})")
+        lines.append(f"skipped {plural(meta['skipped_lines'], 'bad line')} ({shown}{more})")
     return "\n".join(lines)
 
 
@@ -157,17 +259,18 @@ def main(argv):
     """-> exit status: 0, 1 for a problem with the data, 2 for a bad flag (one line on stderr, no traceback)."""
     try:
         config = flags.parse(PrepareConfig(), argv, __doc__)
-    except flags.UserError as e:
+        config = replace(config, out_dir=config.out_dir or default_out_dir(config.input))
+        check_settings(config)
+    except flags.UserError as e:  # DataError included: these are bad flag values
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out_dir = config.out_dir or default_out_dir(config.input)
     t0 = time.time()
     try:
-        meta = prepare(**dict(asdict(config), out_dir=out_dir))
+        meta = prepare(**asdict(config))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(summary(meta, out_dir, time.time() - t0))
+    print(summary(meta, config.out_dir, time.time() - t0))
     return 0
 
 

@@ -166,8 +166,11 @@ BAD_LINES = {
     "message 1 has non-string content (int)": json.dumps({"messages": msgs(("user", 5), ("assistant", "b"))}),
     "no assistant turn": json.dumps({"messages": msgs(("system", "s"), ("user", "a"))}),
     "ends with a user message": json.dumps({"messages": msgs(("user", "a"), ("assistant", "b"), ("user", "c"))}),
-    '"tasks" must be a list of 1 strings': json.dumps({"messages": msgs(("user", "a"), ("assistant", "b")),
-                                                      "tasks": ["x", "y"]}),
+    '"tasks" must be a list of 1 string, one per': json.dumps({"messages": msgs(("user", "a"), ("assistant", "b")),
+                                                              "tasks": ["x", "y"]}),
+    '"tasks" must be a list of 2 strings, one per':
+        json.dumps({"messages": msgs(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")),
+                    "tasks": ["x"]}),
 }
 
 
@@ -418,7 +421,7 @@ def test_prepare_own_data_cuts_drops_and_skips(tmp_path):
     splits = meta["splits"]
     assert meta["skipped_lines"] == 1 and meta["bad_lines"][0][0] == 11
     assert splits["train"]["cut"] + splits["val"]["cut"] == 1
-    assert splits["train"]["dropped"] + splits["val"]["dropped"] == 1
+    assert meta["dropped"] == 1
     assert splits["train"]["conversations"] + splits["val"]["conversations"] == 9
     assert all(len(load_split(str(out), s).ids) <= 32 * 9 for s in ("train", "val"))
     assert max(np.diff(load_split(str(out), "train").offsets)) <= 32

@@ -1,0 +1,114 @@
+"""
+A prepared folder, as data/prepare.py writes it and training reads it back: meta.json plus, per split (train, val),
+{split}_ids.npy, {split}_roles.npy and {split}_offsets.npy (see prepare.py's docstring for their contents).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.chat import DataError
+from mask import ASSISTANT, SYSTEM
+
+SPLITS = ("train", "val")
+ARRAYS = ("ids", "roles", "offsets")
+
+
+@dataclass
+class Split:
+    """A prepared split, memory-mapped: ids[T], roles[T], offsets[n_conversations + 1]."""
+    ids: np.ndarray
+    roles: np.ndarray
+    offsets: np.ndarray
+
+
+def array_name(split, field):
+    return f"{split}_{field}.npy"
+
+
+def array_path(data_dir, split, field):
+    return os.path.join(data_dir, array_name(split, field))
+
+
+def damaged(path, problem):
+    """The error for a prepared file that is not what prepare.py writes: preparing again is the fix."""
+    return DataError(f"{path}: {problem}; run python data/prepare.py again")
+
+
+def load_meta(data_dir):
+    """meta.json of a prepared folder, with the keys training reads checked. prepare.py writes it last, so a folder
+    without one is incomplete: never prepared, or interrupted."""
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"no prepared data in {data_dir} (missing meta.json): run python data/prepare.py") from None
+    except (ValueError, RecursionError):  # bad JSON or bad UTF-8 (both ValueErrors), or absurd nesting
+        raise damaged(path, "not JSON") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise damaged(path, problem)
+    return meta
+
+
+def _meta_problem(meta):
+    """What is wrong with meta (a parsed meta.json), or None."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    if not _is_positive_int(meta.get("vocab_size")):
+        return '"vocab_size" is missing or not a positive integer'
+    tokenizer = meta.get("tokenizer")
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("name"), str):
+        return '"tokenizer" is missing or has no "name"'
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(name), dict) for name in SPLITS):
+        return f'"splits" is missing or lacks one of {", ".join(SPLITS)}'
+    if not all(_is_positive_int(splits[name].get("max_tokens")) for name in SPLITS):
+        return 'a split in "splits" lacks its "max_tokens"'
+    return None
+
+
+def _is_positive_int(value):
+    return type(value) is int and value > 0  # not isinstance: JSON true would pass as 1
+
+
+def load_split(data_dir, split):
+    """One split's arrays, memory-mapped, once checked to be what prepare.py writes: damage is an error here rather
+    than nonsense in training (role codes outside 0..2 would train nothing at all). The checks are a few
+    vectorised passes, cheap next to an epoch."""
+    vocab_size = load_meta(data_dir)["vocab_size"]
+    paths = {field: array_path(data_dir, split, field) for field in ARRAYS}
+    loaded = Split(**{field: _load_array(path) for field, path in paths.items()})
+    _check_split(loaded, paths, vocab_size)
+    return loaded
+
+
+def _load_array(path):
+    if not os.path.exists(path):
+        raise damaged(path, "missing")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle what a file says
+    except (ValueError, EOFError, OSError) as e:  # truncated, not .npy, object dtype, unreadable
+        raise damaged(path, f"not a readable .npy array ({' '.join(str(e).split())})") from None
+    if not isinstance(array, np.ndarray) or array.ndim != 1 or array.dtype.kind not in "ui":
+        raise damaged(path, "not a 1-D integer array")
+    return array
+
+
+def _check_split(split, paths, vocab_size):
+    ids, roles, offsets = split.ids, split.roles, split.offsets
+    if len(roles) != len(ids):
+        raise damaged(paths["roles"], f"{len(roles)} roles for {len(ids)} token ids")
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(ids) or not np.all(np.diff(offsets) > 0):
+        raise damaged(paths["offsets"], f"offsets must increase from 0 to {len(ids)}, the number of token ids")
+    # Not empty: the offsets rise to len(ids) > 0.
+    low, high = ids.min(), ids.max()
+    if low < 0 or high >= vocab_size:
+        raise damaged(paths["ids"], f"token ids run {low}..{high}, outside meta.json's vocabulary 0..{vocab_size - 1}")
+    low, high = roles.min(), roles.max()
+    if low < SYSTEM or high > ASSISTANT:  # mask.py's codes are SYSTEM, USER, ASSISTANT = 0, 1, 2
+        raise damaged(paths["roles"], f"role codes run {low}..{high}, outside {SYSTEM}..{ASSISTANT}")
