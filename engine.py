@@ -201,6 +201,34 @@ def decode_n_tokens(first_logits, budget, sample, next_logits, end):
         logits = next_logits(token)
 
 
+def reusable_prefix(kind, cached_ids, cached_roles, ids, roles):
+    """How many leading cache rows, computed for the conversation cached_ids/cached_roles (all of them fed), are
+    still exact for the conversation ids/roles: the tokens whose K/V a session may keep when it moves on to it.
+    - causal: a row depends on the tokens up to it, so: the longest common prefix of (id, role) pairs.
+    - ism: the same, except that a query token's row depends on its whole query segment, after it too. Where the
+      common prefix ends inside a query segment that goes on, differently, in either conversation, every row
+      of that segment is stale: cut back to the segment's start.
+    - prefix: the prefix is one bidirectional block up to the current answer, so a request that adds a query
+      changes every row: nothing is kept."""
+    if kind == "prefix":
+        return 0
+    common = 0
+    for pair in zip(zip(cached_ids, cached_roles), zip(ids, roles)):
+        if pair[0] != pair[1]:
+            break
+        common += 1
+    if kind == "causal" or common == 0 or roles[common - 1] == ASSISTANT:
+        return common
+    role = roles[common - 1]
+    segment_goes_on = any(len(r) > common and r[common] == role for r in (cached_roles, roles))
+    if not segment_goes_on:
+        return common
+    start = common - 1
+    while start > 0 and roles[start - 1] == role:
+        start -= 1
+    return start
+
+
 # ------------------------------------------------------------------------------------------------- chat session
 
 class ChatSession:
@@ -251,6 +279,23 @@ class ChatSession:
         self.system, self.messages, self.ids, self.roles, self.turns = system, messages, ids, roles, 0
         if self.cache is not None:
             self.cache.truncate(0)
+
+    def set_history(self, messages):
+        """Make `messages` (validated; answers as text or token ids) the conversation so far, as a stateless client
+        sends it with every request, keeping the cached K/V rows that are still exact for it (reusable_prefix;
+        re-encoding an answer's text may not give back the sampled ids, and then less is kept, never a wrong row).
+        -> the number of cached tokens kept."""
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        ids, roles = render(messages, self.tok)
+        if len(ids) > self.block_size:
+            raise TurnError(f"the conversation is {len(ids)} tokens, more than block_size {self.block_size}")
+        kept = 0
+        if self.cache is not None:
+            n = self.cache.length
+            kept = reusable_prefix(self.kind, self.ids[:n], self.roles[:n], ids, roles)
+            self.cache.truncate(kept)
+        self.system, self.messages, self.ids, self.roles = system, [dict(m) for m in messages], ids, roles
+        return kept
 
     def transcript(self):
         """messages with answers as text: [{"role", "content"}]."""
