@@ -4,6 +4,7 @@ Train an ismGPT chat model: answer-only loss under a causal, prefix or ISM atten
     python train.py                                   # synthetic data (prepared if missing), ISM, CPU or GPU
     python train.py --mask=causal --out_dir=out-causal
     python train.py --init_from=resume                # continue out/ckpt.pt exactly where it stopped
+    python train.py config/finetune_gpt2.py           # fine-tune pretrained GPT-2 (--init_from=gpt2) with ISM
     python train.py config/gpt2_small.py              # a settings file, then flags
     torchrun --standalone --nproc_per_node=8 train.py --device=cuda --batch_size=64   # DDP, one GPU per rank
 
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flags
-from checkpoint import RunLock, load_checkpoint, save_checkpoint
+from checkpoint import RunLock, load_checkpoint, load_start, model_from_checkpoint, save_checkpoint
 from common import THREADS_HELP, resolve_device, runtime, set_threads
 from data.batching import answer_target_count, collate, documents, epoch_rows, expansion_factor, load_split, \
     token_count
@@ -63,9 +64,11 @@ class TrainConfig:
                                               "prepared automatically (the synthetic dataset) when missing")
     tokenizer: str = setting("byte", "byte | gpt2: the tokenizer of data train.py prepares itself (else unused)",
                              choices=TOKENIZERS)
-    init_from: str = setting("scratch", "scratch | resume (continue out_dir/ckpt.pt)", choices=("scratch", "resume"))
-    overwrite: bool = setting(False, "start from scratch even where out_dir holds a checkpoint (replaced at the first "
-                                     "save); without it a fresh run refuses to")
+    init_from: str = setting("scratch", "scratch | resume (continue out_dir/ckpt.pt) | gpt2 | gpt2-medium | "
+                                        "gpt2-large | gpt2-xl | PATH: a folder holding a Hugging Face GPT-2, or an "
+                                        "ismGPT ckpt.pt (or its out_dir) whose weights start a new run")
+    overwrite: bool = setting(False, "start a new run even where out_dir holds a checkpoint (replaced at the first "
+                                     "save); without it a new run refuses to")
     # how
     device: str = setting("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")
     dtype: str = setting("auto", "auto | float32 | bfloat16 (auto: bf16 autocast on CUDA, float32 on CPU)",
@@ -85,7 +88,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (per rank)", min=1)
     block_size: int = setting(512, "tokens per row; at least the data's longest conversation", min=1)
     # model
-    n_layer: int = setting(4, "transformer blocks", min=1)
+    n_layer: int = setting(4, "transformer blocks (a pretrained start brings its own shape)", min=1)
     n_head: int = setting(4, "attention heads", min=1)
     n_embd: int = setting(128, "embedding width (a multiple of n_head)", min=1)
     dropout: float = setting(0.0, "dropout probability (with --attention=flex, residual dropout only: FlexAttention "
@@ -214,21 +217,26 @@ SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 RUN_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "dropout")  # change the data order or dropout
 
 
-def check_resumable(checkpoint, path, cfg, model_args, tokenizer):
-    """UserError, naming the flags to pass, when the checkpoint is not the run these flags describe."""
-    if not {"optimizer", "iter_num", "data_state"} <= set(checkpoint):
-        raise UserError(f"{path} holds no training state to resume: train from scratch (--init_from=scratch)")
-    saved = checkpoint["model_args"]
+RESUMED = {"iter_num": int, "best_val_loss": float, "data_state": dict, "optimizer": dict, "config": dict}
+
+
+def check_resumable(checkpoint, path, cfg):
+    """UserError, naming the flags to pass, when the checkpoint is not the run these flags describe (the flags of
+    the run that wrote it are in its config), or when its training state is not one train.py writes."""
+    for key, kind in RESUMED.items():
+        if not isinstance(checkpoint.get(key), kind) or isinstance(checkpoint.get(key), bool):
+            raise UserError(f"{path} holds no usable training state ({key}): start a new run with --overwrite or "
+                            "another --out_dir")
+    state = checkpoint["data_state"]
+    if checkpoint["iter_num"] < 0 or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in ("epoch", "row")):
+        raise UserError(f"{path} holds an impossible training state (iter_num {checkpoint['iter_num']}, data_state "
+                        f"{state}): start a new run with --overwrite or another --out_dir")
+    saved = checkpoint["config"]
     wrong = [f"--mask={checkpoint['mask']}"] if checkpoint["mask"] != cfg.mask else []
-    wrong += [f"--{k}={saved[k]}" for k in SHAPE_KEYS if saved.get(k) != model_args[k]]
-    saved_cfg = checkpoint.get("config", {})
-    wrong += [f"--{k}={saved_cfg[k]}" for k in RUN_KEYS if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
+    wrong += [f"--{k}={saved[k]}" for k in SHAPE_KEYS + RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if wrong:
         raise UserError(f"{path} was trained with {' '.join(wrong)}: pass that to resume it, or start a new run "
-                        "with --init_from=scratch or another --out_dir")
-    if checkpoint["tokenizer"] != tokenizer or saved.get("vocab_size") != model_args["vocab_size"]:
-        raise UserError(f"{path} was trained with the {checkpoint['tokenizer'].get('name')} tokenizer, unlike "
-                        f"{cfg.data_dir}: pass the --data_dir it was trained on, or --init_from=scratch")
+                        "with --overwrite or another --out_dir")
 
 
 def make_checkpoint(model, optimizer, cfg, meta, iter_num, best_val_loss, stream, tokens):
@@ -265,11 +273,27 @@ def fmt_duration(seconds):
 # ------------------------------------------------------------------------------------------------------- main
 
 def check_fresh_start(cfg):
-    """A fresh run must not silently replace the checkpoint of another run."""
+    """A new run must not silently replace the checkpoint of another run."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.init_from == "scratch" and os.path.exists(path) and not cfg.overwrite:
+    if cfg.init_from != "resume" and os.path.exists(path) and not cfg.overwrite:
         raise UserError(f"{path} already holds a model: continue it with --init_from=resume, replace it with "
                         "--overwrite, or pick another --out_dir")
+
+
+def starting_point(cfg, device, log):
+    """-> (model, checkpoint to resume or None, tokenizer name the model needs or None for any).
+    scratch: a new GPT of the flags' shape (its vocabulary is the data's: built after the data is loaded);
+    resume: the checkpoint's model and training state; otherwise a pretrained start (checkpoint.load_start)."""
+    if cfg.init_from == "scratch":
+        return None, None, None
+    if cfg.init_from == "resume":
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        checkpoint = load_checkpoint(path, device)
+        check_resumable(checkpoint, path, cfg)
+        return model_from_checkpoint(checkpoint, device, path), checkpoint, checkpoint["tokenizer"]["name"]
+    model, tokenizer, what = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device)
+    log(f"starting from {what}")
+    return model, None, tokenizer
 
 
 def main(argv=None):
@@ -293,24 +317,32 @@ def train(cfg, rank, local_rank, world_size):
     is_master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if is_master else (lambda *a: None)
     rt = runtime(cfg.device, cfg.dtype, cfg.attention, local_rank)
+
+    # where the run starts, then its data (a start decides the tokenizer; data train.py prepares itself uses it)
+    model, checkpoint, tokenizer = starting_point(cfg, rt.device, log)
+    if tokenizer is not None and tokenizer != cfg.tokenizer:
+        cfg = replace(cfg, tokenizer=tokenizer)
     meta, train_split, val_split = load_data(cfg, is_master)
-    if meta["tokenizer"]["name"] != cfg.tokenizer:  # the flag only chooses the tokenizer of data train.py prepares
+    if meta["tokenizer"]["name"] != cfg.tokenizer:
+        if tokenizer is not None:
+            raise UserError(f"{cfg.data_dir} holds {meta['tokenizer']['name']} tokens, the start needs {tokenizer} "
+                            f"ones: prepare the data with python data/prepare.py --tokenizer={tokenizer} "
+                            f"--out_dir=DIR and pass --data_dir=DIR")
         log(f"note: {cfg.data_dir} holds {meta['tokenizer']['name']} tokens; --tokenizer={cfg.tokenizer} is ignored")
         cfg = replace(cfg, tokenizer=meta["tokenizer"]["name"])  # so the saved config says what was used
-
-    # the model, its optimizer, and where the run starts
-    model_args = dict(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
-    torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**model_args)).to(rt.device)
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+    if model.config.vocab_size < meta["vocab_size"]:
+        raise UserError(f"the model has {model.config.vocab_size} tokens, {cfg.data_dir} uses {meta['vocab_size']}: "
+                        "pass the --data_dir it was trained on")
+    model = model.to(rt.device).train()
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            rt.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     iter_num, best_val_loss, data_state, tokens = 0, float("inf"), {}, {"tokens": 0, "answer_tokens": 0}
-    if cfg.init_from == "resume":
-        checkpoint = load_checkpoint(ckpt_path, rt.device)
-        check_resumable(checkpoint, ckpt_path, cfg, model_args, meta["tokenizer"])
-        model.load_state_dict(checkpoint["model"])
+    if checkpoint is not None:  # resume: the training state too
         optimizer.load_state_dict(checkpoint["optimizer"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         data_state, tokens = checkpoint["data_state"], checkpoint.get("tokens", tokens)
@@ -327,8 +359,10 @@ def train(cfg, rank, local_rank, world_size):
 
     rows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     n_docs = len(documents(train_split, cfg.mask))
-    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_head} heads, "
-        f"{cfg.n_embd} wide, block_size {cfg.block_size}, vocab {meta['vocab_size']} ({meta['tokenizer']['name']})")
+    shape = raw_model.config
+    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {shape.n_layer} layers, {shape.n_head} heads, "
+        f"{shape.n_embd} wide, block_size {shape.block_size}, vocab {shape.vocab_size} ({meta['tokenizer']['name']}, "
+        f"{meta['vocab_size']} tokens)")
     precision = "float32" if rt.dtype == "float32" else "bf16 autocast"
     log(f"run: mask {cfg.mask}, {rt.device} ({precision}), attention {rt.attention}, {world_size} rank(s), "
         f"{rows_per_step} rows x {cfg.block_size} tokens per step")

@@ -11,7 +11,6 @@ import pytest
 from data.prepare import prepare
 from experiments import compare_masks as cm
 from flags import run
-from mask import MASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=128", "--train_batch_size=2", "--max_iters=2"]
@@ -32,12 +31,12 @@ def test_mean_std():
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    """One tiny experiment (1 seed, 3 masks, 2 steps each), run as a user would: -> (out_dir, JSON, argv)."""
+    """One tiny experiment (1 seed, causal and ISM, 2 steps each), run as a user would: -> (out_dir, JSON, argv)."""
     data_dir = str(tmp_path_factory.mktemp("data") / "synthetic")
     prepare(data_dir, block_size=128, n_train=40, n_val=6)
     out_dir = str(tmp_path_factory.mktemp("compare"))
-    argv = [f"--out_dir={out_dir}", f"--data_dir={data_dir}", "--seeds=7", "--max_conversations=3", "--device=cpu",
-            *TINY]
+    argv = [f"--out_dir={out_dir}", f"--data_dir={data_dir}", "--masks=causal,ism", "--seeds=7",
+            "--max_conversations=3", "--device=cpu", *TINY]
     first = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "compare_masks.py"), *argv, "--json"],
                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
@@ -46,7 +45,7 @@ def compared(tmp_path_factory):
 
 def test_compare_runs_every_mask_and_summarises(compared):
     out_dir, result, _ = compared
-    assert [(r["mask"], r["seed"]) for r in result["runs"]] == [("causal", 7), ("ism", 7), ("prefix", 7)]
+    assert [(r["mask"], r["seed"]) for r in result["runs"]] == [("causal", 7), ("ism", 7)]
     for r in result["runs"]:
         assert r["eval"]["iter_num"] == 2 and r["eval"]["mask"] == r["mask"]
         assert r["eval"]["trained_tokens"] > 0 and r["train"]["wall_seconds"] > 0
@@ -54,10 +53,10 @@ def test_compare_runs_every_mask_and_summarises(compared):
         assert math.isfinite(r["eval"]["val_loss"])
         assert os.path.exists(os.path.join(out_dir, f"{r['mask']}-s7", "train.log"))
     summary = result["summary"]
-    assert set(summary["cost"]) == set(MASKS)
+    assert set(summary["cost"]) == {"causal", "ism"}
     for table in ("by_family", "by_turn"):
         for entry in summary[table].values():
-            assert set(entry) == set(MASKS) | {"ism-causal", "n"}
+            assert set(entry) == {"causal", "ism", "ism-causal", "n"}
     assert result["settings"]["max_iters"] == 2 and result["settings"]["seeds"] == [7]
 
 
@@ -65,15 +64,15 @@ def test_compare_again_reuses_finished_runs_and_prints_tables(compared, capsys):
     _, _, argv = compared
     cm.main(argv)  # in this process: nothing is trained or scored again (no subprocess would run)
     again = capsys.readouterr()
-    assert again.err.count("trained already") == 3 and "python train.py" not in again.err
+    assert again.err.count("trained already") == 2 and "python train.py" not in again.err
     assert "evaluated in" not in again.err
     out = again.out
-    assert out.startswith("# ismGPT quality: causal vs ism vs prefix, 1 seed(s) (7)")
+    assert out.startswith("# ismGPT quality: causal vs ism, 1 seed(s) (7)")
     assert "budget: 1 layers x 16 wide (2 heads), block_size 128, 2 optimizer steps of 2 rows" in out
-    assert "| family (exact match %) | answers | causal | ism | prefix | ism - causal (paired) |" in out
+    assert "| family (exact match %) | answers | causal | ism | ism - causal (paired) |" in out
     assert "| turn (exact match %) | answers |" in out and "| **overall** |" in out
     assert "| mask | held-out answer loss |" in out
-    for mask in MASKS:
+    for mask in ("causal", "ism"):
         assert f"| {mask} | " in out
 
 
