@@ -49,7 +49,7 @@ import flags
 from common import THREADS_HELP, Runtime, cpu_threads, machine, resolve_device, runtime
 from data import synthetic
 from data.batching import answer_target_count, collate, documents, epoch_rows, load_split, token_count
-from data.chat import render, render_user
+from data.chat import plural, render, render_user
 from data.prepare import load_meta, prepare
 from data.tokenizer import get_tokenizer
 from engine import ChatSession
@@ -82,6 +82,8 @@ class BenchConfig:
     n_embd: int = setting(128, "embedding width", min=1)
     block_size: int = setting(512, "context length (rows, chat length, KV cache)", min=8)
     batch_size: int = setting(8, "rows per training step", min=1)
+    vocab_size: int = setting(0, "training section's vocabulary (0: the data's); 50304 = GPT-2's padded, to time a "
+                                 "GPT-2 fine-tuning step on byte data", min=0)
     attention: str = setting("auto", "training backends: sdpa | flex | sdpa,flex (auto: sdpa on CPU, flex,sdpa on "
                                      "CUDA); the first one sets the epoch table")
     data_dir: str = setting(DEFAULT_DATA_DIR, "prepared data for the training section (the default is prepared if "
@@ -211,8 +213,8 @@ def train_section(cfg, device):
     rt = runtime(device)
     backends = attention_backends(cfg, rt.device_type)
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd)).to(rt.device)
+    raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or vocab_size,
+                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(rt.device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     optimizer = raw_model.configure_optimizers(OPTIMIZER["weight_decay"], OPTIMIZER["learning_rate"],
                                                OPTIMIZER["betas"], rt.device_type)
@@ -241,6 +243,7 @@ def train_section(cfg, device):
     log(f"train: {len(variants)} variants x {cfg.warmup + cfg.repeats} steps of {cfg.batch_size} x "
         f"{cfg.block_size} tokens")
     step_times = interleaved(variants, cfg.repeats, cfg.warmup, rt.device)
+    peak_gib = {v: peak_memory(fn, rt.device) for v, fn in variants.items()} if rt.device_type == "cuda" else {}
     mask_times = interleaved({v: (lambda v=v: batch_mask(v[1], batches[v[1]][0][0], v[0]))
                               for v in variants if v[0] != "sdpa_is_causal"}, cfg.repeats, cfg.warmup, rt.device)
 
@@ -252,7 +255,7 @@ def train_section(cfg, device):
         mfu = raw_model.estimate_mfu(cfg.batch_size * cfg.block_size, seconds) if rt.device_type == "cuda" else None
         steps.append({"attention": attention, "mask": kind, "ms_per_iter": seconds * 1e3,
                       "tokens_per_s": tokens / seconds, "mask_ms": None if mask_s is None else mask_s * 1e3,
-                      "mfu": mfu})
+                      "mfu": mfu, "peak_gib": peak_gib.get((attention, kind))})
     ms = {(s["attention"], s["mask"]): s["ms_per_iter"] for s in steps}
     ratios = [{"attention": a, "against": label, "ratio": ms[(a, "ism")] / ms[against]}
               for a in backends
@@ -280,13 +283,20 @@ def train_section(cfg, device):
             "steps": steps, "ratios": ratios, "epoch": epochs}
 
 
+def peak_memory(step, device):
+    """GiB of GPU memory at the peak of one more step (weights, optimizer state, activations)."""
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
 def train_tables(r):
     rows = [[s["attention"], s["mask"], fmt(s["ms_per_iter"]), fmt(s["tokens_per_s"], 0), fmt(s["mask_ms"], 2),
-             "-" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"] for s in r["steps"]]
+             "-" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%", fmt(s["peak_gib"], 2)] for s in r["steps"]]
     compiled = ", torch.compile" if r["compiled"] else ""
     out = [f"### Training step ({r['batch_size']} rows x {r['block_size']} tokens, {r['precision']}{compiled}; the "
            "step includes building its mask, timed alone in its column; tokens/s counts non-padding tokens)",
-           table(["attention", "mask", "ms/iter", "tokens/s", "mask build ms", "MFU"], rows), ""]
+           table(["attention", "mask", "ms/iter", "tokens/s", "mask build ms", "MFU", "peak GiB"], rows), ""]
     out += [f"- ISM ({x['attention']}) / {x['against']}: {x['ratio']:.3f}" for x in r["ratios"]]
     out += ["- the sdpa_is_causal row ignores document boundaries inside packed rows (not a correct step): "
             "a speed ceiling only", ""]
@@ -616,7 +626,7 @@ def run_bench(cfg, sections, device):
     results = {"machine": info, "config": asdict(cfg), "notes": []}
     say = (lambda text: None) if cfg.json else (lambda text: print(text + "\n", flush=True))
     load = f", load average {info['load_average']}" if "load_average" in info else ""
-    say(f"## ismGPT bench: {info['name']}, torch {info['torch']}, {info['threads']} threads "
+    say(f"## ismGPT bench: {info['name']}, torch {info['torch']}, {plural(info['threads'], 'thread')} "
         f"({info['cpus']} CPUs{load}), python {info['python']}\n"
         f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block_size {cfg.block_size}; "
         f"{cfg.warmup} warmup + {cfg.repeats} timed rounds, medians")

@@ -50,10 +50,10 @@ class TurnError(UserError):
 
 # ------------------------------------------------------------------------------------------------------- loading
 
-def load_chat_model(out_dir, device="cpu", dtype="float32"):
-    """out_dir/ckpt.pt -> (model in eval mode, tokenizer, mask kind, checkpoint dict); UserError (one line) if the
+def load_chat_model(out_dir, device="cpu", dtype="float32", name="ckpt.pt"):
+    """out_dir/name -> (model in eval mode, tokenizer, mask kind, checkpoint dict); UserError (one line) if the
     checkpoint is missing, unreadable or inconsistent."""
-    path = os.path.join(out_dir, "ckpt.pt")
+    path = os.path.join(out_dir, name)
     checkpoint = load_checkpoint(path, device)  # missing: "... run python train.py first"
     kind = checkpoint["mask"]
     if kind not in MASKS:

@@ -50,7 +50,8 @@ HISTORY_NOTE = {"gold": "gold answers kept in the history (teacher-forced: each 
 
 @dataclass
 class EvalConfig:
-    out_dir: str = setting("out", "folder of the ckpt.pt to evaluate")
+    out_dir: str = setting("out", "folder of the checkpoint to evaluate")
+    ckpt: str = setting("ckpt.pt", "the checkpoint file in out_dir: ckpt.pt (the latest) or best.pt (--keep_best)")
     data_dir: str = setting("", "prepared data holding val.jsonl (empty: the checkpoint's data_dir)")
     device: str = setting("auto", "auto | cpu | cuda (auto: cuda when available)")
     history: str = setting("gold", "gold | own: what stays in the conversation after a scored turn (see top)",
@@ -131,12 +132,12 @@ def tally(records):
 # ---------------------------------------------------------------------------------------------------- evaluate
 
 def evaluate(out_dir, data_dir="", device="cpu", history="gold", max_conversations=0, max_new_tokens=64,
-             batch_size=16):
+             batch_size=16, ckpt="ckpt.pt"):
     """Held-out answer loss and exact match of one checkpoint (see the module docstring). -> a JSON-able dict."""
-    model, tok, kind, checkpoint = load_chat_model(out_dir, device)
+    model, tok, kind, checkpoint = load_chat_model(out_dir, device, name=ckpt)
     data_dir = data_dir or checkpoint.get("config", {}).get("data_dir", "")
     if not data_dir:
-        raise UserError(f"{out_dir}/ckpt.pt does not say which data it was trained on: pass --data_dir")
+        raise UserError(f"{os.path.join(out_dir, ckpt)} does not say which data it was trained on: pass --data_dir")
     val_path = os.path.join(data_dir, "val.jsonl")
     if not os.path.exists(val_path):
         raise UserError(f"no held-out conversations at {val_path}: pass the --data_dir the model was trained on")
@@ -201,7 +202,7 @@ def main(argv=None):
     set_threads(cfg.threads)
     try:
         result = evaluate(cfg.out_dir, cfg.data_dir, resolve_device(cfg.device), cfg.history,
-                          cfg.max_conversations, cfg.max_new_tokens, cfg.batch_size)
+                          cfg.max_conversations, cfg.max_new_tokens, cfg.batch_size, cfg.ckpt)
     except DataError as e:
         raise UserError(str(e)) from None
     print(json.dumps(result) if cfg.json else report(result))

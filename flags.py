@@ -50,14 +50,18 @@ def _convert(text, kind, key):
         raise UserError(f"--{key}={text}: expected {kind.__name__}") from None
 
 
-def _check_allowed(key, value, metadata):
-    choices = metadata.get("choices")
+def _value(text, defaults, field):
+    """The typed, checked value of --key=text for a field of the dataclass `defaults` (typed as its default)."""
+    key = field.name
+    value = _convert(text, type(getattr(defaults, key)), key)
+    choices = field.metadata.get("choices")
     if choices is not None and value not in choices:
-        raise UserError(f"--{key}={value}: choose one of {' | '.join(map(str, choices))}")
-    for bound, limit in metadata.get("bounds", {}).items():
+        raise UserError(f"--{key}={text}: choose one of {' | '.join(map(str, choices))}")
+    for bound, limit in field.metadata.get("bounds", {}).items():
         holds, words = _BOUNDS[bound]
         if not holds(value, limit):
-            raise UserError(f"--{key}={value}: must be {words} {limit}")
+            raise UserError(f"--{key}={text}: must be {words} {limit}")
+    return value
 
 
 def _read_config_file(path):
@@ -97,7 +101,6 @@ def parse(defaults, argv, doc="", shared_files=False):
     shared_files=True: a config file may hold settings of another script too (bench.py reads train.py's files);
     its keys this script does not know are skipped instead of refused."""
     fields = {f.name: f for f in dataclasses.fields(defaults)}
-    kinds = {name: type(getattr(defaults, name)) for name in fields}
     settings = {}
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -109,18 +112,16 @@ def parse(defaults, argv, doc="", shared_files=False):
                     continue
                 if key not in fields:
                     _unknown(key, fields, f"{arg}: ")
-                settings[key] = _convert(str(value), kinds[key], key)
+                settings[key] = _value(str(value), defaults, fields[key])
             continue
         key, sep, text = arg[2:].partition("=")
         if key not in fields:
             _unknown(key, fields)
         if not sep:
-            if kinds[key] is not bool:
+            if type(getattr(defaults, key)) is not bool:
                 raise UserError(f"--{key} needs a value: --{key}=VALUE")
             text = "true"
-        settings[key] = _convert(text, kinds[key], key)
-    for key, value in settings.items():
-        _check_allowed(key, value, fields[key].metadata)
+        settings[key] = _value(text, defaults, fields[key])
     return dataclasses.replace(defaults, **settings)
 
 
@@ -143,6 +144,7 @@ def run(main):
         print(file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:
-        # The reader went away. Point stdout at /dev/null so that Python's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # The reader went away (`| head`). Point stdout at /dev/null so that Python's final flush does not fail
+        # again and print a traceback after all.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
         sys.exit(1)

@@ -150,4 +150,6 @@ def main():
 
 
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `python mask.py | head` ends quietly, as cat would
     main()

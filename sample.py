@@ -31,6 +31,7 @@ SEED_MAX = 2**63 - 1
 @dataclass
 class SampleConfig:
     out_dir: str = setting("out", "directory holding ckpt.pt (written by train.py)")
+    ckpt: str = setting("ckpt.pt", "the checkpoint file in out_dir: ckpt.pt (the latest) or best.pt (--keep_best)")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1")
     dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16",
                          choices=("auto", "float32", "bfloat16"))
@@ -177,7 +178,7 @@ def main(argv=None):
             raise UserError(str(e)) from None
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    model, tok, kind, _ = load_chat_model(cfg.out_dir, device, chat_dtype(cfg, device))
+    model, tok, kind, _ = load_chat_model(cfg.out_dir, device, chat_dtype(cfg, device), cfg.ckpt)
     session = ChatSession(model, tok, kind, system=cfg.system or None, use_cache=not cfg.no_cache,
                           decode="compiled" if cfg.compile else "eager")
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, torch.Generator().manual_seed(cfg.seed))

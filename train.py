@@ -28,6 +28,7 @@ import signal
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
 
+import json
 import math
 import os
 import sys
@@ -67,6 +68,8 @@ class TrainConfig:
     init_from: str = setting("scratch", "scratch | resume (continue out_dir/ckpt.pt) | gpt2 | gpt2-medium | "
                                         "gpt2-large | gpt2-xl | PATH: a folder holding a Hugging Face GPT-2, or an "
                                         "ismGPT ckpt.pt (or its out_dir) whose weights start a new run")
+    keep_best: bool = setting(False, "also keep the weights of the lowest held-out loss in out_dir/best.pt "
+                                     "(sample.py --ckpt=best.pt); ckpt.pt stays the latest state, to resume")
     overwrite: bool = setting(False, "start a new run even where out_dir holds a checkpoint (replaced at the first "
                                      "save); without it a new run refuses to")
     # how
@@ -140,12 +143,20 @@ def load_data(cfg, is_master):
     """-> (meta, train split, val split). The default data_dir is filled with the synthetic dataset when it does
     not exist yet (by global rank 0: on several nodes without a shared disk, prepare the data on each node first);
     any other missing data_dir is an error, never a silent stand-in."""
+    problem = None
     if not os.path.exists(cfg.data_dir) and cfg.data_dir == DEFAULT_DATA_DIR and is_master:
         print(f"no data at {cfg.data_dir}: preparing the synthetic dataset there "
               f"(tokenizer {cfg.tokenizer}, block_size {cfg.block_size})", flush=True)
-        prepare(cfg.data_dir, tokenizer=cfg.tokenizer, block_size=cfg.block_size)
-    if dist.is_initialized():
-        dist.barrier()  # the other ranks wait for rank 0's preparation
+        try:
+            prepare(cfg.data_dir, tokenizer=cfg.tokenizer, block_size=cfg.block_size)
+        except DataError as e:
+            problem = str(e)
+    if dist.is_initialized():  # the other ranks wait for rank 0's preparation, and learn whether it failed
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise UserError(problem)
     if not os.path.exists(cfg.data_dir):
         raise UserError(f"no data at {cfg.data_dir}: prepare it with python data/prepare.py --out_dir={cfg.data_dir} "
                         "(or check the path)")
@@ -213,6 +224,8 @@ def reseed_dropout(seed, rank, iter_num):
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
+FEW_VAL_ANSWERS = 2000  # fewer held-out answer tokens than this: a noisy loss, say so
+RISING = 1.02  # a held-out loss 2% above the best one so far: say that the model may be overfitting
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 RUN_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "dropout")  # change the data order or dropout
 
@@ -239,10 +252,51 @@ def check_resumable(checkpoint, path, cfg):
                         "with --overwrite or another --out_dir")
 
 
-def make_checkpoint(model, optimizer, cfg, meta, iter_num, best_val_loss, stream, tokens):
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(model.config),
-            "config": asdict(cfg), "tokenizer": meta["tokenizer"], "mask": cfg.mask, "iter_num": iter_num,
-            "best_val_loss": best_val_loss, "data_state": stream.state(), "tokens": tokens}
+def data_fingerprint(meta):
+    """What identifies a prepared dataset, wherever its folder is: its tokenizer and the size of each split. A
+    resumed run must read the same rows (the stream position indexes them) and measure the same held-out loss."""
+    return {"tokenizer": meta["tokenizer"]["name"],
+            **{name: {k: split[k] for k in ("conversations", "tokens")} for name, split in meta["splits"].items()}}
+
+
+def check_same_data(checkpoint, path, cfg, meta):
+    saved = checkpoint.get("data")
+    if saved is not None and saved != data_fingerprint(meta):
+        raise UserError(f"{path} was trained on other data than {cfg.data_dir} ({saved['train']['conversations']:,} "
+                        f"train conversations, not {meta['splits']['train']['conversations']:,}): pass the --data_dir "
+                        "it was trained on, or start a new run with --overwrite or another --out_dir")
+
+
+def make_checkpoint(model, cfg, meta, state, optimizer=None, stream=None):
+    """The checkpoint dict; with the optimizer and the row stream it can be resumed, without it (best.pt) it holds
+    the weights and what sample.py, eval.py and --init_from need."""
+    checkpoint = {"model": model.state_dict(), "model_args": asdict(model.config), "config": asdict(cfg),
+                  "tokenizer": meta["tokenizer"], "mask": cfg.mask, "data": data_fingerprint(meta), **state}
+    if optimizer is not None:
+        checkpoint.update(optimizer=optimizer.state_dict(), data_state=stream.state())
+    return checkpoint
+
+
+class TrainingLog:
+    """out_dir/log.jsonl: one JSON object per evaluation and per logged step, for plots (experiments/plot_training.py).
+    A new run starts it afresh, a resumed one appends. It is a record, not the run: a write that fails (a full
+    disk) is reported once and logging stops, while training and its checkpoints go on."""
+
+    def __init__(self, out_dir, resume, enabled):
+        self.path, self.file = os.path.join(out_dir, "log.jsonl"), None
+        if enabled:
+            self.file = self._guarded(lambda: open(self.path, "a" if resume else "w", encoding="utf-8"))
+
+    def write(self, **record):
+        if self.file is not None:
+            self._guarded(lambda: (self.file.write(json.dumps(record) + "\n"), self.file.flush()))
+
+    def _guarded(self, action):
+        try:
+            return action()
+        except OSError as e:
+            print(f"warning: cannot write {self.path} ({e.strerror}): training goes on without it", file=sys.stderr)
+            self.file = None
 
 
 class StopOnSignal:
@@ -305,7 +359,10 @@ def main(argv=None):
     rank, local_rank, world_size = setup_ddp(cfg)
     try:
         with RunLock(cfg.out_dir) if rank == 0 else nullcontext():  # one run per out_dir; rank 0 writes it
-            return train(cfg, rank, local_rank, world_size)
+            model = train(cfg, rank, local_rank, world_size)
+        if dist.is_initialized():
+            dist.barrier()  # every rank is done with the group before it goes: no rank tears it down under another
+        return model
     except DataError as e:
         raise UserError(str(e)) from None
     finally:
@@ -341,14 +398,17 @@ def train(cfg, rank, local_rank, world_size):
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            rt.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    iter_num, best_val_loss, data_state, tokens = 0, float("inf"), {}, {"tokens": 0, "answer_tokens": 0}
+    iter_num, data_state = 0, {}
+    state = {"best_val_loss": float("inf"), "best_iter": 0, "tokens": {"tokens": 0, "answer_tokens": 0}}
     if checkpoint is not None:  # resume: the training state too
+        check_same_data(checkpoint, ckpt_path, cfg, meta)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        data_state, tokens = checkpoint["data_state"], checkpoint.get("tokens", tokens)
+        iter_num, data_state = checkpoint["iter_num"], checkpoint["data_state"]
+        state.update({k: checkpoint[k] for k in state if k in checkpoint})
         del checkpoint
-        log(f"resuming {ckpt_path} at iter {iter_num} (best val answer loss {best_val_loss:.4f})")
+        log(f"resuming {ckpt_path} at iter {iter_num} (best val answer loss {state['best_val_loss']:.4f})")
     stream = RowStream(train_split, cfg.mask, cfg.block_size, cfg.seed, **data_state)
+    tokens = state["tokens"]
     raw_model = model
     if cfg.compile:
         log("compiling the model...")
@@ -373,6 +433,12 @@ def train(cfg, rank, local_rank, world_size):
 
     # held-out rows: this rank's share (each rank evaluates its own rows; the sums are added over ranks)
     eval_rows = val_rows(val_split, cfg.mask, cfg.block_size, cfg.batch_size, cfg.eval_iters)[rank::world_size]
+    val_answers = answer_target_count(val_split, val_rows(val_split, cfg.mask, cfg.block_size, cfg.batch_size,
+                                                          cfg.eval_iters))
+    if val_answers < FEW_VAL_ANSWERS:
+        log(f"note: the held-out loss is measured on {val_answers} answer tokens only: it is noisy (hold out more "
+            "conversations: python data/prepare.py --val_fraction=..., or --eval_iters=0)")
+    record = TrainingLog(cfg.out_dir, resume=cfg.init_from == "resume", enabled=is_master)
 
     def evaluate():
         total, count = answer_loss_totals(eval_model, val_split, eval_rows, cfg.mask, cfg.block_size,
@@ -380,32 +446,43 @@ def train(cfg, rank, local_rank, world_size):
         total, count = all_ranks_sum([total, count], rt.device)
         return total / max(count, 1)
 
-    def save(reason):
+    def save(reason, name="ckpt.pt"):
         if is_master:
-            save_checkpoint(make_checkpoint(raw_model, optimizer, cfg, meta, iter_num, best_val_loss, stream,
-                                            tokens), ckpt_path)
-            log(f"saved {ckpt_path} ({reason}, iter {iter_num})")
+            path = os.path.join(cfg.out_dir, name)
+            resumable = (optimizer, stream) if name == "ckpt.pt" else ()
+            save_checkpoint(make_checkpoint(raw_model, cfg, meta, dict(state, iter_num=iter_num), *resumable), path)
+            log(f"saved {path} ({reason}, iter {iter_num})")
 
     t_start = t_interval = time.time()
-    steps_timed = 0
+    steps_timed, resumed_at = 0, iter_num
     with StopOnSignal() as stop:
         while True:
             # 1. evaluate the held-out answer loss and save the latest state, every eval_interval steps and at the end
             if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
                 val_loss = evaluate()
-                best_val_loss = min(best_val_loss, val_loss)
-                log(f"eval iter {iter_num}: val answer loss {val_loss:.4f} (best {best_val_loss:.4f}); trained on "
-                    f"{tokens['tokens']:,} tokens, {tokens['answer_tokens']:,} answer tokens")
-                if iter_num > 0:  # a fresh run never replaces an existing ckpt.pt with untrained weights
+                improved = val_loss < state["best_val_loss"]
+                if improved:
+                    state.update(best_val_loss=val_loss, best_iter=iter_num)
+                log(f"eval iter {iter_num}: val answer loss {val_loss:.4f} (best {state['best_val_loss']:.4f}); "
+                    f"trained on {tokens['tokens']:,} tokens, {tokens['answer_tokens']:,} answer tokens")
+                record.write(iter=iter_num, val_loss=val_loss, tokens=tokens["tokens"], time=time.time())
+                if val_loss > RISING * state["best_val_loss"]:
+                    log(f"note: the held-out loss rose to {val_loss:.4f} from {state['best_val_loss']:.4f} at iter "
+                        f"{state['best_iter']}: the model may be overfitting (--keep_best keeps the best weights)")
+                if iter_num > 0:  # a new run never replaces an existing checkpoint with untrained weights
                     save("latest")
+                    if cfg.keep_best and improved:
+                        save("best", "best.pt")
                 t_interval, steps_timed = time.time(), 0  # step timings leave evaluation out
             # 2. stop when done, or when asked to (every rank must agree: under DDP they compare at log steps only)
             if iter_num >= cfg.max_iters:
                 break
             may_stop = world_size == 1 or iter_num % cfg.log_interval == 0
             if may_stop and all_ranks_sum([float(stop.requested)], rt.device)[0]:
-                if iter_num > 0:  # as above: untrained weights never replace a checkpoint
-                    save("interrupted")
+                if iter_num == 0 or (cfg.init_from == "resume" and iter_num == resumed_at):
+                    log(f"interrupted at iter {iter_num} before training: nothing to save")
+                    raise SystemExit(130)
+                save("interrupted")
                 log(f"interrupted at iter {iter_num}/{cfg.max_iters}: continue with the same flags and "
                     "--init_from=resume")
                 raise SystemExit(130)
@@ -434,16 +511,19 @@ def train(cfg, rank, local_rank, world_size):
                 local_answers = answer_target_count(train_split, [row for r in mine for row in r])
                 loss = step_loss.item() / max(local_answers, 1)  # waits for the GPU, so the timing is honest
                 dt = (time.time() - t_interval) / steps_timed
-                mfu = ""
+                gpu = ""
                 if rt.device_type == "cuda":
                     per_rank_tokens = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
-                    mfu = f", mfu {100 * raw_model.estimate_mfu(per_rank_tokens, dt):.1f}%"
+                    gpu = (f", mfu {100 * raw_model.estimate_mfu(per_rank_tokens, dt):.1f}%, "
+                           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
                 log(f"iter {iter_num}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.1e}, {1000 * dt:.1f}ms/iter, "
-                    f"{token_count(rows) / dt:,.0f} tok/s ({answer_tokens / dt:,.0f} answer tok/s){mfu}, "
+                    f"{token_count(rows) / dt:,.0f} tok/s ({answer_tokens / dt:,.0f} answer tok/s){gpu}, "
                     f"eta {fmt_duration((cfg.max_iters - iter_num) * dt)}")
+                record.write(iter=iter_num, loss=loss, lr=lr, ms_per_iter=1000 * dt, time=time.time())
                 t_interval, steps_timed = time.time(), 0
     log(f"done: {iter_num} iters in {fmt_duration(time.time() - t_start)}, best val answer loss "
-        f"{best_val_loss:.4f}, {tokens['tokens']:,} tokens ({tokens['answer_tokens']:,} answer tokens)")
+        f"{state['best_val_loss']:.4f} (iter {state['best_iter']}), {tokens['tokens']:,} tokens "
+        f"({tokens['answer_tokens']:,} answer tokens)")
     return raw_model
 
 

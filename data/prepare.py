@@ -50,6 +50,8 @@ class PrepareConfig:
     val_fraction: float = setting(0.05, "share of your own conversations held out")
     n_train: int = setting(20000, "synthetic training conversations")
     n_val: int = setting(500, "synthetic held-out conversations")
+    max_turns: int = setting(synthetic.MAX_TURNS, "synthetic conversations have 1 to this many turns (more for a "
+                                                  "long block_size: a conversation then fills more of it)")
 
 
 SYNTHETIC_DIR = os.path.join(ROOT, "data", "synthetic")
@@ -72,7 +74,7 @@ def check_settings(config):
         raise DataError(f"--seed={config.seed}: must be 0 or more (numpy seeds are unsigned)")
     if not 0 <= config.val_fraction < 1:
         raise DataError(f"--val_fraction={config.val_fraction}: must be at least 0 and below 1")
-    for name in ("n_train", "n_val"):
+    for name in ("n_train", "n_val", "max_turns"):
         if getattr(config, name) < 1:
             raise DataError(f"--{name}={getattr(config, name)}: must be at least 1")
     if config.block_size < MIN_BLOCK_SIZE:
@@ -128,11 +130,11 @@ def own_splits(input, tok, block_size, skip_bad, val_fraction, seed):
     return train, val, dropped, bad
 
 
-def synthetic_splits(tok, block_size, n_train, n_val, seed):
+def synthetic_splits(tok, block_size, n_train, n_val, seed, max_turns):
     """-> (train, val, dropped). The generator draws val apart from train (the same val for any n_train), so each
     split is fitted on its own."""
     splits, dropped = [], 0
-    for name, conversations in zip(SPLITS, synthetic.splits(n_train, n_val, seed)):
+    for name, conversations in zip(SPLITS, synthetic.splits(n_train, n_val, seed, max_turns)):
         kept, split_dropped = fit_all(conversations, tok, block_size)
         if not kept:
             raise DataError(f"no synthetic {name} conversation fits --block_size={block_size}")
@@ -168,19 +170,19 @@ def split_stats(split, conversations, cut):
 
 
 def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=1337, skip_bad=False,
-            val_fraction=0.05, n_train=20000, n_val=500):
+            val_fraction=0.05, n_train=20000, n_val=500, max_turns=synthetic.MAX_TURNS):
     """Build a prepared dataset in out_dir (default: default_out_dir(input)) and return its meta dict."""
     out_dir = out_dir or default_out_dir(input)
     check_settings(PrepareConfig(input=input or "", out_dir=out_dir, tokenizer=tokenizer, block_size=block_size,
                                  seed=seed, skip_bad=skip_bad, val_fraction=val_fraction, n_train=n_train,
-                                 n_val=n_val))
+                                 n_val=n_val, max_turns=max_turns))
     tok = get_tokenizer(tokenizer)
     bad = []
     if input:
         train, val, dropped, bad = own_splits(input, tok, block_size, skip_bad, val_fraction, seed)
     else:
-        train, val, dropped = synthetic_splits(tok, block_size, n_train, n_val, seed)
-    meta = {"source": input or "synthetic", "seed": seed, "tokenizer": tok.describe(),
+        train, val, dropped = synthetic_splits(tok, block_size, n_train, n_val, seed, max_turns)
+    meta = {"source": input or f"synthetic (1 to {max_turns} turns)", "seed": seed, "tokenizer": tok.describe(),
             "vocab_size": tok.vocab_size, "block_size": block_size, "skipped_lines": len(bad),
             "bad_lines": bad[:100], "dropped": dropped, "splits": {}}
     splits = {}

@@ -116,13 +116,13 @@ def _choices(state, turn, n_turns):
     return choices
 
 
-def conversation(rng):
-    """One random conversation: {"messages": [...], "tasks": [family per assistant turn]}."""
+def conversation(rng, max_turns=MAX_TURNS):
+    """One random conversation of 1 to max_turns turns: {"messages": [...], "tasks": [family per assistant turn]}."""
     messages = []
     if rng.random() < SYSTEM_PROBABILITY:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     state, tasks = _State(), []
-    n_turns = rng.randint(1, MAX_TURNS)
+    n_turns = rng.randint(1, max_turns)
     for turn in range(n_turns):
         choices = _choices(state, turn, n_turns)
         family, _, make_turn = rng.choices(choices, weights=[w for _, w, _ in choices])[0]
@@ -136,20 +136,20 @@ def _key(conv):
     return tuple((m["role"], m["content"]) for m in conv["messages"])
 
 
-def generate(n, seed):
+def generate(n, seed, max_turns=MAX_TURNS):
     """n distinct conversations, the same ones for the same seed (each prefix of the list too)."""
     rng = random.Random(seed)
     seen, out = set(), []
     while len(out) < n:
-        conv = conversation(rng)
+        conv = conversation(rng, max_turns)
         if _key(conv) not in seen:
             seen.add(_key(conv))
             out.append(conv)
     return out
 
 
-def splits(n_train, n_val, seed):
+def splits(n_train, n_val, seed, max_turns=MAX_TURNS):
     """(train, val) with no conversation in common. val comes first off the stream, so the held-out set for a
     seed stays the same whatever n_train is."""
-    convs = generate(n_val + n_train, seed)
+    convs = generate(n_val + n_train, seed, max_turns)
     return convs[n_val:], convs[:n_val]

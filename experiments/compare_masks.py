@@ -4,6 +4,11 @@ Does ISM answer better? Train every mask with every seed, score each model, and 
     python experiments/compare_masks.py                    # causal, ISM and prefix x seeds 1, 2, 3 (~30 min, 2 CPUs)
     python experiments/compare_masks.py --device=cuda --max_iters=5000 --n_layer=6 --n_head=6 --n_embd=384 \
         --train_batch_size=32 --out_dir=out/compare-gpu              # the larger version, on a GPU
+    python experiments/compare_masks.py --pretrain_iters=600 --max_iters=300 \
+        --train_args='--learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20' --out_dir=out/compare-warm
+                                    # the papers' protocol: pretrain causally, then fine-tune under each mask
+    python experiments/compare_masks.py --init_from=gpt2 --data_dir=data/synthetic-gpt2 config/finetune_gpt2.py
+                                    # the same from pretrained GPT-2 (a GPU; data prepared with --tokenizer=gpt2)
 
 Each run is `python train.py --mask=M --seed=S --out_dir=OUT_DIR/M-sS --max_iters=N ...` (exactly the user's
 training; its log goes to train.log in that folder), then `python eval.py --out_dir=OUT_DIR/M-sS --json` (exactly the
@@ -16,6 +21,11 @@ Same model size, seeds (so the same initial weights) and optimizer steps for eve
 are equally full, so every mask processes about the same tokens, and prefix, whose samples are triplet-expanded,
 trains on fewer answers in those tokens (the table says how many). Default budget: 2 layers x 128 wide (0.5M
 parameters), 900 steps of 8 rows x 512 tokens (~1.5 epochs of the synthetic data for causal/ISM).
+
+Warm starts: the papers (ISM, MAS) fine-tune causally pretrained models. --pretrain_iters=N first trains, for each
+seed, a causal model from scratch for N steps (OUT_DIR/pretrain-sS), then fine-tunes every mask from those same
+weights (train.py --init_from=OUT_DIR/pretrain-sS) for max_iters steps; --init_from=START fine-tunes every run from
+one start instead (a GPT-2 name or folder, or an ismGPT checkpoint). A start's own shape wins over --n_layer etc.
 
 Resuming: a run whose folder holds a finished ckpt.pt trained with the same train.py flags (run.json records them)
 is not trained again, and its evaluation (eval.json) is reused when the evaluation settings match too; an
@@ -58,6 +68,11 @@ class CompareConfig:
     block_size: int = setting(512, "tokens per training row", min=1)
     train_batch_size: int = setting(8, "rows per optimizer step", min=1)
     train_args: str = setting("", "more train.py flags for every run, e.g. '--learning_rate=1e-3'")
+    pretrain_iters: int = setting(0, "per seed, first pretrain a causal model from scratch for this many steps (with "
+                                     "train.py's defaults), then fine-tune every mask from it; 0: no pretraining",
+                                  min=0)
+    init_from: str = setting("", "fine-tune every run from this start (train.py --init_from: gpt2, a folder, a "
+                                 "ckpt.pt); empty: from scratch, or from the pretrained model of --pretrain_iters")
     history: str = setting("gold", "gold | own: what eval.py keeps in the conversation after a scored turn",
                            choices=("gold", "own"))
     max_conversations: int = setting(0, "held-out conversations replayed per run (0: all)", min=0)
@@ -77,6 +92,8 @@ def parse_list(text, key, kind):
 
 def check_config(cfg):
     masks, seeds = parse_list(cfg.masks, "masks", str), parse_list(cfg.seeds, "seeds", int)
+    if cfg.pretrain_iters and cfg.init_from:
+        raise UserError("--pretrain_iters and --init_from both choose the start: pass one")
     for kind in masks:
         if kind not in MASKS:
             raise UserError(f"--masks: unknown mask {kind!r} (choose from {', '.join(MASKS)})")
@@ -88,7 +105,7 @@ def check_config(cfg):
         raise UserError(f"--train_args: {e}") from None
     ours = {a.split("=", 1)[0] for a in train_argv(replace(cfg, train_args=""), "ism", 0, "")}
     for arg in extra:
-        if arg.split("=", 1)[0] in ours | {"--init_from", "--overwrite"}:
+        if arg.split("=", 1)[0] in ours | {"--overwrite"}:
             raise UserError(f"--train_args: {arg.split('=', 1)[0]} is set by the experiment itself; pass it to "
                             "compare_masks.py (see --help)")
     return masks, seeds
@@ -96,13 +113,22 @@ def check_config(cfg):
 
 # ------------------------------------------------------------------------------------------------------ one run
 
-def train_argv(cfg, kind, seed, run_dir):
-    """The train.py flags of one run (also the record that says whether a finished run can be reused)."""
+def run_argv(cfg, kind, seed, run_dir, iters, start):
     return [f"--mask={kind}", f"--seed={seed}", f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}",
-            f"--device={cfg.device}", f"--max_iters={cfg.max_iters}", f"--n_layer={cfg.n_layer}",
-            f"--n_head={cfg.n_head}", f"--n_embd={cfg.n_embd}", f"--block_size={cfg.block_size}",
-            f"--batch_size={cfg.train_batch_size}", f"--eval_interval={cfg.max_iters}", "--eval_iters=1",
-            f"--log_interval={max(1, min(20, cfg.max_iters // 10))}"] + shlex.split(cfg.train_args)
+            f"--device={cfg.device}", f"--max_iters={iters}", f"--n_layer={cfg.n_layer}", f"--n_head={cfg.n_head}",
+            f"--n_embd={cfg.n_embd}", f"--block_size={cfg.block_size}", f"--batch_size={cfg.train_batch_size}",
+            f"--eval_interval={iters}", "--eval_iters=1", f"--log_interval={max(1, min(20, iters // 10))}",
+            f"--init_from={start}"]
+
+
+def train_argv(cfg, kind, seed, run_dir, start="scratch"):
+    """The train.py flags of one run (also the record that says whether a finished run can be reused)."""
+    return run_argv(cfg, kind, seed, run_dir, cfg.max_iters, start) + shlex.split(cfg.train_args)
+
+
+def pretrain_argv(cfg, seed, run_dir):
+    """A causal run from scratch of pretrain_iters steps with train.py's own optimizer settings."""
+    return run_argv(cfg, "causal", seed, run_dir, cfg.pretrain_iters, "scratch")
 
 
 _ITER_LINE = re.compile(r"^iter (\d+)/\d+: .*?([\d.]+)ms/iter", re.M)
@@ -151,24 +177,32 @@ def run_script(script, argv, log_path, what):
     return output, seconds
 
 
-def train_run(cfg, kind, seed, say):
+def train_run(name, run_dir, argv, say):
     """Train one run unless its folder holds a finished one with the same flags. -> (run_dir, run.json dict)."""
-    run_dir = os.path.join(cfg.out_dir, f"{kind}-s{seed}")
-    argv = train_argv(cfg, kind, seed, run_dir)
     record = read_json(os.path.join(run_dir, "run.json"))
     if record and record.get("argv") == argv and os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-        say(f"{kind}-s{seed}: trained already ({run_dir}), reusing it")
+        say(f"{name}: trained already ({run_dir}), reusing it")
         return run_dir, record
     os.makedirs(run_dir, exist_ok=True)
     if record:  # it described another run: forget it before ckpt.pt is overwritten
         os.remove(os.path.join(run_dir, "run.json"))
-    say(f"{kind}-s{seed}: python train.py {' '.join(argv)}")
-    log, seconds = run_script("train.py", argv + ["--init_from=scratch", "--overwrite"],
-                              os.path.join(run_dir, "train.log"), f"training {kind}-s{seed}")
+    say(f"{name}: python train.py {' '.join(argv)}")
+    log, seconds = run_script("train.py", argv + ["--overwrite"], os.path.join(run_dir, "train.log"),
+                              f"training {name}")
     record = {"argv": argv, "wall_seconds": round(seconds, 2), "step_seconds": step_seconds(log)}
     write_json(os.path.join(run_dir, "run.json"), record)
-    say(f"{kind}-s{seed}: trained in {seconds:.0f}s")
+    say(f"{name}: trained in {seconds:.0f}s")
     return run_dir, record
+
+
+def start_of(cfg, seed, say):
+    """train.py --init_from of the seed's runs: scratch, --init_from, or the seed's pretrained causal model."""
+    if cfg.init_from:
+        return cfg.init_from
+    if not cfg.pretrain_iters:
+        return "scratch"
+    run_dir = os.path.join(cfg.out_dir, f"pretrain-s{seed}")
+    return train_run(f"pretrain-s{seed}", run_dir, pretrain_argv(cfg, seed, run_dir), say)[0]
 
 
 def eval_run(cfg, run_dir, say):
@@ -254,6 +288,15 @@ def family_label(family):
     return f"**{family}**" if family in INSTRUCTION_LAST else family
 
 
+def start_line(settings):
+    if settings["pretrain_iters"]:
+        return (f"start: per seed, a causal model pretrained from scratch for {settings['pretrain_iters']} steps "
+                "(train.py's defaults); every mask fine-tuned from those same weights")
+    if settings["init_from"]:
+        return f"start: every run fine-tuned from {settings['init_from']}"
+    return "start: from scratch"
+
+
 def report(result):
     s, c = result["summary"], result["settings"]
     masks = c["masks"]
@@ -263,6 +306,7 @@ def report(result):
              f"{c['block_size']}, {c['max_iters']} optimizer steps of {c['train_batch_size']} rows x "
              f"{c['block_size']} tokens, the same seeds (initial weights) for every mask; data {c['data_dir']}"
              + (f"; train.py {c['train_args']}" if c["train_args"] else ""),
+             start_line(c),
              f"eval: {c['conversations']} held-out conversations, greedy through ChatSession (KV cache), "
              f"{c['history_note']}; exact match % as mean ± std over seeds",
              f"machine: {c['machine']}, device {c['device']}; the whole experiment took {c['total_seconds'] / 60:.1f} "
@@ -306,8 +350,11 @@ def compare(cfg, masks, seeds, argv):
     t0 = time.time()
     runs = {}
     for seed in seeds:  # seed-major: an interrupted experiment already has whole seeds of every mask
+        start = start_of(cfg, seed, say)
         for kind in masks:
-            run_dir, train_record = train_run(cfg, kind, seed, say)
+            run_dir = os.path.join(cfg.out_dir, f"{kind}-s{seed}")
+            run_dir, train_record = train_run(f"{kind}-s{seed}", run_dir, train_argv(cfg, kind, seed, run_dir, start),
+                                              say)
             runs[kind, seed] = {"train": train_record, "eval": eval_run(cfg, run_dir, say)}
     first = runs[masks[0], seeds[0]]["eval"]
     settings = {"masks": masks, "seeds": seeds, "data_dir": cfg.data_dir, "history": cfg.history,
@@ -315,7 +362,8 @@ def compare(cfg, masks, seeds, argv):
                 "total_seconds": round(time.time() - t0, 1), "machine": first["machine"], "device": first["device"],
                 "command": "python experiments/compare_masks.py " + " ".join(argv),
                 **{k: getattr(cfg, k) for k in ("max_iters", "n_layer", "n_head", "n_embd", "block_size",
-                                                "train_batch_size", "train_args", "max_new_tokens")}}
+                                                "train_batch_size", "train_args", "max_new_tokens", "pretrain_iters",
+                                                "init_from")}}
     out_runs = [{"mask": m, "seed": s, **runs[m, s]} for s in seeds for m in masks]
     return {"settings": settings, "summary": summarise(runs, masks, seeds), "runs": out_runs}
 

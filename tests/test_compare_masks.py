@@ -38,7 +38,7 @@ def compared(tmp_path_factory):
     argv = [f"--out_dir={out_dir}", f"--data_dir={data_dir}", "--masks=causal,ism", "--seeds=7",
             "--max_conversations=3", "--device=cpu", *TINY]
     first = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "compare_masks.py"), *argv, "--json"],
-                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+                           cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     return out_dir, json.loads(first.stdout), argv
 
@@ -87,3 +87,20 @@ def test_user_errors_are_one_line(args, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_warm_start_runs_start_from_their_seeds_pretrained_causal_model(tmp_path, monkeypatch):
+    """How the runs are chained (train.py --init_from itself is tested in test_gpt2.py)."""
+    trained = []
+    monkeypatch.setattr(cm, "train_run", lambda name, run_dir, argv, say: (trained.append(argv), (run_dir, {}))[1])
+    cfg = cm.flags.parse(cm.CompareConfig(), [f"--out_dir={tmp_path}", "--pretrain_iters=5", "--max_iters=3",
+                                              "--train_args=--learning_rate=1e-3"])
+    start = cm.start_of(cfg, 2, lambda text: None)
+    assert start == str(tmp_path / "pretrain-s2")
+    [pretrain] = trained
+    assert {"--mask=causal", "--seed=2", "--max_iters=5", "--init_from=scratch"} <= set(pretrain)
+    assert "--learning_rate=1e-3" not in pretrain  # pretraining keeps train.py's own settings
+    finetune = cm.train_argv(cfg, "ism", 2, str(tmp_path / "ism-s2"), start)
+    assert {"--mask=ism", "--seed=2", "--max_iters=3", f"--init_from={start}", "--learning_rate=1e-3"} <= set(finetune)
+    assert cm.start_of(cm.flags.parse(cm.CompareConfig(), ["--init_from=gpt2"]), 2, None) == "gpt2"
+    assert cm.start_of(cm.CompareConfig(), 2, None) == "scratch"

@@ -28,7 +28,7 @@ def write_chats(path, lines):
 def run_cli(*args):
     """python data/prepare.py args -> (exit status, stderr lines)."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), *args], capture_output=True,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+                            text=True, timeout=120)
     return result.returncode, result.stderr.splitlines()
 
 

@@ -19,15 +19,6 @@ STRUCTURAL = torch.zeros(CONFIG.vocab_size, dtype=torch.bool)  # special tokens 
 STRUCTURAL[[TOK.bos, TOK.system, TOK.user, TOK.assistant]] = True
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds synchronisation (milliseconds per op on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     model = GPT(CONFIG)

@@ -25,14 +25,6 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=128", "--batch
         "--device=cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("data") / "synthetic")

@@ -69,3 +69,58 @@ def test_run_prints_one_line_and_exits_2(capsys):
         flags.run(main)
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: no checkpoint at out/ckpt.pt: run python train.py first\n"
+
+
+@dataclass
+class Checked:
+    mask: str = flags.setting("ism", "attention mask", choices=("causal", "ism"))
+    steps: int = flags.setting(10, "steps", min=0)
+    dropout: float = flags.setting(0.0, "dropout", min=0, below=1)
+    rate: float = flags.setting(0.1, "rate", above=0, max=1)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mask=full"], "--mask=full: choose one of causal | ism"),
+    (["--steps=-1"], "--steps=-1: must be at least 0"),
+    (["--dropout=1"], "--dropout=1: must be below 1"),
+    (["--rate=0"], "--rate=0: must be above 0"),
+    (["--rate=2"], "--rate=2: must be at most 1"),
+])
+def test_values_out_of_range_are_one_line_errors(argv, message):
+    with pytest.raises(UserError) as e:
+        flags.parse(Checked(), argv)
+    assert str(e.value) == message
+    assert flags.parse(Checked(), ["--steps=0", "--dropout=0.5", "--rate=1", "--mask=causal"]).rate == 1.0
+
+
+def test_ranges_hold_for_config_files_too(tmp_path):
+    path = tmp_path / "run.conf"
+    path.write_text("steps = -3\n")
+    with pytest.raises(UserError, match="--steps=-3: must be at least 0"):
+        flags.parse(Checked(), [str(path)])
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.conf"
+    path.write_bytes("mask = 'caf\xe9'\n".encode("latin-1"))
+    with pytest.raises(UserError, match="latin1.conf is not UTF-8 text"):
+        flags.parse(Checked(), [str(path)])
+
+
+def test_shared_config_files_skip_other_scripts_keys(tmp_path):
+    path = tmp_path / "train.conf"
+    path.write_text("steps = 5\nlearning_rate = 0.1\n")
+    with pytest.raises(UserError, match="unknown flag --learning_rate"):
+        flags.parse(Checked(), [str(path)])
+    assert flags.parse(Checked(), [str(path)], shared_files=True).steps == 5
+    with pytest.raises(UserError, match="unknown flag --learning_rate"):  # on the command line: still refused
+        flags.parse(Checked(), ["--learning_rate=0.1"], shared_files=True)
+
+
+def test_run_turns_ctrl_c_and_a_closed_pipe_into_quiet_exits(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        flags.run(interrupted)
+    assert e.value.code == 130 and "Traceback" not in capsys.readouterr().err

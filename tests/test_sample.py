@@ -14,6 +14,7 @@ import sample
 from checkpoint import save_checkpoint
 from engine import ChatSession, load_chat_model
 from flags import run
+from model import GPT
 from test_engine import CONFIG, MODEL, SYSTEM_TEXT, TOK, USERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +112,69 @@ def test_cli_bad_script_line_names_file_and_line(out_dir, tmp_path, monkeypatch,
     assert err.startswith(f"error: {script}:2: bad JSON") and err.count("\n") == 1
 
 
-def test_cli_rejects_bad_values(out_dir, monkeypatch, capsys):
-    code, _, err = cli([f"--out_dir={out_dir}", "--temperature=-1"], "", monkeypatch, capsys)
-    assert code == 2 and "--temperature" in err and err.count("\n") == 1
+@pytest.mark.parametrize("flag, message", [
+    ("--temperature=-1", "--temperature=-1: must be at least 0"),
+    ("--seed=1e23", "--seed=1e23: must be at most 9223372036854775807"),
+    ("--top_p=0", "--top_p=0: must be above 0"),
+    ("--threads=-3", "--threads=-3: must be at least 0"),
+])
+def test_cli_rejects_bad_values(out_dir, monkeypatch, capsys, flag, message):
+    code, _, err = cli([f"--out_dir={out_dir}", flag], "", monkeypatch, capsys)
+    assert code == 2 and err == f"error: {message}\n"
+
+
+def test_cli_with_stdin_or_stdout_closed_is_one_line(out_dir, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdout", None)  # what Python gives a program started with `>&-`
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda: sample.main([f"--out_dir={out_dir}"]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: stdin or stdout is closed: give sample.py a terminal, a pipe or a file\n"
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(out_dir):
+    """`python sample.py ... | head -c1`: the pipe closes while replies are still being written."""
+    proc = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={out_dir}", "--temperature=0",
+                             "--max_new_tokens=50", "--device=cpu"], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(("\n".join(USERS * 20) + "\n").encode())
+    proc.stdin.close()
+    assert len(proc.stdout.read(1)) == 1
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and "Traceback" not in err, err
+
+
+def test_a_script_conversation_without_a_user_message_says_so(out_dir, tmp_path, monkeypatch, capsys):
+    script = tmp_path / "chats.jsonl"
+    script.write_text(json.dumps({"messages": [{"role": "system", "content": "be brief"}]}) + "\n" +
+                      json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    code, out, _ = cli([f"--out_dir={out_dir}", f"--script={script}", "--max_new_tokens=3"], "", monkeypatch, capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and rows[0] == {"conversation": 1, "error": "no user message to answer"}
+    assert rows[1]["conversation"] == 2 and rows[1]["user"] == "hi"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_control_characters_reach_a_terminal_as_visible_symbols(tmp_path, monkeypatch):
+    """A model that always answers with a carriage return and an escape: a terminal must never receive them."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    with torch.no_grad():  # every position's final vector is e0; token 13 (\r) has a huge e0, token 27 (ESC) next
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(torch.eye(CONFIG.n_embd)[0])
+        model.transformer.wte.weight[:, 0] = 0.0
+        model.transformer.wte.weight[13, 0], model.transformer.wte.weight[27, 0] = 50.0, 40.0
+    out = str(tmp_path / "out")
+    save_checkpoint({"model": model.state_dict(), "model_args": dataclasses.asdict(CONFIG), "config": {},
+                     "tokenizer": TOK.describe(), "mask": "ism"}, os.path.join(out, "ckpt.pt"))
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    monkeypatch.setattr(sys, "stdout", terminal)
+    run(lambda: sample.main([f"--out_dir={out}", "--temperature=0", "--max_new_tokens=4"]))
+    shown = terminal.getvalue()
+    assert shown == "\u240d\u240d\u240d\u240d\n"  # four carriage returns, as the symbol for one
+    assert "\r" not in shown and "\x1b" not in shown

@@ -1,10 +1,13 @@
 """train.py: a tiny run learns and its checkpoint reloads, the loss counts answer tokens only, resume is exact, DDP
 ranks agree (and equal one process with gradient accumulation), and user mistakes give one-line errors."""
+import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -53,7 +56,7 @@ def trained(data_dir, tmp_path_factory):
 def run_train(*args):
     """`python train.py args` from the repository root, one thread (tests share a small CPU)."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def in_last_answer(roles, docs):
@@ -231,10 +234,9 @@ def test_ddp_two_ranks_hold_identical_weights_equal_to_one_process(data_dir, tmp
     worker.write_text(DDP_WORKER.format(root=ROOT, out=str(tmp_path)))
     common = TINY + [f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=3", "--batch_size=2",
                      "--device=cpu", "--learning_rate=1e-2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(worker), *common, f"--out_dir={tmp_path / 'ddp'}"],
-                         capture_output=True, text=True, timeout=240, env=env)
+                         capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("eval iter 6:") == 1  # rank 0 logs, rank 1 does not
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -356,3 +358,110 @@ def test_cuda_run_uses_flex_and_bf16_and_matches_the_cpu_loss(data_dir, tmp_path
     # the same weights on the CPU through SDPA in float32 give the held-out loss the GPU measured (flex, bf16)
     cpu_loss = estimate_val_loss(model_from_checkpoint(checkpoint), load_split(data_dir, "val"), "ism", 128, 8)
     assert cpu_loss == pytest.approx(checkpoint["best_val_loss"], abs=0.03)
+
+
+# ------------------------------------------------------------------------------------- faults and records
+
+def edited_checkpoint(trained, tmp_path, **changes):
+    """A copy of the trained run's folder whose ckpt.pt has some fields changed by hand."""
+    out_dir = tmp_path / "edited"
+    out_dir.mkdir()
+    checkpoint = load_checkpoint(os.path.join(trained[0], "ckpt.pt"))
+    for key, value in changes.items():
+        checkpoint[key] = value
+    torch.save(checkpoint, out_dir / "ckpt.pt")
+    return str(out_dir)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"iter_num": "40"}, "holds no usable training state (iter_num)"),
+    ({"data_state": {"epoch": 0, "row": -5}}, "holds an impossible training state"),
+    ({"optimizer": None}, "holds no usable training state (optimizer)"),
+])
+def test_hand_edited_checkpoints_are_refused_on_resume(trained, data_dir, tmp_path, changes, message):
+    out_dir = edited_checkpoint(trained, tmp_path, **changes)
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--init_from=resume", "--max_iters=50"])
+
+
+def test_resume_on_other_data_is_refused(trained, small_data_dir):
+    with pytest.raises(UserError, match="was trained on other data than .*: pass the --data_dir it was trained on"):
+        train.main(TINY + [f"--data_dir={small_data_dir}", f"--out_dir={trained[0]}", "--init_from=resume",
+                           "--max_iters=50", "--batch_size=8"])
+
+
+def test_a_missing_data_dir_is_an_error_not_a_synthetic_stand_in(tmp_path):
+    typo = tmp_path / "data" / "chatz"
+    with pytest.raises(UserError, match=f"no data at {typo}: prepare it with python data/prepare.py --out_dir={typo}"):
+        train.main(TINY + [f"--data_dir={typo}", f"--out_dir={tmp_path / 'out'}"])
+    assert not typo.exists()
+
+
+def test_log_jsonl_records_the_run_and_a_resume_appends(small_data_dir, tmp_path):
+    common = TINY + [f"--data_dir={small_data_dir}", f"--out_dir={tmp_path}", "--batch_size=2", "--eval_interval=4",
+                     "--log_interval=2"]
+    train.main(common + ["--max_iters=4"])
+    train.main(common + ["--max_iters=8", "--init_from=resume"])
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "val_loss" in r] == [0, 4, 4, 8]  # a resumed run evaluates where it starts
+    assert [r["iter"] for r in records if "loss" in r] == [2, 4, 6, 8]
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 for r in records if "loss" in r)
+
+
+def evals_of(log):
+    return [(int(m.group(1)), float(m.group(2)))
+            for m in re.finditer(r"eval iter (\d+): val answer loss ([\d.]+)", log)]
+
+
+@pytest.mark.parametrize("learning_rate", [1e-2, 0.5])  # a good one, and one so high that the loss rises
+def test_keep_best_keeps_the_best_weights_beside_the_latest(small_data_dir, tmp_path, capsys, learning_rate):
+    train.main(TINY + [f"--data_dir={small_data_dir}", f"--out_dir={tmp_path}", "--batch_size=2", "--max_iters=6",
+                       "--eval_interval=2", "--keep_best", f"--learning_rate={learning_rate}",
+                       f"--min_lr={learning_rate}"])
+    log = capsys.readouterr().out
+    evals, best, new_bests = evals_of(log), float("inf"), []
+    for it, loss in evals:
+        if loss < best:
+            best = loss
+            new_bests.append(it)
+    saved = [it for it in new_bests if it > 0]  # iter 0's untrained weights are never saved
+    assert os.path.exists(tmp_path / "best.pt") == bool(saved)
+    if saved:
+        best_ckpt = load_checkpoint(str(tmp_path / "best.pt"))
+        assert best_ckpt["iter_num"] == saved[-1] and "optimizer" not in best_ckpt
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == 6
+    assert ("the held-out loss rose to" in log) == any(loss > 1.02 * min(l for _, l in evals[:k + 1])
+                                                       for k, (_, loss) in enumerate(evals))
+    if learning_rate == 0.5:
+        assert "the held-out loss rose to" in log
+
+
+def test_ctrl_c_while_importing_prints_no_traceback():
+    proc = subprocess.Popen([sys.executable, "train.py", "--help"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # inside `import torch`
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (-signal.SIGINT, 130) and "Traceback" not in err, err
+
+
+TORCHRUN_WORKER = """
+import sys
+sys.path.insert(0, {root!r})
+import flags
+import train
+flags.run(lambda: train.main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_ranks_all_exit_when_preparing_the_data_fails(tmp_path):
+    (tmp_path / "data").write_text("a file where the data folder would go")  # preparing data/synthetic fails
+    worker = tmp_path / "worker.py"
+    worker.write_text(TORCHRUN_WORKER.format(root=ROOT))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), *TINY, f"--out_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    # each rank's own words are the one line; what follows is torchrun's report that its workers failed
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("cannot create a folder in data/synthetic" in e for e in errors), proc.stderr
+    assert 'File "' + str(worker) not in proc.stderr and "train.py" not in proc.stderr

@@ -1,0 +1,17 @@
+# A mid-size model (6 layers, 6 heads, 384 wide: 10.7M parameters, 512 tokens): minutes per hundred steps on a
+# laptop CPU, seconds on a GPU.
+#   python train.py config/mid.py                     # the default synthetic data (prepared if missing)
+#   python bench.py config/mid.py                     # its costs (CPU here; add --device=cuda on a GPU)
+mask = 'ism'
+out_dir = 'out-mid'
+block_size = 512
+n_layer = 6
+n_head = 6
+n_embd = 384
+batch_size = 16
+max_iters = 3000
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 100
+eval_interval = 250
+eval_iters = 8
