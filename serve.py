@@ -277,6 +277,11 @@ class ChatService:
         """The session whose cache keeps the most rows for the request's history (what set_history will keep);
         when none keeps any, a new one while under --sessions, else the least recently used."""
         history = request.ids[:request.history_len], request.roles[:request.history_len]
+        # A causal row depends on the tokens up to it, so the longest common prefix of (id, role) pairs stays
+        # exact. An ISM query token also attends to the rest of its system/user segment, after it: where two
+        # conversations share the start of a message that then goes on differently, even the shared tokens' rows
+        # differ, and reusable_prefix cuts back to the start of that segment. Under prefix a new prompt changes
+        # every row: nothing is kept.
         kept = {number: reusable_prefix(self.kind, *cached_rows(s), *history) for number, s in self.sessions.items()}
         best = max(kept, key=kept.get, default=None)
         if best is None or kept[best] == 0:

@@ -1,5 +1,5 @@
 """The chat page in headless Chromium: two messages, both replies streamed, the mask drawn with the cached rows
-grey. Needs Debian's chromium and chromium-driver and `pip install selenium` (.ci/run installs them); where they are
+pale. Needs Debian's chromium and chromium-driver and `pip install selenium` (.ci/run installs them); where they are
 missing the test is skipped with the reason, except under CI (the CI variable set), where it fails."""
 import os
 
@@ -8,7 +8,7 @@ import pytest
 from test_engine import USERS
 from test_serve import forward_hook, printable_answers, reference, serving
 
-COLOURS = {"U": [47, 111, 179], "A": [217, 130, 43], "reused": [184, 184, 184]}  # as in assets/chat.html
+COLOURS = {"U": [47, 111, 179], "A": [217, 130, 43], "pale U": [182, 205, 228]}  # as in assets/chat.html
 
 
 @pytest.fixture(scope="module")
@@ -63,5 +63,5 @@ def test_page_streams_replies_and_draws_the_mask(browser):
     assert [m["role"] for m in messages] == ["user", "assistant"] * 2
     assert [messages[1]["content"], messages[3]["content"]] == want
     assert rows == len(session.roles)  # one row per token of the conversation
-    assert drawn == [COLOURS["reused"], COLOURS["A"]] and as_prefix == COLOURS["U"]
+    assert drawn == [COLOURS["pale U"], COLOURS["A"]] and as_prefix == COLOURS["U"]
     assert cost.startswith("prefilled ") and "reused " in cost and "tok/s" in cost
