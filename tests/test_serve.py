@@ -214,6 +214,19 @@ def test_answer_whose_text_does_not_give_back_its_ids_keeps_less_of_the_cache_ne
     assert second["choices"][0]["message"]["content"] == reference("ism", messages, 10)["reply"]
 
 
+@pytest.mark.parametrize("kind", ["causal", "ism"])
+def test_a_message_that_goes_on_differently_keeps_only_the_rows_that_stay_exact(kind):
+    edited = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "ok"},
+              {"role": "user", "content": USERS[1]}]
+    with serving(kind) as (port, _):
+        chat(port, [{"role": "user", "content": "hello there"}], max_tokens=4)
+        answer = chat(port, edited, max_tokens=8)
+    shared = 2 + len(TOK.encode("hello "))  # <|bos|> <|user|> "hello "
+    # ISM: the shared tokens attended to "there", which this conversation does not have
+    assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == (shared if kind == "causal" else 0)
+    assert answer["choices"][0]["message"]["content"] == reference(kind, edited, 8)["reply"]
+
+
 def test_stop_strings_end_the_answer_before_them():
     messages = [{"role": "user", "content": USERS[1]}]
     full = reference("ism", messages, 20)["reply"]

@@ -19,8 +19,8 @@ def browser():
     except ImportError:
         missing = "selenium is not installed (pip install selenium)"
     else:
-        missing = None if os.path.exists("/usr/bin/chromedriver") else \
-            "/usr/bin/chromedriver is missing (apt-get install chromium chromium-driver)"
+        absent = [path for path in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not os.path.exists(path)]
+        missing = f"{' and '.join(absent)} missing (apt-get install chromium chromium-driver)" if absent else None
     if missing:
         if os.environ.get("CI"):
             pytest.fail(f"CI needs the browser test: {missing}")
