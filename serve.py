@@ -1,0 +1,521 @@
+"""
+Serve an ismGPT checkpoint over HTTP with OpenAI's Chat Completions API, plus a chat page at / that draws the
+attention mask of the conversation as it grows.
+
+    python serve.py                                    # out/ckpt.pt on http://127.0.0.1:8000
+    python serve.py --out_dir=out-causal --port=8001 --sessions=32
+    python serve.py --port=0                           # any free port; the first line on stdout says which
+
+    POST /v1/chat/completions   messages, stream, stream_options.include_usage, temperature, top_p, top_k (not
+                                OpenAI's), max_tokens / max_completion_tokens, seed, stop, n=1; other fields ignored
+    GET  /v1/models             the one model, with its mask and block_size
+    GET  /                      the chat page (assets/chat.html)
+
+Clients are stateless: every request carries the whole conversation. The server keeps the KV caches of the last
+--sessions conversations (engine.ChatSession) and answers a request on the one whose cached rows stay exact for
+the longest part of it (engine.reusable_prefix): under causal and ISM a chat prefills only each turn's new tokens,
+under prefix every turn re-prefills the whole history. "usage.prompt_tokens_details.cached_tokens" says how many
+tokens came from the cache; an extra "ismgpt" field gives the page the rest (prefilled tokens, time to first token,
+decode speed, the mask and one role letter per token).
+
+One model answers one request at a time, in arrival order; up to --queue more wait, and beyond that a request is
+refused with 503. A client that disconnects mid-stream stops its generation.
+"""
+import signal
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
+
+import json
+import os
+import random
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import closing
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import torch
+
+from common import THREADS_HELP, resolve_device, set_threads
+from data.chat import DataError, render, render_user, validate
+from engine import ChatSession, Sampling, TextStream, load_chat_model, reusable_prefix
+from flags import UserError, parse, run, setting
+from mask import ROLE_LETTERS
+
+MODEL_NAME = "ismgpt"
+MAX_BODY = 1 << 20  # bytes; a longer request is refused (413) before it is read
+MAX_STOPS = 4  # as OpenAI
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "chat.html")
+
+
+@dataclass
+class ServeConfig:
+    out_dir: str = setting("out", "directory holding ckpt.pt (written by train.py)")
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface; there is no authentication)")
+    port: int = setting(8000, "port to listen on (0: any free port)", min=0, max=65535)
+    device: str = setting("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16",
+                         choices=("auto", "float32", "bfloat16"))
+    temperature: float = setting(1.0, "sampling temperature when a request gives none (OpenAI's default); 0 = greedy",
+                                 min=0, max=2)
+    top_k: int = setting(0, "sample among the k most likely tokens when a request gives no top_k; 0 = all", min=0)
+    top_p: float = setting(1.0, "nucleus sampling when a request gives no top_p; 1 = all", above=0, max=1)
+    max_tokens: int = setting(256, "longest answer, in tokens, when a request gives no max_tokens", min=1)
+    sessions: int = setting(8, "conversations whose KV cache is kept (least recently used goes first)", min=1)
+    queue: int = setting(16, "requests that may wait while one is answered; more get 503", min=0)
+    threads: int = setting(0, THREADS_HELP, min=0)
+    no_cache: bool = setting(False, "reference path: recompute the whole context for every token, no KV cache")
+
+
+# ------------------------------------------------------------------------------------------------------ requests
+
+class ApiError(Exception):
+    """A request refused, answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status, message, param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self):
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ChatRequest:
+    """A checked chat request: messages in data.chat's form (the last one the user's), their rendering, and how
+    to answer."""
+    messages: list
+    ids: list  # render(messages): the history and the new prompt, up to the <|assistant|> that opens the answer
+    roles: list
+    history_len: int  # how many of them render the history, messages[:-1]
+    model: str
+    stream: bool
+    include_usage: bool
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int  # None: drawn from the server's generator
+    stop: tuple
+
+
+def parse_json(body):
+    """Request body bytes -> a dict, or ApiError 400."""
+    def no_constant(name):  # Python's json reads NaN and Infinity, which JSON does not have
+        raise ValueError(f"{name} is not JSON")
+    try:
+        value = json.loads(body.decode("utf-8"), parse_constant=no_constant)
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not UTF-8 text") from None
+    except ValueError as e:  # json.JSONDecodeError included
+        raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the JSON is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return value
+
+
+def text_of(content, number):
+    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts (joined by
+    newlines). Other types are left to data.chat.validate to name."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise ApiError(400, f"message {number}: only text content parts are supported", "messages")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def is_blank_answer(message):
+    return message["role"] == "assistant" and isinstance(message["content"], str) and not message["content"].strip()
+
+
+def chat_messages(raw):
+    """OpenAI messages -> data.chat messages (developer is system; text parts joined; other fields dropped),
+    validated by data.chat's rules, ending with a user message."""
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, '"messages" must be a non-empty list', "messages")
+    messages = []
+    for number, message in enumerate(raw, 1):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ApiError(400, f'message {number} is not an object with "role" and "content"', "messages")
+        role = "system" if message["role"] == "developer" else message["role"]
+        messages.append({"role": role, "content": text_of(message["content"], number)})
+    # data.chat refuses blank messages (training data has none), but a model may answer with nothing or with spaces
+    # and a client sends that answer back: a blank answer is checked as if it said something.
+    checked = [dict(m, content="-") if is_blank_answer(m) else m for m in messages]
+    try:
+        validate(checked, "messages", need_answer=False)
+    except DataError as e:
+        raise ApiError(400, str(e), "messages") from None
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, f"the last message is {messages[-1]['role']!r}: it must be the user's, to answer",
+                       "messages")
+    return messages
+
+
+def field(body, name, kinds, default, check=None, rule=""):
+    """body[name] if it has one of the JSON types `kinds` (and passes check), default if absent or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds) or (check and not check(value)):
+        raise ApiError(400, f'"{name}" must be {rule}', name)
+    return value
+
+
+def stop_strings(body):
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stops, list) and 1 <= len(stops) <= MAX_STOPS and all(isinstance(s, str) and s for s in stops)):
+        raise ApiError(400, f'"stop" must be a non-empty string or a list of 1 to {MAX_STOPS} of them', "stop")
+    return tuple(stops)
+
+
+def parse_request(body, tok, block_size, cfg):
+    """A decoded JSON body -> ChatRequest, or ApiError 400 saying which field is wrong. cfg (ServeConfig) gives the
+    defaults. The conversation must leave room for at least one answer token and its <|end|>: turns are never
+    dropped to make room, because a stateless client decides its history."""
+    messages = chat_messages(body.get("messages"))
+    number = (int, float)
+    field(body, "n", (int,), 1, lambda v: v == 1, "1: one answer per request")
+    options = field(body, "stream_options", (dict,), {}, rule="an object")
+    max_tokens = field(body, "max_completion_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
+    if max_tokens is None:
+        max_tokens = field(body, "max_tokens", (int,), cfg.max_tokens, lambda v: v >= 1, "an integer >= 1")
+    ids, roles = render(messages[:-1], tok)
+    history_len = len(ids)
+    prompt_ids, prompt_roles = render_user(messages[-1]["content"], tok)
+    ids, roles = ids + prompt_ids, roles + prompt_roles  # = render(messages): rendering is prefix-stable
+    if len(ids) + 2 > block_size:
+        raise ApiError(400, f"the conversation is {len(ids)} tokens; with one answer token and <|end|> it needs "
+                            f"{len(ids) + 2}, more than block_size {block_size}: shorten it or leave out early "
+                            "turns", "messages", "context_length_exceeded")
+    return ChatRequest(
+        messages=messages, ids=ids, roles=roles, history_len=history_len,
+        model=field(body, "model", (str,), MODEL_NAME, rule="a string"),
+        stream=field(body, "stream", (bool,), False, rule="true or false"),
+        include_usage=field(options, "include_usage", (bool,), False, rule="true or false"),
+        max_tokens=max_tokens,
+        temperature=field(body, "temperature", number, cfg.temperature, lambda v: 0 <= v <= 2, "between 0 and 2"),
+        top_p=field(body, "top_p", number, cfg.top_p, lambda v: 0 < v <= 1, "above 0 and at most 1"),
+        top_k=field(body, "top_k", (int,), cfg.top_k, lambda v: v >= 0, "an integer >= 0 (0: all tokens)"),
+        seed=field(body, "seed", (int,), None, lambda v: -2**63 <= v < 2**64, "a 64-bit integer"),
+        stop=stop_strings(body),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- answering
+
+class Line:
+    """The requests for the one model: served one at a time, in arrival order (a plain Lock wakes its waiters in
+    any order), with at most `queue` waiting behind the one being served; one more is refused with 503."""
+
+    def __init__(self, queue):
+        self.queue = queue
+        self.changed = threading.Condition()
+        self.next_ticket = 0
+        self.serving = 0
+
+    def __enter__(self):
+        with self.changed:
+            if self.next_ticket - self.serving > self.queue:  # the one being served and those waiting
+                raise ApiError(503, f"busy: one request is being answered and {self.queue} are waiting; retry later")
+            ticket = self.next_ticket
+            self.next_ticket += 1
+            self.changed.wait_for(lambda: self.serving == ticket)
+
+    def __exit__(self, *exc):
+        with self.changed:
+            self.serving += 1
+            self.changed.notify_all()
+
+
+def cut_at_stop(text, stops):
+    """-> (text before the earliest stop string, whether there was one)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(found)], True) if found else (text, False)
+
+
+def unsure_tail(text, stops):
+    """Length of the longest end of text that could be the start of a stop string: a stream holds it back until
+    the next characters show whether the stop string follows."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
+
+
+def cached_rows(session):
+    """The (ids, roles) whose K/V rows the session's cache holds."""
+    n = session.cache.length if session.cache is not None else 0
+    return session.ids[:n], session.roles[:n]
+
+
+class ChatService:
+    """The model, the cached conversations (ChatSession objects, least recently used first) and the line of
+    requests. answer() runs a checked request on the session whose cache keeps the most of it. cfg (ServeConfig)
+    gives --sessions, --queue, --no_cache and the sampling defaults."""
+
+    def __init__(self, model, tok, kind, cfg, log=None):
+        self.model, self.tok, self.kind, self.cfg = model, tok, kind, cfg
+        self.block_size = model.config.block_size
+        self.sessions = OrderedDict()  # number -> ChatSession
+        self.line = Line(cfg.queue)
+        self.seeds = random.Random()  # seeds of the requests that bring none; itself seeded by the OS
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def session_for(self, request):
+        """The session whose cache keeps the most rows for the request's history (what set_history will keep);
+        when none keeps any, a new one while under --sessions, else the least recently used."""
+        history = request.ids[:request.history_len], request.roles[:request.history_len]
+        # A causal row depends on the tokens up to it, so the longest common prefix of (id, role) pairs stays
+        # exact. An ISM query token also attends to the rest of its system/user segment, after it: where two
+        # conversations share the start of a message that then goes on differently, even the shared tokens' rows
+        # differ, and reusable_prefix cuts back to the start of that segment. Under prefix a new prompt changes
+        # every row: nothing is kept.
+        kept = {number: reusable_prefix(self.kind, *cached_rows(s), *history) for number, s in self.sessions.items()}
+        best = max(kept, key=kept.get, default=None)
+        if best is None or kept[best] == 0:
+            if len(self.sessions) < self.cfg.sessions:
+                # reply_reserve=1: parse_request checked that the prompt, one answer token and <|end|> fit, so
+                # generate() never drops the turns the client sent
+                best = len(self.sessions)
+                self.sessions[best] = ChatSession(self.model, self.tok, self.kind, use_cache=not self.cfg.no_cache,
+                                                  reply_reserve=1)
+            else:
+                best = next(iter(self.sessions))
+        self.sessions.move_to_end(best)
+        return self.sessions[best]
+
+    def answer(self, request):
+        """Generate the answer to a checked request (call it holding the line). Yields ("prefilled", facts) when
+        the first token is sampled, ("text", piece) with the answer in whole characters (a stop string and what
+        follows it never shown), and last ("done", {text, finish_reason, usage, ismgpt}). Closing the iterator
+        early (a client gone) stops the generation: the session closes the answer and stays consistent."""
+        started = time.perf_counter()
+        session = self.session_for(request)
+        session.set_history(request.messages[:-1])  # keeps exactly the cached rows that stay exact
+        seed = request.seed if request.seed is not None else self.seeds.getrandbits(63)
+        sampling = Sampling(request.temperature, request.top_k or None, request.top_p,
+                            torch.Generator().manual_seed(seed))
+        tokens = session.generate(request.messages[-1]["content"], request.max_tokens, sampling)
+        stream, text, shown, times, stopped = TextStream(self.tok), "", 0, [], False
+        with closing(tokens):
+            for token in tokens:
+                times.append(time.perf_counter())
+                if len(times) == 1:
+                    yield "prefilled", self.facts(session, started, times)
+                if token != self.tok.end:
+                    text, stopped = cut_at_stop(text + stream.push(token), request.stop)
+                if stopped:
+                    break  # closing the tokens closes the answer; the session keeps what was sampled
+                sure = len(text) - unsure_tail(text, request.stop)
+                if sure > shown:
+                    yield "text", text[shown:sure]
+                    shown = sure
+        if not stopped:
+            text, stopped = cut_at_stop(text + stream.flush(), request.stop)
+        if len(text) > shown:
+            yield "text", text[shown:]
+        finish = "stop" if stopped or session.last["stopped"] == "end" else "length"  # length: max_tokens or context
+        yield "done", {"text": text, "finish_reason": finish, "usage": self.usage(session, request, len(times)),
+                       "ismgpt": self.facts(session, started, times)}
+
+    def usage(self, session, request, completion_tokens):
+        """OpenAI's usage; completion tokens are those sampled, a final <|end|> included."""
+        return {"prompt_tokens": len(request.ids), "completion_tokens": completion_tokens,
+                "total_tokens": len(request.ids) + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": session.last["reused_tokens"]}}
+
+    def facts(self, session, started, times):
+        """What the page shows of a turn: the cost of its prefill and decode, and one role letter (S, U, A) per
+        token of the conversation so far, from which it draws the mask."""
+        decode_time = times[-1] - times[0]
+        return {"mask": self.kind, "prefill_tokens": session.last["prefill_tokens"],
+                "reused_tokens": session.last["reused_tokens"], "ttft_ms": round((times[0] - started) * 1e3, 3),
+                "decode_tokens_per_s": round((len(times) - 1) / decode_time, 1) if decode_time > 0 else None,
+                "roles": "".join(ROLE_LETTERS[r] for r in session.roles)}
+
+    def models(self):
+        return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "ismgpt",
+                                            "mask": self.kind, "block_size": self.block_size}]}
+
+
+# ---------------------------------------------------------------------------------------------------------- HTTP
+
+def completion(request, reply, response_id, created):
+    return {"id": response_id, "object": "chat.completion", "created": created, "model": request.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply["text"]}, "logprobs": None,
+                         "finish_reason": reply["finish_reason"]}],
+            "usage": reply["usage"], "ismgpt": reply["ismgpt"]}
+
+
+def chunk(request, response_id, created, choices, **extra):
+    """One chat.completion.chunk; with include_usage every chunk has "usage", null in all but the last."""
+    body = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": request.model,
+            "choices": choices}
+    if request.include_usage:
+        body["usage"] = None
+    return {**body, **extra}
+
+
+def delta(content, finish_reason=None):
+    return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}]
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One HTTP request. Every response closes its connection: a stream ends where the connection does."""
+    protocol_version = "HTTP/1.1"  # answers Expect: 100-continue (curl's larger bodies); connections still close
+    routes = {"/": {"GET": "page"}, "/v1/models": {"GET": "models"},
+              "/v1/chat/completions": {"POST": "chat_completions"}}
+
+    def do_request(self):
+        self.close_connection = True
+        begun, self.status, self.summary = time.perf_counter(), None, ""
+        try:
+            self.route(urlsplit(self.path).path)
+        except (BrokenPipeError, ConnectionResetError):
+            self.status, self.summary = self.status or "-", self.summary + " (client gone)"
+        except Exception:
+            if self.status is None:  # a bug, not the request's fault: say so, then let http.server log it
+                self.send_json(500, ApiError(500, "internal error").body())
+            raise
+        finally:
+            self.server.service.log(f"{self.client_address[0]} {self.command} {self.path} {self.status}"
+                                    f"{self.summary} {(time.perf_counter() - begun) * 1e3:.0f} ms")
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_request
+
+    def route(self, path):
+        methods = self.routes.get(path)
+        try:
+            if methods is None:
+                raise ApiError(404, f"no such path: {path} (POST /v1/chat/completions, GET /v1/models, GET /)")
+            if self.command not in methods:
+                raise ApiError(405, f"{self.command} is not allowed on {path}: use {', '.join(methods)}")
+            getattr(self, methods[self.command])()
+        except ApiError as e:
+            self.send_json(e.status, e.body(), allow=", ".join(methods) if e.status == 405 else "")
+
+    def log_request(self, code="-", size="-"):
+        """Silences http.server's own line: do_request logs one, with the token counts."""
+
+    def send_head(self, status, content_type, length=None, allow=""):
+        self.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        if allow:
+            self.send_header("Allow", allow)
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    def send_json(self, status, body, allow=""):
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.send_head(status, "application/json", len(data), allow)
+        self.wfile.write(data)
+
+    def send_event(self, body):
+        self.wfile.write(b"data: " + json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n\n")
+
+    def page(self):
+        self.send_head(200, "text/html; charset=utf-8", len(self.server.page))
+        self.wfile.write(self.server.page)
+
+    def models(self):
+        self.send_json(200, self.server.service.models())
+
+    def read_body(self):
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise ApiError(400, "the request needs a Content-Length header") from None
+        if length > MAX_BODY:  # refused unread
+            raise ApiError(413, f"the body is {length} bytes, more than {MAX_BODY}")
+        return self.rfile.read(length)
+
+    def chat_completions(self):
+        service = self.server.service
+        request = parse_request(parse_json(self.read_body()), service.tok, service.block_size, service.cfg)
+        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        with service.line:
+            if request.stream:
+                self.stream_reply(request, response_id, created)
+            else:
+                *_, (_, reply) = service.answer(request)  # run it to its end, keep the last event: done
+                self.send_json(200, completion(request, reply, response_id, created))
+                self.note(reply)
+
+    def stream_reply(self, request, response_id, created):
+        """Server-sent events: the role (sent with the first token, with the prefill's facts), the content, the
+        finish_reason with the turn's facts, the usage when asked for, and [DONE]. A failed write (the client
+        gone) leaves the loop, and closing the answer stops the generation."""
+        self.send_head(200, "text/event-stream")
+        with closing(self.server.service.answer(request)) as events:
+            for event, value in events:
+                if event == "prefilled":
+                    self.send_event(chunk(request, response_id, created, delta({"role": "assistant", "content": ""}),
+                                          ismgpt=value))
+                elif event == "text":
+                    self.send_event(chunk(request, response_id, created, delta({"content": value})))
+                else:
+                    self.send_event(chunk(request, response_id, created, delta({}, value["finish_reason"]),
+                                          ismgpt=value["ismgpt"]))
+                    if request.include_usage:
+                        self.send_event(chunk(request, response_id, created, [], usage=value["usage"]))
+                    self.note(value)
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def note(self, reply):
+        """The request's tokens, for its log line."""
+        usage = reply["usage"]
+        self.summary = (f" prompt {usage['prompt_tokens']} cached {usage['prompt_tokens_details']['cached_tokens']}"
+                        f" completion {usage['completion_tokens']} {reply['finish_reason']}")
+
+
+def make_server(service, host="127.0.0.1", port=0):
+    """A ThreadingHTTPServer answering with `service` (its handler threads end with the process); port 0 picks a
+    free port (server.server_address says which). Run it with serve_forever(), stop it with shutdown()."""
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.service = service
+    with open(PAGE, "rb") as f:
+        server.page = f.read()
+    return server
+
+
+def chat_dtype(dtype, device):
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
+def main(argv=None):
+    cfg = parse(ServeConfig(), sys.argv[1:] if argv is None else argv, __doc__)
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    model, tok, kind, _ = load_chat_model(cfg.out_dir, device, chat_dtype(cfg.dtype, device))
+    service = ChatService(model, tok, kind, cfg)
+    try:
+        server = make_server(service, cfg.host, cfg.port)
+    except OSError as e:
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e})") from None
+    host, port = server.server_address[:2]
+    cache = "no cache (reference path)" if cfg.no_cache else f"KV cache for {cfg.sessions} conversations"
+    print(f"serving http://{host}:{port} (mask {kind}, block_size {model.config.block_size}, {cache})", flush=True)
+    with server:
+        server.serve_forever()
+
+
+if __name__ == "__main__":
+    run(main)

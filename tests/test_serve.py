@@ -1,0 +1,394 @@
+"""serve.py over real HTTP on 127.0.0.1: replies against the no-cache reference (a use_cache=False ChatSession fed
+the same text history), exact cross-request reuse, OpenAI's shapes for answers, streams and errors, the busy line,
+a client that disconnects mid-stream, and answers whose text does not re-encode to the sampled ids."""
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from data.chat import render
+from engine import ChatSession
+from flags import run
+from mask import MASKS, ROLE_LETTERS
+import serve
+from serve import ChatService, ServeConfig, make_server
+from test_engine import CONFIG, MODEL, SYSTEM_TEXT, TOK, USERS
+from test_sample import ROOT, out_dir  # noqa: F401  (a checkpoint of MODEL, mask ism)
+
+ASCII = [TOK.encode(chr(c))[0] for c in range(32, 127)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def forward_hook(hook):
+    handle = MODEL.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def printable_answers(module, args, output):
+    """Answers of printable ASCII, closed after a '.': their text re-encodes to the sampled ids, so a client that
+    sends them back keeps the whole cache. It reads only the last input token, so the cached and the no-cache path
+    see the same change."""
+    logits, loss = output
+    logits = logits.clone()
+    allowed = logits[0, -1, ASCII]
+    logits[0, -1] = float("-inf")
+    logits[0, -1, ASCII] = allowed
+    logits[0, -1, TOK.end] = 1e4 if int(args[0][0, -1]) == ord("a") else float("-inf")
+    return logits, loss
+
+
+@contextmanager
+def serving(kind="ism", log=None, **options):
+    """A server on an ephemeral port, in a thread, answering greedily by default; yields (port, service)."""
+    cfg = ServeConfig(temperature=0.0, **options)
+    service = ChatService(MODEL, TOK, kind, cfg, log=[].append if log is None else log.append)
+    server = make_server(service)
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)  # quick shutdown
+    thread.start()
+    try:
+        yield server.server_address[1], service
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def request(port, method="POST", path="/v1/chat/completions", body=None, headers=None):
+    """-> (status, headers, body bytes)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    connection.request(method, path, data, headers or {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    payload = response.read()
+    connection.close()
+    return response.status, response.headers, payload
+
+
+def chat(port, messages, **options):
+    status, _, payload = request(port, body={"messages": messages, **options})
+    assert status == 200, payload
+    return json.loads(payload)
+
+
+def stream(port, messages, **options):
+    """The chunks of a streamed answer; checks the SSE framing and the final [DONE]."""
+    status, headers, payload = request(port, body={"messages": messages, "stream": True, **options})
+    assert status == 200 and headers["Content-Type"] == "text/event-stream", payload
+    events = payload.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: ") for e in events[:-1])
+    return [json.loads(e[len("data: "):]) for e in events[:-2]]
+
+
+def reference(kind, messages, max_tokens):
+    """The greedy answer to messages (the last one the user's) through the no-cache path, given the same text."""
+    session = ChatSession(MODEL, TOK, kind, use_cache=False, reply_reserve=1)
+    session.set_history(messages[:-1])
+    return session.turn(messages[-1]["content"], max_tokens, temperature=0)
+
+
+def letters(messages):
+    return "".join(ROLE_LETTERS[r] for r in render(messages, TOK)[1])
+
+
+def take_turn(port, messages, user, answer=chat, **options):
+    """One turn as a stateless client takes it: the request carries the whole history, the answer comes back as
+    text and joins it. -> the response (the chunks, for answer=stream)."""
+    messages.append({"role": "user", "content": user})
+    response = answer(port, messages, **options)
+    text = response["choices"][0]["message"]["content"] if answer is chat else \
+        "".join(c["choices"][0]["delta"].get("content", "") for c in response if c["choices"])
+    messages.append({"role": "assistant", "content": text})
+    return response
+
+
+def play(port, users, answer=chat, system=SYSTEM_TEXT, **options):
+    """-> (messages, responses) of a chat through the server."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages, [take_turn(port, messages, user, answer, **options) for user in users]
+
+
+# ------------------------------------------------------------------------------------------------------ answers
+
+@pytest.mark.parametrize("kind", MASKS)
+def test_chat_equals_the_no_cache_reference_and_prefills_only_new_tokens(kind):
+    with forward_hook(printable_answers), serving(kind) as (port, _):
+        messages, responses = play(port, USERS, max_tokens=8)
+        for k, response in enumerate(responses):
+            asked = messages[:2 + 2 * k]  # system, then the turns so far up to this user message
+            want = reference(kind, asked, 8)
+            assert response["choices"][0]["message"]["content"] == want["reply"]
+            assert response["choices"][0]["finish_reason"] == ("stop" if want["stopped"] == "end" else "length")
+            usage, facts = response["usage"], response["ismgpt"]
+            assert usage["prompt_tokens"] == len(render(asked, TOK)[0])
+            assert usage["completion_tokens"] == want["generated_tokens"]
+            assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+            cached = usage["prompt_tokens_details"]["cached_tokens"]
+            if kind == "prefix" or k == 0:
+                assert cached == 0
+            else:  # every token of the last request and its answer but the last sampled one, never fed
+                before = responses[k - 1]["usage"]
+                assert cached == before["prompt_tokens"] + before["completion_tokens"] - 1 > 0
+            assert facts["reused_tokens"] == cached and facts["prefill_tokens"] == usage["prompt_tokens"] - cached
+            assert facts["mask"] == kind and facts["roles"] == letters(messages[:3 + 2 * k])
+        assert {r["choices"][0]["finish_reason"] for r in responses} == {"stop", "length"}
+
+
+def test_stream_equals_the_answer_and_usage_comes_last_when_asked():
+    with forward_hook(printable_answers):
+        with serving() as (port, _):
+            messages, answers = play(port, USERS[:3], max_tokens=12)
+        with serving() as (port, _):
+            streamed_messages, streams = play(port, USERS[:3], answer=stream, max_tokens=12,
+                                              stream_options={"include_usage": True})
+        with serving() as (port, _):
+            plain = stream(port, messages[:2], max_tokens=12)
+    assert streamed_messages == messages
+    for answer, chunks in zip(answers, streams):
+        first, *middle, finish, usage = chunks
+        assert first["object"] == "chat.completion.chunk" and first["model"] == "ismgpt"
+        assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert all(set(c["choices"][0]["delta"]) == {"content"} for c in middle)
+        assert all(c["usage"] is None and c["id"] == first["id"] for c in [first, *middle, finish])
+        assert finish["choices"][0]["finish_reason"] == answer["choices"][0]["finish_reason"]
+        assert finish["ismgpt"]["roles"] == answer["ismgpt"]["roles"]
+        assert usage["choices"] == [] and usage["usage"] == answer["usage"]
+    assert "usage" not in plain[-1] and plain[-1]["choices"][0]["finish_reason"]
+
+
+def test_interleaved_conversations_keep_their_own_caches_and_the_no_cache_server_agrees():
+    systems, users = {"a": SYSTEM_TEXT, "b": None}, {"a": USERS[:2], "b": USERS[2:]}
+    chats = {"a": [{"role": "system", "content": SYSTEM_TEXT}], "b": []}
+    with forward_hook(printable_answers):
+        with serving(sessions=2) as (port, service):
+            turns = [{name: take_turn(port, chats[name], users[name][k], max_tokens=8) for name in chats}
+                     for k in range(2)]  # a1 b1 a2 b2
+            assert len(service.sessions) == 2
+        with serving(no_cache=True) as (port, _):
+            replayed = {name: play(port, users[name], system=systems[name], max_tokens=8) for name in chats}
+    for name in chats:
+        first, second = turns[0][name]["usage"], turns[1][name]["usage"]
+        cached = second["prompt_tokens_details"]["cached_tokens"]
+        assert cached == first["prompt_tokens"] + first["completion_tokens"] - 1  # all but the last sampled token
+        assert replayed[name][0] == chats[name]  # the same answers without a cache
+        assert all(r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 for r in replayed[name][1])
+
+
+def test_answer_whose_text_does_not_give_back_its_ids_keeps_less_of_the_cache_never_a_wrong_row():
+    # The first answer is the byte 0xff, then "ok": not UTF-8, so the client gets "\ufffdok", whose bytes differ.
+    forced = {TOK.assistant: 0xFF, 0xFF: ord("o"), ord("o"): ord("k"), ord("k"): TOK.end}
+
+    def invalid_utf8(module, args, output):
+        logits, loss = output
+        logits = logits.clone()
+        logits[0, -1, forced.get(int(args[0][0, -1]), TOK.end)] = 1e4
+        return logits, loss
+
+    with serving() as (port, _):
+        with forward_hook(invalid_utf8):
+            first = chat(port, [{"role": "user", "content": USERS[0]}], max_tokens=10)
+        assert first["choices"][0]["message"]["content"] == "\ufffdok"
+        messages = [{"role": "user", "content": USERS[0]}, {"role": "assistant", "content": "\ufffdok"},
+                    {"role": "user", "content": USERS[1]}]
+        second = chat(port, messages, max_tokens=10)
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == first["usage"]["prompt_tokens"]  # up to the answer, whose first byte differs
+    assert cached < len(render(messages[:2], TOK)[0]) - 1
+    assert second["choices"][0]["message"]["content"] == reference("ism", messages, 10)["reply"]
+
+
+@pytest.mark.parametrize("kind", ["causal", "ism"])
+def test_a_message_that_goes_on_differently_keeps_only_the_rows_that_stay_exact(kind):
+    edited = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "ok"},
+              {"role": "user", "content": USERS[1]}]
+    with serving(kind) as (port, _):
+        chat(port, [{"role": "user", "content": "hello there"}], max_tokens=4)
+        answer = chat(port, edited, max_tokens=8)
+    shared = 2 + len(TOK.encode("hello "))  # <|bos|> <|user|> "hello "
+    # ISM: the shared tokens attended to "there", which this conversation does not have
+    assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == (shared if kind == "causal" else 0)
+    assert answer["choices"][0]["message"]["content"] == reference(kind, edited, 8)["reply"]
+
+
+def test_stop_strings_end_the_answer_before_them():
+    messages = [{"role": "user", "content": USERS[1]}]
+    full = reference("ism", messages, 20)["reply"]
+    stop = next(full[i:i + 2] for i in range(2, len(full)) if full.find(full[i:i + 2]) == i)  # inside the reply
+    before = full[:full.find(stop)]
+    with serving() as (port, _):
+        answer = chat(port, messages, max_tokens=20, stop=["never", stop])
+        chunks = stream(port, messages, max_tokens=20, stop=stop)
+        nothing = chat(port, messages, max_tokens=20, stop=full[0])
+        turns = [messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": USERS[2]}]
+                 for reply in (before, "")]
+        after = [chat(port, turn, max_tokens=8) for turn in turns]  # the cut answers were closed consistently
+    assert answer["choices"][0]["message"]["content"] == before and answer["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == before
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert nothing["choices"][0]["message"]["content"] == "" and nothing["choices"][0]["finish_reason"] == "stop"
+    for turn, answer in zip(turns, after):  # a blank answer sent back is accepted too
+        assert answer["choices"][0]["message"]["content"] == reference("ism", turn, 8)["reply"]
+
+
+def test_seed_repeats_a_sampled_answer():
+    messages = [{"role": "user", "content": USERS[0]}]
+    with serving() as (port, _):
+        same = [chat(port, messages, temperature=1.0, top_p=0.9, top_k=50, seed=7, max_tokens=12) for _ in range(2)]
+        other = chat(port, messages, temperature=1.0, top_p=0.9, top_k=50, seed=8, max_tokens=12)
+    texts = [r["choices"][0]["message"]["content"] for r in same + [other]]
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_models_and_the_page():
+    with serving() as (port, _):
+        status, _, models = request(port, "GET", "/v1/models")
+        page_status, headers, page = request(port, "GET", "/")
+    assert status == 200 and json.loads(models)["data"][0] == {
+        "id": "ismgpt", "object": "model", "created": 0, "owned_by": "ismgpt", "mask": "ism",
+        "block_size": CONFIG.block_size}
+    assert page_status == 200 and headers["Content-Type"].startswith("text/html") and b"<canvas" in page
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+USER = [{"role": "user", "content": USERS[0]}]
+BAD_REQUESTS = {
+    "not JSON": (b'{"messages": [', None, None),
+    "NaN": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None, None),
+    "not an object": ([1, 2], None, None),
+    "no messages": ({"model": "x"}, "messages", None),
+    "unknown role": ({"messages": [{"role": "tool", "content": "hi"}]}, "messages", None),
+    "empty content": ({"messages": [{"role": "user", "content": " "}]}, "messages", None),
+    "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+                   "messages", None),
+    "last is not the user's": ({"messages": USER + [{"role": "assistant", "content": "ok"}]}, "messages", None),
+    "answer first": ({"messages": [{"role": "assistant", "content": "ok"}] + USER}, "messages", None),
+    "n=2": ({"messages": USER, "n": 2}, "n", None),
+    "temperature": ({"messages": USER, "temperature": -1}, "temperature", None),
+    "stream": ({"messages": USER, "stream": "yes"}, "stream", None),
+    "max_tokens": ({"messages": USER, "max_tokens": 0}, "max_tokens", None),
+    "top_p": ({"messages": USER, "top_p": 0}, "top_p", None),
+    "seed": ({"messages": USER, "seed": "7"}, "seed", None),
+    "stop": ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
+    "too long": ({"messages": [{"role": "user", "content": "x" * (CONFIG.block_size - 5)}]}, "messages",
+                 "context_length_exceeded"),
+}
+
+
+def test_errors_in_openai_shape_and_the_server_goes_on():
+    log = []
+    with forward_hook(printable_answers), serving(log=log) as (port, _):
+        for name, (body, param, code) in BAD_REQUESTS.items():
+            status, _, payload = request(port, body=body)
+            error = json.loads(payload)["error"]
+            assert status == 400 and (error["param"], error["code"]) == (param, code), name
+            assert error["type"] == "invalid_request_error" and error["message"], name
+        fits = [{"role": "user", "content": "x" * (CONFIG.block_size - 6)}]
+        assert chat(port, fits, max_tokens=5)["choices"][0]["finish_reason"] == "length"  # room for one token
+        assert request(port, path="/v1/nothing", body={})[0] == 404
+        status, headers, _ = request(port, "GET")
+        assert status == 405 and headers["Allow"] == "POST"
+        assert request(port, body=b"", headers={"Content-Length": str(serve.MAX_BODY + 1)})[0] == 413
+        developer = [{"role": "developer", "content": SYSTEM_TEXT},
+                     {"role": "user", "content": [{"type": "text", "text": USERS[0]}]}]
+        answer = chat(port, developer, max_tokens=9, model="any", unknown_field=1)
+        want = reference("ism", [{"role": "system", "content": SYSTEM_TEXT}, USER[0]], 9)
+    assert answer["model"] == "any" and answer["choices"][0]["message"]["content"] == want["reply"]
+    assert len(log) == len(BAD_REQUESTS) + 5 and log[-1].startswith("127.0.0.1 POST /v1/chat/completions 200 prompt")
+
+
+@contextmanager
+def held_in_generation():
+    """While inside, the model's forward waits: a request being answered stays inside its generation. Yields the
+    event set once a forward is waiting."""
+    waiting, release = threading.Event(), threading.Event()
+
+    def hold(module, args, output):
+        waiting.set()
+        release.wait(timeout=30)
+
+    with forward_hook(hold):
+        try:
+            yield waiting
+        finally:
+            release.set()
+
+
+def test_a_full_queue_answers_503():
+    with serving(queue=0) as (port, _):
+        results = []
+        with held_in_generation() as waiting:
+            first = threading.Thread(target=lambda: results.append(request(port, body={"messages": USER,
+                                                                                        "max_tokens": 3})))
+            first.start()
+            assert waiting.wait(timeout=30)
+            status, _, payload = request(port, body={"messages": USER})
+        first.join(timeout=30)
+    assert status == 503 and json.loads(payload)["error"]["type"] == "server_error"
+    assert results[0][0] == 200
+
+
+def test_a_client_gone_mid_stream_stops_the_generation():
+    def slow(module, args, output):
+        time.sleep(0.01)  # a long answer takes a second: the server is still generating when the client goes
+
+    body = json.dumps({"messages": USER, "stream": True, "max_tokens": 100}).encode()
+    log = []
+    with serving(log=log) as (port, service):
+        with forward_hook(slow), socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            received = b""
+            while received.count(b"data: ") < 3:
+                received += client.recv(4096)
+        for _ in range(300):  # the server notices at its next writes
+            if log:
+                break
+            time.sleep(0.01)
+        (session,) = service.sessions.values()
+        again = chat(port, USER, max_tokens=12)
+    assert "(client gone)" in log[0]
+    assert session.last["stopped"] == "interrupted" and len(session.messages[-1]["content"]) < 50
+    assert again["choices"][0]["message"]["content"] == reference("ism", USER, 12)["reply"]
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+def test_serve_py_loads_a_checkpoint_and_answers(out_dir):  # noqa: F811
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={out_dir}", "--port=0", "--device=cpu",
+                             "--temperature=0", "--threads=1"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving http://127.0.0.1:") and "mask ism" in line, proc.stderr.read()
+        port = int(line.split()[1].rsplit(":", 1)[1])
+        answer = chat(port, USER, max_tokens=6)
+        logged = proc.stderr.readline()  # written once the answer is sent
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert answer["choices"][0]["message"]["content"] == reference("ism", USER, 6)["reply"]
+    assert logged.startswith("127.0.0.1 POST /v1/chat/completions 200 prompt 6 cached 0 completion 6 length")
+
+
+def test_bad_flags_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: serve.main(["--queue=-1"]))
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: --queue=-1: must be at least 0\n"
