@@ -96,3 +96,31 @@ def test_chat_session_on_cuda_matches_the_no_cache_path(kind):
         want = reference.turn(user, max_new_tokens=12)
         assert got["reply"] == want["reply"]
     assert cached.ids == reference.ids
+
+
+@pytest.mark.parametrize("kind", MASKS)
+def test_compiled_decode_step_equals_the_eager_one(kind):
+    """The static-shape step under torch.compile(mode="reduce-overhead"), i.e. replayed as a CUDA graph: the same
+    greedy transcript and, step by step, the same logits as the eager path (fp32: a tight tolerance)."""
+    from data.tokenizer import get_tokenizer
+    from engine import ChatSession
+    torch.manual_seed(0)
+    model = GPT(CONFIG).cuda().eval()
+    tok = get_tokenizer("byte")
+    transcripts, logits = {}, {}
+    for decode in ("eager", "compiled"):
+        session = ChatSession(model, tok, kind, decode=decode)
+        steps = []
+        if decode == "compiled":
+            step = session.static.step
+            session.static.step = lambda idx, pos: steps.append(step(idx, pos).clone()) or steps[-1]
+        else:
+            handle = model.register_forward_hook(
+                lambda m, args, out: steps.append(out[0][0, -1].clone()) if args[0].shape[1] == 1 else None)
+        transcripts[decode] = [session.turn(u, max_new_tokens=16, min_new_tokens=16)["reply"]
+                               for u in ["9 4 7 1 sort", "my pin is 4821", "what is my pin?"]]
+        if decode == "eager":
+            handle.remove()
+        logits[decode] = torch.stack(steps)
+    assert transcripts["compiled"] == transcripts["eager"]
+    torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-3, rtol=1e-3)

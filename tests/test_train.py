@@ -465,3 +465,16 @@ def test_torchrun_ranks_all_exit_when_preparing_the_data_fails(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and all("cannot create a folder in data/synthetic" in e for e in errors), proc.stderr
     assert 'File "' + str(worker) not in proc.stderr and "train.py" not in proc.stderr
+
+
+def test_plot_training_reads_the_log(trained, tmp_path):
+    from experiments import plot_training
+    png = tmp_path / "loss.png"
+    try:
+        plot_training.main([trained[0], f"--png={png}"])
+    except UserError as e:  # the one thing it may lack
+        assert str(e) == "plotting needs matplotlib: pip install matplotlib"
+    else:
+        assert png.stat().st_size > 0
+    with pytest.raises(UserError, match="cannot read .*log.jsonl"):
+        plot_training.main([str(tmp_path / "nothing")])
