@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 import flags
-from common import THREADS_HELP, Runtime, cpu_threads, machine, resolve_device, runtime
+from common import THREADS_HELP, Runtime, chat_dtype, cpu_threads, machine, resolve_device, runtime
 from data import synthetic
 from data.batching import answer_target_count, collate, documents, epoch_rows, load_split, token_count
 from data.chat import plural, render, render_user
@@ -638,8 +638,7 @@ def run_bench(cfg, sections, device):
         results["train"] = train_section(cfg, device)
         say(train_tables(results["train"]))
     if "chat" in sections or "decode" in sections:
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-        rt = Runtime(device, dtype)
+        rt = Runtime(device, chat_dtype(cfg.dtype, device))
         tok = get_tokenizer("byte")
         model = chat_model(cfg, tok, rt)
         hf, hf_note = hf_model(cfg, tok, rt)

@@ -76,6 +76,14 @@ def runtime(device="auto", dtype="auto", attention="auto", local_rank=0):
     return Runtime(device, dtype, attention)
 
 
+def chat_dtype(name, device):
+    """The dtype a chat model runs in: name, or for "auto" bfloat16 on CUDA (half the memory traffic a decode step
+    is bound by) and float32 on a CPU."""
+    if name != "auto":
+        return name
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
 def set_threads(n):
     """torch's intra-op CPU threads; 0 keeps torch's default."""
     if n:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import THREADS_HELP, resolve_device, set_threads
+from common import THREADS_HELP, chat_dtype, resolve_device, set_threads
 from data.chat import DataError, read_jsonl
 from engine import ChatSession, Sampling, TurnError, load_chat_model
 from flags import UserError, parse, run, setting
@@ -51,12 +51,6 @@ class SampleConfig:
                               "object per turn")
     json: bool = setting(False, "stdin chat: print one JSON object per turn instead of the streamed reply")
     stats: bool = setting(False, "show the per-turn stats line from the start (/stats toggles it)")
-
-
-def chat_dtype(cfg, device):
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
 
 def stats_line(result):
@@ -178,7 +172,7 @@ def main(argv=None):
             raise UserError(str(e)) from None
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    model, tok, kind, _ = load_chat_model(cfg.out_dir, device, chat_dtype(cfg, device), cfg.ckpt)
+    model, tok, kind, _ = load_chat_model(cfg.out_dir, device, chat_dtype(cfg.dtype, device), cfg.ckpt)
     session = ChatSession(model, tok, kind, system=cfg.system or None, use_cache=not cfg.no_cache,
                           decode="compiled" if cfg.compile else "eager")
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, torch.Generator().manual_seed(cfg.seed))

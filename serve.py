@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from common import THREADS_HELP, resolve_device, set_threads
+from common import THREADS_HELP, chat_dtype, resolve_device, set_threads
 from data.chat import DataError, render, render_user, validate
 from engine import ChatSession, Sampling, TextStream, load_chat_model, reusable_prefix
 from flags import UserError, parse, run, setting
@@ -134,10 +134,6 @@ def text_of(content, number):
     return "\n".join(texts)
 
 
-def is_blank_answer(message):
-    return message["role"] == "assistant" and isinstance(message["content"], str) and not message["content"].strip()
-
-
 def chat_messages(raw):
     """OpenAI messages -> data.chat messages (developer is system; text parts joined; other fields dropped),
     validated by data.chat's rules, ending with a user message."""
@@ -149,11 +145,8 @@ def chat_messages(raw):
             raise ApiError(400, f'message {number} is not an object with "role" and "content"', "messages")
         role = "system" if message["role"] == "developer" else message["role"]
         messages.append({"role": role, "content": text_of(message["content"], number)})
-    # data.chat refuses blank messages (training data has none), but a model may answer with nothing or with spaces
-    # and a client sends that answer back: a blank answer is checked as if it said something.
-    checked = [dict(m, content="-") if is_blank_answer(m) else m for m in messages]
     try:
-        validate(checked, "messages", need_answer=False)
+        validate(messages, "messages", need_answer=False)  # an answer may be blank: a model may have said nothing
     except DataError as e:
         raise ApiError(400, str(e), "messages") from None
     if messages[-1]["role"] != "user":
@@ -492,12 +485,6 @@ def make_server(service, host="127.0.0.1", port=0):
     with open(PAGE, "rb") as f:
         server.page = f.read()
     return server
-
-
-def chat_dtype(dtype, device):
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
 
 def main(argv=None):

@@ -79,7 +79,7 @@ def render(messages, tok):
 
 # --------------------------------------------------------------------------------------------------- validation
 
-def _check_message(message, number, where):
+def _check_message(message, number, where, blank_answer_ok=False):
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise DataError(f'{where}: message {number} is not an object with "role" and "content"')
     role, content = message["role"], message["content"]
@@ -90,7 +90,7 @@ def _check_message(message, number, where):
                         "(expected system, user or assistant)")
     if not isinstance(content, str):
         raise DataError(f"{where}: message {number} has non-string content ({type(content).__name__})")
-    if not content.strip():
+    if not content.strip() and not (blank_answer_ok and role == "assistant"):
         raise DataError(f"{where}: message {number} has empty content")
     if not _is_unicode(content):
         raise DataError(f"{where}: message {number} content is not valid Unicode (a lone surrogate such as \\ud800)")
@@ -123,11 +123,13 @@ def _check_order(roles, where):
 
 def validate(messages, where, need_answer=True):
     """Raise DataError(f"{where}: <problem>") unless messages is a well-formed conversation. need_answer=True
-    (training data) also requires an assistant turn and a final assistant message; the sampler passes False."""
+    (training data) also requires an assistant turn and a final assistant message, and no blank message at all;
+    with False (a conversation to continue: sample.py --script, serve.py) an answer may be blank, as a model may
+    have answered with nothing and the client sends that back."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f'{where}: "messages" must be a non-empty list')
     for number, message in enumerate(messages, 1):
-        _check_message(message, number, where)
+        _check_message(message, number, where, blank_answer_ok=not need_answer)
     roles = [m["role"] for m in messages]
     _check_order(roles, where)
     if need_answer and "assistant" not in roles:
