@@ -358,8 +358,9 @@ def main(argv=None):
     set_threads(cfg.threads)
     rank, local_rank, world_size = setup_ddp(cfg)
     try:
+        rt = runtime(cfg.device, cfg.dtype, cfg.attention, local_rank)
         with RunLock(cfg.out_dir) if rank == 0 else nullcontext():  # one run per out_dir; rank 0 writes it
-            model = train(cfg, rank, local_rank, world_size)
+            model = train(cfg, rt, rank, world_size)
         if dist.is_initialized():
             dist.barrier()  # every rank is done with the group before it goes: no rank tears it down under another
         return model
@@ -370,10 +371,9 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def train(cfg, rank, local_rank, world_size):
+def train(cfg, rt, rank, world_size):
     is_master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if is_master else (lambda *a: None)
-    rt = runtime(cfg.device, cfg.dtype, cfg.attention, local_rank)
 
     # where the run starts, then its data (a start decides the tokenizer; data train.py prepares itself uses it)
     model, checkpoint, tokenizer = starting_point(cfg, rt.device, log)
@@ -415,7 +415,7 @@ def train(cfg, rank, local_rank, world_size):
         model = torch.compile(model)
     eval_model = model  # compiled or not, never DDP-wrapped: evaluation needs no gradient sync
     if world_size > 1:
-        model = DDP(model, device_ids=[local_rank] if rt.device_type == "cuda" else None)
+        model = DDP(model, device_ids=[torch.device(rt.device).index] if rt.device_type == "cuda" else None)
 
     rows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     n_docs = len(documents(train_split, cfg.mask))

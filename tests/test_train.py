@@ -277,7 +277,8 @@ def one_line_error(argv, capsys):
     (["--block_size=64"], "--block_size=64 is shorter than the longest conversation"),
 ])
 def test_mistakes_give_one_line_errors(trained, data_dir, tmp_path, capsys, args, expected):
-    argv = [a.format(missing=tmp_path / "none", out=trained[0]) for a in TINY + [f"--data_dir={data_dir}"] + args]
+    argv = [a.format(missing=tmp_path / "none", out=trained[0])
+            for a in TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}"] + args]
     status, err = one_line_error(argv, capsys)
     assert status == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
@@ -305,8 +306,8 @@ def test_command_line_errors_are_one_line_without_traceback(data_dir, tmp_path):
 ])
 def test_settings_that_cannot_work_are_refused(argv, message, tmp_path):
     with pytest.raises(UserError, match=re.escape(message)):
-        train.main(argv + [f"--data_dir={tmp_path / 'never-prepared'}"])
-    assert not os.path.exists(tmp_path / "never-prepared")
+        train.main(argv + [f"--data_dir={tmp_path / 'never-prepared'}", f"--out_dir={tmp_path / 'out'}"])
+    assert not os.path.exists(tmp_path / "never-prepared") and not os.path.exists(tmp_path / "out")
 
 
 # --------------------------------------------------------------------------------------------------- small parts
