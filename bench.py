@@ -48,9 +48,10 @@ import torch
 import flags
 from common import THREADS_HELP, Runtime, chat_dtype, cpu_threads, machine, resolve_device, runtime
 from data import synthetic
-from data.batching import answer_target_count, collate, documents, epoch_rows, load_split, token_count
+from data.batching import answer_target_count, collate, documents, epoch_rows, token_count
 from data.chat import plural, render, render_user
-from data.prepare import load_meta, prepare
+from data.prepare import prepare
+from data.store import load_meta, load_split
 from data.tokenizer import get_tokenizer
 from engine import ChatSession
 from flags import UserError, setting
@@ -183,17 +184,10 @@ def bench_data(cfg):
         tmp = tempfile.TemporaryDirectory(prefix="bench-data-")
         meta = prepare(tmp.name, block_size=cfg.block_size, seed=cfg.seed, **QUICK_DATA)
         return meta["vocab_size"], load_split(tmp.name, "train"), tmp
-    if not os.path.exists(cfg.data_dir):
-        if cfg.data_dir != DEFAULT_DATA_DIR:
-            raise UserError(f"no data at {cfg.data_dir}: prepare it with python data/prepare.py "
-                            f"--out_dir={cfg.data_dir} (or check the path)")
+    if not os.path.exists(cfg.data_dir) and cfg.data_dir == DEFAULT_DATA_DIR:
         log(f"no data at {cfg.data_dir}: preparing the synthetic dataset there (block_size {cfg.block_size})")
         prepare(cfg.data_dir, block_size=cfg.block_size)
-    meta = load_meta(cfg.data_dir)
-    longest = max(s["max_tokens"] for s in meta["splits"].values())
-    if cfg.block_size < longest:
-        raise UserError(f"--block_size={cfg.block_size} is shorter than the longest conversation in {cfg.data_dir} "
-                        f"({longest} tokens)")
+    meta = load_meta(cfg.data_dir, cfg.block_size)
     return meta["vocab_size"], load_split(cfg.data_dir, "train"), None
 
 

@@ -205,6 +205,8 @@ def from_hugging_face(hf_model, device="cpu"):
     hf = hf_model.config
     unlike_ours = {"activation_function": hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"),
                    "layer_norm_epsilon": hf.layer_norm_epsilon != 1e-5,
+                   "n_inner": hf.n_inner not in (None, 4 * hf.n_embd),
+                   "scale_attn_weights": not hf.scale_attn_weights,
                    "scale_attn_by_inverse_layer_idx": hf.scale_attn_by_inverse_layer_idx,
                    "reorder_and_upcast_attn": hf.reorder_and_upcast_attn}
     if any(unlike_ours.values()):

@@ -25,6 +25,9 @@ def resolve_device(name):
         raise UserError(f"--device={name}: not a device (try cpu, cuda, cuda:1, auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={name}: CUDA is not available here; use --device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device={name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device={name}: only cpu and cuda are supported")
     return name

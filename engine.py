@@ -40,7 +40,7 @@ from mask import ASSISTANT, MASKS, make_mask
 from model import KVCache
 
 _KEEP = object()  # reset(): keep the current system message
-_SMALLEST_TURN = 6  # <|user|> x <|end|> <|assistant|> + one answer token + <|end|>
+_SMALLEST_PROMPT = 4  # <|user|> x <|end|> <|assistant|>
 DECODE_MODES = ("eager", "static", "compiled")
 
 
@@ -157,33 +157,35 @@ def decode_one_token(model, token, roles, kind, cache):
 
 
 class StaticDecoder:
-    """decode_one_token in fixed shapes: the token and its position are tensors, the K/V are written at that
-    position of the preallocated cache, and attention runs over the cache's whole capacity with every slot after
-    the position masked out (an answer token's row, the same under every mask). Nothing depends on Python values
-    that change from step to step, so torch.compile(mode="reduce-overhead") captures the step as one CUDA graph
-    and replays it: no per-kernel launch cost, which bounds the decode of a small model on a GPU.
+    """decode_one_token in fixed shapes: the token and its position live in two preallocated tensors, the K/V are
+    written at that position of the preallocated cache, and attention runs over the cache's whole capacity with
+    every slot after the position masked out (an answer token's row, the same under every mask). Nothing depends
+    on Python values that change from step to step, so torch.compile(mode="reduce-overhead") captures the step as
+    one CUDA graph and replays it: no per-kernel launch cost, which bounds the decode of a small model on a GPU.
     compile=False runs the same step eagerly (the tests check it equals decode_one_token)."""
 
     def __init__(self, model, cache, compile=True):
         self.model, self.cache = model, cache
         device = cache.kv.device
-        self.slots = torch.arange(cache.capacity, device=device)
+        self.idx = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.step = self._step
         if compile:
-            if device.type == "cuda":
-                torch._dynamo.mark_static_address(cache.kv)  # updated in place by every replay of the graph
+            if device.type == "cuda":  # buffers a graph replay reads or updates in place: fixed addresses
+                for buffer in (cache.kv, self.idx, self.position):
+                    torch._dynamo.mark_static_address(buffer, guard=False)
             mode = "reduce-overhead" if device.type == "cuda" else None
             self.step = torch.compile(self._step, mode=mode, fullgraph=True)
 
     def _step(self, idx, position):
-        mask = (self.slots <= position).unsqueeze(0)  # (1, capacity)
+        slots = torch.arange(self.cache.capacity, device=position.device)
+        mask = (slots <= position).unsqueeze(0)  # (1, capacity): this token and every one before it
         return self.model.decode_static(idx, mask, position, self.cache)[0, -1]
 
     def __call__(self, token):
-        device = self.slots.device
-        idx = torch.tensor([[token]], device=device)
-        position = torch.tensor([self.cache.length], device=device)
-        logits = self.step(idx, position).clone()  # a graph replay reuses its output buffer
+        self.idx.fill_(token)  # in place: no new tensor, no host-to-device copy of a new one
+        self.position.fill_(self.cache.length)
+        logits = self.step(self.idx, self.position).clone()  # a graph replay reuses its output buffer
         self.cache.length += 1  # the step wrote slot `position` in every layer
         return logits
 
@@ -209,7 +211,10 @@ def reusable_prefix(kind, cached_ids, cached_roles, ids, roles):
       common prefix ends inside a query segment that goes on, differently, in either conversation, every row
       of that segment is stale: cut back to the segment's start.
     - prefix: the prefix is one bidirectional block up to the current answer, so a request that adds a query
-      changes every row: nothing is kept."""
+      changes every row: nothing is kept.
+    The ISM rule reads the cached conversation up to its last fed token; it is exact because a session's cache
+    never ends inside a query segment: a prompt is always fed whole, and every cut (a drop, a reset, a replaced
+    answer, this rule) lands on a segment boundary or inside an answer."""
     if kind == "prefix":
         return 0
     common = 0
@@ -241,29 +246,28 @@ class ChatSession:
       cache     the KVCache (None with use_cache=False); it holds ids[:cache.length], the rest is fed next turn.
       turns     turns answered since the last reset (dropped ones included).
       last      the current or latest turn's facts: prefill_tokens, reused_tokens, dropped_turns, stopped.
-    use_cache=False is the reference path: every sampled token recomputes the whole context, no cache.
+    use_cache=False is the reference path: every sampled token recomputes the whole context, no cache. The cache
+    lives on the model's device, in its dtype.
     decode: "eager" (the readable default: attention over the filled cache), "static" (StaticDecoder, not
     compiled) or "compiled" (StaticDecoder under torch.compile; a CUDA graph on CUDA).
     reply_reserve: tokens kept free for the answer when deciding whether to drop old turns (capped by
     max_new_tokens); default block_size // 4.
     """
 
-    def __init__(self, model, tok, kind, system=None, use_cache=True, device=None, reply_reserve=None,
-                 decode="eager"):
+    def __init__(self, model, tok, kind, system=None, use_cache=True, reply_reserve=None, decode="eager"):
         if kind not in MASKS:
             raise ValueError(f"unknown mask {kind!r}: choose one of {', '.join(MASKS)}")
-        if decode not in DECODE_MODES:
-            raise ValueError(f"unknown decode mode {decode!r}: choose one of {', '.join(DECODE_MODES)}")
+        if decode not in DECODE_MODES or (decode != "eager" and not use_cache):
+            raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}; a static step needs the "
+                             "cache")
         self.model, self.tok, self.kind = model, tok, kind
         self.block_size = model.config.block_size
         param = next(model.parameters())
-        self.device = torch.device(device) if device is not None else param.device
+        self.device = param.device
         self.reply_reserve = max(1, self.block_size // 4) if reply_reserve is None else reply_reserve
         self.never = never_sampled(tok, model.config.vocab_size)
         self.cache = KVCache(model.config, 1, self.device, param.dtype) if use_cache else None
-        self.static = None
-        if use_cache and decode != "eager":
-            self.static = StaticDecoder(model, self.cache, compile=decode == "compiled")
+        self.static = StaticDecoder(model, self.cache, decode == "compiled") if decode != "eager" else None
         self.system, self.last = None, None
         self.reset(system)
 
@@ -273,9 +277,9 @@ class ChatSession:
         system = self.system if system is _KEEP else (system or None)
         messages = [{"role": "system", "content": system}] if system else []
         ids, roles = render(messages, self.tok)
-        if len(ids) + _SMALLEST_TURN > self.block_size:
-            raise UserError(f"the system message is {len(ids)} tokens; it leaves no room for a turn in "
-                            f"block_size {self.block_size}")
+        if len(ids) + _SMALLEST_PROMPT + self.reply_reserve + 1 > self.block_size:  # as _make_room will need
+            raise UserError(f"the system message is {len(ids)} tokens; with a message and {self.reply_reserve} "
+                            f"tokens kept for the answer it does not fit block_size {self.block_size}: shorten it")
         self.system, self.messages, self.ids, self.roles, self.turns = system, messages, ids, roles, 0
         if self.cache is not None:
             self.cache.truncate(0)
@@ -286,6 +290,9 @@ class ChatSession:
         re-encoding an answer's text may not give back the sampled ids, and then less is kept, never a wrong row).
         -> the number of cached tokens kept."""
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        # answers as token ids, like the session's own: one representation (BPE may re-encode text otherwise)
+        messages = [dict(m, content=self.tok.encode(m["content"])) if m["role"] == "assistant"
+                    and isinstance(m["content"], str) else dict(m) for m in messages]
         ids, roles = render(messages, self.tok)
         if len(ids) > self.block_size:
             raise TurnError(f"the conversation is {len(ids)} tokens, more than block_size {self.block_size}")
@@ -294,7 +301,7 @@ class ChatSession:
             n = self.cache.length
             kept = reusable_prefix(self.kind, self.ids[:n], self.roles[:n], ids, roles)
             self.cache.truncate(kept)
-        self.system, self.messages, self.ids, self.roles = system, [dict(m) for m in messages], ids, roles
+        self.system, self.messages, self.ids, self.roles = system, messages, ids, roles
         return kept
 
     def transcript(self):

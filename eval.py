@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass
 
 import flags
-from common import THREADS_HELP, cpu_threads, machine, resolve_device, set_threads
-from data.batching import load_split
+from common import THREADS_HELP, Runtime, cpu_threads, machine, resolve_device, set_threads
+from data.store import load_split
 from data.chat import DataError, read_jsonl
 from data.synthetic import FAMILIES, INSTRUCTION_LAST, POOLED
 from engine import ChatSession, load_chat_model
@@ -90,7 +90,7 @@ def turns_of(conversation):
     return system, list(zip(users, answers, tasks))
 
 
-def replay(session, conversations, history="own", max_new_tokens=64):
+def replay(session, conversations, history="gold", max_new_tokens=64):
     """Replay each conversation through session (ChatSession's API: reset(system), turn(user, max_new_tokens,
     temperature) -> {"reply", "stopped", "dropped_turns", ...}; replace_answer(text) for history="gold"), scoring
     each greedy reply. -> one record per answered turn: {conversation, turn, family, correct, reply, gold}."""
@@ -145,9 +145,10 @@ def evaluate(out_dir, data_dir="", device="cpu", history="gold", max_conversatio
     if max_conversations:
         conversations = conversations[:max_conversations]
     t0 = time.time()
-    val_loss = estimate_val_loss(model, load_split(data_dir, "val"), kind, model.config.block_size, batch_size)
+    val_loss = estimate_val_loss(model, load_split(data_dir, "val"), kind, model.config.block_size, batch_size,
+                                 Runtime(device))
     t1 = time.time()
-    session = ChatSession(model, tok, kind, use_cache=True, device=device)
+    session = ChatSession(model, tok, kind)
     # Decoding feeds one token at a time: on a CPU a second intra-op thread only adds synchronisation, which on a
     # busy machine made the replay ~15x slower (each tiny op waits for a descheduled thread).
     with cpu_threads(1, device):

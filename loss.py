@@ -13,12 +13,8 @@ import torch
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import Runtime
 from data.batching import NO_TARGET, collate, epoch_rows
 from mask import block_mask, make_mask
-
-CPU = Runtime()
-
 
 def batch_mask(kind, batch, attention):
     """The batch's attention mask: FlexAttention BlockMask ("flex"), SDPA's dense (B, T, T) bool ("sdpa"), or None
@@ -39,7 +35,7 @@ def answer_loss_sum(model, batch, kind, attention="sdpa"):
                            ignore_index=NO_TARGET, reduction="sum")
 
 
-def train_step(model, optimizer, batches, kind, answer_tokens, rt=CPU, grad_clip=1.0, world_size=1):
+def train_step(model, optimizer, batches, kind, answer_tokens, rt, grad_clip=1.0, world_size=1):
     """One optimizer step over this rank's micro-batches. answer_tokens = the step's answer targets over every
     micro-batch of every rank, so the gradient is that of the mean loss over all of them: a micro-batch with
     more answer tokens weighs more, and DDP's average over ranks is undone by the world_size factor. Gradients
@@ -67,8 +63,9 @@ def val_rows(split, kind, block_size, batch_size, eval_iters=0):
 
 
 @torch.no_grad()
-def answer_loss_totals(model, split, rows, kind, block_size, batch_size, rt=CPU):
-    """-> (sum of answer-token losses, number of answer tokens) over rows, in eval mode."""
+def answer_loss_totals(model, split, rows, kind, block_size, batch_size, rt):
+    """-> (sum of answer-token losses, number of answer tokens) over rows, in eval mode, on rt's device (a
+    common.Runtime: device, autocast, attention backend)."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=rt.device), 0
@@ -81,7 +78,7 @@ def answer_loss_totals(model, split, rows, kind, block_size, batch_size, rt=CPU)
     return total.item(), count
 
 
-def estimate_val_loss(model, split, kind, block_size, batch_size=16, rt=CPU, eval_iters=0):
+def estimate_val_loss(model, split, kind, block_size, batch_size, rt, eval_iters=0):
     """Held-out answer loss: the mean cross-entropy over every answer token of the val rows (eval_iters batches,
     0 = the whole split). Every answer token is counted once under every mask, so the numbers compare."""
     rows = val_rows(split, kind, block_size, batch_size, eval_iters)

@@ -164,6 +164,8 @@ def main(argv=None):
     cfg = parse(SampleConfig(), sys.argv[1:] if argv is None else argv, __doc__)
     if sys.stdout is None or (sys.stdin is None and not cfg.script):
         raise UserError("stdin or stdout is closed: give sample.py a terminal, a pipe or a file")
+    if cfg.compile and cfg.no_cache:
+        raise UserError("--compile compiles the decode step on the KV cache; --no_cache has none: pass one of them")
     conversations = None
     if cfg.script:  # a bad file fails before the model loads
         try:

@@ -28,6 +28,8 @@ if __name__ == "__main__":
 import json
 import os
 import random
+import select
+import socket
 import sys
 import threading
 import time
@@ -55,6 +57,7 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "chat.
 @dataclass
 class ServeConfig:
     out_dir: str = setting("out", "directory holding ckpt.pt (written by train.py)")
+    ckpt: str = setting("ckpt.pt", "the checkpoint file in out_dir: ckpt.pt (the latest) or best.pt (--keep_best)")
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface; there is no authentication)")
     port: int = setting(8000, "port to listen on (0: any free port)", min=0, max=65535)
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1")
@@ -270,11 +273,8 @@ class ChatService:
         """The session whose cache keeps the most rows for the request's history (what set_history will keep);
         when none keeps any, a new one while under --sessions, else the least recently used."""
         history = request.ids[:request.history_len], request.roles[:request.history_len]
-        # A causal row depends on the tokens up to it, so the longest common prefix of (id, role) pairs stays
-        # exact. An ISM query token also attends to the rest of its system/user segment, after it: where two
-        # conversations share the start of a message that then goes on differently, even the shared tokens' rows
-        # differ, and reusable_prefix cuts back to the start of that segment. Under prefix a new prompt changes
-        # every row: nothing is kept.
+        # Not the longest common prefix: an ISM query token's row depends on the rest of its segment too, so two
+        # conversations whose message goes on differently share none of its rows (reusable_prefix says why).
         kept = {number: reusable_prefix(self.kind, *cached_rows(s), *history) for number, s in self.sessions.items()}
         best = max(kept, key=kept.get, default=None)
         if best is None or kept[best] == 0:
@@ -386,7 +386,7 @@ class Handler(BaseHTTPRequestHandler):
             self.server.service.log(f"{self.client_address[0]} {self.command} {self.path} {self.status}"
                                     f"{self.summary} {(time.perf_counter() - begun) * 1e3:.0f} ms")
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_request
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_request
 
     def route(self, path):
         methods = self.routes.get(path)
@@ -434,6 +434,8 @@ class Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise ApiError(400, "the request needs a Content-Length header") from None
+        if length < 0:  # reading -1 bytes would wait for the end of a connection the client keeps open
+            raise ApiError(400, f"Content-Length {length} is negative")
         if length > MAX_BODY:  # refused unread
             raise ApiError(413, f"the body is {length} bytes, more than {MAX_BODY}")
         return self.rfile.read(length)
@@ -446,9 +448,23 @@ class Handler(BaseHTTPRequestHandler):
             if request.stream:
                 self.stream_reply(request, response_id, created)
             else:
-                *_, (_, reply) = service.answer(request)  # run it to its end, keep the last event: done
-                self.send_json(200, completion(request, reply, response_id, created))
-                self.note(reply)
+                self.whole_reply(request, response_id, created)
+
+    def whole_reply(self, request, response_id, created):
+        """The answer as one chat.completion once it is complete. Nothing is written until then, so a client that
+        went away is noticed by looking at its connection: then the generation stops, as a stream's would."""
+        with closing(self.server.service.answer(request)) as events:
+            for event, value in events:
+                if event == "done":
+                    self.send_json(200, completion(request, value, response_id, created))
+                    self.note(value)
+                elif self.client_gone():
+                    raise ConnectionResetError("the client closed its connection")
+
+    def client_gone(self):
+        """True once the client has closed its end: its socket reads as readable with nothing in it."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
 
     def stream_reply(self, request, response_id, created):
         """Server-sent events: the role (sent with the first token, with the prefill's facts), the content, the
@@ -491,7 +507,7 @@ def main(argv=None):
     cfg = parse(ServeConfig(), sys.argv[1:] if argv is None else argv, __doc__)
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    model, tok, kind, _ = load_chat_model(cfg.out_dir, device, chat_dtype(cfg.dtype, device))
+    model, tok, kind, _ = load_chat_model(cfg.out_dir, device, chat_dtype(cfg.dtype, device), cfg.ckpt)
     service = ChatService(model, tok, kind, cfg)
     try:
         server = make_server(service, cfg.host, cfg.port)

@@ -43,10 +43,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import flags
 from checkpoint import RunLock, load_checkpoint, load_start, model_from_checkpoint, save_checkpoint
 from common import THREADS_HELP, resolve_device, runtime, set_threads
-from data.batching import answer_target_count, collate, documents, epoch_rows, expansion_factor, load_split, \
-    token_count
+from data.batching import answer_target_count, collate, documents, epoch_rows, expansion_factor, token_count
 from data.chat import DataError
-from data.prepare import load_meta, prepare
+from data.prepare import prepare
+from data.store import load_meta, load_split
 from data.tokenizer import TOKENIZERS
 from flags import UserError, setting
 from loss import answer_loss_totals, train_step, val_rows
@@ -70,8 +70,9 @@ class TrainConfig:
                                         "ismGPT ckpt.pt (or its out_dir) whose weights start a new run")
     keep_best: bool = setting(False, "also keep the weights of the lowest held-out loss in out_dir/best.pt "
                                      "(sample.py --ckpt=best.pt); ckpt.pt stays the latest state, to resume")
-    overwrite: bool = setting(False, "start a new run even where out_dir holds a checkpoint (replaced at the first "
-                                     "save); without it a new run refuses to")
+    overwrite: bool = setting(False, "start a new run even where out_dir holds a checkpoint: its ckpt.pt is replaced "
+                                     "at the first save, its log.jsonl and best.pt at once; without it a new run "
+                                     "refuses to")
     # how
     device: str = setting("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")
     dtype: str = setting("auto", "auto | float32 | bfloat16 (auto: bf16 autocast on CUDA, float32 on CPU)",
@@ -157,15 +158,7 @@ def load_data(cfg, is_master):
         problem = shared[0]
     if problem:
         raise UserError(problem)
-    if not os.path.exists(cfg.data_dir):
-        raise UserError(f"no data at {cfg.data_dir}: prepare it with python data/prepare.py --out_dir={cfg.data_dir} "
-                        "(or check the path)")
-    meta = load_meta(cfg.data_dir)
-    longest = max(s["max_tokens"] for s in meta["splits"].values())
-    if cfg.block_size < longest:
-        raise UserError(f"--block_size={cfg.block_size} is shorter than the longest conversation in {cfg.data_dir} "
-                        f"({longest} tokens): pass --block_size={longest} or more, or prepare the data with "
-                        f"python data/prepare.py --block_size={cfg.block_size}")
+    meta = load_meta(cfg.data_dir, cfg.block_size)
     return meta, load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
 
 
@@ -245,8 +238,10 @@ def check_resumable(checkpoint, path, cfg):
         raise UserError(f"{path} holds an impossible training state (iter_num {checkpoint['iter_num']}, data_state "
                         f"{state}): start a new run with --overwrite or another --out_dir")
     saved = checkpoint["config"]
+    # A run that started from pretrained weights got its shape from them, not from --n_layer and the like.
+    shape = SHAPE_KEYS if checkpoint.get("start", "scratch") == "scratch" else ("block_size",)
     wrong = [f"--mask={checkpoint['mask']}"] if checkpoint["mask"] != cfg.mask else []
-    wrong += [f"--{k}={saved[k]}" for k in SHAPE_KEYS + RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    wrong += [f"--{k}={saved[k]}" for k in shape + RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if wrong:
         raise UserError(f"{path} was trained with {' '.join(wrong)}: pass that to resume it, or start a new run "
                         "with --overwrite or another --out_dir")
@@ -371,11 +366,9 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def train(cfg, rt, rank, world_size):
-    is_master = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if is_master else (lambda *a: None)
-
-    # where the run starts, then its data (a start decides the tokenizer; data train.py prepares itself uses it)
+def start_and_data(cfg, rt, is_master, log):
+    """Where the run starts, then its data: -> (cfg, model, checkpoint to resume or None, meta, train, val). The
+    start decides the tokenizer (data train.py prepares itself uses it); cfg comes back saying what was used."""
     model, checkpoint, tokenizer = starting_point(cfg, rt.device, log)
     if tokenizer is not None and tokenizer != cfg.tokenizer:
         cfg = replace(cfg, tokenizer=tokenizer)
@@ -387,19 +380,42 @@ def train(cfg, rt, rank, world_size):
                             f"--out_dir=DIR and pass --data_dir=DIR")
         log(f"note: {cfg.data_dir} holds {meta['tokenizer']['name']} tokens; --tokenizer={cfg.tokenizer} is ignored")
         cfg = replace(cfg, tokenizer=meta["tokenizer"]["name"])  # so the saved config says what was used
-    if model is None:
+    if model is None:  # from scratch: the flags' shape, the data's vocabulary
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
     if model.config.vocab_size < meta["vocab_size"]:
         raise UserError(f"the model has {model.config.vocab_size} tokens, {cfg.data_dir} uses {meta['vocab_size']}: "
                         "pass the --data_dir it was trained on")
-    model = model.to(rt.device).train()
+    return cfg, model.to(rt.device).train(), checkpoint, meta, train_split, val_split
+
+
+def describe_run(log, cfg, rt, model, meta, train_split, rows_per_step, rows_per_epoch, world_size):
+    shape = model.config
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {shape.n_layer} layers, {shape.n_head} heads, "
+        f"{shape.n_embd} wide, block_size {shape.block_size}, vocab {shape.vocab_size} ({meta['tokenizer']['name']}, "
+        f"{meta['vocab_size']} tokens)")
+    precision = "float32" if rt.dtype == "float32" else "bf16 autocast"
+    log(f"run: mask {cfg.mask}, {rt.device} ({precision}), attention {rt.attention}, {world_size} rank(s), "
+        f"{rows_per_step} rows x {cfg.block_size} tokens per step")
+    log(f"data: {cfg.data_dir}: {len(train_split.offsets) - 1:,} train conversations ({int(train_split.offsets[-1]):,} "
+        f"tokens) -> {len(documents(train_split, cfg.mask)):,} {cfg.mask} training samples in {rows_per_epoch:,} "
+        f"rows per epoch ({rows_per_epoch / rows_per_step:.1f} steps); prefix expansion factor "
+        f"{expansion_factor(train_split):.2f}x (the tokens --mask=prefix trains on per epoch)")
+
+
+def train(cfg, rt, rank, world_size):
+    is_master = rank == 0
+    log = (lambda *a: print(*a, flush=True)) if is_master else (lambda *a: None)
+    cfg, model, checkpoint, meta, train_split, val_split = start_and_data(cfg, rt, is_master, log)
+
+    # the optimizer and the state of the run, fresh or resumed
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            rt.device_type)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     iter_num, data_state = 0, {}
-    state = {"best_val_loss": float("inf"), "best_iter": 0, "tokens": {"tokens": 0, "answer_tokens": 0}}
+    state = {"best_val_loss": float("inf"), "best_iter": 0, "tokens": {"tokens": 0, "answer_tokens": 0},
+             "start": "scratch" if cfg.init_from == "resume" else cfg.init_from}  # a resume reads the real one
     if checkpoint is not None:  # resume: the training state too
         check_same_data(checkpoint, ckpt_path, cfg, meta)
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -407,6 +423,9 @@ def train(cfg, rt, rank, world_size):
         state.update({k: checkpoint[k] for k in state if k in checkpoint})
         del checkpoint
         log(f"resuming {ckpt_path} at iter {iter_num} (best val answer loss {state['best_val_loss']:.4f})")
+    elif is_master and os.path.exists(os.path.join(cfg.out_dir, "best.pt")):
+        os.remove(os.path.join(cfg.out_dir, "best.pt"))  # the best weights of another run
+        log(f"note: removed {os.path.join(cfg.out_dir, 'best.pt')} of the run this one replaces")
     stream = RowStream(train_split, cfg.mask, cfg.block_size, cfg.seed, **data_state)
     tokens = state["tokens"]
     raw_model = model
@@ -416,20 +435,8 @@ def train(cfg, rt, rank, world_size):
     eval_model = model  # compiled or not, never DDP-wrapped: evaluation needs no gradient sync
     if world_size > 1:
         model = DDP(model, device_ids=[torch.device(rt.device).index] if rt.device_type == "cuda" else None)
-
     rows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
-    n_docs = len(documents(train_split, cfg.mask))
-    shape = raw_model.config
-    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {shape.n_layer} layers, {shape.n_head} heads, "
-        f"{shape.n_embd} wide, block_size {shape.block_size}, vocab {shape.vocab_size} ({meta['tokenizer']['name']}, "
-        f"{meta['vocab_size']} tokens)")
-    precision = "float32" if rt.dtype == "float32" else "bf16 autocast"
-    log(f"run: mask {cfg.mask}, {rt.device} ({precision}), attention {rt.attention}, {world_size} rank(s), "
-        f"{rows_per_step} rows x {cfg.block_size} tokens per step")
-    log(f"data: {cfg.data_dir}: {len(train_split.offsets) - 1:,} train conversations ({int(train_split.offsets[-1]):,} "
-        f"tokens) -> {n_docs:,} {cfg.mask} training samples in {len(stream.rows):,} rows per epoch "
-        f"({len(stream.rows) / rows_per_step:.1f} steps); prefix expansion factor "
-        f"{expansion_factor(train_split):.2f}x (the tokens --mask=prefix trains on per epoch)")
+    describe_run(log, cfg, rt, raw_model, meta, train_split, rows_per_step, len(stream.rows), world_size)
 
     # held-out rows: this rank's share (each rank evaluates its own rows; the sums are added over ranks)
     eval_rows = val_rows(val_split, cfg.mask, cfg.block_size, cfg.batch_size, cfg.eval_iters)[rank::world_size]

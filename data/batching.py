@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from data.chat import DataError
-from data.store import Split, load_split  # noqa: F401  (imported from here by train.py, eval.py and the tests)
 from mask import ASSISTANT, MASKS
 
 NO_TARGET = -1

@@ -33,7 +33,6 @@ from data import synthetic  # noqa: E402
 from data.batching import expansion_factor  # noqa: E402
 from data.chat import DataError, fit_to_block, plural, read_jsonl, render, write_jsonl  # noqa: E402
 from data.store import ARRAYS, SPLITS, Split, array_name, array_path  # noqa: E402
-from data.store import load_meta  # noqa: E402, F401  (train.py and bench.py import it from here)
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 

@@ -36,9 +36,13 @@ def damaged(path, problem):
     return DataError(f"{path}: {problem}; run python data/prepare.py again")
 
 
-def load_meta(data_dir):
-    """meta.json of a prepared folder, with the keys training reads checked. prepare.py writes it last, so a folder
-    without one is incomplete: never prepared, or interrupted."""
+def load_meta(data_dir, block_size=None):
+    """meta.json of a prepared folder, with the keys training reads checked, and (given a block_size) that every
+    conversation fits in it. prepare.py writes meta.json last, so a folder without one is incomplete: never
+    prepared, or interrupted."""
+    if not os.path.exists(data_dir):
+        raise DataError(f"no data at {data_dir}: prepare it with python data/prepare.py --out_dir={data_dir} (or "
+                        "check the path)")
     path = os.path.join(data_dir, "meta.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -52,6 +56,11 @@ def load_meta(data_dir):
     problem = _meta_problem(meta)
     if problem:
         raise damaged(path, problem)
+    longest = max(split["max_tokens"] for split in meta["splits"].values())
+    if block_size is not None and block_size < longest:
+        raise DataError(f"--block_size={block_size} is shorter than the longest conversation in {data_dir} "
+                        f"({longest} tokens): pass --block_size={longest} or more, or prepare the data with "
+                        f"python data/prepare.py --block_size={block_size}")
     return meta
 
 

@@ -12,9 +12,10 @@ import sys
 
 import pytest
 import bench
-from data.batching import documents, epoch_rows, expansion_factor, load_split
+from data.batching import documents, epoch_rows, expansion_factor
 from data.chat import render
 from data.prepare import prepare
+from data.store import load_split
 from data.tokenizer import get_tokenizer
 from flags import UserError, run
 

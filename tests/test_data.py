@@ -11,10 +11,11 @@ import pytest
 import tiktoken
 
 from data import synthetic
-from data.batching import Split, collate, documents, epoch_rows, expansion_factor, load_split, pack
+from data.batching import collate, documents, epoch_rows, expansion_factor, pack
 from data.chat import (DataError, fit_to_block, read_jsonl, render, render_answer, render_start,
                        render_system, render_user, validate)
-from data.prepare import PrepareConfig, load_meta, main as prepare_main, prepare
+from data.prepare import PrepareConfig, main as prepare_main, prepare
+from data.store import Split, load_meta, load_split
 from data.tokenizer import SPECIAL_TOKENS, get_tokenizer, tokenizer_from_description
 from mask import ASSISTANT, SYSTEM, USER
 

@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from data.batching import load_split
 from data.chat import DataError
-from data.prepare import load_meta, prepare
+from data.prepare import prepare
+from data.store import load_meta, load_split
 
 
 @pytest.fixture(scope="module")

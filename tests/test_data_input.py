@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from data.batching import load_split
 from data.chat import DataError, read_jsonl
 from data.prepare import prepare
+from data.store import load_split
 
 GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
 

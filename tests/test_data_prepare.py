@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from data.chat import DataError
-from data.prepare import load_meta, main as prepare_main, prepare
+from data.prepare import main as prepare_main, prepare
+from data.store import load_meta
 from data.store import load_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -214,6 +214,15 @@ def test_message_too_long_is_refused_and_changes_nothing():
 def test_system_message_too_long_is_refused():
     with pytest.raises(UserError, match="system message"):
         ChatSession(MODEL, TOK, "ism", system="s" * 200)
+    # one that leaves room for a message but not for the answer the session keeps room for: refused at once,
+    # not on every message after
+    reserve = CONFIG.block_size // 4
+    # <|bos|> <|system|> text <|end|>, then a 4-token prompt, the reserve and the answer's <|end|>: one byte too many
+    system = "s" * (CONFIG.block_size - 3 - 4 - reserve - 1 + 1)
+    with pytest.raises(UserError, match=f"with a message and {reserve} tokens kept for the answer"):
+        ChatSession(MODEL, TOK, "ism", system=system)
+    session = ChatSession(MODEL, TOK, "ism", system=system[:-1])
+    assert session.turn("x", max_new_tokens=reserve)["stopped"] in ("end", "max_new_tokens")
 
 
 def test_reset_starts_a_new_conversation():
@@ -473,6 +482,7 @@ def test_set_history_continues_a_cached_session_exactly(kind):
     history = session.transcript() + [{"role": "user", "content": USERS[2]}, {"role": "assistant", "content": "ok"}]
     kept = session.set_history(history)
     assert (kept > 0) == (kind != "prefix")
+    assert session.transcript() == history  # answers kept as token ids, given back as text
     assert_cache_is_exact(session)
     result = session.turn(USERS[3], max_new_tokens=6)
     assert result["reused_tokens"] == (kept if kind != "prefix" else 0)

@@ -74,6 +74,11 @@ def test_unlike_gpt2_configs_are_refused():
     hf.config.activation_function = "relu"
     with pytest.raises(UserError, match="activation_function differs"):
         from_hugging_face(hf)
+    for field, value in (("n_inner", 100), ("scale_attn_weights", False)):
+        hf = hf_gpt2()
+        setattr(hf.config, field, value)
+        with pytest.raises(UserError, match=f"{field} differs"):
+            from_hugging_face(hf)
     with pytest.raises(UserError, match="only GPT-2's BPE"):
         from_hugging_face(hf_gpt2(vocab_size=1000))
 

@@ -124,3 +124,36 @@ def test_compiled_decode_step_equals_the_eager_one(kind):
         logits[decode] = torch.stack(steps)
     assert transcripts["compiled"] == transcripts["eager"]
     torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-3, rtol=1e-3)
+
+
+def test_compiled_bf16_decode_stays_with_the_eager_bf16_one():
+    """The dtype sample.py and serve.py use on CUDA. Larger weights than GPT-2's init give clear argmax margins, so
+    bf16 rounding in a different kernel order does not flip a greedy choice."""
+    from data.tokenizer import get_tokenizer
+    from engine import ChatSession
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    model = model.cuda().to(torch.bfloat16).eval()
+    tok = get_tokenizer("byte")
+    replies = {decode: [ChatSession(model, tok, "ism", decode=decode).turn(u, 16, min_new_tokens=16)["reply"]
+                        for u in ["9 4 7 1 sort", "my pin is 4821"]] for decode in ("eager", "compiled")}
+    assert replies["compiled"] == replies["eager"]
+
+
+def test_eval_scores_a_checkpoint_on_cuda(tmp_path):
+    """eval.py --device=cuda: the held-out loss and the replay on the GPU."""
+    import subprocess
+    import sys
+    import os
+    from data.prepare import prepare
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data_dir = str(tmp_path / "data")
+    prepare(data_dir, block_size=128, n_train=40, n_val=6)
+    common = ["--device=cuda", f"--out_dir={tmp_path / 'out'}"]
+    subprocess.run([sys.executable, "train.py", *common, f"--data_dir={data_dir}", "--block_size=128", "--n_layer=1",
+                    "--n_embd=32", "--n_head=2", "--max_iters=4", "--eval_interval=4"], cwd=root, check=True)
+    proc = subprocess.run([sys.executable, "eval.py", *common, "--json"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -11,7 +11,6 @@ import time
 from contextlib import contextmanager
 
 import pytest
-import torch
 
 from data.chat import render
 from engine import ChatSession
@@ -20,17 +19,9 @@ from mask import MASKS, ROLE_LETTERS
 import serve
 from serve import ChatService, ServeConfig, make_server
 from test_engine import CONFIG, MODEL, SYSTEM_TEXT, TOK, USERS
-from test_sample import ROOT, out_dir  # noqa: F401  (a checkpoint of MODEL, mask ism)
+from test_sample import ROOT, out_dir  # noqa: F401  (a fixture: a checkpoint of MODEL, mask ism)
 
 ASCII = [TOK.encode(chr(c))[0] for c in range(32, 127)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @contextmanager
@@ -306,12 +297,15 @@ def test_errors_in_openai_shape_and_the_server_goes_on():
         status, headers, _ = request(port, "GET")
         assert status == 405 and headers["Allow"] == "POST"
         assert request(port, body=b"", headers={"Content-Length": str(serve.MAX_BODY + 1)})[0] == 413
+        assert request(port, body=b"", headers={"Content-Length": "-5"})[0] == 400  # not a wait for the end
+        status, headers, _ = request(port, "OPTIONS")
+        assert status == 405 and headers["Content-Type"] == "application/json"
         developer = [{"role": "developer", "content": SYSTEM_TEXT},
                      {"role": "user", "content": [{"type": "text", "text": USERS[0]}]}]
         answer = chat(port, developer, max_tokens=9, model="any", unknown_field=1)
         want = reference("ism", [{"role": "system", "content": SYSTEM_TEXT}, USER[0]], 9)
     assert answer["model"] == "any" and answer["choices"][0]["message"]["content"] == want["reply"]
-    assert len(log) == len(BAD_REQUESTS) + 5 and log[-1].startswith("127.0.0.1 POST /v1/chat/completions 200 prompt")
+    assert len(log) == len(BAD_REQUESTS) + 7 and log[-1].startswith("127.0.0.1 POST /v1/chat/completions 200 prompt")
 
 
 @contextmanager
@@ -362,6 +356,30 @@ def test_a_client_gone_mid_stream_stops_the_generation():
             if log:
                 break
             time.sleep(0.01)
+        (session,) = service.sessions.values()
+        again = chat(port, USER, max_tokens=12)
+    assert "(client gone)" in log[0]
+    assert session.last["stopped"] == "interrupted" and len(session.messages[-1]["content"]) < 50
+    assert again["choices"][0]["message"]["content"] == reference("ism", USER, 12)["reply"]
+
+
+def test_a_client_gone_before_a_whole_answer_stops_the_generation():
+    def never_end(module, args, output):  # and slowly: the server is still generating when the client goes
+        time.sleep(0.01)
+        output[0][..., TOK.end] = float("-inf")
+
+    body = json.dumps({"messages": USER, "max_tokens": 100}).encode()
+    log = []
+    with serving(log=log) as (port, service):
+        with forward_hook(never_end):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+                client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                               b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                time.sleep(0.1)  # it has started
+            for _ in range(300):
+                if log:
+                    break
+                time.sleep(0.01)
         (session,) = service.sessions.values()
         again = chat(port, USER, max_tokens=12)
     assert "(client gone)" in log[0]

@@ -65,3 +65,29 @@ def test_page_streams_replies_and_draws_the_mask(browser):
     assert rows == len(session.roles)  # one row per token of the conversation
     assert drawn == [COLOURS["pale U"], COLOURS["A"]] and as_prefix == COLOURS["U"]
     assert cost.startswith("prefilled ") and "reused " in cost and "tok/s" in cost
+
+
+def test_new_chat_during_a_reply_starts_a_clean_conversation(browser):
+    import time
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def slowly(module, args, output):  # a reply takes seconds: "New chat" lands in the middle of one
+        time.sleep(0.02)
+
+    wait = WebDriverWait(browser, 30)
+    with forward_hook(printable_answers), serving() as (port, _):
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait.until(lambda d: "mask ism" in d.find_element(By.ID, "model").text)
+        with forward_hook(slowly):
+            browser.find_element(By.ID, "input").send_keys(USERS[0], Keys.ENTER)
+            wait.until(lambda d: d.find_element(By.ID, "send").text == "Stop")
+            browser.find_element(By.ID, "new-chat").click()
+        wait.until(lambda d: d.find_element(By.ID, "send").text == "Send")
+        browser.find_element(By.ID, "input").send_keys(USERS[1], Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant[data-done]")) == 1)
+        messages = browser.execute_script("return messages")
+        want = reference("ism", messages[:1], 64)["reply"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == USERS[1]
+    assert messages[1]["content"] == want

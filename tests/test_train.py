@@ -17,14 +17,17 @@ import torch.nn.functional as F
 import flags
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
-from data.batching import Split, answer_target_count, collate, epoch_rows, load_split, token_count
+from data.batching import answer_target_count, collate, epoch_rows, token_count
 from data.prepare import prepare
+from data.store import Split, load_split
 from flags import UserError
 from mask import ASSISTANT, USER
+from common import Runtime
 from loss import answer_loss_sum, answer_loss_totals, batch_mask, estimate_val_loss
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = Runtime()  # float32 on the CPU, SDPA with the dense mask
 TINY = ["--device=cpu", "--block_size=128", "--n_layer=2", "--n_head=2", "--n_embd=32", "--log_interval=5",
         "--warmup_iters=5"]
 
@@ -91,8 +94,8 @@ def test_tiny_run_lowers_the_held_out_answer_loss(trained, data_dir):
     val = load_split(data_dir, "val")
     torch.manual_seed(1337)  # the initial weights of the run (train.py seeds with --seed before building)
     untrained = GPT(model.config)
-    before = estimate_val_loss(untrained, val, "ism", 128, batch_size=8)
-    after = estimate_val_loss(model, val, "ism", 128, batch_size=8)
+    before = estimate_val_loss(untrained, val, "ism", 128, 8, CPU)
+    after = estimate_val_loss(model, val, "ism", 128, 8, CPU)
     assert before > 5.0  # ~ln(261): uniform guessing
     assert after < 0.6 * before
 
@@ -119,7 +122,7 @@ def test_val_loss_is_the_mean_over_answer_tokens(trained, data_dir):
     _, model = trained
     split = load_split(data_dir, "val")
     rows = epoch_rows(split, "ism", 128, 0, 0)
-    total, count = answer_loss_totals(model, split, rows, "ism", 128, batch_size=3)
+    total, count = answer_loss_totals(model, split, rows, "ism", 128, 3, CPU)
     batch = collate(split, rows, 128)
     with torch.no_grad():
         logits = model.eval()(batch["idx"], batch_mask("ism", batch, "sdpa"), batch["positions"])[0]
@@ -357,7 +360,7 @@ def test_cuda_run_uses_flex_and_bf16_and_matches_the_cpu_loss(data_dir, tmp_path
     first_eval = float(log.split("eval iter 0: val answer loss ")[1].split()[0])
     assert checkpoint["best_val_loss"] < 0.6 * first_eval
     # the same weights on the CPU through SDPA in float32 give the held-out loss the GPU measured (flex, bf16)
-    cpu_loss = estimate_val_loss(model_from_checkpoint(checkpoint), load_split(data_dir, "val"), "ism", 128, 8)
+    cpu_loss = estimate_val_loss(model_from_checkpoint(checkpoint), load_split(data_dir, "val"), "ism", 128, 8, CPU)
     assert cpu_loss == pytest.approx(checkpoint["best_val_loss"], abs=0.03)
 
 
