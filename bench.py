@@ -573,7 +573,7 @@ def decode_section(cfg, rt, tok, model, hf):
     last = rows[-1]
     best = "compiled" if cfg.compile else "cache"
     return {"rows": rows, "kv_bytes_per_token": kv.bytes_per_token,
-            "kv_bytes_at_block_size": kv.bytes_per_token * cfg.block_size, "dtype": str(kv.kv.dtype),
+            "kv_bytes_at_block_size": kv.bytes_per_token * cfg.block_size, "dtype": str(kv.keys[0].dtype),
             "speedup_at_block_size": last["cache"] / last["no cache"],
             "compiled_over_eager": last["compiled"] / last["cache"] if cfg.compile else None,
             "ours_over_hf": last[best] / last["HF generate"] if "HF generate" in last else None, "ours": best}

@@ -166,13 +166,13 @@ class StaticDecoder:
 
     def __init__(self, model, cache, compile=True):
         self.model, self.cache = model, cache
-        device = cache.kv.device
+        device = cache.keys[0].device
         self.idx = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.step = self._step
         if compile:
             if device.type == "cuda":  # buffers a graph replay reads or updates in place: fixed addresses
-                for buffer in (cache.kv, self.idx, self.position):
+                for buffer in (*cache.keys, *cache.values, self.idx, self.position):
                     torch._dynamo.mark_static_address(buffer, guard=False)
             mode = "reduce-overhead" if device.type == "cuda" else None
             self.step = torch.compile(self._step, mode=mode, fullgraph=True)

@@ -42,7 +42,10 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated up to block_size.
+    """Keys and values of every layer for the tokens seen so far, preallocated up to block_size: keys[layer] and
+    values[layer], each (batch_size, n_head, block_size, head_dim). One tensor per layer and kind, not views of a
+    larger one, so that a compiled step writes into them in place (a write into a view of a graph's input makes
+    the compiler copy the whole base back).
 
     Memory: 2 (k and v) * n_layer * batch_size * block_size * n_embd elements, e.g. 2 * 4 * 1 * 512 * 128 * 4 bytes
     = 2 MiB for the default model in fp32; bytes_per_token says what one token costs.
@@ -51,31 +54,37 @@ class KVCache:
     """
 
     def __init__(self, config, batch_size=1, device="cpu", dtype=torch.float32):
-        shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0
 
     @property
     def capacity(self):
-        return self.kv.shape[4]
+        return self.keys[0].shape[2]
 
     @property
     def bytes_per_token(self):
-        return self.kv[:, :, :, :, 0].numel() * self.kv.element_size()
+        return 2 * sum(k[:, :, 0].numel() * k.element_size() for k in self.keys)
+
+    @property
+    def kv(self):
+        """A copy of everything, (n_layer, 2, batch_size, n_head, block_size, head_dim): to look at, not to write."""
+        return torch.stack([torch.stack(pair) for pair in zip(self.keys, self.values)])
 
     def store(self, layer, k, v):
         """Write a chunk's k, v (B, n_head, T, head_dim) after the cached tokens; return the filled part."""
         end = self.length + k.shape[2]
-        self.kv[layer, 0, :, :, self.length:end] = k
-        self.kv[layer, 1, :, :, self.length:end] = v
-        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def store_at(self, layer, position, k, v):
         """Write one token's k, v at `position` (a 1-element tensor) and return the WHOLE buffers, unfilled slots
         included: fixed shapes, as a CUDA graph needs. The caller's mask must exclude the slots after position."""
-        self.kv[layer, 0].index_copy_(2, position, k)
-        self.kv[layer, 1].index_copy_(2, position, v)
-        return self.kv[layer, 0], self.kv[layer, 1]
+        self.keys[layer].index_copy_(2, position, k)
+        self.values[layer].index_copy_(2, position, v)
+        return self.keys[layer], self.values[layer]
 
     def truncate(self, length):
         if not 0 <= length <= self.length:
