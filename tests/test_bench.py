@@ -156,7 +156,8 @@ def test_json_cli_prints_only_json():
 
 
 def test_bad_flags_are_user_errors(capsys):
-    for argv in (["--sections=train,bogus"], ["--device=tpu"], ["--n_embd=30", "--n_head=4"], ["--repeats=0"]):
+    for argv in (["--sections=train,bogus"], ["--device=tpu"], ["--n_embd=30", "--n_head=4"], ["--repeats=0"],
+                 ["--threads=-3"]):
         with pytest.raises(UserError):
             bench.parse_config(argv)
     with pytest.raises(SystemExit) as exit_:
@@ -174,3 +175,11 @@ def test_hugging_face_peer_rows():
         assert t["HF re-prefill"]["prefill_tokens"] == t["context"]
     assert all(r["HF generate"] > 0 for r in results["decode"]["rows"])
     assert "ours / HF" in text
+
+
+def test_quick_uses_the_data_dir_it_is_given(tmp_path):
+    data_dir = str(tmp_path / "mine")
+    prepare(data_dir, block_size=Q["block_size"], n_train=7, n_val=2, seed=5)
+    cfg, _ = bench.parse_config(["--quick", f"--data_dir={data_dir}"])
+    _, split, tmp = bench.bench_data(cfg)
+    assert tmp is None and int(split.offsets[-1]) == int(load_split(data_dir, "train").offsets[-1])

@@ -162,3 +162,16 @@ def test_block_mask_attends_like_the_dense_mask(kind):
         flex = flex_attention(q, k, v, block_mask=block_mask(kind, roles, docs))
         sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=make_mask(kind, roles, docs).unsqueeze(1))
     torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_py_piped_into_head_ends_quietly():
+    """`python mask.py | head -1`: the reader goes away while mask.py is still writing."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "mask.py"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"causal")
+    proc.stdout.close()
+    assert b"Traceback" not in proc.stderr.read()
+    proc.wait(timeout=60)

@@ -178,3 +178,19 @@ def test_control_characters_reach_a_terminal_as_visible_symbols(tmp_path, monkey
     shown = terminal.getvalue()
     assert shown == "\u240d\u240d\u240d\u240d\n"  # four carriage returns, as the symbol for one
     assert "\r" not in shown and "\x1b" not in shown
+
+
+def test_the_context_full_note_comes_before_the_reply(tmp_path, monkeypatch):
+    out = str(tmp_path / "small")
+    small = dataclasses.replace(CONFIG, block_size=48)
+    model = GPT(small)
+    save_checkpoint({"model": model.state_dict(), "model_args": dataclasses.asdict(small), "config": {},
+                     "tokenizer": TOK.describe(), "mask": "ism"}, os.path.join(out, "ckpt.pt"))
+    both = io.StringIO()  # stdout and stderr in one stream: their order shows
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first message here\nsecond message here\n"))
+    monkeypatch.setattr(sys, "stdout", both)
+    monkeypatch.setattr(sys, "stderr", both)
+    run(lambda: sample.main([f"--out_dir={out}", "--temperature=0", "--max_new_tokens=8"]))
+    lines = both.getvalue().split("\n")
+    note = next(i for i, line in enumerate(lines) if line.startswith("note: context full"))
+    assert note == 1 and "dropped the oldest 1 turn(s)" in lines[note]  # after reply 1, before reply 2

@@ -423,6 +423,7 @@ def test_keep_best_keeps_the_best_weights_beside_the_latest(small_data_dir, tmp_
                        "--eval_interval=2", "--keep_best", f"--learning_rate={learning_rate}",
                        f"--min_lr={learning_rate}"])
     log = capsys.readouterr().out
+    assert "note: the held-out loss is measured on" in log  # 4 held-out conversations: a noisy loss, said so
     evals, best, new_bests = evals_of(log), float("inf"), []
     for it, loss in evals:
         if loss < best:
