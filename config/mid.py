@@ -1,5 +1,5 @@
-# A mid-size model (6 layers, 6 heads, 384 wide: 10.7M parameters, 512 tokens): minutes per hundred steps on a
-# laptop CPU, seconds on a GPU.
+# A mid-size model (6 layers, 6 heads, 384 wide, 512 tokens: 10.9M parameters with the byte vocabulary), between
+# the default one and GPT-2 small; on a CPU or a GPU.
 #   python train.py config/mid.py                     # the default synthetic data (prepared if missing)
 #   python bench.py config/mid.py                     # its costs (CPU here; add --device=cuda on a GPU)
 mask = 'ism'
