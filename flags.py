@@ -138,7 +138,7 @@ def run(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a terminal never interleave their lines
         sys.exit(2)
     except KeyboardInterrupt:
         print(file=sys.stderr)
