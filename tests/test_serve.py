@@ -339,28 +339,40 @@ def test_a_full_queue_answers_503():
     assert results[0][0] == 200
 
 
+def raw_request(port, body):
+    """A socket that has sent a chat request (the caller reads, or not, and closes it)."""
+    data = json.dumps(body).encode()
+    client = socket.create_connection(("127.0.0.1", port), timeout=30)
+    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return client
+
+
+def check_the_generation_stopped(log, service, port):
+    """Once the server has logged the request: its answer was cut short and closed, and the next request on the
+    same session equals the reference."""
+    for _ in range(300):
+        if log:
+            break
+        time.sleep(0.01)
+    (session,) = service.sessions.values()
+    again = chat(port, USER, max_tokens=12)
+    assert "(client gone)" in log[0]
+    assert session.last["stopped"] == "interrupted" and len(session.messages[-1]["content"]) < 50
+    assert again["choices"][0]["message"]["content"] == reference("ism", USER, 12)["reply"]
+
+
 def test_a_client_gone_mid_stream_stops_the_generation():
     def slow(module, args, output):
         time.sleep(0.01)  # a long answer takes a second: the server is still generating when the client goes
 
-    body = json.dumps({"messages": USER, "stream": True, "max_tokens": 100}).encode()
     log = []
     with serving(log=log) as (port, service):
-        with forward_hook(slow), socket.create_connection(("127.0.0.1", port), timeout=30) as client:
-            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        with forward_hook(slow), raw_request(port, {"messages": USER, "stream": True, "max_tokens": 100}) as client:
             received = b""
             while received.count(b"data: ") < 3:
                 received += client.recv(4096)
-        for _ in range(300):  # the server notices at its next writes
-            if log:
-                break
-            time.sleep(0.01)
-        (session,) = service.sessions.values()
-        again = chat(port, USER, max_tokens=12)
-    assert "(client gone)" in log[0]
-    assert session.last["stopped"] == "interrupted" and len(session.messages[-1]["content"]) < 50
-    assert again["choices"][0]["message"]["content"] == reference("ism", USER, 12)["reply"]
+        check_the_generation_stopped(log, service, port)
 
 
 def test_a_client_gone_before_a_whole_answer_stops_the_generation():
@@ -368,23 +380,12 @@ def test_a_client_gone_before_a_whole_answer_stops_the_generation():
         time.sleep(0.01)
         output[0][..., TOK.end] = float("-inf")
 
-    body = json.dumps({"messages": USER, "max_tokens": 100}).encode()
     log = []
     with serving(log=log) as (port, service):
         with forward_hook(never_end):
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
-                client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                               b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            with raw_request(port, {"messages": USER, "max_tokens": 100}):
                 time.sleep(0.1)  # it has started
-            for _ in range(300):
-                if log:
-                    break
-                time.sleep(0.01)
-        (session,) = service.sessions.values()
-        again = chat(port, USER, max_tokens=12)
-    assert "(client gone)" in log[0]
-    assert session.last["stopped"] == "interrupted" and len(session.messages[-1]["content"]) < 50
-    assert again["choices"][0]["message"]["content"] == reference("ism", USER, 12)["reply"]
+            check_the_generation_stopped(log, service, port)
 
 
 # ------------------------------------------------------------------------------------------------- command line
