@@ -439,9 +439,9 @@ def train(cfg, rt, rank, world_size):
     describe_run(log, cfg, rt, raw_model, meta, train_split, rows_per_step, len(stream.rows), world_size)
 
     # held-out rows: this rank's share (each rank evaluates its own rows; the sums are added over ranks)
-    eval_rows = val_rows(val_split, cfg.mask, cfg.block_size, cfg.batch_size, cfg.eval_iters)[rank::world_size]
-    val_answers = answer_target_count(val_split, val_rows(val_split, cfg.mask, cfg.block_size, cfg.batch_size,
-                                                          cfg.eval_iters))
+    all_eval_rows = val_rows(val_split, cfg.mask, cfg.block_size, cfg.batch_size, cfg.eval_iters)
+    eval_rows = all_eval_rows[rank::world_size]
+    val_answers = answer_target_count(val_split, all_eval_rows)
     if val_answers < FEW_VAL_ANSWERS:
         log(f"note: the held-out loss is measured on {val_answers} answer tokens only: it is noisy (hold out more "
             "conversations: python data/prepare.py --val_fraction=..., or --eval_iters=0)")
@@ -508,7 +508,8 @@ def train(cfg, rt, rank, world_size):
 
             # 5. forward, backward and the optimizer step, weighted by the step's answer tokens over all ranks
             step_loss = train_step(model, optimizer, batches, cfg.mask, answer_tokens, rt, cfg.grad_clip, world_size)
-            tokens["tokens"] += token_count(rows)
+            step_tokens = token_count(rows)
+            tokens["tokens"] += step_tokens
             tokens["answer_tokens"] += answer_tokens
             iter_num += 1
             steps_timed += 1
@@ -524,7 +525,7 @@ def train(cfg, rt, rank, world_size):
                     gpu = (f", mfu {100 * raw_model.estimate_mfu(per_rank_tokens, dt):.1f}%, "
                            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
                 log(f"iter {iter_num}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.1e}, {1000 * dt:.1f}ms/iter, "
-                    f"{token_count(rows) / dt:,.0f} tok/s ({answer_tokens / dt:,.0f} answer tok/s){gpu}, "
+                    f"{step_tokens / dt:,.0f} tok/s ({answer_tokens / dt:,.0f} answer tok/s){gpu}, "
                     f"eta {fmt_duration((cfg.max_iters - iter_num) * dt)}")
                 record.write(iter=iter_num, loss=loss, lr=lr, ms_per_iter=1000 * dt, time=time.time())
                 t_interval, steps_timed = time.time(), 0
