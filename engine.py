@@ -32,15 +32,14 @@ from functools import partial
 import torch
 from torch.nn import functional as F
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from data.chat import DataError, render, render_user
-from data.tokenizer import tokenizer_from_description
+from checkpoint import load_checkpoint
+from data.chat import render, render_user, system_of
 from flags import UserError
 from mask import ASSISTANT, MASKS, make_mask
 from model import KVCache
+from pretrained import load_start
 
 _KEEP = object()  # reset(): keep the current system message
-_SMALLEST_PROMPT = 4  # <|user|> x <|end|> <|assistant|>
 DECODE_MODES = ("eager", "static", "compiled")
 
 
@@ -50,22 +49,45 @@ class TurnError(UserError):
 
 # ------------------------------------------------------------------------------------------------------- loading
 
-def load_chat_model(out_dir, device="cpu", dtype="float32", name="ckpt.pt"):
-    """out_dir/name -> (model in eval mode, tokenizer, mask kind, checkpoint dict); UserError (one line) if the
-    checkpoint is missing, unreadable or inconsistent."""
-    path = os.path.join(out_dir, name)
-    checkpoint = load_checkpoint(path, device)  # missing: "... run python train.py first"
-    kind = checkpoint["mask"]
-    if kind not in MASKS:
-        raise UserError(f"{path}: unknown mask {kind!r} (expected one of {', '.join(MASKS)})")
-    try:
-        tok = tokenizer_from_description(checkpoint["tokenizer"])
-    except DataError as e:
-        raise UserError(f"{path}: {e}") from None
-    model = model_from_checkpoint(checkpoint, device, path)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens, model only {model.config.vocab_size}")
-    return model.to(getattr(torch, dtype)), tok, kind, checkpoint
+@dataclass
+class ChatModel:
+    """A model ready to chat: the model (eval mode, on its device, in its dtype), its tokenizer, the mask to chat
+    with and the one it was trained with, a line saying what it is, and its checkpoint dict (None for a pretrained
+    start)."""
+    model: torch.nn.Module
+    tok: object
+    mask: str
+    trained_mask: str
+    what: str
+    checkpoint: dict = None
+
+    @property
+    def mask_label(self):
+        """The mask, marked when it is not the one the model was trained with (ISM on a causal model, say)."""
+        if self.mask == self.trained_mask:
+            return self.mask
+        return f"{self.mask} (off its training: trained {self.trained_mask})"
+
+
+def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", block_size=0, device="cpu",
+                    dtype="float32"):
+    """The model a chat runs on. init_from: "resume" (out_dir/ckpt, written by train.py) or any start of
+    pretrained.load_start (smollm2, a .gguf file, a Hugging Face folder, a GPT-2 name, a checkpoint path). mask:
+    "" for the one it was trained with (causal for a pretrained model). block_size: 0 for the model's own context,
+    else a shorter one (the KV cache's capacity). UserError (one line) when it cannot be had."""
+    if mask and mask not in MASKS:
+        raise UserError(f"--mask={mask}: choose one of {', '.join(MASKS)}")
+    source = os.path.join(out_dir, ckpt) if init_from == "resume" else init_from
+    if init_from == "resume" and not os.path.exists(source):
+        load_checkpoint(source)  # the one-line "no checkpoint at ...: run python train.py first"
+    start = load_start(source, block_size or None, 0.0, device)
+    if start.mask not in MASKS:
+        raise UserError(f"{source}: unknown mask {start.mask!r} (expected one of {', '.join(MASKS)})")
+    if start.tok.vocab_size > start.model.config.vocab_size:
+        raise UserError(f"{source}: tokenizer has {start.tok.vocab_size} tokens, model only "
+                        f"{start.model.config.vocab_size}")
+    return ChatModel(start.model.to(getattr(torch, dtype)).eval(), start.tok, mask or start.mask, start.mask,
+                     start.what, start.checkpoint)
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
@@ -84,10 +106,10 @@ class Sampling:
 
 
 def never_sampled(tok, vocab_size):
-    """Ids an answer may never contain: the structural special tokens (only <|end|> may end an answer) and the
-    embedding rows past the tokenizer's vocabulary (padding for speed, no token of its own)."""
+    """Ids an answer may never contain: every special token but the one that ends an answer (tok.end: <|end|>, or
+    ChatML's <|im_end|>), and the embedding rows past the tokenizer's vocabulary (padding, no token of its own)."""
     never = torch.zeros(vocab_size, dtype=torch.bool)
-    never[[tok.bos, tok.system, tok.user, tok.assistant]] = True
+    never[[i for i in tok.special if i != tok.end]] = True
     never[tok.vocab_size:] = True
     return never
 
@@ -277,7 +299,8 @@ class ChatSession:
         system = self.system if system is _KEEP else (system or None)
         messages = [{"role": "system", "content": system}] if system else []
         ids, roles = render(messages, self.tok)
-        if len(ids) + _SMALLEST_PROMPT + self.reply_reserve + 1 > self.block_size:  # as _make_room will need
+        smallest_prompt = len(render_user("x", self.tok, after_answer=True)[0])
+        if len(ids) + smallest_prompt + self.reply_reserve + 1 > self.block_size:  # as _make_room will need
             raise UserError(f"the system message is {len(ids)} tokens; with a message and {self.reply_reserve} "
                             f"tokens kept for the answer it does not fit block_size {self.block_size}: shorten it")
         self.system, self.messages, self.ids, self.roles, self.turns = system, messages, ids, roles, 0
@@ -289,7 +312,7 @@ class ChatSession:
         sends it with every request, keeping the cached K/V rows that are still exact for it (reusable_prefix;
         re-encoding an answer's text may not give back the sampled ids, and then less is kept, never a wrong row).
         -> the number of cached tokens kept."""
-        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        system = system_of(messages)
         # answers as token ids, like the session's own: one representation (BPE may re-encode text otherwise)
         messages = [dict(m, content=self.tok.encode(m["content"])) if m["role"] == "assistant"
                     and isinstance(m["content"], str) else dict(m) for m in messages]
@@ -328,8 +351,10 @@ class ChatSession:
         started = time.perf_counter()
         if not user_text.strip():
             raise TurnError("empty message")
-        prompt_ids, prompt_roles = render_user(user_text, self.tok)
-        dropped = self._make_room(len(prompt_ids), max_new_tokens)  # phase 1
+        longest_prompt = len(render_user(user_text, self.tok, after_answer=True)[0])
+        dropped = self._make_room(longest_prompt, max_new_tokens)  # phase 1
+        after_answer = bool(self.messages) and self.messages[-1]["role"] == "assistant"
+        prompt_ids, prompt_roles = render_user(user_text, self.tok, after_answer)
         budget = min(max_new_tokens, self.block_size - len(self.ids) - len(prompt_ids) - 1)  # room for <|end|>
         self.last = {"user": user_text, "started": started, "dropped_turns": dropped, "prefill_tokens": 0,
                      "reused_tokens": 0, "stopped": "max_new_tokens" if budget == max_new_tokens else "block_size"}
@@ -409,7 +434,7 @@ class ChatSession:
                 return drop
         taken = len(render(self.messages[:head], self.tok)[0])
         raise TurnError(f"message of {prompt_len} tokens does not fit: block_size {self.block_size}, {taken} taken "
-                        f"by {'the system message' if head else '<|bos|>'}, "
+                        f"by {'the system message' if head or self.tok.default_system else '<|bos|>'}, "
                         f"{min(max_new_tokens, self.reply_reserve) + 1} kept for the answer; shorten it")
 
     def _prefill(self, roles):

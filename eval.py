@@ -1,11 +1,13 @@
 """
-Score a trained checkpoint: held-out answer loss and exact match of greedy answers given through the chat path.
+Score a model: held-out answer loss and exact match of greedy answers given through the chat path.
 
     python eval.py --out_dir=out                     # markdown tables
     python eval.py --out_dir=out --json              # the same, one JSON object (per-turn records included)
+    python eval.py --init_from=smollm2 --mask=ism --data_dir=data/synthetic-smollm2   # a pretrained model as it is
 
-- Held-out answer loss: loss.estimate_val_loss on the val split of the checkpoint's data_dir, with its mask (every
-  answer token counted once under every mask, so the numbers compare across masks).
+- Held-out answer loss: loss.estimate_val_loss on the val split of the checkpoint's data_dir (or --data_dir, which
+  a pretrained model needs), with the mask it chats with (every answer token counted once under every mask, so the
+  numbers compare across masks).
 - Exact match: every held-out conversation (data_dir/val.jsonl, its system message included) is replayed through
   engine.ChatSession with KV-cache reuse, as a user gets it: for each user turn the model answers greedily and the
   reply is scored against the gold answer with score(). Exact match strips surrounding whitespace and nothing
@@ -30,14 +32,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import flags
-from common import THREADS_HELP, Runtime, cpu_threads, machine, resolve_device, set_threads
-from data.store import load_split
-from data.chat import DataError, read_jsonl
+from common import THREADS_HELP, ModelFlags, Runtime, cpu_threads, machine, set_threads
+from data.store import load_meta, load_split
+from data.chat import DataError, read_jsonl, system_of
 from data.synthetic import FAMILIES, INSTRUCTION_LAST, POOLED
-from engine import ChatSession, load_chat_model
+from engine import ChatSession
 from flags import UserError, setting
 from loss import estimate_val_loss
 
@@ -49,11 +51,8 @@ HISTORY_NOTE = {"gold": "gold answers kept in the history (teacher-forced: each 
 
 
 @dataclass
-class EvalConfig:
-    out_dir: str = setting("out", "folder of the checkpoint to evaluate")
-    ckpt: str = setting("ckpt.pt", "the checkpoint file in out_dir: ckpt.pt (the latest) or best.pt (--keep_best)")
+class EvalConfig(ModelFlags):
     data_dir: str = setting("", "prepared data holding val.jsonl (empty: the checkpoint's data_dir)")
-    device: str = setting("auto", "auto | cpu | cuda (auto: cuda when available)")
     history: str = setting("gold", "gold | own: what stays in the conversation after a scored turn (see top)",
                            choices=("gold", "own"))
     max_conversations: int = setting(0, "held-out conversations replayed (0: all of val.jsonl); the loss always "
@@ -83,7 +82,7 @@ def turn_bucket(turn):
 def turns_of(conversation):
     """-> (system text or None, [(user text, gold answer, family), ...])."""
     messages = conversation["messages"]
-    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    system = system_of(messages)
     users = [m["content"] for m in messages if m["role"] == "user"]
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     tasks = conversation.get("tasks") or [UNTAGGED] * len(answers)
@@ -131,16 +130,21 @@ def tally(records):
 
 # ---------------------------------------------------------------------------------------------------- evaluate
 
-def evaluate(out_dir, data_dir="", device="cpu", history="gold", max_conversations=0, max_new_tokens=64,
-             batch_size=16, ckpt="ckpt.pt"):
-    """Held-out answer loss and exact match of one checkpoint (see the module docstring). -> a JSON-able dict."""
-    model, tok, kind, checkpoint = load_chat_model(out_dir, device, name=ckpt)
+def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_new_tokens=64, batch_size=16,
+             device="cpu"):
+    """Held-out answer loss and exact match of an engine.ChatModel (see the module docstring). -> a JSON-able
+    dict."""
+    model, tok, kind, checkpoint = chat_model.model, chat_model.tok, chat_model.mask, chat_model.checkpoint or {}
     data_dir = data_dir or checkpoint.get("config", {}).get("data_dir", "")
     if not data_dir:
-        raise UserError(f"{os.path.join(out_dir, ckpt)} does not say which data it was trained on: pass --data_dir")
+        raise UserError(f"{chat_model.what} does not say which data it was trained on: pass --data_dir")
     val_path = os.path.join(data_dir, "val.jsonl")
     if not os.path.exists(val_path):
         raise UserError(f"no held-out conversations at {val_path}: pass the --data_dir the model was trained on")
+    meta = load_meta(data_dir)
+    if meta["tokenizer"] != tok.describe():
+        raise UserError(f"{data_dir} holds {meta['tokenizer']['name']} tokens, the model reads {tok.name} ones: "
+                        f"prepare it with python data/prepare.py --tokenizer={tok.name}, or pass the model's --data_dir")
     conversations, _ = read_jsonl(val_path)
     if max_conversations:
         conversations = conversations[:max_conversations]
@@ -156,10 +160,10 @@ def evaluate(out_dir, data_dir="", device="cpu", history="gold", max_conversatio
     t2 = time.time()
     tokens = checkpoint.get("tokens", {})
     info = machine(device)
-    return {"out_dir": out_dir, "mask": kind, "data_dir": data_dir, "iter_num": checkpoint.get("iter_num"),
-            "model_args": checkpoint["model_args"], "trained_tokens": tokens.get("tokens"),
-            "trained_answer_tokens": tokens.get("answer_tokens"), "history": history,
-            "history_note": HISTORY_NOTE[history], "conversations": len(conversations),
+    return {"model": chat_model.what, "mask": kind, "mask_label": chat_model.mask_label, "data_dir": data_dir,
+            "iter_num": checkpoint.get("iter_num"), "model_args": asdict(model.config),
+            "trained_tokens": tokens.get("tokens"), "trained_answer_tokens": tokens.get("answer_tokens"),
+            "history": history, "history_note": HISTORY_NOTE[history], "conversations": len(conversations),
             "max_new_tokens": max_new_tokens, "val_loss": val_loss, **tally(records),
             "unfinished_replies": sum(not r["finished"] for r in records),
             "turns_with_dropped_history": sum(r["dropped_turns"] > 0 for r in records),
@@ -180,8 +184,10 @@ def family_label(family):
 def report(result):
     r = result
     args = r["model_args"]
-    lines = [f"# eval {r['out_dir']}: mask {r['mask']}, iter {r['iter_num']}, {args['n_layer']} layers x "
-             f"{args['n_embd']} wide, trained on {r['trained_tokens'] or 0:,} tokens",
+    trained = f"iter {r['iter_num']}, trained on {r['trained_tokens']:,} tokens" if r["iter_num"] is not None else \
+        "as pretrained"
+    lines = [f"# eval {r['model']}: mask {r['mask_label']}, {trained}, {args['n_layer']} layers x {args['n_embd']} "
+             "wide",
              f"{r['conversations']} held-out conversations from {r['data_dir']}/val.jsonl, greedy replies through "
              f"ChatSession (KV cache), max_new_tokens {r['max_new_tokens']}; {r['history_note']}. Exact "
              "match after stripping surrounding whitespace; a reply that did not end by itself is wrong.",
@@ -202,8 +208,9 @@ def main(argv=None):
     cfg = flags.parse(EvalConfig(), sys.argv[1:] if argv is None else argv, __doc__)
     set_threads(cfg.threads)
     try:
-        result = evaluate(cfg.out_dir, cfg.data_dir, resolve_device(cfg.device), cfg.history,
-                          cfg.max_conversations, cfg.max_new_tokens, cfg.batch_size, cfg.ckpt)
+        chat_model = cfg.load()
+        result = evaluate(chat_model, cfg.data_dir, cfg.history, cfg.max_conversations, cfg.max_new_tokens,
+                          cfg.batch_size, str(next(chat_model.model.parameters()).device))
     except DataError as e:
         raise UserError(str(e)) from None
     print(json.dumps(result) if cfg.json else report(result))

@@ -1,12 +1,20 @@
 """
-A GPT-2 language model whose attention takes an explicit mask, plus a KV cache for chat.
+A GPT whose attention takes an explicit mask, plus a KV cache for chat. One GPT class, two families by config:
 
-Architecture, parameter names and numerics follow GPT-2 / nanoGPT (learned positions, pre-LayerNorm, the tanh GELU,
-tied embeddings; transformer.wte, transformer.h.N.attn.c_attn, lm_head, ...), so GPT-2 weights load by name and
-give GPT-2's logits. What differs from nanoGPT:
+- GPT-2 (the default, family="gpt2"): learned positions, pre-LayerNorm, the tanh GELU, tied embeddings, biases.
+  Parameter names and numerics follow GPT-2 / nanoGPT (transformer.wte, transformer.h.N.attn.c_attn, lm_head, ...),
+  so GPT-2 weights load by name and give GPT-2's logits.
+- The Llama family (family="llama": Llama, SmolLM2, Qwen2): rotary position embeddings (RoPE) instead of learned
+  positions, RMSNorm, a SwiGLU MLP of width mlp_hidden, grouped-query attention (n_kv_head key/value heads shared
+  by n_head query heads), optional q/k/v biases (Qwen2), tied or untied lm_head. Same module names: c_attn holds
+  q, k and v stacked, c_fc the SwiGLU's gate and up projections stacked.
+
+What differs from nanoGPT:
 - There is no built-in causal assumption. Every forward gets the mask to use: a dense boolean tensor
   (True = may attend; SDPA, any device) or a FlexAttention BlockMask (CUDA). mask.py builds both from one rule.
-- Positions are explicit, so packed documents restart at 0 and a chunk on top of a cache continues from it.
+  Both families run the same attention code under the same mask.
+- Positions are explicit, so packed documents restart at 0 and a chunk on top of a cache continues from it; RoPE
+  rotates each query and key by its own position, GPT-2 looks its position up.
 - forward can run on a KVCache: the chunk's keys/values are written after the cached ones and the chunk attends
   over the filled part of the cache only. The cache length advances in GPT.forward, after every layer stored the
   chunk, and nowhere else but after a static decode step (see decode_static).
@@ -30,6 +38,9 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+FAMILIES = ("gpt2", "llama")
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 512  # longest sequence, and the KV cache's capacity
@@ -38,23 +49,45 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm layers
+    bias: bool = True  # biases in every Linear and LayerNorm (GPT-2); the Llama family has none
+    # The Llama family; the defaults below are GPT-2's, so a GPT-2 config needs none of them.
+    family: str = "gpt2"  # "gpt2" | "llama"
+    n_kv_head: int = 0  # key/value heads, n_head a multiple of it (grouped-query attention); 0: n_head
+    mlp_hidden: int = 0  # MLP width; 0: 4 * n_embd (GPT-2)
+    rope_theta: float = 10000.0  # RoPE base (family "llama")
+    norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
+    qkv_bias: bool = False  # biases on the q, k, v projections even without bias (Qwen2)
+    tie_embeddings: bool = True  # lm_head shares the token embedding's weights
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r}: choose one of {', '.join(FAMILIES)}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd {self.n_embd}, n_head {self.n_head}, n_kv_head {self.n_kv_head}: n_embd must "
+                             "be a multiple of n_head, and n_head of n_kv_head")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
 
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated up to block_size: keys[layer] and
-    values[layer], each (batch_size, n_head, block_size, head_dim). One tensor per layer and kind, not views of a
+    values[layer], each (batch_size, n_kv_head, block_size, head_dim): only the key/value heads, so grouped-query
+    attention's saving is the cache's too. One tensor per layer and kind, not views of a
     larger one, so that a compiled step writes into them in place (a write into a view of a graph's input makes
     the compiler copy the whole base back).
 
-    Memory: 2 (k and v) * n_layer * batch_size * block_size * n_embd elements, e.g. 2 * 4 * 1 * 512 * 128 * 4 bytes
-    = 2 MiB for the default model in fp32; bytes_per_token says what one token costs.
+    Memory: 2 (k and v) * n_layer * batch_size * block_size * n_kv_head * head_dim elements, e.g. 2 * 4 * 1 * 512 *
+    128 * 4 bytes = 2 MiB for the default model in fp32; bytes_per_token says what one token costs.
     Appending a chunk of T tokens writes T slots per layer (O(T)); truncate(n) forgets everything after n tokens
     (a /reset, or a re-prefill) without freeing memory.
     """
 
     def __init__(self, config, batch_size=1, device="cpu", dtype=torch.float32):
-        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0
@@ -69,11 +102,11 @@ class KVCache:
 
     @property
     def kv(self):
-        """A copy of everything, (n_layer, 2, batch_size, n_head, block_size, head_dim): to look at, not to write."""
+        """A copy of everything, (n_layer, 2, batch_size, n_kv_head, block_size, head_dim): to look at, not to write."""
         return torch.stack([torch.stack(pair) for pair in zip(self.keys, self.values)])
 
     def store(self, layer, k, v):
-        """Write a chunk's k, v (B, n_head, T, head_dim) after the cached tokens; return the filled part."""
+        """Write a chunk's k, v (B, n_kv_head, T, head_dim) after the cached tokens; return the filled part."""
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
@@ -92,53 +125,101 @@ class KVCache:
         self.length = length
 
 
+class RMSNorm(nn.Module):
+    """Llama's norm: scale by the root mean square (no mean subtracted, no bias), computed in float32."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def norm(config):
+    if config.family == "gpt2":
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+    return RMSNorm(config.n_embd, config.norm_eps)
+
+
+def rope_angles(positions, config):
+    """cos and sin of RoPE's rotation angles, position * theta^(-2i/head_dim) for each pair i, computed in float32
+    at the explicit positions: (..., T) -> two (..., 1, T, head_dim / 2) tensors that broadcast over heads."""
+    half = torch.arange(0, config.head_dim, 2, device=positions.device, dtype=torch.float32) / config.head_dim
+    angles = positions.float().unsqueeze(-1) * config.rope_theta ** -half
+    return angles.cos().unsqueeze(-3), angles.sin().unsqueeze(-3)
+
+
+def apply_rope(x, rope):
+    """Rotate each (first half, second half) pair of x's head dimensions by its angle (the Hugging Face / Llama
+    layout: dimension i pairs with i + head_dim / 2)."""
+    cos, sin = rope
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
     # the name is GPT-2's; the mask passed in decides what each token sees
 
     def __init__(self, config, layer_index):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        q_size, kv_size = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.c_attn = nn.Linear(config.n_embd, q_size + 2 * kv_size, bias=config.bias or config.qkv_bias)
+        self.c_proj = nn.Linear(q_size, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
         self.dropout = config.dropout
         self.layer_index = layer_index
 
-    def forward(self, x, mask, kv_cache=None, position=None):
+    def forward(self, x, mask, rope=None, kv_cache=None, position=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split(self.split_sizes, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # n_kv_head heads
+        if rope is not None:  # Llama family: rotate q and k by their positions before they are cached
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if kv_cache is not None and position is None:
             k, v = kv_cache.store(self.layer_index, k, v)  # attend over cached + new keys, filled slots only
         elif kv_cache is not None:
             k, v = kv_cache.store_at(self.layer_index, position, k, v)  # the whole capacity; the mask cuts it
+        # Grouped-query attention: each group of n_head / n_kv_head query heads reads one key/value head.
+        gqa = self.n_kv_head != self.n_head
         dropout = self.dropout if self.training else 0.0
         if isinstance(mask, BlockMask):
             flex = compiled_flex_attention() if q.is_cuda else flex_attention
-            y = flex(q, k, v, block_mask=mask)  # FlexAttention has no attention dropout; the residual ones apply
+            y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)  # no attention dropout in Flex; residual ones apply
         elif mask is None:
             # Plain causal attention, no mask tensor: only bench.py's speed ceiling asks for it (one document per
             # row assumed). is_causal is top-left aligned when T != S, so it is wrong on top of a cache.
             assert kv_cache is None, "mask=None (is_causal) cannot run on a KV cache"
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
         else:
             attn_mask = mask.view(-1, 1, *mask.shape[-2:])  # (T, S) or (B, T, S) -> broadcast over heads
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """GPT-2: c_proj(gelu(c_fc(x))). Llama family (SwiGLU): c_fc holds the gate and up projections stacked,
+    c_proj(silu(gate(x)) * up(x))."""
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.swiglu = config.family == "llama"
+        fc_width = 2 * config.mlp_hidden if self.swiglu else config.mlp_hidden
+        self.c_fc = nn.Linear(config.n_embd, fc_width, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU ("gelu_new"); the exact one differs by ~3e-4
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.dropout(self.c_proj(F.silu(gate) * up))
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
@@ -146,13 +227,13 @@ class Block(nn.Module):
 
     def __init__(self, config, layer_index):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config, layer_index)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, kv_cache=None, position=None):
-        x = x + self.attn(self.ln_1(x), mask, kv_cache, position)
+    def forward(self, x, mask, rope=None, kv_cache=None, position=None):
+        x = x + self.attn(self.ln_1(x), mask, rope, kv_cache, position)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -161,15 +242,18 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.family == "gpt2":  # learned positions; the Llama family rotates q and k instead (RoPE)
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **layers,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
@@ -213,9 +297,15 @@ class GPT(nn.Module):
         return self._layers(idx, position, mask, kv_cache, position)
 
     def _layers(self, idx, positions, mask, kv_cache, position=None):
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.family == "gpt2":
+            x = x + self.transformer.wpe(positions)
+        else:
+            rope = rope_angles(positions, self.config)  # once per forward, shared by every layer
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, mask, kv_cache, position)
+            x = block(x, mask, rope, kv_cache, position)
         return self.lm_head(self.transformer.ln_f(x))
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -232,6 +322,8 @@ class GPT(nn.Module):
         """Model FLOPs utilisation against a peak (default: H100 bf16 dense), PaLM appendix B accounting:
         6N per token for the weights plus 12 * L * d * T for attention (counted as if every key were visible)."""
         cfg = self.config
-        n_params = self.num_params() - self.transformer.wpe.weight.numel()  # a lookup, no multiply-adds (as nanoGPT)
+        n_params = self.num_params()
+        if "wpe" in self.transformer:
+            n_params -= self.transformer.wpe.weight.numel()  # a lookup, no multiply-adds (as nanoGPT)
         flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
         return flops_per_token * tokens_per_iter / dt / peak_flops

