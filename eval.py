@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import flags
 from common import THREADS_HELP, ModelFlags, Runtime, cpu_threads, machine, set_threads
-from data.store import load_meta, load_split
+from data.store import first_conversations, load_meta, load_split
 from data.chat import DataError, read_jsonl, system_of
 from data.synthetic import FAMILIES, INSTRUCTION_LAST, POOLED
 from engine import ChatSession
@@ -55,8 +55,8 @@ class EvalConfig(ModelFlags):
     data_dir: str = setting("", "prepared data holding val.jsonl (empty: the checkpoint's data_dir)")
     history: str = setting("gold", "gold | own: what stays in the conversation after a scored turn (see top)",
                            choices=("gold", "own"))
-    max_conversations: int = setting(0, "held-out conversations replayed (0: all of val.jsonl); the loss always "
-                                        "uses the whole val split", min=0)
+    max_conversations: int = setting(0, "held-out conversations scored, the first of val.jsonl (0: all): replayed, "
+                                        "and the answers the held-out loss is measured on", min=0)
     max_new_tokens: int = setting(64, "longest reply; one cut here is wrong (with --history=gold a turn stops "
                                       "once the reply is 8 tokens longer than the gold answer: it is wrong by then)",
                                   min=1)
@@ -149,8 +149,9 @@ def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_n
     if max_conversations:
         conversations = conversations[:max_conversations]
     t0 = time.time()
-    val_loss = estimate_val_loss(model, load_split(data_dir, "val"), kind, model.config.block_size, batch_size,
-                                 Runtime(device))
+    val_split = first_conversations(load_split(data_dir, "val"), max_conversations)
+    rows = min(model.config.block_size, meta.get("block_size") or model.config.block_size)  # as prepared, not 8192
+    val_loss = estimate_val_loss(model, val_split, kind, rows, batch_size, Runtime(device))
     t1 = time.time()
     session = ChatSession(model, tok, kind)
     # Decoding feeds one token at a time: on a CPU a second intra-op thread only adds synchronisation, which on a

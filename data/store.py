@@ -121,3 +121,11 @@ def _check_split(split, paths, vocab_size):
     low, high = roles.min(), roles.max()
     if low < SYSTEM or high > ASSISTANT:  # mask.py's codes are SYSTEM, USER, ASSISTANT = 0, 1, 2
         raise damaged(paths["roles"], f"role codes run {low}..{high}, outside {SYSTEM}..{ASSISTANT}")
+
+
+def first_conversations(split, n):
+    """The split's first n conversations (all of them for n = 0), the ones {split}.jsonl lists first."""
+    if not n or n >= len(split.offsets) - 1:
+        return split
+    end = int(split.offsets[n])
+    return Split(ids=split.ids[:end], roles=split.roles[:end], offsets=split.offsets[:n + 1])

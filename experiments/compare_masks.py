@@ -7,6 +7,9 @@ Does ISM answer better? Train every mask with every seed, score each model, and 
     python experiments/compare_masks.py --pretrain_iters=600 --max_iters=300 \
         --train_args='--learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20' --out_dir=out/compare-warm
                                     # the papers' protocol: pretrain causally, then fine-tune under each mask
+    python experiments/compare_masks.py --init_from=smollm2 --seeds=1,2 --max_iters=80 --train_batch_size=1 \
+        --train_args='--learning_rate=1e-4 --min_lr=1e-5 --warmup_iters=5' --max_conversations=60 \
+        --out_dir=out/compare-smollm2      # from SmolLM2-135M-Instruct, sized for 2 CPU cores (about 100 min)
     python experiments/compare_masks.py --init_from=gpt2 --data_dir=data/synthetic-gpt2 config/finetune_gpt2.py
                                     # the same from pretrained GPT-2 (a GPU; data prepared with --tokenizer=gpt2)
 
@@ -25,7 +28,9 @@ parameters), 900 steps of 8 rows x 512 tokens (~1.5 epochs of the synthetic data
 Warm starts: the papers (ISM, MAS) fine-tune causally pretrained models. --pretrain_iters=N first trains, for each
 seed, a causal model from scratch for N steps (OUT_DIR/pretrain-sS), then fine-tunes every mask from those same
 weights (train.py --init_from=OUT_DIR/pretrain-sS) for max_iters steps; --init_from=START fine-tunes every run from
-one start instead (a GPT-2 name or folder, or an ismGPT checkpoint). A start's own shape wins over --n_layer etc.
+one start instead (smollm2, a Hugging Face folder, a GGUF file, a GPT-2 name, or an ismGPT checkpoint). A start's
+own shape wins over --n_layer etc. Every start is also scored as it is under every mask (`python eval.py
+--init_from=START --mask=M`): what switching the mask costs a model trained causally, before any fine-tuning.
 
 Resuming: a run whose folder holds a finished ckpt.pt trained with the same train.py flags (run.json records them)
 is not trained again, and its evaluation (eval.json) is reused when the evaluation settings match too; an
@@ -57,8 +62,10 @@ from mask import MASKS  # noqa: E402
 @dataclass
 class CompareConfig:
     out_dir: str = setting("out/compare", "one folder per run, <mask>-s<seed>")
-    data_dir: str = setting("data/synthetic", "prepared data (the default is prepared by train.py if missing)")
+    data_dir: str = setting("", "prepared data; empty: the synthetic dataset in the model's tokens (train.py prepares "
+                                "it when missing)")
     device: str = setting("auto", "auto | cpu | cuda, for training and scoring")
+    threads: int = setting(0, "torch CPU threads of every training and scoring process (0: torch's default)", min=0)
     masks: str = setting("causal,ism,prefix", "masks to train, comma-separated")
     seeds: str = setting("1,2,3", "seeds, comma-separated (the same for every mask)")
     max_iters: int = setting(900, "optimizer steps per run", min=1)
@@ -71,8 +78,9 @@ class CompareConfig:
     pretrain_iters: int = setting(0, "per seed, first pretrain a causal model from scratch for this many steps (with "
                                      "train.py's defaults), then fine-tune every mask from it; 0: no pretraining",
                                   min=0)
-    init_from: str = setting("", "fine-tune every run from this start (train.py --init_from: gpt2, a folder, a "
-                                 "ckpt.pt); empty: from scratch, or from the pretrained model of --pretrain_iters")
+    init_from: str = setting("", "fine-tune every run from this start (train.py --init_from: smollm2, gpt2, a folder, "
+                                 "a .gguf, a ckpt.pt); empty: from scratch, or from the pretrained model of "
+                                 "--pretrain_iters. The start itself is scored under every mask too")
     history: str = setting("gold", "gold | own: what eval.py keeps in the conversation after a scored turn",
                            choices=("gold", "own"))
     max_conversations: int = setting(0, "held-out conversations replayed per run (0: all)", min=0)
@@ -118,7 +126,7 @@ def run_argv(cfg, kind, seed, run_dir, iters, start):
             f"--device={cfg.device}", f"--max_iters={iters}", f"--n_layer={cfg.n_layer}", f"--n_head={cfg.n_head}",
             f"--n_embd={cfg.n_embd}", f"--block_size={cfg.block_size}", f"--batch_size={cfg.train_batch_size}",
             f"--eval_interval={iters}", "--eval_iters=1", f"--log_interval={max(1, min(20, iters // 10))}",
-            f"--init_from={start}"]
+            f"--init_from={start}", f"--threads={cfg.threads}"]
 
 
 def train_argv(cfg, kind, seed, run_dir, start="scratch"):
@@ -208,18 +216,34 @@ def start_of(cfg, seed, say):
 def eval_run(cfg, run_dir, say):
     """python eval.py on one run, reusing run_dir/eval.json when the checkpoint and the evaluation settings match."""
     ckpt = os.stat(os.path.join(run_dir, "ckpt.pt"))
-    argv = [f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}", f"--device={cfg.device}",
-            f"--history={cfg.history}", f"--max_conversations={cfg.max_conversations}",
-            f"--max_new_tokens={cfg.max_new_tokens}", "--json"]
-    key = {"argv": argv, "ckpt": [ckpt.st_size, ckpt.st_mtime_ns]}
-    cached = read_json(os.path.join(run_dir, "eval.json"))
+    return scored(cfg, [f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}"], run_dir,
+                  [ckpt.st_size, ckpt.st_mtime_ns], say)
+
+
+def eval_start(cfg, start, kind, data_dir, say):
+    """python eval.py on a start as it is, under mask kind, cached in OUT_DIR/start-<name>-<mask>."""
+    name = os.path.basename(os.path.normpath(start))
+    folder = os.path.join(cfg.out_dir, f"start-{name}-{kind}")
+    os.makedirs(folder, exist_ok=True)
+    stamp = [os.stat(start).st_mtime_ns] if os.path.exists(start) else []
+    return scored(cfg, [f"--init_from={start}", f"--mask={kind}", f"--data_dir={data_dir}"], folder, stamp, say)
+
+
+def scored(cfg, model_argv, folder, stamp, say):
+    """eval.py's JSON result (records left out) for model_argv, reused from folder/eval.json when the model
+    (stamp) and the evaluation settings match."""
+    argv = model_argv + [f"--device={cfg.device}", f"--history={cfg.history}",
+                         f"--max_conversations={cfg.max_conversations}", f"--max_new_tokens={cfg.max_new_tokens}",
+                         f"--threads={cfg.threads}", "--json"]
+    key = {"argv": argv, "model": stamp}
+    cached = read_json(os.path.join(folder, "eval.json"))
     if cached and cached.get("key") == key:
         return cached["result"]
-    output, seconds = run_script("eval.py", argv, None, f"scoring {run_dir}")
+    output, seconds = run_script("eval.py", argv, None, f"scoring {folder}")
     result = json.loads(output)
     del result["records"]
-    write_json(os.path.join(run_dir, "eval.json"), {"key": key, "result": result})
-    say(f"{os.path.basename(run_dir)}: evaluated in {seconds:.0f}s, exact match "
+    write_json(os.path.join(folder, "eval.json"), {"key": key, "result": result})
+    say(f"{os.path.basename(folder)}: evaluated in {seconds:.0f}s, exact match "
         f"{percent(result['overall']['accuracy'])}%, held-out answer loss {result['val_loss']:.4f}")
     return result
 
@@ -340,6 +364,24 @@ def report(result):
                      f"{fmt_mean_std(k['eval_seconds'], 1, 0)} |")
     lines.append("\nsame optimizer steps for every mask: prefix trains on triplet-expanded samples (one per answer, "
                  "with its whole history), so the same tokens hold fewer answers; answer tokens trained say how many.")
+    if result.get("start"):
+        lines += ["", start_table(result["start"], masks)]
+    return "\n".join(lines)
+
+
+def start_table(start, masks):
+    """The start before any fine-tuning, under every mask."""
+    families = list(start[masks[0]]["by_family"])
+    lines = [f"before fine-tuning: {start[masks[0]]['model']} as it is, under each mask ({start[masks[0]]['n']} "
+             "answers; exact match % and share of replies that never ended)", "",
+             "| mask | held-out answer loss | exact match % | replies that never ended % | "
+             + " | ".join(f"{family_label(f)} %" for f in families) + " |",
+             "|---|---|---|---|" + "---|" * len(families)]
+    for m in masks:
+        s = start[m]
+        lines.append(f"| {m} | {fmt_mean_std(s['val_loss'], 1, 4)} | {fmt_mean_std(s['exact_match'])} | "
+                     f"{fmt_mean_std(s['unfinished'])} | "
+                     + " | ".join(fmt_mean_std(s["by_family"][f]) for f in families) + " |")
     return "\n".join(lines)
 
 
@@ -348,15 +390,18 @@ def report(result):
 def compare(cfg, masks, seeds, argv):
     say = (lambda text: print(f"[compare] {text}", file=sys.stderr, flush=True))
     t0 = time.time()
-    runs = {}
+    runs, starts = {}, []
     for seed in seeds:  # seed-major: an interrupted experiment already has whole seeds of every mask
         start = start_of(cfg, seed, say)
+        starts += [start] if start != "scratch" and start not in starts else []
         for kind in masks:
             run_dir = os.path.join(cfg.out_dir, f"{kind}-s{seed}")
             run_dir, train_record = train_run(f"{kind}-s{seed}", run_dir, train_argv(cfg, kind, seed, run_dir, start),
                                               say)
             runs[kind, seed] = {"train": train_record, "eval": eval_run(cfg, run_dir, say)}
     first = runs[masks[0], seeds[0]]["eval"]
+    # each start as it is, under every mask: what switching the mask costs before any fine-tuning
+    before = {kind: [eval_start(cfg, start, kind, first["data_dir"], say) for start in starts] for kind in masks}
     settings = {"masks": masks, "seeds": seeds, "data_dir": cfg.data_dir, "history": cfg.history,
                 "history_note": first["history_note"], "conversations": first["conversations"],
                 "total_seconds": round(time.time() - t0, 1), "machine": first["machine"], "device": first["device"],
@@ -365,7 +410,22 @@ def compare(cfg, masks, seeds, argv):
                                                 "train_batch_size", "train_args", "max_new_tokens", "pretrain_iters",
                                                 "init_from")}}
     out_runs = [{"mask": m, "seed": s, **runs[m, s]} for s in seeds for m in masks]
-    return {"settings": settings, "summary": summarise(runs, masks, seeds), "runs": out_runs}
+    return {"settings": settings, "summary": summarise(runs, masks, seeds), "runs": out_runs,
+            "start": summarise_start(before) if starts else None}
+
+
+def summarise_start(before):
+    """{mask: [eval results of each start]} -> {mask: {val_loss, exact_match, by_family}}, mean ± std over starts."""
+    out = {}
+    for kind, results in before.items():
+        families = list(dict.fromkeys(f for r in results for f in r["by_family"]))
+        out[kind] = {"val_loss": mean_std([r["val_loss"] for r in results]),
+                     "exact_match": mean_std([r["overall"]["accuracy"] for r in results]),
+                     "unfinished": mean_std([r["unfinished_replies"] / max(r["overall"]["n"], 1) for r in results]),
+                     "by_family": {f: mean_std([r["by_family"].get(f, {}).get("accuracy") for r in results])
+                                   for f in families},
+                     "model": results[0]["model"], "n": results[0]["overall"]["n"]}
+    return out
 
 
 def main(argv=None):
