@@ -54,7 +54,8 @@ from data.prepare import prepare
 from data.store import load_meta, load_split
 from data.tokenizer import get_tokenizer
 from engine import ChatSession
-from flags import UserError, setting
+from errors import UserError
+from flags import setting
 from loss import batch_mask, train_step
 from mask import MASKS
 from model import GPT, GPTConfig, KVCache

@@ -10,7 +10,7 @@ import tempfile
 
 import torch
 
-from flags import UserError
+from errors import UserError
 from model import GPT, GPTConfig
 
 REQUIRED_KEYS = {"model", "model_args", "tokenizer", "mask"}

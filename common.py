@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from engine import load_chat_model
-from flags import UserError, setting
+from errors import UserError
+from flags import setting
 from mask import MASKS
 from pretrained import START_HELP
 

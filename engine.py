@@ -34,8 +34,8 @@ from torch.nn import functional as F
 
 from checkpoint import load_checkpoint
 from data.chat import render, render_user, system_of
-from flags import UserError
-from mask import ASSISTANT, MASKS, make_mask
+from errors import UserError
+from mask import ASSISTANT, MASKS, check_kind, make_mask
 from model import KVCache
 from pretrained import load_start
 
@@ -75,8 +75,6 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
     pretrained.load_start (smollm2, a .gguf file, a Hugging Face folder, a GPT-2 name, a checkpoint path). mask:
     "" for the one it was trained with (causal for a pretrained model). block_size: 0 for the model's own context,
     else a shorter one (the KV cache's capacity). UserError (one line) when it cannot be had."""
-    if mask and mask not in MASKS:
-        raise UserError(f"--mask={mask}: choose one of {', '.join(MASKS)}")
     source = os.path.join(out_dir, ckpt) if init_from == "resume" else init_from
     if init_from == "resume" and not os.path.exists(source):
         load_checkpoint(source)  # the one-line "no checkpoint at ...: run python train.py first"
@@ -277,8 +275,7 @@ class ChatSession:
     """
 
     def __init__(self, model, tok, kind, system=None, use_cache=True, reply_reserve=None, decode="eager"):
-        if kind not in MASKS:
-            raise ValueError(f"unknown mask {kind!r}: choose one of {', '.join(MASKS)}")
+        check_kind(kind)
         if decode not in DECODE_MODES or (decode != "eager" and not use_cache):
             raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}; a static step needs the "
                              "cache")

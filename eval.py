@@ -40,7 +40,8 @@ from data.store import first_conversations, load_meta, load_split
 from data.chat import DataError, read_jsonl, system_of
 from data.synthetic import FAMILIES, INSTRUCTION_LAST, POOLED
 from engine import ChatSession
-from flags import UserError, setting
+from errors import UserError
+from flags import setting
 from loss import estimate_val_loss
 
 FAMILY_ORDER = INSTRUCTION_LAST + tuple(f for f in FAMILIES if f not in INSTRUCTION_LAST)

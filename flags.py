@@ -14,6 +14,8 @@ import os
 import signal
 import sys
 
+from errors import UserError
+
 _BOUNDS = {"min": (lambda v, b: v >= b, "at least"), "max": (lambda v, b: v <= b, "at most"),
            "above": (lambda v, b: v > b, "above"), "below": (lambda v, b: v < b, "below")}
 
@@ -24,10 +26,6 @@ def setting(default, help, choices=None, **bounds):
     Bounds: min and max (inclusive), above and below (exclusive)."""
     assert set(bounds) <= set(_BOUNDS), bounds
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, bad file, missing checkpoint): shown as one line, no traceback."""
 
 
 def _convert(text, kind, key):

@@ -19,6 +19,8 @@ to FlexAttention's create_block_mask (CUDA). One rule, two backends.
 
 Run `python mask.py` to see the three masks of a small conversation.
 """
+from typing import NamedTuple
+
 import torch
 from torch.nn.attention.flex_attention import and_masks, or_masks
 
@@ -39,9 +41,17 @@ def _starts(x):
     return starts
 
 
+class Segments(NamedTuple):
+    """Per-token facts the predicates read, each (B, T): document index, segment index, whether the token is in a
+    query (SYSTEM or USER) segment, and whether it lies in its document's prefix."""
+    doc: torch.Tensor
+    segment: torch.Tensor
+    is_query: torch.Tensor
+    in_prefix: torch.Tensor
+
+
 def segment_info(roles, doc_ids=None):
-    """Per-token tensors the predicates read, each (B, T): document index, segment index, and whether the token
-    lies in its document's prefix. Documents are maximal runs of equal doc_id.
+    """-> Segments of a (B, T) or (T,) roles tensor. Documents are maximal runs of equal doc_id.
 
     A worked example, two packed documents (S=SYSTEM, U=USER, A=ASSISTANT):
 
@@ -50,6 +60,7 @@ def segment_info(roles, doc_ids=None):
         doc_ids    0 0 0 0 0 0 0 0 1 1
         doc        0 0 0 0 0 0 0 0 1 1
         segment    0 0 1 1 2 2 3 4 5 6     a new segment where the role or the document changes
+        is_query   T T T T F F T F T F
         in_prefix  T T T T T T T F T F     before the start of its document's last answer
     """
     roles = _as_rows(roles)
@@ -61,50 +72,54 @@ def segment_info(roles, doc_ids=None):
     # The final segment of a document is the largest segment index carrying that document index.
     last_segment_of_doc = torch.zeros_like(segment).scatter_reduce(1, doc, segment, "amax")
     in_final_segment = segment == last_segment_of_doc.gather(1, doc)
-    in_prefix = ~(in_final_segment & (roles == ASSISTANT))
-    return doc, segment, in_prefix
+    is_query = roles != ASSISTANT
+    return Segments(doc, segment, is_query, in_prefix=~(in_final_segment & ~is_query))
 
 
 # ---------------------------------------------------------------------------------------- the named predicates
 
 def earlier(b, h, q_idx, kv_idx):
-    """The key is not after the query (q sees itself)."""
+    """The key is not after the query (a token sees itself)."""
     return kv_idx <= q_idx
 
 
 def same_document(doc):
-    def same_doc(b, h, q_idx, kv_idx):
+    def same_document(b, h, q_idx, kv_idx):
+        """Both tokens in one packed document: documents never see each other."""
         return doc[b, q_idx] == doc[b, kv_idx]
-    return same_doc
+    return same_document
 
 
-def same_query_segment(segment, roles):
-    """Both tokens in one SYSTEM or USER segment: a query sees all of itself, before and after."""
-    is_query = roles != ASSISTANT
-
-    def within_query(b, h, q_idx, kv_idx):
+def same_query_segment(segment, is_query):
+    def same_query_segment(b, h, q_idx, kv_idx):
+        """Both tokens in one SYSTEM or USER segment: a query sees all of itself, before and after."""
         return (segment[b, q_idx] == segment[b, kv_idx]) & is_query[b, q_idx]
-    return within_query
+    return same_query_segment
 
 
 def both_in_prefix(in_prefix):
-    def within_prefix(b, h, q_idx, kv_idx):
+    def both_in_prefix(b, h, q_idx, kv_idx):
+        """Both tokens before the document's last answer: the prefix is one bidirectional block."""
         return in_prefix[b, q_idx] & in_prefix[b, kv_idx]
-    return within_prefix
+    return both_in_prefix
+
+
+def check_kind(kind):
+    if kind not in MASKS:
+        raise ValueError(f"unknown mask {kind!r}: choose one of {', '.join(MASKS)}")
 
 
 def mask_mod(kind, roles, doc_ids=None):
-    """The rule as a FlexAttention mask_mod: allowed(b, h, q_idx, kv_idx) -> bool tensor."""
-    if kind not in MASKS:
-        raise ValueError(f"unknown mask {kind!r}: choose one of {', '.join(MASKS)}")
-    roles = _as_rows(roles)
-    doc, segment, in_prefix = segment_info(roles, doc_ids)
-    same_doc = same_document(doc)
-    if kind == "causal":
-        return and_masks(same_doc, earlier)
-    if kind == "ism":
-        return and_masks(same_doc, or_masks(earlier, same_query_segment(segment, roles)))
-    return and_masks(same_doc, or_masks(earlier, both_in_prefix(in_prefix)))
+    """The rule as a FlexAttention mask_mod: allowed(b, h, q_idx, kv_idx) -> bool tensor. The table says what a
+    token sees inside its own document; documents are kept apart once, around it."""
+    check_kind(kind)
+    s = segment_info(roles, doc_ids)
+    sees = {
+        "causal": earlier,
+        "ism": or_masks(earlier, same_query_segment(s.segment, s.is_query)),
+        "prefix": or_masks(earlier, both_in_prefix(s.in_prefix)),
+    }[kind]
+    return and_masks(same_document(s.doc), sees)
 
 
 # ------------------------------------------------------------------------------------------------- the two forms
@@ -126,7 +141,8 @@ def block_mask(kind, roles, doc_ids=None):
     """The same rule as a FlexAttention BlockMask (B, 1 head broadcast, T, T), on roles' device."""
     from torch.nn.attention.flex_attention import create_block_mask
     B, T = _as_rows(roles).shape
-    # On CUDA, compiling the block-mask construction cuts it from ~20 ms to ~5 ms per batch (H100, 8 x 512).
+    # On CUDA the construction is compiled: uncompiled, create_block_mask evaluates the predicate on the whole
+    # (B, T, T) grid in memory before it finds the blocks.
     return create_block_mask(mask_mod(kind, roles, doc_ids), B, None, T, T, device=roles.device,
                              _compile=roles.is_cuda)
 

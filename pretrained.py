@@ -35,7 +35,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from data.chat import DataError
 from data import bpe
 from data.tokenizer import SMOLLM2, SPECIAL_TOKENS, get_tokenizer, smollm2_path, tokenizer_from_description
-from flags import UserError
+from errors import UserError
 from model import GPT, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

@@ -25,7 +25,8 @@ import torch
 from common import THREADS_HELP, ModelFlags, set_threads
 from data.chat import DataError, read_jsonl, system_of
 from engine import ChatSession, Sampling, TurnError
-from flags import UserError, parse, run, setting
+from errors import UserError
+from flags import parse, run, setting
 
 SEED_MAX = 2**63 - 1
 

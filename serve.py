@@ -46,7 +46,8 @@ import torch
 from common import THREADS_HELP, ModelFlags, set_threads
 from data.chat import DataError, render, validate
 from engine import ChatSession, Sampling, TextStream, reusable_prefix
-from flags import UserError, parse, run, setting
+from errors import UserError
+from flags import parse, run, setting
 from mask import ROLE_LETTERS
 
 MODEL_NAME = "ismgpt"

@@ -49,7 +49,8 @@ from data.chat import DataError
 from data.prepare import prepare_if_default, synthetic_dir
 from data.store import load_meta, load_split
 from data.tokenizer import TOKENIZER_HELP
-from flags import UserError, setting
+from errors import UserError
+from flags import setting
 from loss import answer_loss_totals, train_step, val_rows
 from mask import MASKS
 from model import GPT, GPTConfig

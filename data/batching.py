@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data.chat import DataError
-from mask import ASSISTANT, MASKS
+from mask import ASSISTANT, check_kind
 
 NO_TARGET = -1
 PAD_ID = 0  # padding is its own document with no targets, so its token id never matters
@@ -23,8 +23,7 @@ PAD_ID = 0  # padding is its own document with no targets, so its token id never
 
 def documents(split, kind):
     """-> list of (start, end, loss_from) for the mask kind (see the module docstring)."""
-    if kind not in MASKS:
-        raise ValueError(f"unknown mask {kind!r}: choose one of {', '.join(MASKS)}")
+    check_kind(kind)
     offsets = np.asarray(split.offsets)
     if kind != "prefix":
         starts = offsets[:-1].tolist()

@@ -31,7 +31,7 @@ Input lines are OpenAI-style {"messages": [{"role": "user", "content": "hi"}, ..
 """
 import json
 
-from flags import UserError
+from errors import UserError
 from mask import ASSISTANT, SYSTEM, USER
 
 ROLE_CODES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}

@@ -55,7 +55,8 @@ sys.path.insert(0, ROOT)
 
 import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
 from data.synthetic import INSTRUCTION_LAST, POOLED  # noqa: E402
-from flags import UserError, setting  # noqa: E402
+from errors import UserError  # noqa: E402
+from flags import setting  # noqa: E402
 from mask import MASKS  # noqa: E402
 
 

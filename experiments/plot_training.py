@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
-from flags import UserError, setting  # noqa: E402
+from errors import UserError  # noqa: E402
+from flags import setting  # noqa: E402
 
 
 @dataclass

@@ -39,7 +39,8 @@ import flags  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from common import machine  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
-from flags import UserError, setting  # noqa: E402
+from errors import UserError  # noqa: E402
+from flags import setting  # noqa: E402
 from mask import MASKS  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 

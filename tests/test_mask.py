@@ -96,7 +96,7 @@ def test_ism_never_sees_a_later_segment():
     rng = random.Random(3)
     for _ in range(200):
         roles, docs = random_conversation(rng, True)
-        _, segment, _ = segment_info(torch.tensor(roles), torch.tensor(docs))
+        segment = segment_info(torch.tensor(roles), torch.tensor(docs)).segment
         segment = segment[0]
         mask = make_mask("ism", torch.tensor(roles), torch.tensor(docs))
         later_segment = segment.view(1, -1) > segment.view(-1, 1)  # [i, j]: j's segment comes after i's

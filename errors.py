@@ -1,0 +1,9 @@
+"""
+The one error type a user can cause: a bad flag, a bad file, a missing checkpoint, a model that cannot be had.
+Raised anywhere as UserError("one line saying what and how to fix it"); the scripts' flags.run prints it as that one
+line on stderr and exits with status 2, no traceback. Anything else is a bug and raises as usual.
+"""
+
+
+class UserError(Exception):
+    """A mistake the user can fix: shown as one line, no traceback."""
