@@ -1,10 +1,9 @@
 """
-Checkpoint files: out_dir/ckpt.pt, written atomically, read with torch.load(weights_only=True) (plain dicts and tensors
-only: a checkpoint file can never run code), and one training run per out_dir at a time. A checkpoint is a dict:
-model (state dict), model_args (GPTConfig fields), tokenizer (its description), mask, and from train.py also
-optimizer, config, iter_num, best_val_loss, data_state and tokens.
+Checkpoint files: out_dir/ckpt.pt, written atomically, read with torch.load(weights_only=True) (plain dicts and
+tensors only: a checkpoint file can never run code). A checkpoint is a dict: model (state dict), model_args
+(GPTConfig fields), tokenizer (its description), mask, and from train.py also optimizer, config, flags, iter_num,
+best_val_loss, best_iter, data_state, tokens and start (runs.make_checkpoint).
 """
-import fcntl
 import os
 import tempfile
 
@@ -74,36 +73,3 @@ def model_from_checkpoint(checkpoint, device="cpu", path="the checkpoint"):
         raise UserError(f"{path}: weights do not match model_args ({type(e).__name__}); retrain or restore "
                         "it") from None
     return model.to(device).eval()
-
-
-class RunLock:
-    """Hold out_dir/train.lock while a run trains, so that a second run on the same out_dir is refused instead of
-    both writing one ckpt.pt. The lock is the kernel's (flock): a killed run releases it with its process."""
-
-    def __init__(self, out_dir):
-        self.path = os.path.join(out_dir, "train.lock")
-        self.file = None
-
-    def __enter__(self):
-        try:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            self.file = open(self.path, "a+")
-        except OSError as e:
-            raise UserError(f"cannot write to {os.path.dirname(self.path)} ({e.strerror}): pick another "
-                            "--out_dir") from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "another process"
-            self.file.close()
-            raise UserError(f"another training run ({owner}) is using {os.path.dirname(self.path)}: wait for it to "
-                            "finish or pick another --out_dir") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()}")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()  # closing releases the lock; the file stays (removing it would race with a new run)

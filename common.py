@@ -150,3 +150,28 @@ def machine(device):
     if hasattr(os, "getloadavg"):
         info["load_average"] = round(os.getloadavg()[0], 2)  # > cpus: other work shares the machine, timings noisy
     return info
+
+
+def check_fits(config, batch_size, block_size, device):
+    """UserError, before anything is allocated, when a model of this shape cannot train in this machine's memory:
+    weights, gradients and AdamW's two moments (16 bytes per parameter in float32) and the activations of a batch
+    (a rough lower bound: 16 float32 values per layer, token and width)."""
+    params = 12 * config.n_layer * config.n_embd ** 2 + (config.vocab_size + config.block_size) * config.n_embd
+    activations = 16 * config.n_layer * batch_size * block_size * config.n_embd
+    need = 4 * (4 * params + activations)
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise UserError(f"this model ({params / 1e6:,.0f}M parameters) and batch ({batch_size} x {block_size} "
+                        f"tokens) need about {need / 2**30:,.1f} GiB to train; {device} has {have / 2**30:,.1f} "
+                        "GiB free: make --n_layer, --n_embd, --batch_size or --block_size smaller")
+
+
+def available_memory(device):
+    """Bytes free on device (MemAvailable on a CPU), or None when it cannot be told."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None

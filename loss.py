@@ -13,8 +13,9 @@ import torch
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.batching import NO_TARGET, collate, epoch_rows
+from data.batching import NO_TARGET, batches_of, heldout_rows
 from mask import block_mask, make_mask
+
 
 def batch_mask(kind, batch, attention):
     """The batch's attention mask: FlexAttention BlockMask ("flex"), SDPA's dense (B, T, T) bool ("sdpa"), or None
@@ -56,21 +57,14 @@ def train_step(model, optimizer, batches, kind, answer_tokens, rt, grad_clip=1.0
     return total
 
 
-def val_rows(split, kind, block_size, batch_size, eval_iters=0):
-    """The held-out rows, packed the same way for every run (seed 0, epoch 0): eval_iters batches, 0 = all."""
-    rows = epoch_rows(split, kind, block_size, seed=0, epoch=0)
-    return rows[:eval_iters * batch_size] if eval_iters else rows
-
-
 @torch.no_grad()
-def answer_loss_totals(model, split, rows, kind, block_size, batch_size, rt):
-    """-> (sum of answer-token losses, number of answer tokens) over rows, in eval mode, on rt's device (a
-    common.Runtime: device, autocast, attention backend)."""
+def answer_loss_totals(model, batches, kind, rt):
+    """-> (sum of answer-token losses, number of answer tokens) over an iterable of collated batches, in eval mode,
+    on rt's device (a common.Runtime: device, autocast, attention backend)."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=rt.device), 0
-    for i in range(0, len(rows), batch_size):
-        batch = collate(split, rows[i:i + batch_size], block_size)
+    for batch in batches:
         count += int((batch["targets"] != NO_TARGET).sum())
         with rt.autocast():
             total += answer_loss_sum(model, rt.to_device(batch), kind, rt.attention)
@@ -81,6 +75,6 @@ def answer_loss_totals(model, split, rows, kind, block_size, batch_size, rt):
 def estimate_val_loss(model, split, kind, block_size, batch_size, rt, eval_iters=0):
     """Held-out answer loss: the mean cross-entropy over every answer token of the val rows (eval_iters batches,
     0 = the whole split). Every answer token is counted once under every mask, so the numbers compare."""
-    rows = val_rows(split, kind, block_size, batch_size, eval_iters)
-    total, count = answer_loss_totals(model, split, rows, kind, block_size, batch_size, rt)
+    rows = heldout_rows(split, kind, block_size, batch_size, eval_iters)
+    total, count = answer_loss_totals(model, batches_of(split, rows, block_size, batch_size), kind, rt)
     return total / max(count, 1)

@@ -29,32 +29,34 @@ import signal
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
 
-import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flags
-from checkpoint import RunLock, load_checkpoint, model_from_checkpoint, save_checkpoint
-from common import THREADS_HELP, resolve_device, runtime, set_threads
-from data.batching import answer_target_count, collate, documents, epoch_rows, expansion_factor, token_count
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from common import DEVICE_HELP, THREADS_HELP, check_fits, resolve_device, runtime, set_threads
+from data.batching import (RowStream, answer_target_count, batches_of, collate, documents, expansion_factor,
+                           heldout_rows, rank_rows, token_count)
 from data.chat import DataError
 from data.prepare import prepare_if_default, synthetic_dir
 from data.store import load_meta, load_split
 from data.tokenizer import TOKENIZER_HELP
 from errors import UserError
 from flags import setting
-from loss import answer_loss_totals, train_step, val_rows
+from loss import answer_loss_totals, train_step
 from mask import MASKS
 from model import GPT, GPTConfig
 from pretrained import START_HELP, load_start
+from runs import (Run, RunLock, StepTimer, StopOnSignal, TrainingLog, all_ranks_sum, check_fresh_start,
+                  check_resumable, fmt_duration, resumed_state)
 
 
 @dataclass
@@ -69,11 +71,11 @@ class TrainConfig:
                                         "that start a new run")
     keep_best: bool = setting(False, "also keep the weights of the lowest held-out loss in out_dir/best.pt "
                                      "(sample.py --ckpt=best.pt); ckpt.pt stays the latest state, to resume")
-    overwrite: bool = setting(False, "start a new run even where out_dir holds a checkpoint: its ckpt.pt is replaced "
-                                     "at the first save, its log.jsonl and best.pt at once; without it a new run "
-                                     "refuses to")
+    overwrite: bool = setting(False, "start a new run even where out_dir holds another run's files: its ckpt.pt is "
+                                     "replaced at the first save, its log.jsonl and best.pt at once (without it, a new "
+                                     "run refuses to replace any of them)")
     # how
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")
+    device: str = setting("auto", DEVICE_HELP)
     dtype: str = setting("auto", "auto | float32 | bfloat16 (auto: bf16 autocast on CUDA, float32 on CPU)",
                          choices=("auto", "float32", "bfloat16"))
     attention: str = setting("auto", "auto | sdpa | flex (auto: FlexAttention on CUDA, SDPA dense mask on CPU)",
@@ -81,19 +83,19 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model")
     threads: int = setting(0, THREADS_HELP, min=0)
     # how long, how often
-    max_iters: int = setting(1400, "optimizer steps in total", min=0)
+    max_iters: int = setting(1400, "optimizer steps in total", min=0, max=10**9)
     eval_interval: int = setting(200, "evaluate the held-out answer loss and save ckpt.pt every this many steps",
                                  min=1)
     eval_iters: int = setting(0, "held-out batches per evaluation (0: the whole val split)", min=0)
     log_interval: int = setting(20, "print a training line every this many steps", min=1)
     # batches
-    batch_size: int = setting(8, "rows per micro-batch (per rank)", min=1)
-    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (per rank)", min=1)
-    block_size: int = setting(512, "tokens per row; at least the data's longest conversation", min=1)
+    batch_size: int = setting(8, "rows per micro-batch (per rank)", min=1, max=2**16)
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (per rank)", min=1, max=2**16)
+    block_size: int = setting(512, "tokens per row; at least the data's longest conversation", min=1, max=2**20)
     # model
-    n_layer: int = setting(4, "transformer blocks (a pretrained start brings its own shape)", min=1)
-    n_head: int = setting(4, "attention heads", min=1)
-    n_embd: int = setting(128, "embedding width (a multiple of n_head)", min=1)
+    n_layer: int = setting(4, "transformer blocks (a pretrained start brings its own shape)", min=1, max=1024)
+    n_head: int = setting(4, "attention heads", min=1, max=1024)
+    n_embd: int = setting(128, "embedding width (a multiple of n_head)", min=1, max=2**16)
     dropout: float = setting(0.0, "dropout probability (with --attention=flex, residual dropout only: FlexAttention "
                                   "has no attention dropout)", min=0, below=1)
     # optimizer
@@ -128,15 +130,6 @@ def setup_ddp(cfg):
     return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
 
 
-def all_ranks_sum(values, device):
-    """Element-wise sum of a list of numbers over the DDP ranks (the list itself without DDP)."""
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 # ------------------------------------------------------------------------------------------------------- data
 
 def load_data(cfg, is_master):
@@ -159,40 +152,6 @@ def load_data(cfg, is_master):
     return meta, load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
 
 
-class RowStream:
-    """The training rows as an endless stream of epochs; epoch e is epoch_rows(split, kind, block_size, seed, e).
-    Its position (epoch, row) is saved in checkpoints, so a resumed run reads exactly the rows it would have."""
-
-    def __init__(self, split, kind, block_size, seed, epoch=0, row=0):
-        self.split, self.kind, self.block_size, self.seed = split, kind, block_size, seed
-        self.epoch, self.row = epoch, row
-        self.rows = epoch_rows(split, kind, block_size, seed, epoch)
-
-    def take(self, n):
-        """The next n rows (each a list of (start, end, loss_from) documents), crossing into new epochs."""
-        out = []
-        while len(out) < n:
-            if self.row >= len(self.rows):
-                self.epoch, self.row = self.epoch + 1, 0
-                self.rows = epoch_rows(self.split, self.kind, self.block_size, self.seed, self.epoch)
-            part = self.rows[self.row:self.row + n - len(out)]
-            out += part
-            self.row += len(part)
-        return out
-
-    def state(self):
-        return {"epoch": self.epoch, "row": self.row}
-
-
-def rank_rows(rows, batch_size, rank, world_size):
-    """This rank's micro-batches (lists of rows) of a step whose rows, all ranks', are `rows`: micro-batch k of
-    rank r is rows [(k * world_size + r) * batch_size, ... + batch_size), so 2 ranks x 1 micro-batch train on the
-    same rows as 1 rank x 2 micro-batches."""
-    n_micro = len(rows) // (batch_size * world_size)
-    starts = [(k * world_size + rank) * batch_size for k in range(n_micro)]
-    return [rows[s:s + batch_size] for s in starts]
-
-
 # --------------------------------------------------------------------------------------------- step settings
 
 def get_lr(it, cfg):
@@ -212,119 +171,7 @@ def reseed_dropout(seed, rank, iter_num):
     torch.manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + iter_num) % 2**63)
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-FEW_VAL_ANSWERS = 2000  # fewer held-out answer tokens than this: a noisy loss, say so
-RISING = 1.02  # a held-out loss 2% above the best one so far: say that the model may be overfitting
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
-RUN_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "dropout")  # change the data order or dropout
-
-
-RESUMED = {"iter_num": int, "best_val_loss": float, "data_state": dict, "optimizer": dict, "config": dict}
-
-
-def check_resumable(checkpoint, path, cfg):
-    """UserError, naming the flags to pass, when the checkpoint is not the run these flags describe (the flags of
-    the run that wrote it are in its config), or when its training state is not one train.py writes."""
-    for key, kind in RESUMED.items():
-        if not isinstance(checkpoint.get(key), kind) or isinstance(checkpoint.get(key), bool):
-            raise UserError(f"{path} holds no usable training state ({key}): start a new run with --overwrite or "
-                            "another --out_dir")
-    state = checkpoint["data_state"]
-    if checkpoint["iter_num"] < 0 or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in ("epoch", "row")):
-        raise UserError(f"{path} holds an impossible training state (iter_num {checkpoint['iter_num']}, data_state "
-                        f"{state}): start a new run with --overwrite or another --out_dir")
-    saved = checkpoint["config"]
-    # A run that started from pretrained weights got its shape from them, not from --n_layer and the like.
-    shape = SHAPE_KEYS if checkpoint.get("start", "scratch") == "scratch" else ("block_size",)
-    wrong = [f"--mask={checkpoint['mask']}"] if checkpoint["mask"] != cfg.mask else []
-    wrong += [f"--{k}={saved[k]}" for k in shape + RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-    if wrong:
-        raise UserError(f"{path} was trained with {' '.join(wrong)}: pass that to resume it, or start a new run "
-                        "with --overwrite or another --out_dir")
-
-
-def data_fingerprint(meta):
-    """What identifies a prepared dataset, wherever its folder is: its tokenizer and the size of each split. A
-    resumed run must read the same rows (the stream position indexes them) and measure the same held-out loss."""
-    return {"tokenizer": meta["tokenizer"]["name"],
-            **{name: {k: split[k] for k in ("conversations", "tokens")} for name, split in meta["splits"].items()}}
-
-
-def check_same_data(checkpoint, path, cfg, meta):
-    saved = checkpoint.get("data")
-    if saved is not None and saved != data_fingerprint(meta):
-        raise UserError(f"{path} was trained on other data than {cfg.data_dir} ({saved['train']['conversations']:,} "
-                        f"train conversations, not {meta['splits']['train']['conversations']:,}): pass the --data_dir "
-                        "it was trained on, or start a new run with --overwrite or another --out_dir")
-
-
-def make_checkpoint(model, cfg, meta, state, optimizer=None, stream=None):
-    """The checkpoint dict; with the optimizer and the row stream it can be resumed, without it (best.pt) it holds
-    the weights and what sample.py, eval.py and --init_from need."""
-    checkpoint = {"model": model.state_dict(), "model_args": asdict(model.config), "config": asdict(cfg),
-                  "tokenizer": meta["tokenizer"], "mask": cfg.mask, "data": data_fingerprint(meta), **state}
-    if optimizer is not None:
-        checkpoint.update(optimizer=optimizer.state_dict(), data_state=stream.state())
-    return checkpoint
-
-
-class TrainingLog:
-    """out_dir/log.jsonl: one JSON object per evaluation and per logged step, for plots (experiments/plot_training.py).
-    A new run starts it afresh, a resumed one appends. It is a record, not the run: a write that fails (a full
-    disk) is reported once and logging stops, while training and its checkpoints go on."""
-
-    def __init__(self, out_dir, resume, enabled):
-        self.path, self.file = os.path.join(out_dir, "log.jsonl"), None
-        if enabled:
-            self.file = self._guarded(lambda: open(self.path, "a" if resume else "w", encoding="utf-8"))
-
-    def write(self, **record):
-        if self.file is not None:
-            self._guarded(lambda: (self.file.write(json.dumps(record) + "\n"), self.file.flush()))
-
-    def _guarded(self, action):
-        try:
-            return action()
-        except OSError as e:
-            print(f"warning: cannot write {self.path} ({e.strerror}): training goes on without it", file=sys.stderr)
-            self.file = None
-
-
-class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary, so the checkpoint it writes
-    is a consistent one; a second Ctrl-C aborts at once."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def fmt_duration(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
-# ------------------------------------------------------------------------------------------------------- main
-
-def check_fresh_start(cfg):
-    """A new run must not silently replace the checkpoint of another run."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.init_from != "resume" and os.path.exists(path) and not cfg.overwrite:
-        raise UserError(f"{path} already holds a model: continue it with --init_from=resume, replace it with "
-                        "--overwrite, or pick another --out_dir")
-
+# ------------------------------------------------------------------------------------------------ the start
 
 def starting_point(cfg, device, log):
     """-> (model, checkpoint to resume or None, description of the tokenizer the model needs or None for any).
@@ -340,27 +187,6 @@ def starting_point(cfg, device, log):
     start = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device)
     log(f"starting from {start.what}")
     return start.model, None, start.tok.describe()
-
-
-def main(argv=None):
-    """Train as the flags say; returns the trained model (raw module, not the compiled/DDP wrapper)."""
-    cfg = flags.parse(TrainConfig(), sys.argv[1:] if argv is None else argv, __doc__)
-    check_config(cfg)
-    check_fresh_start(cfg)
-    set_threads(cfg.threads)
-    rank, local_rank, world_size = setup_ddp(cfg)
-    try:
-        rt = runtime(cfg.device, cfg.dtype, cfg.attention, local_rank)
-        with RunLock(cfg.out_dir) if rank == 0 else nullcontext():  # one run per out_dir; rank 0 writes it
-            model = train(cfg, rt, rank, world_size)
-        if dist.is_initialized():
-            dist.barrier()  # every rank is done with the group before it goes: no rank tears it down under another
-        return model
-    except DataError as e:
-        raise UserError(str(e)) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def start_and_data(cfg, rt, is_master, log):
@@ -381,8 +207,10 @@ def start_and_data(cfg, rt, is_master, log):
         cfg = replace(cfg, tokenizer=meta["tokenizer"]["name"])  # so the saved config says what was used
     if model is None:  # from scratch: the flags' shape, the data's vocabulary
         torch.manual_seed(cfg.seed)
-        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+        config = GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
+                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+        check_fits(config, cfg.batch_size, cfg.block_size, rt.device)
+        model = GPT(config)
     if model.config.vocab_size < meta["vocab_size"]:
         raise UserError(f"the model has {model.config.vocab_size} tokens, {cfg.data_dir} uses {meta['vocab_size']}: "
                         "pass the --data_dir it was trained on")
@@ -403,101 +231,126 @@ def describe_run(log, cfg, rt, model, meta, train_split, rows_per_step, rows_per
         f"{expansion_factor(train_split):.2f}x (the tokens --mask=prefix trains on per epoch)")
 
 
-def train(cfg, rt, rank, world_size):
-    is_master = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if is_master else (lambda *a: None)
-    cfg, model, checkpoint, meta, train_split, val_split = start_and_data(cfg, rt, is_master, log)
+# ---------------------------------------------------------------------------------------------- the run itself
 
-    # the optimizer and the state of the run, fresh or resumed
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           rt.device_type)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    iter_num, data_state = 0, {}
-    state = {"best_val_loss": float("inf"), "best_iter": 0, "tokens": {"tokens": 0, "answer_tokens": 0},
-             "start": "scratch" if cfg.init_from == "resume" else cfg.init_from}  # a resume reads the real one
-    if checkpoint is not None:  # resume: the training state too
-        check_same_data(checkpoint, ckpt_path, cfg, meta)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        iter_num, data_state = checkpoint["iter_num"], checkpoint["data_state"]
-        state.update({k: checkpoint[k] for k in state if k in checkpoint})
-        del checkpoint
-        log(f"resuming {ckpt_path} at iter {iter_num} (best val answer loss {state['best_val_loss']:.4f})")
-    elif is_master and os.path.exists(os.path.join(cfg.out_dir, "best.pt")):
-        os.remove(os.path.join(cfg.out_dir, "best.pt"))  # the best weights of another run
-        log(f"note: removed {os.path.join(cfg.out_dir, 'best.pt')} of the run this one replaces")
-    stream = RowStream(train_split, cfg.mask, cfg.block_size, cfg.seed, **data_state)
-    tokens = state["tokens"]
-    raw_model = model
+FEW_VAL_ANSWERS = 2000  # fewer held-out answer tokens than this: a noisy loss, say so
+RISING = 1.02  # a held-out loss 2% above the best one so far: say that the model may be overfitting
+
+
+def heldout(val_split, cfg, rank, world_size, log):
+    """This rank's share of the held-out rows (each rank evaluates its own; the sums are added over ranks)."""
+    rows = heldout_rows(val_split, cfg.mask, cfg.block_size, cfg.batch_size, cfg.eval_iters)
+    answers = answer_target_count(val_split, rows)
+    if answers == 0:
+        raise UserError(f"{cfg.data_dir}: the held-out rows hold no answer tokens; prepare the data again")
+    if answers < FEW_VAL_ANSWERS:
+        log(f"note: the held-out loss is measured on {answers} answer tokens only: it is noisy (hold out more "
+            "conversations: python data/prepare.py --val_fraction=..., or --eval_iters=0)")
+    return rows[rank::world_size]
+
+
+def evaluate_and_save(run, eval_model, val_split, rows):
+    """Step 1 of the loop: the held-out answer loss, logged and recorded; then the latest state saved (never a
+    new run's untrained weights over an existing file), and best.pt with --keep_best."""
+    cfg, state = run.cfg, run.state
+    total, count = answer_loss_totals(eval_model, batches_of(val_split, rows, cfg.block_size, cfg.batch_size),
+                                      cfg.mask, run.rt)
+    total, count = all_ranks_sum([total, count], run.rt.device)
+    val_loss = total / max(count, 1)
+    run.check_finite(val_loss)
+    improved = val_loss < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.best_iter = val_loss, state.iter_num
+    run.log(f"eval iter {state.iter_num}: val answer loss {val_loss:.4f} (best {state.best_val_loss:.4f}); trained "
+            f"on {state.tokens['tokens']:,} tokens, {state.tokens['answer_tokens']:,} answer tokens")
+    run.record.write(iter=state.iter_num, val_loss=val_loss, tokens=state.tokens["tokens"], time=time.time())
+    if val_loss > RISING * state.best_val_loss:
+        run.log(f"note: the held-out loss rose to {val_loss:.4f} from {state.best_val_loss:.4f} at iter "
+                f"{state.best_iter}: the model may be overfitting (--keep_best keeps the best weights)")
+    if state.iter_num > 0 and state.iter_num != run.saved_iter:  # a resumed run's first evaluation changes nothing
+        run.save("latest")
+        if cfg.keep_best and improved:
+            run.save("best", "best.pt")
+
+
+def stop_if_asked(run, stop, resumed_at):
+    """Step 2's signal check: every rank must agree, so under DDP they compare at log steps only."""
+    cfg, it = run.cfg, run.state.iter_num
+    if run.world_size > 1 and it % cfg.log_interval:
+        return
+    if not all_ranks_sum([float(stop.requested)], run.rt.device)[0]:
+        return
+    if it == resumed_at:
+        run.log(f"interrupted at iter {it} before training: nothing to save")
+    else:
+        run.check_finite()
+        run.save("interrupted")
+        run.log(f"interrupted at iter {it}/{cfg.max_iters}: continue with the same flags and --init_from=resume")
+    raise SystemExit(130)
+
+
+def log_step(run, mine, lr, step_loss, step_tokens, answer_tokens, timer):
+    """Step 6: this rank's loss, the speed and the time left, on the console and in log.jsonl."""
+    cfg, rt, it = run.cfg, run.rt, run.state.iter_num
+    local_answers = answer_target_count(run.stream.split, [row for r in mine for row in r])
+    loss = step_loss.item() / max(local_answers, 1)  # waits for the GPU, so the timing is honest
+    run.check_finite(loss)
+    dt = timer.seconds_per_step()
+    gpu = ""
+    if rt.device_type == "cuda":
+        per_rank_tokens = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
+        gpu = (f", mfu {100 * run.model.estimate_mfu(per_rank_tokens, dt):.1f}%, "
+               f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    run.log(f"iter {it}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.1e}, {1000 * dt:.1f}ms/iter, "
+            f"{step_tokens / dt:,.0f} tok/s ({answer_tokens / dt:,.0f} answer tok/s){gpu}, "
+            f"eta {fmt_duration((cfg.max_iters - it) * dt)}")
+    run.record.write(iter=it, loss=loss, lr=lr, ms_per_iter=1000 * dt, time=time.time())
+    timer.restart()
+
+
+def wrapped(model, cfg, rt, world_size, log):
+    """-> (the model a step runs: compiled and DDP-wrapped as asked, the model evaluation runs: never DDP)."""
     if cfg.compile:
         log("compiling the model...")
         model = torch.compile(model)
-    eval_model = model  # compiled or not, never DDP-wrapped: evaluation needs no gradient sync
-    if world_size > 1:
-        model = DDP(model, device_ids=[torch.device(rt.device).index] if rt.device_type == "cuda" else None)
+    if world_size == 1:
+        return model, model
+    return DDP(model, device_ids=[torch.device(rt.device).index] if rt.device_type == "cuda" else None), model
+
+
+def train(cfg, flags_given, rt, rank, world_size):
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    cfg, model, checkpoint, meta, train_split, val_split = start_and_data(cfg, rt, rank == 0, log)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           rt.device_type)
+    state = resumed_state(cfg, checkpoint, optimizer, meta, log)
+    del checkpoint
+    stream = RowStream(train_split, cfg.mask, cfg.block_size, cfg.seed, **state.data_state)
+    run = Run(cfg, flags_given, rt, rank, world_size, model, optimizer, stream, state, meta, log)
+    step_model, eval_model = wrapped(model, cfg, rt, world_size, log)
     rows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
-    describe_run(log, cfg, rt, raw_model, meta, train_split, rows_per_step, len(stream.rows), world_size)
-
-    # held-out rows: this rank's share (each rank evaluates its own rows; the sums are added over ranks)
-    all_eval_rows = val_rows(val_split, cfg.mask, cfg.block_size, cfg.batch_size, cfg.eval_iters)
-    eval_rows = all_eval_rows[rank::world_size]
-    val_answers = answer_target_count(val_split, all_eval_rows)
-    if val_answers < FEW_VAL_ANSWERS:
-        log(f"note: the held-out loss is measured on {val_answers} answer tokens only: it is noisy (hold out more "
-            "conversations: python data/prepare.py --val_fraction=..., or --eval_iters=0)")
-    record = TrainingLog(cfg.out_dir, resume=cfg.init_from == "resume", enabled=is_master)
-
-    def evaluate():
-        total, count = answer_loss_totals(eval_model, val_split, eval_rows, cfg.mask, cfg.block_size,
-                                          cfg.batch_size, rt)
-        total, count = all_ranks_sum([total, count], rt.device)
-        return total / max(count, 1)
-
-    def save(reason, name="ckpt.pt"):
-        if is_master:
-            path = os.path.join(cfg.out_dir, name)
-            resumable = (optimizer, stream) if name == "ckpt.pt" else ()
-            save_checkpoint(make_checkpoint(raw_model, cfg, meta, dict(state, iter_num=iter_num), *resumable), path)
-            log(f"saved {path} ({reason}, iter {iter_num})")
-
-    t_start = t_interval = time.time()
-    steps_timed, resumed_at = 0, iter_num
+    describe_run(log, cfg, rt, model, meta, train_split, rows_per_step, len(stream.rows), world_size)
+    eval_rows = heldout(val_split, cfg, rank, world_size, log)
+    resumed_at = state.iter_num if cfg.init_from == "resume" else 0
+    run.record = TrainingLog(cfg.out_dir, resumed_at if cfg.init_from == "resume" else None, rank == 0)
+    run.saved_iter = resumed_at or None
+    t_start, timer = time.time(), StepTimer()
     with StopOnSignal() as stop:
         while True:
             # 1. evaluate the held-out answer loss and save the latest state, every eval_interval steps and at the end
-            if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
-                val_loss = evaluate()
-                improved = val_loss < state["best_val_loss"]
-                if improved:
-                    state.update(best_val_loss=val_loss, best_iter=iter_num)
-                log(f"eval iter {iter_num}: val answer loss {val_loss:.4f} (best {state['best_val_loss']:.4f}); "
-                    f"trained on {tokens['tokens']:,} tokens, {tokens['answer_tokens']:,} answer tokens")
-                record.write(iter=iter_num, val_loss=val_loss, tokens=tokens["tokens"], time=time.time())
-                if val_loss > RISING * state["best_val_loss"]:
-                    log(f"note: the held-out loss rose to {val_loss:.4f} from {state['best_val_loss']:.4f} at iter "
-                        f"{state['best_iter']}: the model may be overfitting (--keep_best keeps the best weights)")
-                if iter_num > 0:  # a new run never replaces an existing checkpoint with untrained weights
-                    save("latest")
-                    if cfg.keep_best and improved:
-                        save("best", "best.pt")
-                t_interval, steps_timed = time.time(), 0  # step timings leave evaluation out
-            # 2. stop when done, or when asked to (every rank must agree: under DDP they compare at log steps only)
-            if iter_num >= cfg.max_iters:
+            if state.iter_num % cfg.eval_interval == 0 or state.iter_num >= cfg.max_iters:
+                evaluate_and_save(run, eval_model, val_split, eval_rows)
+                timer.restart()
+            # 2. stop when done, or when asked to
+            if state.iter_num >= cfg.max_iters:
                 break
-            may_stop = world_size == 1 or iter_num % cfg.log_interval == 0
-            if may_stop and all_ranks_sum([float(stop.requested)], rt.device)[0]:
-                if iter_num == 0 or (cfg.init_from == "resume" and iter_num == resumed_at):
-                    log(f"interrupted at iter {iter_num} before training: nothing to save")
-                    raise SystemExit(130)
-                save("interrupted")
-                log(f"interrupted at iter {iter_num}/{cfg.max_iters}: continue with the same flags and "
-                    "--init_from=resume")
-                raise SystemExit(130)
+            stop_if_asked(run, stop, resumed_at)
 
             # 3. this step's learning rate and dropout seed
-            lr = get_lr(iter_num, cfg)
+            lr = get_lr(state.iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            reseed_dropout(cfg.seed, rank, iter_num)
+            reseed_dropout(cfg.seed, rank, state.iter_num)
 
             # 4. the step's rows (every rank's), then this rank's micro-batches
             rows = stream.take(rows_per_step)
@@ -506,32 +359,47 @@ def train(cfg, rt, rank, world_size):
             answer_tokens = answer_target_count(train_split, rows)
 
             # 5. forward, backward and the optimizer step, weighted by the step's answer tokens over all ranks
-            step_loss = train_step(model, optimizer, batches, cfg.mask, answer_tokens, rt, cfg.grad_clip, world_size)
-            step_tokens = token_count(rows)
-            tokens["tokens"] += step_tokens
-            tokens["answer_tokens"] += answer_tokens
-            iter_num += 1
-            steps_timed += 1
+            step_loss = train_step(step_model, optimizer, batches, cfg.mask, answer_tokens, rt, cfg.grad_clip,
+                                   world_size)
+            run.finite = run.finite & torch.isfinite(step_loss)  # on the device: checked at the next sync point
+            state.tokens["tokens"] += token_count(rows)
+            state.tokens["answer_tokens"] += answer_tokens
+            state.iter_num += 1
+            timer.steps += 1
 
             # 6. log this rank's loss, the speed and the time left
-            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-                local_answers = answer_target_count(train_split, [row for r in mine for row in r])
-                loss = step_loss.item() / max(local_answers, 1)  # waits for the GPU, so the timing is honest
-                dt = (time.time() - t_interval) / steps_timed
-                gpu = ""
-                if rt.device_type == "cuda":
-                    per_rank_tokens = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
-                    gpu = (f", mfu {100 * raw_model.estimate_mfu(per_rank_tokens, dt):.1f}%, "
-                           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-                log(f"iter {iter_num}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.1e}, {1000 * dt:.1f}ms/iter, "
-                    f"{step_tokens / dt:,.0f} tok/s ({answer_tokens / dt:,.0f} answer tok/s){gpu}, "
-                    f"eta {fmt_duration((cfg.max_iters - iter_num) * dt)}")
-                record.write(iter=iter_num, loss=loss, lr=lr, ms_per_iter=1000 * dt, time=time.time())
-                t_interval, steps_timed = time.time(), 0
-    log(f"done: {iter_num} iters in {fmt_duration(time.time() - t_start)}, best val answer loss "
-        f"{state['best_val_loss']:.4f} (iter {state['best_iter']}), {tokens['tokens']:,} tokens "
-        f"({tokens['answer_tokens']:,} answer tokens)")
-    return raw_model
+            if state.iter_num % cfg.log_interval == 0 or state.iter_num == cfg.max_iters:
+                log_step(run, mine, lr, step_loss, token_count(rows), answer_tokens, timer)
+    log(f"done: {state.iter_num} iters in {fmt_duration(time.time() - t_start)}, best val answer loss "
+        f"{state.best_val_loss:.4f} (iter {state.best_iter}), {state.tokens['tokens']:,} tokens "
+        f"({state.tokens['answer_tokens']:,} answer tokens)")
+    return model
+
+
+def main(argv=None):
+    """Train as the flags say; returns the trained model (raw module, not the compiled/DDP wrapper), or None when
+    out_dir already holds this very run, finished."""
+    flags_given = flags.parse(TrainConfig(), sys.argv[1:] if argv is None else argv, __doc__)
+    cfg = flags_given
+    check_config(cfg)
+    if check_fresh_start(cfg, flags_given):
+        print(f"{os.path.join(cfg.out_dir, 'ckpt.pt')} already holds this run, trained to iter {cfg.max_iters}: "
+              "nothing to do (--overwrite trains it again, --init_from=resume --max_iters=N goes on)", flush=True)
+        return None
+    set_threads(cfg.threads)
+    rank, local_rank, world_size = setup_ddp(cfg)
+    try:
+        rt = runtime(cfg.device, cfg.dtype, cfg.attention, local_rank)
+        with RunLock(cfg.out_dir) if rank == 0 else nullcontext():  # one run per out_dir; rank 0 writes it
+            model = train(cfg, flags_given, rt, rank, world_size)
+        if dist.is_initialized():
+            dist.barrier()  # every rank is done with the group before it goes: no rank tears it down under another
+        return model
+    except DataError as e:
+        raise UserError(str(e)) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

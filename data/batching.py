@@ -8,6 +8,10 @@ A document is a (start, end, loss_from) triple of indices into the split's flat 
   of the history; the expansion factor says how many more tokens that costs.
 Rows of block_size tokens hold whole documents (never split across rows), told apart by doc_ids, with positions
 restarting at 0 per document. Loss targets are the answer tokens of each document from loss_from on.
+
+This module is the one owner of turning a split into batches: training reads a RowStream (an endless stream of
+epochs, each packed afresh from (seed, epoch)), split between DDP ranks by rank_rows; the held-out loss reads
+heldout_rows; both collate through batches_of / collate.
 """
 import bisect
 
@@ -114,3 +118,51 @@ def epoch_rows(split, kind, block_size, seed, epoch):
     """The packed rows of one epoch, the same for the same (seed, epoch): train.py indexes into them to resume
     exactly and to shard across DDP ranks."""
     return pack(documents(split, kind), block_size, np.random.default_rng((seed, epoch)))
+
+
+# ---------------------------------------------------------------------------------- the rows a run reads
+
+class RowStream:
+    """The training rows as an endless stream of epochs; epoch e is epoch_rows(split, kind, block_size, seed, e).
+    Its position (epoch, row) is saved in checkpoints, so a resumed run reads exactly the rows it would have."""
+
+    def __init__(self, split, kind, block_size, seed, epoch=0, row=0):
+        self.split, self.kind, self.block_size, self.seed = split, kind, block_size, seed
+        self.epoch, self.row = epoch, row
+        self.rows = epoch_rows(split, kind, block_size, seed, epoch)
+
+    def take(self, n):
+        """The next n rows (each a list of (start, end, loss_from) documents), crossing into new epochs."""
+        out = []
+        while len(out) < n:
+            if self.row >= len(self.rows):
+                self.epoch, self.row = self.epoch + 1, 0
+                self.rows = epoch_rows(self.split, self.kind, self.block_size, self.seed, self.epoch)
+            part = self.rows[self.row:self.row + n - len(out)]
+            out += part
+            self.row += len(part)
+        return out
+
+    def state(self):
+        return {"epoch": self.epoch, "row": self.row}
+
+
+def rank_rows(rows, batch_size, rank, world_size):
+    """This rank's micro-batches (lists of rows) of a step whose rows, all ranks', are `rows`: micro-batch k of
+    rank r is rows [(k * world_size + r) * batch_size, ... + batch_size), so 2 ranks x 1 micro-batch train on the
+    same rows as 1 rank x 2 micro-batches."""
+    n_micro = len(rows) // (batch_size * world_size)
+    starts = [(k * world_size + rank) * batch_size for k in range(n_micro)]
+    return [rows[s:s + batch_size] for s in starts]
+
+
+def heldout_rows(split, kind, block_size, batch_size, eval_iters=0):
+    """The held-out rows, packed the same way for every run (seed 0, epoch 0): eval_iters batches, 0 = all."""
+    rows = epoch_rows(split, kind, block_size, seed=0, epoch=0)
+    return rows[:eval_iters * batch_size] if eval_iters else rows
+
+
+def batches_of(split, rows, block_size, batch_size):
+    """rows, collated batch_size at a time (the last batch may be smaller)."""
+    for i in range(0, len(rows), batch_size):
+        yield collate(split, rows[i:i + batch_size], block_size)

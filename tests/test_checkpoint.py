@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import checkpoint
-from checkpoint import RunLock, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from runs import RunLock
 from flags import UserError
 
 

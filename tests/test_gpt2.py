@@ -123,7 +123,7 @@ def test_init_from_a_hugging_face_folder_trains_and_chats(hf_dir, data_dir, tmp_
     assert start.config.block_size == 128 and start.config.n_layer == 2  # its shape, cut to --block_size
     capsys.readouterr()
     train.main(TINY + [f"--init_from={hf_dir}", f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--max_iters=30",
-                       "--eval_interval=30"])
+                       "--eval_interval=30", "--overwrite"])  # the log.jsonl of the run above is replaced
     log = capsys.readouterr().out
     assert "starting from GPT-2" in log
     assert held_out_loss(log, 30) < held_out_loss(log, 0) - 0.5
