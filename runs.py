@@ -19,8 +19,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from common import resolve_device
+from data.batching import documents, expansion_factor
 from errors import UserError
+from pretrained import load_start
 
 RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl")  # what a new run writes, so what it must not silently replace
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
@@ -338,3 +341,43 @@ def all_ranks_sum(values, device):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def setup_ddp(cfg):
+    """-> (rank, local_rank, world_size); initialises the process group (nccl on CUDA, gloo on CPU) when
+    launched by torchrun, which sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous address."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    backend = "nccl" if torch.device(resolve_device(cfg.device)).type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
+
+
+def starting_point(cfg, device, log):
+    """-> (model, checkpoint to resume or None, description of the tokenizer the model needs or None for any).
+    scratch: a new GPT of the flags' shape (its vocabulary is the data's: built after the data is loaded);
+    resume: the checkpoint's model and training state; otherwise a pretrained start (pretrained.load_start)."""
+    if cfg.init_from == "scratch":
+        return None, None, None
+    if cfg.init_from == "resume":
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        checkpoint = load_checkpoint(path, device)
+        check_resumable(checkpoint, path, cfg)
+        return model_from_checkpoint(checkpoint, device, path), checkpoint, checkpoint["tokenizer"]
+    start = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device)
+    log(f"starting from {start.what}")
+    return start.model, None, start.tok.describe()
+
+
+def describe_run(log, cfg, rt, model, meta, train_split, rows_per_step, rows_per_epoch, world_size):
+    shape = model.config
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {shape.n_layer} layers, {shape.n_head} heads, "
+        f"{shape.n_embd} wide, block_size {shape.block_size}, vocab {shape.vocab_size} ({meta['tokenizer']['name']}, "
+        f"{meta['vocab_size']} tokens)")
+    precision = "float32" if rt.dtype == "float32" else "bf16 autocast"
+    log(f"run: mask {cfg.mask}, {rt.device} ({precision}), attention {rt.attention}, {world_size} rank(s), "
+        f"{rows_per_step} rows x {cfg.block_size} tokens per step")
+    log(f"data: {cfg.data_dir}: {len(train_split.offsets) - 1:,} train conversations ({int(train_split.offsets[-1]):,} "
+        f"tokens) -> {len(documents(train_split, cfg.mask)):,} {cfg.mask} training samples in {rows_per_epoch:,} "
+        f"rows per epoch ({rows_per_epoch / rows_per_step:.1f} steps); prefix expansion factor "
+        f"{expansion_factor(train_split):.2f}x (the tokens --mask=prefix trains on per epoch)")

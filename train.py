@@ -41,10 +41,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flags
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from common import DEVICE_HELP, THREADS_HELP, check_fits, resolve_device, runtime, set_threads
-from data.batching import (RowStream, answer_target_count, batches_of, collate, documents, expansion_factor,
-                           heldout_rows, rank_rows, token_count)
+from common import DEVICE_HELP, THREADS_HELP, check_fits, runtime, set_threads
+from data.batching import RowStream, answer_target_count, batches_of, collate, heldout_rows, rank_rows, token_count
 from data.chat import DataError
 from data.prepare import prepare_if_default, synthetic_dir
 from data.store import load_meta, load_split
@@ -54,9 +52,9 @@ from flags import setting
 from loss import answer_loss_totals, train_step
 from mask import MASKS
 from model import GPT, GPTConfig
-from pretrained import START_HELP, load_start
+from pretrained import START_HELP
 from runs import (Run, RunLock, StepTimer, StopOnSignal, TrainingLog, all_ranks_sum, check_fresh_start,
-                  check_resumable, fmt_duration, resumed_state)
+                  describe_run, fmt_duration, resumed_state, setup_ddp, starting_point)
 
 
 @dataclass
@@ -118,18 +116,6 @@ def check_config(cfg):
         raise UserError(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}")
 
 
-# ------------------------------------------------------------------------------------------------- the system
-
-def setup_ddp(cfg):
-    """-> (rank, local_rank, world_size); initialises the process group (nccl on CUDA, gloo on CPU) when
-    launched by torchrun, which sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous address."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    backend = "nccl" if torch.device(resolve_device(cfg.device)).type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
-
-
 # ------------------------------------------------------------------------------------------------------- data
 
 def load_data(cfg, is_master):
@@ -173,22 +159,6 @@ def reseed_dropout(seed, rank, iter_num):
 
 # ------------------------------------------------------------------------------------------------ the start
 
-def starting_point(cfg, device, log):
-    """-> (model, checkpoint to resume or None, description of the tokenizer the model needs or None for any).
-    scratch: a new GPT of the flags' shape (its vocabulary is the data's: built after the data is loaded);
-    resume: the checkpoint's model and training state; otherwise a pretrained start (pretrained.load_start)."""
-    if cfg.init_from == "scratch":
-        return None, None, None
-    if cfg.init_from == "resume":
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        checkpoint = load_checkpoint(path, device)
-        check_resumable(checkpoint, path, cfg)
-        return model_from_checkpoint(checkpoint, device, path), checkpoint, checkpoint["tokenizer"]
-    start = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device)
-    log(f"starting from {start.what}")
-    return start.model, None, start.tok.describe()
-
-
 def start_and_data(cfg, rt, is_master, log):
     """Where the run starts, then its data: -> (cfg, model, checkpoint to resume or None, meta, train, val). The
     start decides the tokenizer (data train.py prepares itself uses it); cfg comes back saying what was used."""
@@ -215,20 +185,6 @@ def start_and_data(cfg, rt, is_master, log):
         raise UserError(f"the model has {model.config.vocab_size} tokens, {cfg.data_dir} uses {meta['vocab_size']}: "
                         "pass the --data_dir it was trained on")
     return cfg, model.to(rt.device).train(), checkpoint, meta, train_split, val_split
-
-
-def describe_run(log, cfg, rt, model, meta, train_split, rows_per_step, rows_per_epoch, world_size):
-    shape = model.config
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {shape.n_layer} layers, {shape.n_head} heads, "
-        f"{shape.n_embd} wide, block_size {shape.block_size}, vocab {shape.vocab_size} ({meta['tokenizer']['name']}, "
-        f"{meta['vocab_size']} tokens)")
-    precision = "float32" if rt.dtype == "float32" else "bf16 autocast"
-    log(f"run: mask {cfg.mask}, {rt.device} ({precision}), attention {rt.attention}, {world_size} rank(s), "
-        f"{rows_per_step} rows x {cfg.block_size} tokens per step")
-    log(f"data: {cfg.data_dir}: {len(train_split.offsets) - 1:,} train conversations ({int(train_split.offsets[-1]):,} "
-        f"tokens) -> {len(documents(train_split, cfg.mask)):,} {cfg.mask} training samples in {rows_per_epoch:,} "
-        f"rows per epoch ({rows_per_epoch / rows_per_step:.1f} steps); prefix expansion factor "
-        f"{expansion_factor(train_split):.2f}x (the tokens --mask=prefix trains on per epoch)")
 
 
 # ---------------------------------------------------------------------------------------------- the run itself
