@@ -19,15 +19,19 @@ A turn (ChatSession.generate) has four phases:
 4. close      whatever stopped the answer (<|end|>, the budget, Ctrl-C, a closed connection), the history gets
               the answer and its <|end|>, so the conversation stays well-formed; the cache holds a prefix of it.
 
-As in gpt-fast, the model-facing steps are small functions (prefill, decode_one_token, decode_n_tokens); a
-StaticDecoder runs decode_one_token in fixed shapes so that torch.compile can make it one CUDA graph.
+As in gpt-fast, the model-facing steps are small functions (feed, prefill); a StaticDecoder feeds one answer
+token in fixed shapes so that torch.compile can make it one CUDA graph. The engine is token-level: text enters as
+render()'s ids and roles and leaves through TextStream. Each turn's facts are one Turn record (session.last).
+Around the session: consume() (stream a turn's text), replace_answer() (teacher forcing, for eval.py).
+`python engine.py` is a self-check: a random model, three turns per mask, the tokens each turn prefills and reuses,
+and the largest logit difference against recomputing without the cache.
 """
 import codecs
+import copy
 import os
 import time
 from contextlib import closing
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -41,6 +45,10 @@ from pretrained import load_start
 
 _KEEP = object()  # reset(): keep the current system message
 DECODE_MODES = ("eager", "static", "compiled")
+
+
+class ModelError(UserError):
+    """The model computes something unusable (non-finite logits): its weights, not the request, are at fault."""
 
 
 class TurnError(UserError):
@@ -113,11 +121,14 @@ def never_sampled(tok, vocab_size):
 
 
 def sample_token(logits, sampling, never):
-    """logits (V,) -> token id, never one where `never` (V,) is True."""
-    logits = logits.float().cpu().masked_fill(never, float("-inf"))
+    """logits (V,) -> token id, never one where `never` (V,) is True. In float64: with the best logit shifted to 0,
+    any positive temperature, 1e-300 or 1e300, gives -inf or finite values, never nan, and so does any top_p."""
+    logits = logits.double().cpu().masked_fill(never, float("-inf"))
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise ModelError("the model's logits are not finite (nan or inf): its weights are damaged or its training "
+                         "diverged; retrain it or restore its checkpoint")
     if sampling.temperature <= 0:
         return int(torch.argmax(logits))
-    # Shift so the best logit is 0 before dividing: a tiny temperature then gives -inf, never nan.
     logits = (logits - logits.max()) / sampling.temperature
     if sampling.top_k and sampling.top_k < logits.numel():
         kth = torch.topk(logits, sampling.top_k).values[-1]
@@ -151,7 +162,8 @@ class TextStream:
 def feed(model, ids, roles, kind, start, cache=None):
     """Feed the conversation's tokens ids[start:] on top of a cache holding its first `start` tokens (no cache:
     start is 0) and return the last token's logits. roles covers at least ids; the chunk's mask rows are its slice
-    of the whole conversation's mask, make_mask(kind, roles[:end])[start:end]: one rule for every chunk."""
+    of the whole conversation's mask, make_mask(kind, roles[:end])[start:end]: one rule for every chunk, a
+    prompt of many tokens or one answer token alike."""
     end = len(ids)
     idx = torch.tensor([ids[start:]], device=roles.device)
     logits, _ = model(idx, make_mask(kind, roles[:end], start=start), kv_cache=cache)
@@ -167,22 +179,13 @@ def prefill(model, ids, roles, kind, cache):
     return feed(model, ids, roles, kind, start, cache), start, len(ids) - start
 
 
-def decode_one_token(model, token, roles, kind, cache):
-    """Feed one answer token on top of the cache; -> its logits. (Its mask row is everything up to itself under
-    every mask; taking it from make_mask keeps one rule for all chunks.)"""
-    position = cache.length
-    idx = torch.tensor([[token]], device=roles.device)
-    logits, _ = model(idx, make_mask(kind, roles[:position + 1], start=position), kv_cache=cache)
-    return logits[0, -1]
-
-
 class StaticDecoder:
-    """decode_one_token in fixed shapes: the token and its position live in two preallocated tensors, the K/V are
-    written at that position of the preallocated cache, and attention runs over the cache's whole capacity with
+    """One answer token fed in fixed shapes: the token and its position live in two preallocated tensors, the K/V
+    are written at that position of the preallocated cache, and attention runs over the cache's whole capacity with
     every slot after the position masked out (an answer token's row, the same under every mask). Nothing depends
     on Python values that change from step to step, so torch.compile(mode="reduce-overhead") captures the step as
     one CUDA graph and replays it: no per-kernel launch cost, which bounds the decode of a small model on a GPU.
-    compile=False runs the same step eagerly (the tests check it equals decode_one_token)."""
+    compile=False runs the same step eagerly (the tests check it equals feed)."""
 
     def __init__(self, model, cache, compile=True):
         self.model, self.cache = model, cache
@@ -210,19 +213,6 @@ class StaticDecoder:
         return logits
 
 
-def decode_n_tokens(first_logits, budget, sample, next_logits, end):
-    """Phase 3: yield up to `budget` sampled tokens, each drawn from the logits after the one before (the first
-    from first_logits), stopping after a sampled `end` (yielded too). The last allowed token is never fed:
-    nothing would read its logits."""
-    logits = first_logits
-    for step in range(budget):
-        token = sample(logits, step)
-        yield token
-        if token == end or step + 1 == budget:
-            return
-        logits = next_logits(token)
-
-
 def reusable_prefix(kind, cached_ids, cached_roles, ids, roles):
     """How many leading cache rows, computed for the conversation cached_ids/cached_roles (all of them fed), are
     still exact for the conversation ids/roles: the tokens whose K/V a session may keep when it moves on to it.
@@ -238,8 +228,8 @@ def reusable_prefix(kind, cached_ids, cached_roles, ids, roles):
     if kind == "prefix":
         return 0
     common = 0
-    for pair in zip(zip(cached_ids, cached_roles), zip(ids, roles)):
-        if pair[0] != pair[1]:
+    for cached_id, cached_role, new_id, new_role in zip(cached_ids, cached_roles, ids, roles):
+        if (cached_id, cached_role) != (new_id, new_role):
             break
         common += 1
     if kind == "causal" or common == 0 or roles[common - 1] == ASSISTANT:
@@ -256,23 +246,57 @@ def reusable_prefix(kind, cached_ids, cached_roles, ids, roles):
 
 # ------------------------------------------------------------------------------------------------- chat session
 
-class ChatSession:
-    """One conversation with a model: its messages, their rendering (ids, roles) and a KV cache.
+@dataclass
+class Turn:
+    """One turn as the session answered it, measured where it happened: sample.py's stats line, serve.py's usage
+    and page, eval and bench all read this record (session.last), none measures again.
+      prefill_tokens  tokens fed at once before the first sampled token (no cache: the whole context);
+      reused_tokens   tokens whose K/V came from the cache (0 under prefix, after a drop, and with no cache);
+      stopped         "end" (the model closed its answer), "max_new_tokens", "block_size" (context full) or
+                      "interrupted" (Ctrl-C, a consumer that stopped reading);
+      token_times     time.perf_counter() at each sampled token, the closing one included."""
+    number: int
+    user: str
+    started: float
+    dropped_turns: int = 0
+    stopped: str = "max_new_tokens"
+    prefill_tokens: int = 0
+    reused_tokens: int = 0
+    reply: list = field(default_factory=list)  # the answer's token ids, without its closing token
+    token_times: list = field(default_factory=list)
+    context_tokens: int = 0
 
-    Public state (read it, don't write it):
-      messages  system (optional), then user / assistant alternating; an assistant message's content is the list of
-                token ids that were generated (without <|end|>): re-encoding decoded text need not give them back.
-      ids, roles  render(messages): the whole history, each answer closed by <|end|>. Always <= block_size.
-      cache     the KVCache (None with use_cache=False); it holds ids[:cache.length], the rest is fed next turn.
-      turns     turns answered since the last reset (dropped ones included).
-      last      the current or latest turn's facts: prefill_tokens, reused_tokens, dropped_turns, stopped.
-    use_cache=False is the reference path: every sampled token recomputes the whole context, no cache. The cache
-    lives on the model's device, in its dtype.
-    decode: "eager" (the readable default: attention over the filled cache), "static" (StaticDecoder, not
-    compiled) or "compiled" (StaticDecoder under torch.compile; a CUDA graph on CUDA).
-    reply_reserve: tokens kept free for the answer when deciding whether to drop old turns (capped by
-    max_new_tokens); default block_size // 4.
-    """
+    @property
+    def generated_tokens(self):
+        return len(self.token_times)
+
+    @property
+    def ttft_ms(self):
+        return round((self.token_times[0] - self.started) * 1e3, 3) if self.token_times else None
+
+    @property
+    def decode_tokens_per_s(self):
+        """Over the tokens after the first; None when fewer than two."""
+        seconds = self.token_times[-1] - self.token_times[0] if self.token_times else 0
+        return round((len(self.token_times) - 1) / seconds, 1) if seconds > 0 else None
+
+    def to_json(self, tok):
+        return {"turn": self.number, "user": self.user, "reply": tok.decode(self.reply),
+                "prefill_tokens": self.prefill_tokens, "reused_tokens": self.reused_tokens,
+                "generated_tokens": self.generated_tokens, "ttft_ms": self.ttft_ms,
+                "decode_tokens_per_s": self.decode_tokens_per_s, "dropped_turns": self.dropped_turns,
+                "stopped": self.stopped, "context_tokens": self.context_tokens}
+
+
+class ChatSession:
+    """One conversation with a model: its messages, their rendering (ids, roles) and a KV cache. Read its state,
+    don't write it: messages (system first if any; an answer's content is its sampled token ids, as re-encoding
+    decoded text need not give them back), ids and roles (render(messages), each answer closed, <= block_size),
+    cache (holds ids[:cache.length]; the rest is fed next turn), turns (since the last reset), last (the Turn).
+    use_cache=False is the reference path: every sampled token recomputes the whole context. decode: "eager"
+    (attention over the filled cache), "static" (StaticDecoder) or "compiled" (StaticDecoder under torch.compile,
+    a CUDA graph on CUDA). reply_reserve: tokens kept free for the answer when deciding whether to drop old turns
+    (capped by max_new_tokens; default block_size // 4)."""
 
     def __init__(self, model, tok, kind, system=None, use_cache=True, reply_reserve=None, decode="eager"):
         check_kind(kind)
@@ -304,44 +328,8 @@ class ChatSession:
         if self.cache is not None:
             self.cache.truncate(0)
 
-    def set_history(self, messages):
-        """Make `messages` (validated; answers as text or token ids) the conversation so far, as a stateless client
-        sends it with every request, keeping the cached K/V rows that are still exact for it (reusable_prefix;
-        re-encoding an answer's text may not give back the sampled ids, and then less is kept, never a wrong row).
-        -> the number of cached tokens kept."""
-        system = system_of(messages)
-        # answers as token ids, like the session's own: one representation (BPE may re-encode text otherwise)
-        messages = [dict(m, content=self.tok.encode(m["content"])) if m["role"] == "assistant"
-                    and isinstance(m["content"], str) else dict(m) for m in messages]
-        ids, roles = render(messages, self.tok)
-        if len(ids) > self.block_size:
-            raise TurnError(f"the conversation is {len(ids)} tokens, more than block_size {self.block_size}")
-        kept = 0
-        if self.cache is not None:
-            n = self.cache.length
-            kept = reusable_prefix(self.kind, self.ids[:n], self.roles[:n], ids, roles)
-            self.cache.truncate(kept)
-        self.system, self.messages, self.ids, self.roles = system, messages, ids, roles
-        return kept
-
-    def transcript(self):
-        """messages with answers as text: [{"role", "content"}]."""
-        return [dict(m, content=self.tok.decode(m["content"])) if m["role"] == "assistant" else dict(m)
-                for m in self.messages]
-
-    def replace_answer(self, text):
-        """Put `text` in place of the last answer (teacher-forced history, for evaluation). The cache forgets the
-        replaced answer's tokens; the next turn feeds the new answer together with its prompt."""
-        if not self.messages or self.messages[-1]["role"] != "assistant":
-            raise ValueError("there is no answer to replace")
-        self.messages[-1] = {"role": "assistant", "content": self.tok.encode(text)}
-        answer_start = len(render(self.messages[:-1], self.tok)[0])
-        self.ids, self.roles = render(self.messages, self.tok)
-        if self.cache is not None:
-            self.cache.truncate(min(self.cache.length, answer_start))
-
     def generate(self, user_text, max_new_tokens=256, sampling=None):
-        """Answer one user message: -> an iterator of the sampled token ids, a sampled <|end|> last. Raises
+        """Answer one user message: -> an iterator of the sampled token ids, a sampled closing token last. Raises
         TurnError at once, changing nothing, for an empty message or one that cannot fit even without history.
         Phase 1 (make room) runs now, so `last` already says how many turns were dropped; the answer is closed
         (phase 4) when the iterator ends, is closed (close(), or `with closing(...)`) or raises."""
@@ -352,135 +340,188 @@ class ChatSession:
         dropped = self._make_room(longest_prompt, max_new_tokens)  # phase 1
         after_answer = bool(self.messages) and self.messages[-1]["role"] == "assistant"
         prompt_ids, prompt_roles = render_user(user_text, self.tok, after_answer)
-        budget = min(max_new_tokens, self.block_size - len(self.ids) - len(prompt_ids) - 1)  # room for <|end|>
-        self.last = {"user": user_text, "started": started, "dropped_turns": dropped, "prefill_tokens": 0,
-                     "reused_tokens": 0, "stopped": "max_new_tokens" if budget == max_new_tokens else "block_size"}
+        budget = min(max_new_tokens, self.block_size - len(self.ids) - len(prompt_ids) - 1)  # room for the close
+        self.last = Turn(self.turns + 1, user_text, started, dropped,
+                         "max_new_tokens" if budget == max_new_tokens else "block_size")
         return self._answer(user_text, prompt_ids, prompt_roles, budget, sampling or Sampling())
 
     @torch.no_grad()
     def _answer(self, user_text, prompt_ids, prompt_roles, budget, sampling):
+        turn = self.last
         self.messages.append({"role": "user", "content": user_text})
         self.ids, self.roles = self.ids + prompt_ids, self.roles + prompt_roles
+        # The roles of the answer-to-be are laid out now, `budget` ASSISTANT tokens after the prompt, so that every
+        # token this turn feeds finds its mask row in one roles tensor: make_mask(kind, roles[:end], start=end-1).
         roles = torch.tensor(self.roles + [ASSISTANT] * budget, device=self.device)
-        reply = []
+        hold_end = self.never.clone()
+        hold_end[self.tok.end] = True  # while the answer is shorter than sampling.min_new_tokens
         try:  # from here on, the finally block closes the answer whatever happens
             logits = self._prefill(roles)  # phase 2
-            next_logits = partial(self._next_logits, reply, roles)
-            for token in decode_n_tokens(logits, budget, self._sampler(sampling), next_logits, self.tok.end):
-                if token == self.tok.end:  # phase 3
-                    self.last["stopped"] = "end"
-                else:
-                    reply.append(token)
+            for step in range(budget):  # phase 3
+                token = sample_token(logits, sampling, hold_end if step < sampling.min_new_tokens else self.never)
+                turn.token_times.append(time.perf_counter())
+                if token == self.tok.end:
+                    turn.stopped = "end"
+                    yield token
+                    return
+                turn.reply.append(token)
                 yield token
+                if step + 1 < budget:  # the last allowed token is never fed: nothing would read its logits
+                    logits = self._feed_answer_token(token, roles)
         except (KeyboardInterrupt, GeneratorExit):
-            if self.last["stopped"] != "end":  # a consumer may stop reading at the <|end|> it was given
-                self.last["stopped"] = "interrupted"
+            if turn.stopped != "end":  # a consumer may stop reading at the closing token it was given
+                turn.stopped = "interrupted"
             raise
         finally:
-            self._close(reply)  # phase 4
-
-    def consume(self, tokens, on_text=None, interruptible=False):
-        """Read a generate() iterator to its end, measuring it, and stream the answer's text to on_text(str) in
-        whole characters. Returns {turn, user, reply, prefill_tokens, reused_tokens, generated_tokens, ttft_ms,
-        decode_tokens_per_s, dropped_turns, stopped, context_tokens}:
-          prefill_tokens  tokens fed at once before the first sampled token (no cache: the whole context);
-          reused_tokens   tokens whose K/V came from the cache (0 under prefix, after a drop, and with no cache);
-          generated_tokens  tokens sampled, a sampled <|end|> included; ttft_ms from generate() to the first one;
-          decode_tokens_per_s  over the tokens after the first (None when fewer than two);
-          stopped         "end" (sampled <|end|>), "max_new_tokens", "block_size" (context full) or "interrupted";
-          context_tokens  len(ids) afterwards.
-        KeyboardInterrupt while answering closes the answer, then is re-raised, or with interruptible=True ends
-        the turn with stopped="interrupted"."""
-        stream, times = TextStream(self.tok), []
-        try:
-            with closing(tokens):
-                for token in tokens:
-                    times.append(time.perf_counter())
-                    text = stream.push(token) if token != self.tok.end else ""
-                    if text and on_text is not None:
-                        on_text(text)
-        except KeyboardInterrupt:
-            if not interruptible:
-                raise
-        rest = stream.flush()
-        if rest and on_text is not None:
-            on_text(rest)
-        return self._turn_record(times)
-
-    def turn(self, user_text, max_new_tokens=256, on_text=None, interruptible=False, **sampling):
-        """generate() then consume(): one measured turn. Sampling keywords as in Sampling (temperature=0 is
-        greedy)."""
-        return self.consume(self.generate(user_text, max_new_tokens, Sampling(**sampling)), on_text, interruptible)
-
-    # ---------------------------------------------------------------------------------------------- internals
-
-    def _make_room(self, prompt_len, max_new_tokens):
-        """Drop the oldest whole user+answer turns until history + prompt + room for an answer fit in block_size.
-        Returns how many were dropped; raises TurnError, changing nothing, if not even the prompt alone fits."""
-        need = prompt_len + min(max_new_tokens, self.reply_reserve) + 1  # + the answer's <|end|>
-        if len(self.ids) + need <= self.block_size:
-            return 0
-        head = 1 if self.system else 0
-        for drop in range(1, (len(self.messages) - head) // 2 + 1):
-            kept = self.messages[:head] + self.messages[head + 2 * drop:]
-            ids, roles = render(kept, self.tok)
-            if len(ids) + need <= self.block_size:
-                self.messages, self.ids, self.roles = kept, ids, roles
-                if self.cache is not None:
-                    self.cache.truncate(0)  # positions restart at 0: the kept history is re-prefilled
-                return drop
-        taken = len(render(self.messages[:head], self.tok)[0])
-        raise TurnError(f"message of {prompt_len} tokens does not fit: block_size {self.block_size}, {taken} taken "
-                        f"by {'the system message' if head or self.tok.default_system else '<|bos|>'}, "
-                        f"{min(max_new_tokens, self.reply_reserve) + 1} kept for the answer; shorten it")
+            self._close(turn)  # phase 4
 
     def _prefill(self, roles):
         if self.cache is None:  # the reference path: the whole context, every time
             logits, reused, fed = feed(self.model, self.ids, roles, self.kind, 0), 0, len(self.ids)
         else:
             logits, reused, fed = prefill(self.model, self.ids, roles, self.kind, self.cache)
-        self.last.update(prefill_tokens=fed, reused_tokens=reused)
+        self.last.prefill_tokens, self.last.reused_tokens = fed, reused
         return logits
 
-    def _next_logits(self, reply, roles, token):
-        """Logits after answer token `token`, the last of reply: fed alone on the cache, or (no cache) the whole
-        context recomputed."""
+    def _feed_answer_token(self, token, roles):
+        """Logits after answer token `token`, the last of the reply so far: fed alone on the cache, or (no cache)
+        the whole context recomputed."""
+        ids = self.ids + self.last.reply
         if self.cache is None:
-            return feed(self.model, self.ids + reply, roles, self.kind, 0)
+            return feed(self.model, ids, roles, self.kind, 0)
         if self.static is not None:
             return self.static(token)
-        return decode_one_token(self.model, token, roles, self.kind, self.cache)
+        return feed(self.model, ids, roles, self.kind, self.cache.length, self.cache)
 
-    def _sampler(self, sampling):
-        """sample(logits, step) -> token id, with <|end|> held back for the first min_new_tokens steps."""
-        hold_end = self.never.clone()
-        hold_end[self.tok.end] = True
-
-        def sample(logits, step):
-            return sample_token(logits, sampling, hold_end if step < sampling.min_new_tokens else self.never)
-        return sample
-
-    def _close(self, reply):
-        """Phase 4: the answer, closed by <|end|>, joins the history. The cache holds a prefix of the new ids
-        (GPT.forward grows it only after every layer stored a chunk); the next turn feeds ids[cache.length:]."""
-        self.messages.append({"role": "assistant", "content": reply})
+    def _close(self, turn):
+        """Phase 4: the answer, closed by its closing token, joins the history. The cache holds a prefix of the new
+        ids (GPT.forward grows it only after every layer stored a chunk); the next turn feeds ids[cache.length:]."""
+        self.messages.append({"role": "assistant", "content": turn.reply})
         self.ids, self.roles = render(self.messages, self.tok)
         self.turns += 1
+        turn.context_tokens = len(self.ids)
 
-    def _turn_record(self, times):
-        generated, last = len(times), self.last
-        decode_time = times[-1] - times[0] if times else 0.0
-        return {
-            "turn": self.turns,
-            "user": last["user"],
-            "reply": self.tok.decode(self.messages[-1]["content"]),
-            "prefill_tokens": last["prefill_tokens"],
-            "reused_tokens": last["reused_tokens"],
-            "generated_tokens": generated,
-            "ttft_ms": round((times[0] - last["started"]) * 1e3, 3) if times else None,
-            "decode_tokens_per_s": round((generated - 1) / decode_time, 1) if generated > 1 and decode_time > 0
-            else None,
-            "dropped_turns": last["dropped_turns"],
-            "stopped": last["stopped"],
-            "context_tokens": len(self.ids),
-        }
+    def _make_room(self, prompt_len, max_new_tokens):
+        """Drop the oldest whole user+answer turns until history + prompt + room for an answer fit in block_size.
+        Returns how many were dropped; raises TurnError, changing nothing, if not even the prompt alone fits."""
+        need = prompt_len + min(max_new_tokens, self.reply_reserve) + 1  # + the answer's closing token
+        if len(self.ids) + need <= self.block_size:
+            return 0
+        dropped, kept = oldest_turns_dropped(self.messages, self.tok, self.block_size - need)
+        if kept is None:
+            raise TurnError(f"message of {prompt_len} tokens does not fit: block_size {self.block_size}, "
+                            f"{len(render(self.messages[:1 if self.system else 0], self.tok)[0])} taken by the "
+                            f"system message and chat format, {need - prompt_len} kept for the answer; shorten it")
+        self.messages, (self.ids, self.roles) = kept, render(kept, self.tok)
+        if self.cache is not None:
+            self.cache.truncate(0)  # positions restart at 0: the kept history is re-prefilled
+        return dropped
+
+    def turn(self, user_text, max_new_tokens=256, on_text=None, interruptible=False, **sampling):
+        """generate() then consume(): one turn, -> its record as JSON. Sampling keywords as in Sampling
+        (temperature=0 is greedy)."""
+        return consume(self, self.generate(user_text, max_new_tokens, Sampling(**sampling)), on_text, interruptible)
+
+
+# ------------------------------------------------------------------------------------------ around a session
+
+def oldest_turns_dropped(messages, tok, room):
+    """-> (n, messages without their n oldest user+answer turns) for the smallest n whose rendering fits in room
+    tokens (a system message stays), or (None, None) when dropping every turn is not enough."""
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    for drop in range(1, (len(messages) - head) // 2 + 1):
+        kept = messages[:head] + messages[head + 2 * drop:]
+        if len(render(kept, tok)[0]) <= room:
+            return drop, kept
+    return None, None
+
+
+def consume(session, tokens, on_text=None, interruptible=False):
+    """Read a generate() iterator to its end, streaming the answer's text to on_text(str) in whole characters.
+    -> session.last as JSON (Turn.to_json). KeyboardInterrupt while answering closes the answer, then is re-raised,
+    or with interruptible=True ends the turn with stopped="interrupted"."""
+    stream = TextStream(session.tok)
+    try:
+        with closing(tokens):
+            for token in tokens:
+                text = stream.push(token) if token != session.tok.end else ""
+                if text and on_text is not None:
+                    on_text(text)
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+    rest = stream.flush()
+    if rest and on_text is not None:
+        on_text(rest)
+    return session.last.to_json(session.tok)
+
+
+def transcript(session):
+    """The session's messages with answers as text: [{"role", "content"}]."""
+    return [dict(m, content=session.tok.decode(m["content"])) if m["role"] == "assistant" else dict(m)
+            for m in session.messages]
+
+
+def set_history(session, messages):
+    """Make `messages` (validated; answers as text or token ids) the session's conversation so far, as a stateless
+    client sends it with every request (serve.py), keeping the cached rows that are still exact for it
+    (reusable_prefix; an answer's text may not re-encode to the sampled ids, and then less is kept, never a wrong
+    row). -> the number of cached tokens kept."""
+    messages = [dict(m, content=session.tok.encode(m["content"])) if m["role"] == "assistant"
+                and isinstance(m["content"], str) else dict(m) for m in messages]  # answers as token ids
+    ids, roles = render(messages, session.tok)
+    if len(ids) > session.block_size:
+        raise TurnError(f"the conversation is {len(ids)} tokens, more than block_size {session.block_size}")
+    kept = 0
+    if session.cache is not None:
+        n = session.cache.length
+        kept = reusable_prefix(session.kind, session.ids[:n], session.roles[:n], ids, roles)
+        session.cache.truncate(kept)
+    session.system, session.messages, session.ids, session.roles = system_of(messages), messages, ids, roles
+    return kept
+
+
+def replace_answer(session, text):
+    """Teacher forcing (eval.py --history=gold): put `text` in place of the session's last answer. The cache
+    forgets the replaced answer's tokens; the next turn feeds the new answer together with its prompt."""
+    if not session.messages or session.messages[-1]["role"] != "assistant":
+        raise ValueError("there is no answer to replace")
+    session.messages[-1] = {"role": "assistant", "content": session.tok.encode(text)}
+    answer_start = len(render(session.messages[:-1], session.tok)[0])
+    session.ids, session.roles = render(session.messages, session.tok)
+    if session.cache is not None:
+        session.cache.truncate(min(session.cache.length, answer_start))
+
+
+# -------------------------------------------------------------------------------------- python engine.py
+
+def self_check(turns=("what is 3 + 4 ?", "and times 2 ?", "sort 9 1 5"), seed=0):
+    """A random model, three turns per mask: the tokens each turn prefills and reuses, and the largest difference
+    between the logits the chat's cache gives and those of a recompute of the whole conversation without one."""
+    from data.tokenizer import get_tokenizer
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    tok = get_tokenizer("byte")
+    model = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_embd=64)).eval()
+    print("mask    turn  prefilled  reused  largest |cached - recomputed| logit")
+    for kind in MASKS:
+        session = ChatSession(model, tok, kind)
+        for text in turns:
+            record = session.turn(text, max_new_tokens=6)
+            print(f"{kind:7} {record['turn']:4} {record['prefill_tokens']:10} {record['reused_tokens']:7}  "
+                  f"{largest_difference(session):.2e}")
+
+
+@torch.no_grad()
+def largest_difference(session):
+    """Feed what the session's cache lacks (the answer's closing token) on a copy of that cache, built turn by turn
+    as the chat built it, and compare the logits with one forward over the whole conversation, no cache: they
+    depend on every cached row of every layer."""
+    roles = torch.tensor(session.roles)
+    cached = feed(session.model, session.ids, roles, session.kind, session.cache.length, copy.deepcopy(session.cache))
+    full = feed(session.model, session.ids, roles, session.kind, 0)
+    return (cached - full).abs().max().item()
+
+
+if __name__ == "__main__":
+    self_check()

@@ -24,7 +24,7 @@ import torch
 
 from common import THREADS_HELP, ModelFlags, set_threads
 from data.chat import DataError, read_jsonl, system_of
-from engine import ChatSession, Sampling, TurnError
+from engine import ChatSession, Sampling, TurnError, consume
 from errors import UserError
 from flags import parse, run, setting
 
@@ -61,7 +61,7 @@ def stats_line(result):
 def drop_notice(session):
     kept = "kept the system message, " if session.system else ""
     return (f"note: context full (block_size {session.block_size}): dropped the oldest "
-            f"{session.last['dropped_turns']} turn(s), {kept}the rest is re-prefilled")
+            f"{session.last.dropped_turns} turn(s), {kept}the rest is re-prefilled")
 
 
 # C0 control characters (but newline and tab) and DEL shown as their Unicode pictures, C1 ones escaped: a reply
@@ -85,7 +85,7 @@ def run_script(cfg, conversations, session, sampling):
             continue
         for user in users:
             try:
-                result = session.consume(session.generate(user, cfg.max_new_tokens, sampling))
+                result = consume(session, session.generate(user, cfg.max_new_tokens, sampling))
             except TurnError as e:
                 result = {"turn": session.turns + 1, "user": user, "error": str(e)}
             print(json.dumps({"conversation": number, **result}), flush=True)
@@ -141,9 +141,9 @@ def chat(cfg, session, sampling, chat_model):
             except TurnError as e:
                 say(f"error: {e}")
                 continue
-            if session.last["dropped_turns"]:
+            if session.last.dropped_turns:
                 say(drop_notice(session))
-            result = session.consume(tokens, on_text=None if cfg.json else write, interruptible=True)
+            result = consume(session, tokens, on_text=None if cfg.json else write, interruptible=True)
             write(json.dumps(result) + "\n" if cfg.json else "\n")
             if result["stopped"] == "interrupted":
                 say("(interrupted: the reply was closed, the chat goes on)")

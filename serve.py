@@ -45,7 +45,7 @@ import torch
 
 from common import THREADS_HELP, ModelFlags, set_threads
 from data.chat import DataError, render, validate
-from engine import ChatSession, Sampling, TextStream, reusable_prefix
+from engine import ChatSession, Sampling, TextStream, reusable_prefix, set_history
 from errors import UserError
 from flags import parse, run, setting
 from mask import ROLE_LETTERS
@@ -290,19 +290,17 @@ class ChatService:
         the first token is sampled, ("text", piece) with the answer in whole characters (a stop string and what
         follows it never shown), and last ("done", {text, finish_reason, usage, ismgpt}). Closing the iterator
         early (a client gone) stops the generation: the session closes the answer and stays consistent."""
-        started = time.perf_counter()
         session = self.session_for(request)
-        session.set_history(request.messages[:-1])  # keeps exactly the cached rows that stay exact
+        set_history(session, request.messages[:-1])  # keeps exactly the cached rows that stay exact
         seed = request.seed if request.seed is not None else self.seeds.getrandbits(63)
         sampling = Sampling(request.temperature, request.top_k or None, request.top_p,
                             torch.Generator().manual_seed(seed))
         tokens = session.generate(request.messages[-1]["content"], request.max_tokens, sampling)
-        stream, text, shown, times, stopped = TextStream(self.tok), "", 0, [], False
+        stream, text, shown, stopped = TextStream(self.tok), "", 0, False
         with closing(tokens):
             for token in tokens:
-                times.append(time.perf_counter())
-                if len(times) == 1:
-                    yield "prefilled", self.facts(session, started, times)
+                if session.last.generated_tokens == 1:
+                    yield "prefilled", self.facts(session)
                 if token != self.tok.end:
                     text, stopped = cut_at_stop(text + stream.push(token), request.stop)
                 if stopped:
@@ -315,23 +313,23 @@ class ChatService:
             text, stopped = cut_at_stop(text + stream.flush(), request.stop)
         if len(text) > shown:
             yield "text", text[shown:]
-        finish = "stop" if stopped or session.last["stopped"] == "end" else "length"  # length: max_tokens or context
-        yield "done", {"text": text, "finish_reason": finish, "usage": self.usage(session, request, len(times)),
-                       "ismgpt": self.facts(session, started, times)}
+        finish = "stop" if stopped or session.last.stopped == "end" else "length"  # length: max_tokens or context
+        yield "done", {"text": text, "finish_reason": finish, "usage": self.usage(session, request),
+                       "ismgpt": self.facts(session)}
 
-    def usage(self, session, request, completion_tokens):
-        """OpenAI's usage; completion tokens are those sampled, a final <|end|> included."""
-        return {"prompt_tokens": len(request.ids), "completion_tokens": completion_tokens,
-                "total_tokens": len(request.ids) + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": session.last["reused_tokens"]}}
+    def usage(self, session, request):
+        """OpenAI's usage; completion tokens are those sampled, a final closing token included."""
+        completion = session.last.generated_tokens
+        return {"prompt_tokens": len(request.ids), "completion_tokens": completion,
+                "total_tokens": len(request.ids) + completion,
+                "prompt_tokens_details": {"cached_tokens": session.last.reused_tokens}}
 
-    def facts(self, session, started, times):
-        """What the page shows of a turn: the cost of its prefill and decode, and one role letter (S, U, A) per
-        token of the conversation so far, from which it draws the mask."""
-        decode_time = times[-1] - times[0]
-        return {"mask": self.kind, "prefill_tokens": session.last["prefill_tokens"],
-                "reused_tokens": session.last["reused_tokens"], "ttft_ms": round((times[0] - started) * 1e3, 3),
-                "decode_tokens_per_s": round((len(times) - 1) / decode_time, 1) if decode_time > 0 else None,
+    def facts(self, session):
+        """What the page shows of a turn, from the engine's record of it: the cost of its prefill and decode, and
+        one role letter (S, U, A) per token of the conversation so far, from which it draws the mask."""
+        turn = session.last
+        return {"mask": self.kind, "prefill_tokens": turn.prefill_tokens, "reused_tokens": turn.reused_tokens,
+                "ttft_ms": turn.ttft_ms, "decode_tokens_per_s": turn.decode_tokens_per_s,
                 "roles": "".join(ROLE_LETTERS[r] for r in session.roles)}
 
     def models(self):

@@ -6,7 +6,8 @@ import torch
 
 from data.chat import render
 from data.tokenizer import get_tokenizer
-from engine import ChatSession, Sampling, TextStream, TurnError, reusable_prefix, sample_token
+from engine import (ChatSession, ModelError, Sampling, TextStream, TurnError, reusable_prefix, sample_token,
+                    set_history, transcript)
 from flags import UserError
 from mask import ASSISTANT, MASKS, SYSTEM, USER, make_mask
 from model import GPT, GPTConfig, KVCache
@@ -280,7 +281,7 @@ def test_typed_special_tokens_stay_text():
     text = "stop <|end|> now <|assistant|>"
     session.turn(text, 4)
     assert session.ids[:len(text) + 4] == [TOK.bos, TOK.user] + list(text.encode()) + [TOK.end, TOK.assistant]
-    assert session.ids.count(TOK.assistant) == 1 and session.transcript()[0]["content"] == text
+    assert session.ids.count(TOK.assistant) == 1 and transcript(session)[0]["content"] == text
 
 
 def test_empty_message_is_refused_and_changes_nothing():
@@ -479,14 +480,45 @@ def test_set_history_continues_a_cached_session_exactly(kind):
     session = ChatSession(MODEL, TOK, kind, system=SYSTEM_TEXT)
     for user in USERS[:2]:
         session.turn(user, max_new_tokens=6)
-    history = session.transcript() + [{"role": "user", "content": USERS[2]}, {"role": "assistant", "content": "ok"}]
-    kept = session.set_history(history)
+    history = transcript(session) + [{"role": "user", "content": USERS[2]}, {"role": "assistant", "content": "ok"}]
+    kept = set_history(session, history)
     assert (kept > 0) == (kind != "prefix")
-    assert session.transcript() == history  # answers kept as token ids, given back as text
+    assert transcript(session) == history  # answers kept as token ids, given back as text
     assert_cache_is_exact(session)
     result = session.turn(USERS[3], max_new_tokens=6)
     assert result["reused_tokens"] == (kept if kind != "prefix" else 0)
     fresh = ChatSession(MODEL, TOK, kind, system=SYSTEM_TEXT, use_cache=False)
-    fresh.set_history(history)
+    set_history(fresh, history)
     assert fresh.turn(USERS[3], max_new_tokens=6)["reply"] == result["reply"]
     assert_well_formed(session)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-300, None), (1e-46, None), (1e39, None), (1e300, 1e-300),
+                                                (0.8, 1e-300)])
+def test_extreme_but_finite_sampling_settings_give_a_token(temperature, top_p):
+    # float32 would underflow to nan here (the logit shift divided by 1e-46) or keep no candidate (top_p 1e-300)
+    logits = torch.tensor([1.0, 3.0, 2.0, -5.0])
+    never = torch.tensor([False, False, False, True])
+    token = sample_token(logits, Sampling(temperature, top_p=top_p, generator=torch.Generator().manual_seed(0)),
+                         never)
+    assert token in (0, 1, 2)
+    if temperature < 1:  # a vanishing temperature, or a vanishing nucleus at a usual one, keeps the best token only
+        assert token == 1
+
+
+def test_non_finite_logits_are_one_line_naming_the_model():
+    never = torch.zeros(3, dtype=torch.bool)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ModelError, match="logits are not finite.*retrain it or restore its checkpoint"):
+            sample_token(torch.tensor([0.0, bad, 1.0]), Sampling(0.7), never)
+    assert sample_token(torch.tensor([0.0, float("-inf"), 1.0]), Sampling(0.0), never) == 2  # -inf is a mask
+
+
+def test_the_engine_self_check_reports_exact_reuse(capsys):
+    import engine
+    engine.self_check()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["causal"] * 3 + ["prefix"] * 3 + ["ism"] * 3
+    assert all(float(r[4]) < 1e-4 for r in rows)
+    assert all(int(r[3]) > 0 for r in rows if r[0] != "prefix" and r[1] != "1")  # later turns reuse the cache
+    assert all(int(r[3]) == 0 for r in rows if r[0] == "prefix")

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 
 from data.chat import render
-from engine import ChatSession
+from engine import ChatSession, set_history
 from flags import run
 from mask import MASKS, ROLE_LETTERS
 import serve
@@ -91,7 +91,7 @@ def stream(port, messages, **options):
 def reference(kind, messages, max_tokens):
     """The greedy answer to messages (the last one the user's) through the no-cache path, given the same text."""
     session = ChatSession(MODEL, TOK, kind, use_cache=False, reply_reserve=1)
-    session.set_history(messages[:-1])
+    set_history(session, messages[:-1])
     return session.turn(messages[-1]["content"], max_tokens, temperature=0)
 
 
@@ -358,7 +358,7 @@ def check_the_generation_stopped(log, service, port):
     (session,) = service.sessions.values()
     again = chat(port, USER, max_tokens=12)
     assert "(client gone)" in log[0]
-    assert session.last["stopped"] == "interrupted" and len(session.messages[-1]["content"]) < 50
+    assert session.last.stopped == "interrupted" and len(session.messages[-1]["content"]) < 50
     assert again["choices"][0]["message"]["content"] == reference("ism", USER, 12)["reply"]
 
 
