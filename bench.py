@@ -6,6 +6,7 @@ What the three masks cost, measured on this project's own code in one run: train
     python bench.py config/gpt2_small.py         # a settings file written for train.py (its other keys are skipped)
     python bench.py --sections=chat --json       # one section, machine-readable
     python bench.py --quick                      # tiny model and data, one repeat: the smoke test's run
+    python bench.py --init_from=smollm2          # SmolLM2-135M-Instruct (2048 tokens of context), its own peer
 
 Tables (markdown; --json prints the same numbers as one JSON object instead):
 1. train: ms per optimizer step and tokens/s under causal, ISM and prefix, same model, same backend, each step
@@ -17,13 +18,20 @@ Tables (markdown; --json prints the same numbers as one JSON object instead):
 2. chat: one conversation of synthetic-style user messages that fills block_size, played through
    engine.ChatSession under ISM and causal (cache reused), prefix (re-prefills the history every turn) and the
    no-cache reference: tokens prefilled and time to first token per turn. Peers with `transformers` installed:
-   Hugging Face GPT-2 at the same config, carrying its past_key_values, and re-prefilling.
+   transformers' implementation of the same model with the same weights, carrying its past_key_values, and
+   re-prefilling.
 3. decode: ChatSession decode tokens/s with the KV cache (eager; with --compile also the compiled static-shape step)
-   and without (the no-cache path) at growing context, the KV cache's size, and Hugging Face GPT-2 generate()
+   and without (the no-cache path) at growing context, the KV cache's size, and transformers' generate()
    with its own cache as the peer.
 
-Models have random weights (the numbers are costs, not quality), so the bench needs no checkpoint; answers have a
-fixed length (<|end|> is held back with min_new_tokens, as generate() does for the peer). Timings: warmup rounds
+Models have random weights (the numbers are costs, not quality), so the bench needs no checkpoint, unless
+--init_from names a pretrained one (smollm2, a GGUF file, a Hugging Face folder, a checkpoint): then the costs are
+that model's, at its shape, with its tokenizer and chat format, the peers are transformers' implementation of it
+with the same weights (LlamaForCausalLM, GPT2LMHeadModel), a training step starts from its weights, and the
+no-cache chat variant is left out (it recomputes the whole context for every token: hours at this size; the decode
+table still times no cache). Answers have a fixed length (the closing token is held back with min_new_tokens, as
+generate() does for the peer). On a CPU, peak memory is the process's peak resident set during the step
+(/proc/self/status VmHWM after resetting it), weights included. Timings: warmup rounds
 first, then the median of --repeats rounds; variants are interleaved round by round, in a rotating order, so that a
 shared machine's changing load hits them alike. Compare the ratios measured in one run; the README says which
 ratios the project aims for.
@@ -32,6 +40,7 @@ import signal
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
 
+import copy
 import inspect
 import json
 import math
@@ -50,7 +59,7 @@ from common import THREADS_HELP, Runtime, chat_dtype, cpu_threads, machine, reso
 from data import synthetic
 from data.batching import answer_target_count, collate, documents, epoch_rows, token_count
 from data.chat import plural, render, render_user
-from data.prepare import prepare
+from data.prepare import prepare, prepare_if_default, synthetic_dir
 from data.store import load_meta, load_split
 from data.tokenizer import get_tokenizer
 from engine import ChatSession
@@ -59,14 +68,18 @@ from flags import setting
 from loss import batch_mask, train_step
 from mask import MASKS
 from model import GPT, GPTConfig, KVCache
+from pretrained import START_HELP, fit_context, load_start
 
 SECTIONS = ("train", "chat", "decode")
-DEFAULT_DATA_DIR = "data/synthetic"
+DEFAULT_DATA_DIR = synthetic_dir("byte")
+PRETRAINED_CONTEXT = 2048  # a pretrained start's default block_size here: a chat of more than 1,500 tokens
 OPTIMIZER = dict(weight_decay=0.1, learning_rate=6e-3, betas=(0.9, 0.99))  # train.py's defaults
 
 
 @dataclass
 class BenchConfig:
+    init_from: str = setting("", f"measure a pretrained model ({START_HELP}) at its own shape; empty: a random model "
+                                 "of the shape flags below")
     device: str = setting("cpu", "cpu | cuda | auto")
     sections: str = setting("train,chat,decode", "comma-separated subset of train,chat,decode")
     repeats: int = setting(5, "timed rounds per measurement (the median is reported)", min=1)
@@ -82,21 +95,22 @@ class BenchConfig:
     n_layer: int = setting(4, "transformer blocks", min=1)
     n_head: int = setting(4, "attention heads", min=1)
     n_embd: int = setting(128, "embedding width", min=1)
-    block_size: int = setting(512, "context length (rows, chat length, KV cache)", min=8)
-    batch_size: int = setting(8, "rows per training step", min=1)
+    block_size: int = setting(0, f"context length (rows, chat length, KV cache); 0: 512, or {PRETRAINED_CONTEXT} for "
+                                 "--init_from", min=0)
+    batch_size: int = setting(0, "rows per training step; 0: 8, or 1 for --init_from", min=0)
     vocab_size: int = setting(0, "training section's vocabulary (0: the data's); 50304 = GPT-2's padded, to time a "
                                  "GPT-2 fine-tuning step on byte data", min=0)
     attention: str = setting("auto", "training backends: sdpa | flex | sdpa,flex (auto: sdpa on CPU, flex,sdpa on "
                                      "CUDA); the first one sets the epoch table")
-    data_dir: str = setting(DEFAULT_DATA_DIR, "prepared data for the training section (the default is prepared if "
-                                              "missing; --quick makes a small one unless this is given)")
+    data_dir: str = setting("", "prepared data for the training section (empty: the synthetic dataset in the model's "
+                                "tokens, prepared if missing; --quick makes a small one unless this is given)")
     seed: int = setting(1337, "weights, data order and the chat's messages", min=0)
     # chat and decode
     answer_tokens: int = setting(8, "chat: tokens per answer", min=1)
     chat_repeats: int = setting(15, "chat: timed rounds of the whole conversation (cheap; one turn's TTFT is a few "
                                     "ms, so a busy machine's scheduler shows: more rounds)", min=1)
     new_tokens: int = setting(32, "decode: tokens generated per measurement", min=2)
-    hf: bool = setting(True, "add Hugging Face GPT-2 peer rows when transformers is installed")
+    hf: bool = setting(True, "add the Hugging Face peer rows (transformers, the same weights) when it is installed")
     out_dir: str = setting("out", "where the TTFT plot goes")
     plot: str = setting("", "PNG path of TTFT vs turn (default out_dir/bench_ttft.png; 'none': no plot)")
 
@@ -111,6 +125,9 @@ def parse_config(argv):
     cfg = flags.parse(BenchConfig(), argv, __doc__, shared_files=True)
     if cfg.quick:  # the quick defaults, then the flags again so that explicit ones win
         cfg = flags.parse(replace(BenchConfig(), **QUICK, quick=True), argv, __doc__, shared_files=True)
+    pretrained = bool(cfg.init_from)
+    cfg = replace(cfg, block_size=cfg.block_size or (0 if pretrained else 512),  # 0: set once the model is loaded
+                  batch_size=cfg.batch_size or (1 if pretrained else 8))
     sections = [s for s in cfg.sections.split(",") if s]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
@@ -178,18 +195,22 @@ def fmt(x, digits=1):
 
 # ------------------------------------------------------------------------------------------------- 1. training
 
-def bench_data(cfg):
-    """(vocab_size, train split, temporary dir or None): cfg.data_dir, the default one prepared with the synthetic
-    set if missing; --quick without a --data_dir of its own uses a small synthetic set in a temporary folder."""
-    if cfg.quick and cfg.data_dir == DEFAULT_DATA_DIR:
+def bench_data(cfg, tok):
+    """(vocab_size, train split, temporary dir or None): cfg.data_dir, by default the synthetic dataset in tok's
+    tokens (prepared if missing); --quick without a --data_dir of its own uses a small synthetic set in a temporary
+    folder."""
+    if cfg.quick and not cfg.data_dir:
         tmp = tempfile.TemporaryDirectory(prefix="bench-data-")
-        meta = prepare(tmp.name, block_size=cfg.block_size, seed=cfg.seed, **QUICK_DATA)
+        meta = prepare(tmp.name, tokenizer=tok.name, block_size=min(cfg.block_size, 512), seed=cfg.seed,
+                       **QUICK_DATA)
         return meta["vocab_size"], load_split(tmp.name, "train"), tmp
-    if not os.path.exists(cfg.data_dir) and cfg.data_dir == DEFAULT_DATA_DIR:
-        log(f"no data at {cfg.data_dir}: preparing the synthetic dataset there (block_size {cfg.block_size})")
-        prepare(cfg.data_dir, block_size=cfg.block_size)
-    meta = load_meta(cfg.data_dir, cfg.block_size)
-    return meta["vocab_size"], load_split(cfg.data_dir, "train"), None
+    data_dir = cfg.data_dir or synthetic_dir(tok.name)
+    prepare_if_default(data_dir, tok.name, min(cfg.block_size, 512), log)
+    meta = load_meta(data_dir, cfg.block_size)
+    if meta["tokenizer"] != tok.describe():
+        raise UserError(f"{data_dir} holds {meta['tokenizer']['name']} tokens, the model reads {tok.name} ones: pass "
+                        f"a --data_dir prepared with python data/prepare.py --tokenizer={tok.name}")
+    return meta["vocab_size"], load_split(data_dir, "train"), None
 
 
 def attention_backends(cfg, device_type):
@@ -203,13 +224,18 @@ def attention_backends(cfg, device_type):
     return names
 
 
-def train_section(cfg, device):
-    vocab_size, split, tmp = bench_data(cfg)
+def train_section(cfg, device, start):
+    """start: the pretrained model (in float32, the weights a fine-tuning step starts from), or None."""
+    tok = start.tok if start else get_tokenizer("byte")
+    vocab_size, split, tmp = bench_data(cfg, tok)
     rt = runtime(device)
     backends = attention_backends(cfg, rt.device_type)
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or vocab_size,
-                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(rt.device)
+    if start:
+        raw_model = copy.deepcopy(start.model).to(rt.device, torch.float32).train()
+    else:
+        raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or vocab_size,
+                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(rt.device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     optimizer = raw_model.configure_optimizers(OPTIMIZER["weight_decay"], OPTIMIZER["learning_rate"],
                                                OPTIMIZER["betas"], rt.device_type)
@@ -238,7 +264,7 @@ def train_section(cfg, device):
     log(f"train: {len(variants)} variants x {cfg.warmup + cfg.repeats} steps of {cfg.batch_size} x "
         f"{cfg.block_size} tokens")
     step_times = interleaved(variants, cfg.repeats, cfg.warmup, rt.device)
-    peak_gib = {v: peak_memory(fn, rt.device) for v, fn in variants.items()} if rt.device_type == "cuda" else {}
+    peak_gib = {v: peak_memory(fn, rt.device) for v, fn in variants.items()}
     mask_times = interleaved({v: (lambda v=v: batch_mask(v[1], batches[v[1]][0][0], v[0]))
                               for v in variants if v[0] != "sdpa_is_causal"}, cfg.repeats, cfg.warmup, rt.device)
 
@@ -279,10 +305,29 @@ def train_section(cfg, device):
 
 
 def peak_memory(step, device):
-    """GiB of GPU memory at the peak of one more step (weights, optimizer state, activations)."""
-    torch.cuda.reset_peak_memory_stats(device)
+    """GiB at the peak of one more step: on CUDA the memory torch allocated (weights, optimizer state,
+    activations); on a CPU the process's peak resident set (VmHWM, reset before the step; None where /proc cannot
+    tell), which also counts everything else the process holds."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set size to the current one
+    except OSError:
+        return None
     step()
-    return torch.cuda.max_memory_allocated(device) / 2**30
+    return resident_gib("VmHWM")
+
+
+def resident_gib(field="VmRSS"):
+    """The process's resident memory (VmRSS) or its peak (VmHWM) in GiB, from /proc/self/status; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**20
+    except (OSError, StopIteration):
+        return None
 
 
 def train_tables(r):
@@ -305,8 +350,11 @@ def train_tables(r):
 
 # ----------------------------------------------------------------------------------------------- 2. chat / 3. decode
 
-def chat_model(cfg, tok, rt):
-    """A random-weight GPT at the bench config, in the chat dtype, eval mode."""
+def chat_model(cfg, tok, rt, start):
+    """The model a chat and a decode run on, in the chat dtype, eval mode: the pretrained start, or a random-weight
+    GPT at the bench config."""
+    if start:
+        return copy.deepcopy(start.model).to(rt.device, getattr(torch, rt.dtype)).eval()
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=tok.vocab_size, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd))
@@ -317,39 +365,74 @@ def chat_messages(tok, block_size, answer_tokens, seed):
     """User messages from the synthetic tasks, as many as fit in block_size with answer_tokens-long answers (no
     turn dropped), so the last prompt sees ~block_size - answer of history."""
     rng = random.Random(seed)
-    users, length = [], 1  # <|bos|>
+    users, length = [], len(render([], tok)[0])  # <|bos|>, or ChatML's default system message
     while True:
         for message in synthetic.conversation(rng)["messages"]:
             if message["role"] != "user":
                 continue
-            turn = len(render_user(message["content"], tok)[0]) + answer_tokens + 1
+            turn = len(render_user(message["content"], tok, after_answer=bool(users))[0]) + answer_tokens + 1
             if length + turn > block_size:
                 return users
             users.append(message["content"])
             length += turn
 
 
-def hf_model(cfg, tok, rt):
-    """Hugging Face GPT-2 at our config (random weights, GPT-2's tanh GELU like ours, our dtype, eval), or
-    (None, note)."""
+def hf_model(cfg, model, rt):
+    """transformers' own implementation of our model with the very same weights (GPT2LMHeadModel or
+    LlamaForCausalLM / Qwen2ForCausalLM), in our dtype, eval mode, or (None, note)."""
     if not cfg.hf:
         return None, "Hugging Face rows skipped (--hf=false)"
     try:
         import transformers
-        from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
-        return None, "transformers is not installed: no Hugging Face GPT-2 peer rows (pip install transformers)"
+        return None, "transformers is not installed: no Hugging Face peer rows (pip install transformers)"
     transformers.logging.set_verbosity_error()
-    torch.manual_seed(cfg.seed)
-    config = GPT2Config(vocab_size=tok.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                        n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tok.bos, eos_token_id=tok.end,
-                        pad_token_id=tok.end)
-    model = GPT2LMHeadModel(config).to(rt.device, getattr(torch, rt.dtype)).eval()
-    return model, f"transformers {transformers.__version__}"
+    hf = (hf_gpt2 if model.config.family == "gpt2" else hf_llama)(model.float(), transformers)
+    model.to(getattr(torch, rt.dtype))
+    return hf.to(rt.device, getattr(torch, rt.dtype)).eval(), \
+        f"transformers {transformers.__version__} {type(hf).__name__}, the same weights"
+
+
+def hf_gpt2(model, transformers):
+    c = model.config
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head))
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    hf.load_state_dict({name: (w.t() if name.endswith(conv1d) else w) for name, w in model.state_dict().items()})
+    return hf
+
+
+def hf_llama(model, transformers):
+    """LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases) holding our weights: c_attn split into q, k, v, c_fc
+    into gate and up."""
+    c = model.config
+    kind = (transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if c.qkv_bias else \
+        (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    hf = kind[1](kind[0](vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
+                         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                         max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                         tie_word_embeddings=c.tie_embeddings))
+    ours = model.state_dict()
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    state = {"model.embed_tokens.weight": ours["transformer.wte.weight"], "model.norm.weight":
+             ours["transformer.ln_f.weight"], "lm_head.weight": ours["lm_head.weight"]}
+    for i in range(c.n_layer):
+        h, o = f"model.layers.{i}.", f"transformer.h.{i}."
+        for kind_, part in (("weight", ours[o + "attn.c_attn.weight"]), ("bias", ours.get(o + "attn.c_attn.bias"))):
+            if part is not None:
+                for name, piece in zip("qkv", part.split([q, kv, kv])):
+                    state[h + f"self_attn.{name}_proj.{kind_}"] = piece
+        gate, up = ours[o + "mlp.c_fc.weight"].chunk(2)
+        state.update({h + "self_attn.o_proj.weight": ours[o + "attn.c_proj.weight"], h + "mlp.gate_proj.weight": gate,
+                      h + "mlp.up_proj.weight": up, h + "mlp.down_proj.weight": ours[o + "mlp.c_proj.weight"],
+                      h + "input_layernorm.weight": ours[o + "ln_1.weight"],
+                      h + "post_attention_layernorm.weight": ours[o + "ln_2.weight"]})
+    hf.load_state_dict(state, strict=not c.tie_embeddings)
+    return hf
 
 
 class HFChat:
-    """Hugging Face GPT-2 following the ISM session's conversation, token for token (its own replies are not
+    """The Hugging Face model following the ISM session's conversation, token for token (its own replies are not
     used: the ids are the ISM session's, so every turn has the same lengths). carry=True keeps past_key_values
     across turns and feeds only what the cache lacks, then the answer tokens one by one, as our cached sessions
     do; carry=False re-prefills the whole history each turn (the common chat front-end) and decodes nothing.
@@ -391,8 +474,9 @@ def fixed_length(n):
 def chat_section(cfg, rt, tok, model, hf):
     users = chat_messages(tok, cfg.block_size, cfg.answer_tokens, cfg.seed)
     sessions = {"ism": ChatSession(model, tok, "ism"), "causal": ChatSession(model, tok, "causal"),
-                "prefix": ChatSession(model, tok, "prefix"),
-                "no cache": ChatSession(model, tok, "ism", use_cache=False)}
+                "prefix": ChatSession(model, tok, "prefix")}
+    if not cfg.init_from:  # at a pretrained model's size, recomputing the context for every token takes hours
+        sessions["no cache"] = ChatSession(model, tok, "ism", use_cache=False)
     peers = {"HF cache": HFChat(hf, True, rt.device), "HF re-prefill": HFChat(hf, False, rt.device)} if hf else {}
     names = list(sessions) + list(peers)
     log(f"chat: {len(users)} turns x {len(names)} variants x {cfg.warmup + cfg.chat_repeats} rounds")
@@ -465,11 +549,11 @@ def chat_tables(r, notes):
     rows = [[t["turn"], t["context"]] + [t[n]["prefill_tokens"] for n in names] +
             [fmt(t[n]["ttft_ms"], 2) for n in names] for t in r["turns"]]
     s = r["summary"]
+    no_cache = "; no cache = ISM with use_cache=False" if "no cache" in names else ""
     out = [f"### Chat: one conversation, {s['turns']} turns, {r['answer_tokens']}-token answers, greedy "
-           f"(context = tokens up to the turn's last prompt token; no cache = ISM with use_cache=False; TTFT = "
-           f"median of {r['rounds']} rounds)",
+           f"(context = tokens up to the turn's last prompt token{no_cache}; TTFT = median of {r['rounds']} rounds)",
            table(headers, rows), "",
-           f"- ISM prefill per turn == new tokens (prompt + the previous answer's last token and <|end|>): "
+           f"- ISM prefill per turn == new tokens (prompt + the previous answer's last token and its closing token): "
            f"{'yes' if s['ism_prefill_equals_new_tokens'] else 'NO'}; causal: "
            f"{'yes' if s['causal_prefill_equals_new_tokens'] else 'NO'}; prefix re-prefills the whole history: "
            f"{'yes' if s['prefix_prefill_equals_history'] else 'NO'}",
@@ -477,7 +561,7 @@ def chat_tables(r, notes):
            f"{s['ttft_last_ism_over_prefix']:.3f}"]
     last = s["last_ttft_ms"]
     if "HF cache" in last:
-        out.append(f"- last turn, Hugging Face GPT-2: carrying its cache {last['HF cache']:.2f} ms (ISM / HF = "
+        out.append(f"- last turn, Hugging Face: carrying its cache {last['HF cache']:.2f} ms (ISM / HF = "
                    f"{last['ism'] / last['HF cache']:.2f}), re-prefilling {last['HF re-prefill']:.2f} ms (ISM / HF "
                    f"= {last['ism'] / last['HF re-prefill']:.3f})")
     if s["ism_ttft_late_over_early"] is not None:
@@ -599,7 +683,7 @@ def decode_tables(r, notes):
     if r["compiled_over_eager"] is not None:
         out.append(f"- compiled static step vs eager step at {context} tokens: {r['compiled_over_eager']:.2f}x")
     if r["ours_over_hf"] is not None:
-        out.append(f"- ours ({r['ours']}) / HF GPT-2 generate at {context} tokens: {r['ours_over_hf']:.2f}x")
+        out.append(f"- ours ({r['ours']}) / Hugging Face generate at {context} tokens: {r['ours_over_hf']:.2f}x")
     out.append(f"- KV cache: {r['kv_bytes_per_token']:,} bytes per token ({r['dtype']}), {mib:.2f} MiB at "
                f"block_size {context}")
     out += [f"- note: {n}" for n in notes]
@@ -616,27 +700,48 @@ def main(argv=None):
         return run_bench(cfg, sections, device)
 
 
+def load_pretrained(cfg, device, results):
+    """pretrained.load_start for --init_from, timed, with the process's resident memory after it."""
+    t0 = time.perf_counter()
+    start = load_start(cfg.init_from, cfg.block_size or None, 0.0, device)
+    results["model"] = {"what": start.what, "load_s": time.perf_counter() - t0, "resident_gib": resident_gib(),
+                        "parameters": start.model.num_params(), "config": asdict(start.model.config)}
+    if not cfg.block_size:
+        start.model = fit_context(start.model, min(PRETRAINED_CONTEXT, start.model.config.block_size))
+    return start
+
+
 def run_bench(cfg, sections, device):
     info = machine(device)
     results = {"machine": info, "config": asdict(cfg), "notes": []}
     say = (lambda text: None) if cfg.json else (lambda text: print(text + "\n", flush=True))
     load = f", load average {info['load_average']}" if "load_average" in info else ""
+    start = load_pretrained(cfg, device, results) if cfg.init_from else None
+    if start:
+        cfg = replace(cfg, block_size=start.model.config.block_size)
+        results["config"] = asdict(cfg)
+    shape = start.model.config if start else cfg
+    what = f"{start.what}, " if start else "random weights, "
     say(f"## ismGPT bench: {info['name']}, torch {info['torch']}, {plural(info['threads'], 'thread')} "
         f"({info['cpus']} CPUs{load}), python {info['python']}\n"
-        f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block_size {cfg.block_size}; "
-        f"{cfg.warmup} warmup + {cfg.repeats} timed rounds, medians")
+        f"model: {what}{shape.n_layer} layers, {shape.n_head} heads, {shape.n_embd} wide, block_size "
+        f"{cfg.block_size}; {cfg.warmup} warmup + {cfg.repeats} timed rounds, medians")
+    if start:
+        m = results["model"]
+        say(f"- loaded in {m['load_s']:.1f} s; {m['parameters'] / 1e6:.1f}M parameters; the process's resident "
+            f"memory {fmt(m['resident_gib'], 2)} GiB after loading (float32)")
     if info.get("load_average", 0) > info["cpus"] and device == "cpu":
         say(f"warning: load average {info['load_average']} > {info['cpus']} CPUs: other work shares this machine, "
-            "so timings are noisy; with more torch threads than free cores each op can stall for a scheduler "
-            "slice (try --threads=1)")
+            "so timings are noisy; with more torch threads than free cores each op can stall for a scheduler slice"
+            + (" (try --threads=1)" if info["threads"] > 1 else ""))
     if "train" in sections:
-        results["train"] = train_section(cfg, device)
+        results["train"] = train_section(cfg, device, start)
         say(train_tables(results["train"]))
     if "chat" in sections or "decode" in sections:
         rt = Runtime(device, chat_dtype(cfg.dtype, device))
-        tok = get_tokenizer("byte")
-        model = chat_model(cfg, tok, rt)
-        hf, hf_note = hf_model(cfg, tok, rt)
+        tok = start.tok if start else get_tokenizer("byte")
+        model = chat_model(cfg, tok, rt, start)
+        hf, hf_note = hf_model(cfg, model, rt)
         results["notes"].append(hf_note)
         if "chat" in sections:
             results["chat"] = chat_section(cfg, rt, tok, model, hf)

@@ -77,7 +77,7 @@ def load_start(source, block_size=None, dropout=0.0, device="cpu"):
             raise UserError(f"--init_from={source}: not one of {START_HELP}")
     except DataError as e:
         raise UserError(str(e)) from None
-    start.model = _fit(start.model, block_size or start.model.config.block_size, dropout).to(device)
+    start.model = fit_context(start.model, block_size or start.model.config.block_size, dropout).to(device)
     return start
 
 
@@ -92,7 +92,7 @@ def _from_checkpoint(path, device):
     return Start(model, tok, what, checkpoint["mask"], checkpoint)
 
 
-def _fit(model, block_size, dropout):
+def fit_context(model, block_size, dropout=0.0):
     """The same weights with the context cut to block_size (GPT-2: its position table) and the given dropout."""
     config = model.config
     if block_size > config.block_size:

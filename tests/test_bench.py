@@ -181,5 +181,41 @@ def test_quick_uses_the_data_dir_it_is_given(tmp_path):
     data_dir = str(tmp_path / "mine")
     prepare(data_dir, block_size=Q["block_size"], n_train=7, n_val=2, seed=5)
     cfg, _ = bench.parse_config(["--quick", f"--data_dir={data_dir}"])
-    _, split, tmp = bench.bench_data(cfg)
+    _, split, tmp = bench.bench_data(cfg, TOK)
     assert tmp is None and int(split.offsets[-1]) == int(load_split(data_dir, "train").offsets[-1])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_hugging_face_peer_holds_our_weights(family):
+    # the peer rows compare implementations, so the peer must compute our model: its logits, transformers' own
+    import torch
+    import transformers
+    from mask import USER, make_mask
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    extra = dict(bias=False, family="llama", n_kv_head=2, mlp_hidden=48, qkv_bias=True, tie_embeddings=False) \
+        if family == "llama" else {}
+    model = GPT(GPTConfig(block_size=64, vocab_size=99, n_layer=2, n_head=4, n_embd=32, **extra)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    peer = (bench.hf_gpt2 if family == "gpt2" else bench.hf_llama)(model, transformers).eval()
+    ids = torch.randint(0, 99, (1, 30))
+    with torch.no_grad():
+        ours = model(ids, make_mask("causal", torch.full((30,), USER)))[0]
+        torch.testing.assert_close(peer(ids).logits, ours, atol=1e-4, rtol=0)
+
+
+def test_quick_with_a_pretrained_start_measures_it_against_its_peer(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "llama")
+    results, text = run_main(["--quick", f"--init_from={tmp_path / 'llama'}", f"--out_dir={tmp_path}", "--plot=none"])
+    assert results["model"]["parameters"] > 0 and results["config"]["block_size"] == 128  # --quick's context
+    assert "LlamaForCausalLM, the same weights" in text and "no cache" not in results["chat"]["turns"][0]
+    assert results["chat"]["summary"]["ism_prefill_equals_new_tokens"]
+    assert {s["mask"] for s in results["train"]["steps"]} == {"causal", "ism", "prefix"}
+    assert all(s["peak_gib"] is None or s["peak_gib"] > 0 for s in results["train"]["steps"])
