@@ -9,10 +9,12 @@ Mistakes raise UserError, which `run` prints as one line (no traceback) before e
 import ast
 import dataclasses
 import difflib
+import io
 import math
 import os
 import signal
 import sys
+import tokenize
 
 from errors import UserError
 
@@ -63,9 +65,9 @@ def _value(text, defaults, field):
 
 
 def _read_config_file(path):
-    """`key = value` lines (Python literals), # comments allowed."""
+    """`key = value` lines (Python literals), # comments allowed; a UTF-8 BOM (Windows editors) is not text."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
@@ -73,7 +75,7 @@ def _read_config_file(path):
         raise UserError(f"config file {path} is not UTF-8 text") from None
     settings = {}
     for n, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
+        line = _without_comment(line).strip()
         if not line:
             continue
         key, sep, value = line.partition("=")
@@ -84,6 +86,16 @@ def _read_config_file(path):
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             raise UserError(f"{path}:{n}: expected key = value (a Python literal), got {line!r}") from None
     return settings
+
+
+def _without_comment(line):
+    """line up to its # comment: Python's tokenizer tells a comment from a # inside a string ("use # signs")."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line).readline))
+    except (tokenize.TokenError, SyntaxError):  # an unclosed string or bracket: literal_eval refuses the line
+        return line
+    comments = [token for token in tokens if token.type == tokenize.COMMENT]
+    return line[:comments[0].start[1]] if comments else line
 
 
 def usage(defaults, doc):

@@ -62,6 +62,27 @@ def test_config_file_then_flags(tmp_path):
         flags.parse(Settings(), [str(tmp_path / "missing.conf")])
 
 
+@dataclass
+class Texts:
+    system: str = ""
+    out_dir: str = "out"
+
+
+def test_a_hash_inside_a_quoted_value_is_text_not_a_comment(tmp_path):
+    path = tmp_path / "chat.conf"
+    path.write_text("system = \"use # signs\"  # a comment\nout_dir = 'runs/#3'\n")
+    assert flags.parse(Texts(), [str(path)]) == Texts(system="use # signs", out_dir="runs/#3")
+    path.write_text("system = 'not closed # here\n")
+    with pytest.raises(UserError, match=r"chat.conf:1: expected key = value"):
+        flags.parse(Texts(), [str(path)])
+
+
+def test_a_config_file_may_start_with_a_utf8_bom(tmp_path):
+    path = tmp_path / "windows.conf"
+    path.write_bytes(b"\xef\xbb\xbf" + "system = 'caf\u00e9'\r\nout_dir = 'x'\r\n".encode("utf-8"))
+    assert flags.parse(Texts(), [str(path)]) == Texts(system="caf\u00e9", out_dir="x")
+
+
 def test_run_prints_one_line_and_exits_2(capsys):
     def main():
         raise UserError("no checkpoint at out/ckpt.pt: run python train.py first")
