@@ -50,6 +50,12 @@ def plural(count, noun):
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+def reason(error):
+    """Why an OSError happened, in words: its strerror, or its message where it has none (numpy's on a full disk:
+    "100000 requested and 32704 written")."""
+    return error.strerror or str(error)
+
+
 # ---------------------------------------------------------------------------------------------------- rendering
 
 def render_start(first_role, tok):
@@ -256,7 +262,7 @@ def read_jsonl(path, skip_bad=False, need_answer=True):
         with open(path, "rb") as f:
             lines = f.read().removeprefix(b"\xef\xbb\xbf").splitlines()  # a UTF-8 BOM (Windows editors)
     except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
+        raise DataError(f"cannot read {path}: {reason(e)}") from None
     conversations, bad = [], []
     for line_no, raw in enumerate(lines, 1):
         where = f"{path}:{line_no}"

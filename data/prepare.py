@@ -31,7 +31,7 @@ import flags  # noqa: E402
 from flags import setting  # noqa: E402
 from data import synthetic  # noqa: E402
 from data.batching import expansion_factor  # noqa: E402
-from data.chat import DataError, fit_to_block, plural, read_jsonl, render, write_jsonl  # noqa: E402
+from data.chat import DataError, fit_to_block, plural, read_jsonl, reason, render, write_jsonl  # noqa: E402
 from data.store import ARRAYS, SPLITS, Split, array_name, array_path  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 
@@ -221,7 +221,7 @@ def write_prepared(out_dir, splits, meta):
         os.makedirs(out_dir, exist_ok=True)
         work = tempfile.mkdtemp(prefix=".prepare-", dir=out_dir)
     except OSError as e:
-        raise DataError(f"cannot create a folder in {out_dir}: {e.strerror}") from None
+        raise DataError(f"cannot create a folder in {out_dir}: {reason(e)}") from None
     try:
         write_all(work, splits, meta, out_dir)
         move_in(work, out_dir)
@@ -238,7 +238,7 @@ def write_all(work, splits, meta, out_dir):
         with open(os.path.join(work, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
     except OSError as e:
-        raise DataError(f"cannot write the prepared files in {out_dir} ({e.strerror}): it is left as it was") from None
+        raise DataError(f"cannot write the prepared files in {out_dir} ({reason(e)}): it is left as it was") from None
 
 
 def move_in(work, out_dir):
@@ -251,7 +251,7 @@ def move_in(work, out_dir):
         for name in sorted(os.listdir(work), key=lambda name: name == "meta.json"):
             os.replace(os.path.join(work, name), os.path.join(out_dir, name))
     except OSError as e:
-        raise DataError(f"cannot move the prepared files into {out_dir} ({e.strerror}): it is incomplete now; run "
+        raise DataError(f"cannot move the prepared files into {out_dir} ({reason(e)}): it is incomplete now; run "
                         "python data/prepare.py again") from None
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.chat import DataError
+from data.chat import DataError, reason
 from data.tokenizer import TOKENIZERS
 from mask import ASSISTANT, SYSTEM
 
@@ -54,7 +54,7 @@ def load_meta(data_dir, block_size=None):
     except (ValueError, RecursionError):  # bad JSON or bad UTF-8 (both ValueErrors), or absurd nesting
         raise damaged(path, "not JSON") from None
     except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
+        raise DataError(f"cannot read {path}: {reason(e)}") from None
     problem = _meta_problem(meta)
     if problem:
         raise damaged(path, problem)

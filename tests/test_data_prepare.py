@@ -172,6 +172,16 @@ def test_a_failed_re_prepare_leaves_the_folder_as_it_was(prepared_own, tmp_path,
     assert snapshot(out) == before
 
 
+def test_a_write_error_without_an_errno_still_says_why(tmp_path, monkeypatch):
+    """numpy's own OSError on a full disk has a message and no errno (strerror None)."""
+    def save(file, *args, **kwargs):
+        raise OSError("100000 requested and 32704 written")
+    monkeypatch.setattr(np, "save", save)
+    with pytest.raises(DataError) as error:
+        prepare(str(tmp_path / "new"), n_train=4, n_val=2)
+    assert "(100000 requested and 32704 written)" in str(error.value) and "None" not in str(error.value)
+
+
 def test_a_failed_first_prepare_leaves_no_folder(tmp_path, monkeypatch):
     fail_when_saving(monkeypatch, "train_")
     with pytest.raises(DataError):
