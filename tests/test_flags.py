@@ -1,10 +1,18 @@
 """--key=value parsing: typed conversion, --help, config files, one-line errors."""
+import errno
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
 
 import flags
 from flags import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FULL = "/dev/full"  # every write to it fails with ENOSPC, as on a full disk
+needs_dev_full = pytest.mark.skipif(not os.path.exists(FULL), reason="needs /dev/full (Linux)")
 
 
 @dataclass
@@ -145,3 +153,47 @@ def test_run_turns_ctrl_c_and_a_closed_pipe_into_quiet_exits(capsys):
     with pytest.raises(SystemExit) as e:
         flags.run(interrupted)
     assert e.value.code == 130 and "Traceback" not in capsys.readouterr().err
+
+
+
+def run_writing(body, stdout=None, stderr=subprocess.PIPE):
+    """python -c 'flags.run(main)' with main's body, stdout and stderr as given -> the finished process."""
+    code = f"import sys, flags\ndef main():\n    {body}\nflags.run(main)\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=stdout, stderr=stderr, timeout=60)
+
+
+@needs_dev_full
+@pytest.mark.parametrize("body", ["print('x' * 100_000)",  # fails inside print
+                                  "print('a short reply')"])  # fails when the buffer is flushed at the end
+def test_run_turns_a_failed_write_to_stdout_into_one_line(body):
+    with open(FULL, "w") as full:
+        proc = run_writing(body, stdout=full)
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == f"error: cannot write to stdout: {os.strerror(errno.ENOSPC)}\n"
+
+
+@needs_dev_full
+def test_run_exits_non_zero_when_stderr_cannot_be_written():
+    with open(FULL, "w") as full:
+        proc = run_writing("print('a warning', file=sys.stderr, flush=True); print('never')", stdout=subprocess.PIPE,
+                           stderr=full)
+    assert proc.returncode == 1 and proc.stdout == b""
+
+
+@needs_dev_full
+def test_a_warning_that_stderr_cannot_take_is_dropped_as_before(tmp_path):
+    with open(FULL, "w") as full:
+        proc = run_writing("import warnings; warnings.warn('lost'); print('goes on')", stdout=subprocess.PIPE,
+                           stderr=full)
+    assert proc.returncode == 0 and proc.stdout == b"goes on\n"
+
+
+def test_an_os_error_of_the_program_itself_still_raises(tmp_path):
+    def main():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "checkpoint.pt"))
+
+    with pytest.raises(OSError) as error:
+        flags.run(main)
+    assert error.value.errno == errno.ENOSPC
+    proc = run_writing("open('/nonexistent/folder/file', 'w')")
+    assert proc.returncode == 1 and b"Traceback" in proc.stderr and b"FileNotFoundError" in proc.stderr
