@@ -591,6 +591,8 @@ def plot_ttft(r, path, device_name):
     ax.set_title(f"ismGPT chat TTFT per turn ({device_name})", fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
+    if not os.path.splitext(path)[1][1:]:
+        path = path.rstrip(".") + ".png"  # what savefig would write: write it by that name, and say it
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

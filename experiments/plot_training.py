@@ -30,12 +30,38 @@ def read_log(out_dir):
     path = os.path.join(out_dir, "log.jsonl")
     try:
         with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+            lines = f.read().splitlines()
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}): is {out_dir} a train.py out_dir?") from None
-    except ValueError:
-        raise UserError(f"{path} is not JSON lines: was it written by train.py?") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: was it written by train.py?") from None
+    records = [_record(line, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def _record(line, where):
+    """One log line as train.py writes it: an object whose "loss" or "val_loss", and "iter", are numbers."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # bad JSON or a number too long for int()
+        record = None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: not a JSON object: was it written by train.py?")
+    for key in ("loss", "val_loss"):
+        if key in record and not (_is_number(record[key]) and _is_number(record.get("iter"))):
+            raise UserError(f'{where}: "{key}" and "iter" must be numbers: was it written by train.py?')
+    return record
+
+
+def _is_number(value):
+    return type(value) in (int, float)  # not bool
+
+
+def picture_path(png):
+    """-> (the file to write, its format): png in the format its extension names; without one, png + ".png" in
+    PNG, the name matplotlib would give it (named here, so that main says which file it wrote)."""
+    extension = os.path.splitext(png)[1][1:]
+    return (png, extension.lower()) if extension else (png.rstrip(".") + ".png", "png")
 
 
 def main(argv=None):
@@ -51,7 +77,10 @@ def main(argv=None):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    path, picture_format = picture_path(cfg.png)
     fig, ax = plt.subplots(figsize=(7, 4))
+    if picture_format not in fig.canvas.get_supported_filetypes():
+        raise UserError(f"--png={cfg.png}: matplotlib cannot write .{picture_format} files (try .png, .svg or .pdf)")
     for k, (name, (steps, evals)) in enumerate(runs.items()):
         colour = f"C{k}"
         ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], color=colour, alpha=0.35, lw=1)
@@ -62,8 +91,8 @@ def main(argv=None):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(cfg.png, dpi=120)
-    print(f"wrote {cfg.png}")
+    fig.savefig(path, format=picture_format, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,25 @@ META_DAMAGE = {
     "no splits": ('"splits"', lambda f: edit_meta(f, lambda m: m.pop("splits"))),
     "no val split": ('"splits"', lambda f: edit_meta(f, lambda m: m["splits"].pop("val"))),
     "no max_tokens": ('"max_tokens"', lambda f: edit_meta(f, lambda m: m["splits"]["train"].pop("max_tokens"))),
+    # what train.py's data fingerprint and eval.py read
+    "no conversations":
+        ('"conversations"', lambda f: edit_meta(f, lambda m: m["splits"]["train"].pop("conversations"))),
+    "tokens a string": ('"tokens"', lambda f: edit_meta(f, lambda m: m["splits"]["val"].update(tokens="900"))),
+    "conversations zero":
+        ('"conversations"', lambda f: edit_meta(f, lambda m: m["splits"]["val"].update(conversations=0))),
+    "a split a list": ('"val"', lambda f: edit_meta(f, lambda m: m["splits"].update(val=[]))),
+    "a third split": ('"splits"', lambda f: edit_meta(f, lambda m: m["splits"].update(test=m["splits"]["val"]))),
+    "no block_size": ('"block_size"', lambda f: edit_meta(f, lambda m: m.pop("block_size"))),
+    "block_size a float": ('"block_size"', lambda f: edit_meta(f, lambda m: m.update(block_size=512.0))),
+    "block_size below max_tokens": ('"block_size"', lambda f: edit_meta(f, lambda m: m.update(block_size=5))),
+    "tokenizer name a number": ('"tokenizer"', lambda f: edit_meta(f, lambda m: m["tokenizer"].update(name=1))),
+    "tokenizer of another vocab_size":
+        ('"vocab_size"', lambda f: edit_meta(f, lambda m: m["tokenizer"].update(vocab_size=VOCAB_SIZE + 1))),
+    "unknown tokenizer": ("'foo'", lambda f: edit_meta(f, lambda m: m["tokenizer"].update(name="foo"))),
+    "a .gguf file that is not there":
+        ("nowhere.gguf", lambda f: edit_meta(f, lambda m: m["tokenizer"].update(name=str(f / "nowhere.gguf")))),
+    "a folder without tokenizer.json":
+        ("tokenizer.json", lambda f: edit_meta(f, lambda m: m["tokenizer"].update(name=str(f)))),
 }
 
 
@@ -103,6 +122,8 @@ ARRAY_DAMAGE = {
     "token id = vocab_size": ("train_ids", set_first(VOCAB_SIZE)),
     "negative token id": ("val_ids", set_first(-1, np.int32)),
     "role code 3": ("val_roles", set_first(3)),
+    # role codes: 0 system, 1 user, 2 assistant (an answer token); prepare's every conversation ends with an answer
+    "no answer tokens": ("val_roles", lambda p: rewrite(p, lambda a: np.minimum(a, 1))),
 }
 
 
@@ -114,6 +135,33 @@ def test_damaged_arrays_are_one_line(folder, damage):
     with pytest.raises(DataError) as error:
         load_split(str(folder), name.split("_")[0])
     assert_one_line_naming(error, path)
+
+
+# meta.json's count -> how to count it in the arrays (each conversation is offsets[i]..offsets[i + 1])
+COUNTS = {"conversations": ("offsets", lambda split: len(split.offsets) - 1),
+          "tokens": ("ids", lambda split: len(split.ids)),
+          "max_tokens": ("offsets", lambda split: max(int(b - a) for a, b in zip(split.offsets, split.offsets[1:])))}
+
+
+@pytest.mark.parametrize("count", list(COUNTS))
+def test_counts_in_meta_json_must_match_the_arrays(folder, count):
+    name, measure = COUNTS[count]
+    true_count = measure(load_split(str(folder), "train"))
+    edit_meta(folder, lambda m: m["splits"]["train"].update({count: true_count + 1}))
+    with pytest.raises(DataError) as error:
+        load_split(str(folder), "train")
+    assert_one_line_naming(error, folder / f"train_{name}.npy")
+    assert f'"{count}"' in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["byte", "gpt2", "smollm2", "model.gguf", "hf-folder"])
+def test_a_tokenizer_that_can_be_built_is_accepted_without_building_it(folder, name):
+    (folder / "model.gguf").write_bytes(b"")  # only looked for: building it would fail
+    (folder / "hf-folder").mkdir()
+    (folder / "hf-folder" / "tokenizer.json").write_text("{}")
+    path = name if name in ("byte", "gpt2", "smollm2") else str(folder / name)
+    edit_meta(folder, lambda m: m["tokenizer"].update(name=path))
+    assert load_meta(str(folder))["tokenizer"]["name"] == path
 
 
 def test_the_undamaged_copy_loads(folder):

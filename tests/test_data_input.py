@@ -1,6 +1,8 @@
 """Tests for reading input lines (data/chat.py): odd JSON values are file:line: errors, never crashes; ShareGPT
 lines read as their OpenAI twins."""
 import json
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +23,11 @@ ODD_LINES = {
         '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], '
         '"tasks": ["\\udfff"]}',
     "JSON nested too deeply": "[" * 100_000 + "]" * 100_000,
+    # Python's int() refuses more digits than this (4,300 by default): json.loads raises a plain ValueError
+    f"bad JSON (an integer of more than {sys.get_int_max_str_digits()} digits)":
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "id": ' +
+        "9" * (sys.get_int_max_str_digits() + 1) + "}",
+    'expected an object with a "messages" list': "null",  # JSON's null is a value, not a blank line
 }
 
 
@@ -44,6 +51,20 @@ def test_skip_bad_skips_odd_values(tmp_path):
     conversations, bad = read_jsonl(path, skip_bad=True)
     assert conversations == [json.loads(GOOD)] * 2
     assert [n for n, _ in bad] == list(range(2, 2 + len(ODD_LINES)))
+
+
+@pytest.mark.parametrize("problem", list(ODD_LINES))
+def test_a_prompt_script_reports_odd_values_the_same_way(tmp_path, problem):
+    """sample.py --script reads its prompts with need_answer=False."""
+    path = write_lines(tmp_path / "script.jsonl", [GOOD, ODD_LINES[problem]])
+    with pytest.raises(DataError, match="^" + re.escape(f"{path}:2: ")):
+        read_jsonl(path, need_answer=False)
+
+
+def test_only_blank_lines_are_ignored(tmp_path):
+    path = write_lines(tmp_path / "chats.jsonl", [GOOD, "", "  \t", "null", GOOD])
+    conversations, bad = read_jsonl(path, skip_bad=True)
+    assert conversations == [json.loads(GOOD)] * 2 and [n for n, _ in bad] == [4]
 
 
 def test_a_long_unknown_role_is_shortened_in_the_error(tmp_path):

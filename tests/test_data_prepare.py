@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data.chat import DataError
-from data.prepare import main as prepare_main, prepare
+from data.prepare import PrepareConfig, check_settings, main as prepare_main, prepare
 from data.store import load_meta
 from data.store import load_split
 
@@ -44,7 +44,10 @@ def snapshot(folder):
 BAD_SETTINGS = {"--seed=-1": {"seed": -1}, "--val_fraction=1": {"val_fraction": 1.0},
                 "--val_fraction=-0.1": {"val_fraction": -0.1}, "--n_train=0": {"n_train": 0},
                 "--n_val=-3": {"n_val": -3}, "--block_size=6": {"block_size": 6},
-                "--block_size=-512": {"block_size": -512}}
+                "--block_size=-512": {"block_size": -512},
+                # sizes no dataset needs, which would run out of memory (or time) instead
+                "--n_train=1e12": {"n_train": 10**12}, "--n_val=1e8": {"n_val": 10**8},
+                "--max_turns=1e9": {"max_turns": 10**9}, "--block_size=1e9": {"block_size": 10**9}}
 
 
 @pytest.mark.parametrize("flag", list(BAD_SETTINGS))
@@ -57,6 +60,22 @@ def test_out_of_range_settings_are_one_line_and_write_nothing(tmp_path, capsys, 
     with pytest.raises(DataError, match=f"^--{name}="):
         prepare(str(out), **{"n_train": 4, "n_val": 2, **BAD_SETTINGS[flag]})
     assert not out.exists()
+
+
+# flag -> the largest value allowed, as its --help line says it
+UPPER_BOUNDS = {"n_train": "10,000,000", "n_val": "10,000,000", "max_turns": "1,000", "block_size": "1,048,576"}
+
+
+@pytest.mark.parametrize("name", list(UPPER_BOUNDS))
+def test_the_upper_bounds_are_allowed_and_in_the_help(tmp_path, capsys, name):
+    largest = int(UPPER_BOUNDS[name].replace(",", ""))
+    check_settings(PrepareConfig(out_dir=str(tmp_path / "out"), **{name: largest}))
+    with pytest.raises(DataError, match=f"^--{name}={largest + 1}: must be at most {largest}$"):
+        check_settings(PrepareConfig(out_dir=str(tmp_path / "out"), **{name: largest + 1}))
+    with pytest.raises(SystemExit):
+        prepare_main(["--help"])
+    [help_line] = [text for text in capsys.readouterr().out.splitlines() if text.lstrip().startswith(f"--{name}=")]
+    assert UPPER_BOUNDS[name] in help_line
 
 
 def test_a_negative_seed_is_one_line_from_the_command_line(tmp_path):
@@ -170,6 +189,16 @@ def test_a_failed_re_prepare_leaves_the_folder_as_it_was(prepared_own, tmp_path,
         prepare(str(out), input=other)
     assert "\n" not in str(error.value) and str(out) in str(error.value)
     assert snapshot(out) == before
+
+
+def test_a_write_error_without_an_errno_still_says_why(tmp_path, monkeypatch):
+    """numpy's own OSError on a full disk has a message and no errno (strerror None)."""
+    def save(file, *args, **kwargs):
+        raise OSError("100000 requested and 32704 written")
+    monkeypatch.setattr(np, "save", save)
+    with pytest.raises(DataError) as error:
+        prepare(str(tmp_path / "new"), n_train=4, n_val=2)
+    assert "(100000 requested and 32704 written)" in str(error.value) and "None" not in str(error.value)
 
 
 def test_a_failed_first_prepare_leaves_no_folder(tmp_path, monkeypatch):

@@ -1,10 +1,18 @@
 """--key=value parsing: typed conversion, --help, config files, one-line errors."""
+import errno
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
 
 import flags
 from flags import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FULL = "/dev/full"  # every write to it fails with ENOSPC, as on a full disk
+needs_dev_full = pytest.mark.skipif(not os.path.exists(FULL), reason="needs /dev/full (Linux)")
 
 
 @dataclass
@@ -60,6 +68,27 @@ def test_config_file_then_flags(tmp_path):
         flags.parse(Settings(), [str(path)])
     with pytest.raises(UserError, match="cannot read config file"):
         flags.parse(Settings(), [str(tmp_path / "missing.conf")])
+
+
+@dataclass
+class Texts:
+    system: str = ""
+    out_dir: str = "out"
+
+
+def test_a_hash_inside_a_quoted_value_is_text_not_a_comment(tmp_path):
+    path = tmp_path / "chat.conf"
+    path.write_text("system = \"use # signs\"  # a comment\nout_dir = 'runs/#3'\n")
+    assert flags.parse(Texts(), [str(path)]) == Texts(system="use # signs", out_dir="runs/#3")
+    path.write_text("system = 'not closed # here\n")
+    with pytest.raises(UserError, match=r"chat.conf:1: expected key = value"):
+        flags.parse(Texts(), [str(path)])
+
+
+def test_a_config_file_may_start_with_a_utf8_bom(tmp_path):
+    path = tmp_path / "windows.conf"
+    path.write_bytes(b"\xef\xbb\xbf" + "system = 'caf\u00e9'\r\nout_dir = 'x'\r\n".encode("utf-8"))
+    assert flags.parse(Texts(), [str(path)]) == Texts(system="caf\u00e9", out_dir="x")
 
 
 def test_run_prints_one_line_and_exits_2(capsys):
@@ -124,3 +153,47 @@ def test_run_turns_ctrl_c_and_a_closed_pipe_into_quiet_exits(capsys):
     with pytest.raises(SystemExit) as e:
         flags.run(interrupted)
     assert e.value.code == 130 and "Traceback" not in capsys.readouterr().err
+
+
+
+def run_writing(body, stdout=None, stderr=subprocess.PIPE):
+    """python -c 'flags.run(main)' with main's body, stdout and stderr as given -> the finished process."""
+    code = f"import sys, flags\ndef main():\n    {body}\nflags.run(main)\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=stdout, stderr=stderr, timeout=60)
+
+
+@needs_dev_full
+@pytest.mark.parametrize("body", ["print('x' * 100_000)",  # fails inside print
+                                  "print('a short reply')"])  # fails when the buffer is flushed at the end
+def test_run_turns_a_failed_write_to_stdout_into_one_line(body):
+    with open(FULL, "w") as full:
+        proc = run_writing(body, stdout=full)
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == f"error: cannot write to stdout: {os.strerror(errno.ENOSPC)}\n"
+
+
+@needs_dev_full
+def test_run_exits_non_zero_when_stderr_cannot_be_written():
+    with open(FULL, "w") as full:
+        proc = run_writing("print('a warning', file=sys.stderr, flush=True); print('never')", stdout=subprocess.PIPE,
+                           stderr=full)
+    assert proc.returncode == 1 and proc.stdout == b""
+
+
+@needs_dev_full
+def test_a_warning_that_stderr_cannot_take_is_dropped_as_before(tmp_path):
+    with open(FULL, "w") as full:
+        proc = run_writing("import warnings; warnings.warn('lost'); print('goes on')", stdout=subprocess.PIPE,
+                           stderr=full)
+    assert proc.returncode == 0 and proc.stdout == b"goes on\n"
+
+
+def test_an_os_error_of_the_program_itself_still_raises(tmp_path):
+    def main():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "checkpoint.pt"))
+
+    with pytest.raises(OSError) as error:
+        flags.run(main)
+    assert error.value.errno == errno.ENOSPC
+    proc = run_writing("open('/nonexistent/folder/file', 'w')")
+    assert proc.returncode == 1 and b"Traceback" in proc.stderr and b"FileNotFoundError" in proc.stderr
