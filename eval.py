@@ -152,7 +152,7 @@ def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_n
         conversations = conversations[:max_conversations]
     t0 = time.time()
     val_split = first_conversations(load_split(data_dir, "val"), max_conversations)
-    rows = min(model.config.block_size, meta.get("block_size") or model.config.block_size)  # as prepared, not 8192
+    rows = min(model.config.block_size, meta["block_size"])  # packed as prepared (not 8192 wide for SmolLM2)
     val_loss = estimate_val_loss(model, val_split, kind, rows, batch_size, Runtime(device))
     t1 = time.time()
     session = ChatSession(model, tok, kind)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.chat import DataError, reason
-from data.tokenizer import TOKENIZERS
+from data.tokenizer import TOKENIZERS, can_build
 from mask import ASSISTANT, SYSTEM
 
 SPLITS = ("train", "val")
@@ -85,17 +85,10 @@ def _tokenizer_problem(tokenizer, vocab_size):
         return '"tokenizer" is missing or has no "name"'
     if tokenizer.get("vocab_size") != vocab_size:
         return f'"tokenizer" has a "vocab_size" other than the {vocab_size} of "vocab_size"'
-    if not _can_build(tokenizer["name"]):
+    if not can_build(tokenizer["name"]):
         return (f'"tokenizer" names {tokenizer["name"]!r}, which is none of {", ".join(TOKENIZERS)}, a .gguf file or a '
                 "folder holding tokenizer.json here")
     return None
-
-
-def _can_build(name):
-    """Whether data/tokenizer.py's get_tokenizer(name) knows what to build: its tests of the name, which look only
-    at names and whether files exist."""
-    return name in TOKENIZERS or (name.endswith(".gguf") and os.path.isfile(name)) or \
-        os.path.isfile(os.path.join(name, "tokenizer.json"))
 
 
 def _splits_problem(splits, block_size):

@@ -126,6 +126,20 @@ def _gpt2_encoding():
     return _with_specials("gpt2", base.n_vocab, base._pat_str, base._mergeable_ranks, base._special_tokens)
 
 
+def can_build(name):
+    """Whether get_tokenizer(name) knows what to build (it may still fail: no network, a damaged file). Cheap: the
+    name and the files it points to, nothing read."""
+    return name in TOKENIZERS or _is_gguf(name) or _is_folder(name)
+
+
+def _is_gguf(name):
+    return name.endswith(".gguf") and os.path.isfile(name)
+
+
+def _is_folder(name):
+    return os.path.isfile(os.path.join(name, "tokenizer.json"))
+
+
 def get_tokenizer(name="byte"):
     """byte | gpt2 | smollm2 | PATH of a .gguf file or of a folder holding tokenizer.json."""
     if name == "byte":
@@ -134,9 +148,9 @@ def get_tokenizer(name="byte"):
         return Tokenizer(name, _gpt2_encoding())
     if name == SMOLLM2:
         return ChatMLTokenizer(name, *bpe.from_gguf(smollm2_path()))
-    if name.endswith(".gguf") and os.path.isfile(name):
+    if _is_gguf(name):
         return ChatMLTokenizer(os.path.abspath(name), *bpe.from_gguf(name))
-    if os.path.isfile(os.path.join(name, "tokenizer.json")):
+    if _is_folder(name):
         return ChatMLTokenizer(os.path.abspath(name), *bpe.from_tokenizer_json(name))
     raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}, a .gguf file or a folder "
                     "holding tokenizer.json")
