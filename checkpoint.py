@@ -28,10 +28,10 @@ def save_checkpoint(checkpoint, path):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is as readable as any file
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # a full disk can surface as the zip writer's RuntimeError
         _remove(tmp)
-        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint, if any, is "
-                        "unchanged") from None
+        problem = e.strerror if isinstance(e, OSError) and e.strerror else "the disk may be full"
+        raise UserError(f"could not write {path} ({problem}); the previous checkpoint, if any, is unchanged") from None
     except BaseException:
         _remove(tmp)
         raise

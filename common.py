@@ -4,6 +4,7 @@ value), torch's thread count, a description of the machine for reports, and the 
 """
 import os
 import platform
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -116,10 +117,26 @@ def chat_dtype(name, device):
     return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
 
-def set_threads(n):
-    """torch's intra-op CPU threads; 0 keeps torch's default."""
+def set_threads(n, device="cpu"):
+    """torch's intra-op CPU threads; 0 keeps torch's default. On a CPU device, one line on stderr when other work
+    already keeps the machine busy: torch's threads then wait for each other (measured here: a training step 3x
+    slower with two threads than with one beside one busy process)."""
     if n:
         torch.set_num_threads(n)
+    note = busy_machine_note(torch.get_num_threads())
+    if note and torch.device(resolve_device(device)).type == "cpu":
+        print(f"note: {note}", file=sys.stderr, flush=True)
+
+
+def busy_machine_note(threads):
+    """A sentence when the load average says that other processes leave fewer free cores than `threads`."""
+    if threads < 2 or not hasattr(os, "getloadavg"):
+        return None
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load < 0.75 or threads + load <= cpus + 0.5:
+        return None
+    return (f"this machine is busy (load average {load:.1f} on {cpus} CPUs) and torch runs {threads} threads, which "
+            "then wait for each other: --threads=1 is often several times faster")
 
 
 @contextmanager

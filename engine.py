@@ -70,6 +70,14 @@ class ChatModel:
     checkpoint: dict = None
 
     @property
+    def knows_only_synthetic_tasks(self):
+        """Trained from scratch on the synthetic dataset (a small model that cannot hold any other conversation)."""
+        checkpoint = self.checkpoint or {}
+        data_dir = checkpoint.get("config", {}).get("data_dir") or ""
+        return bool(checkpoint) and checkpoint.get("start", "scratch") == "scratch" and \
+            os.path.basename(os.path.normpath(data_dir)).startswith("synthetic")
+
+    @property
     def mask_label(self):
         """The mask, marked when it is not the one the model was trained with (ISM on a causal model, say)."""
         if self.mask == self.trained_mask:

@@ -38,7 +38,7 @@ import flags
 from common import THREADS_HELP, ModelFlags, Runtime, cpu_threads, machine, set_threads
 from data.store import first_conversations, load_meta, load_split
 from data.chat import DataError, read_jsonl, system_of
-from data.synthetic import FAMILIES, INSTRUCTION_LAST, POOLED
+from data.synthetic import FAMILIES, INSTRUCTION_LAST, POOLED, family_label, percent
 from engine import ChatSession, replace_answer
 from errors import UserError
 from flags import setting
@@ -174,16 +174,6 @@ def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_n
             "machine": f"{info['name']} ({info['cpus']} CPUs), torch {info['torch']}", "records": records}
 
 
-def percent(x):
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def family_label(family):
-    if family == POOLED:
-        return f"**{POOLED}** (pooled)"
-    return f"**{family}**" if family in INSTRUCTION_LAST else family
-
-
 def report(result):
     r = result
     args = r["model_args"]
@@ -209,7 +199,7 @@ def report(result):
 
 def main(argv=None):
     cfg = flags.parse(EvalConfig(), sys.argv[1:] if argv is None else argv, __doc__)
-    set_threads(cfg.threads)
+    set_threads(cfg.threads, cfg.device)
     try:
         chat_model = cfg.load()
         result = evaluate(chat_model, cfg.data_dir, cfg.history, cfg.max_conversations, cfg.max_new_tokens,

@@ -22,6 +22,8 @@ import torch.distributed as dist
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from common import resolve_device
 from data.batching import documents, expansion_factor
+from data.chat import DataError
+from data.tokenizer import tokenizer_from_description
 from errors import UserError
 from pretrained import load_start
 
@@ -65,8 +67,11 @@ class RunLock:
             os.close(self.fd)
             raise UserError(f"another training run ({owner}) is using {self.out_dir}: wait for it to finish or pick "
                             "another --out_dir") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"pid {os.getpid()}".encode())
+        try:  # the pid only names the owner in another run's error: a full disk must not stop this run here
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"pid {os.getpid()}".encode())
+        except OSError:
+            pass
         for leftover in glob.glob(os.path.join(self.out_dir, ".ckpt-*.tmp")):  # checkpoint.save_checkpoint's
             if os.path.isfile(leftover) and not os.path.islink(leftover):
                 os.remove(leftover)
@@ -363,6 +368,10 @@ def starting_point(cfg, device, log):
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         checkpoint = load_checkpoint(path, device)
         check_resumable(checkpoint, path, cfg)
+        try:
+            tokenizer_from_description(checkpoint["tokenizer"])  # the run's data must be in its tokens
+        except DataError as e:
+            raise UserError(f"{path}: {e}") from None
         return model_from_checkpoint(checkpoint, device, path), checkpoint, checkpoint["tokenizer"]
     start = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device)
     log(f"starting from {start.what}")

@@ -24,6 +24,7 @@ import torch
 
 from common import THREADS_HELP, ModelFlags, set_threads
 from data.chat import DataError, read_jsonl, system_of
+from data.synthetic import example_prompts
 from engine import ChatSession, Sampling, TurnError, consume
 from errors import UserError
 from flags import parse, run, setting
@@ -115,6 +116,9 @@ def chat(cfg, session, sampling, chat_model):
         cache = "no cache (reference path)" if session.cache is None else "KV cache"
         say(f"ismGPT chat | {chat_model.what} | mask {chat_model.mask_label} | block_size {session.block_size} | "
             f"{cache} | /reset /stats /quit, Ctrl-D exits, Ctrl-C stops a reply")
+        if chat_model.knows_only_synthetic_tasks:
+            say("this model knows only the synthetic tasks it was trained on; try, one at a time: "
+                + " | ".join(example_prompts()))
     while True:
         try:
             line = input(prompt) if interactive else sys.stdin.readline()
@@ -170,7 +174,7 @@ def main(argv=None):
             conversations, _ = read_jsonl(cfg.script, need_answer=False)
         except DataError as e:
             raise UserError(str(e)) from None
-    set_threads(cfg.threads)
+    set_threads(cfg.threads, cfg.device)
     chat_model = cfg.load()
     session = ChatSession(chat_model.model, chat_model.tok, chat_model.mask, system=cfg.system or None,
                           use_cache=not cfg.no_cache, decode="compiled" if cfg.compile else "eager")

@@ -499,7 +499,7 @@ def make_server(service, host="127.0.0.1", port=0):
 
 def main(argv=None):
     cfg = parse(ServeConfig(), sys.argv[1:] if argv is None else argv, __doc__)
-    set_threads(cfg.threads)
+    set_threads(cfg.threads, cfg.device)
     chat_model = cfg.load()
     about = {"description": chat_model.what, "trained_mask": chat_model.trained_mask}
     service = ChatService(chat_model.model, chat_model.tok, chat_model.mask, cfg, about=about)

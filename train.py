@@ -342,7 +342,7 @@ def main(argv=None):
         print(f"{os.path.join(cfg.out_dir, 'ckpt.pt')} already holds this run, trained to iter {cfg.max_iters}: "
               "nothing to do (--overwrite trains it again, --init_from=resume --max_iters=N goes on)", flush=True)
         return None
-    set_threads(cfg.threads)
+    set_threads(cfg.threads, cfg.device)
     rank, local_rank, world_size = setup_ddp(cfg)
     try:
         rt = runtime(cfg.device, cfg.dtype, cfg.attention, local_rank)

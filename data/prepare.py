@@ -14,6 +14,8 @@ Nothing is lost: bad input and bad flags stop it before anything is written, the
 folder and moved in only when all are there (a failed run leaves out_dir as it was), other files in out_dir are left
 alone, and an --input that is one of the files it writes is refused.
 """
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -230,16 +232,32 @@ def write_prepared(out_dir, splits, meta):
     created = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        work = tempfile.mkdtemp(prefix=".prepare-", dir=out_dir)
+        lock = os.open(os.path.join(out_dir, ".prepare.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as e:
         raise DataError(f"cannot create a folder in {out_dir}: {reason(e)}") from None
     try:
-        write_all(work, splits, meta, out_dir)
-        move_in(work, out_dir)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one prepare per folder at a time; a killed one's lock goes with it
+        remove_leftovers(out_dir)
+        work = tempfile.mkdtemp(prefix=".prepare-", dir=out_dir)
+        try:
+            write_all(work, splits, meta, out_dir)
+            move_in(work, out_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    except OSError as e:
+        raise DataError(f"cannot create a folder in {out_dir}: {reason(e)}") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if created and not os.listdir(out_dir):
-            os.rmdir(out_dir)
+        os.close(lock)
+        if created and os.listdir(out_dir) == [".prepare.lock"]:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def remove_leftovers(out_dir):
+    """Remove the work folders of prepares that were killed before they could (holding the folder's lock, no live
+    prepare can be writing one). Links are never followed."""
+    for path in glob.glob(os.path.join(out_dir, ".prepare-*")):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def write_all(work, splits, meta, out_dir):

@@ -153,3 +153,23 @@ def splits(n_train, n_val, seed, max_turns=MAX_TURNS):
     seed stays the same whatever n_train is."""
     convs = generate(n_val + n_train, seed, max_turns)
     return convs[n_val:], convs[:n_val]
+
+
+def example_prompts(seed=0):
+    """A first conversation a user can type to a model trained on this data: a fact, a sort, a running sum, and
+    the recall of the fact (each answer is "ok", the sorted digits, a number, the fact)."""
+    rng, state = random.Random(seed), _State()
+    prompts = [_note(state, 0, rng)[0], _sort(state, 1, rng)[0], _arith(state, 2, rng)[0]]
+    return prompts + [_recall(state, 3, rng)[0]]
+
+
+def percent(x):
+    """A share as a percentage with one decimal, "-" for none (the reports' exact-match cells)."""
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def family_label(family):
+    """A family's name in reports: the instruction-last ones (and their pooled row) in bold."""
+    if family == POOLED:
+        return f"**{POOLED}** (pooled)"
+    return f"**{family}**" if family in INSTRUCTION_LAST else family

@@ -47,6 +47,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 
@@ -54,7 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
-from data.synthetic import INSTRUCTION_LAST, POOLED  # noqa: E402
+from data.synthetic import family_label, percent  # noqa: E402
 from errors import UserError  # noqa: E402
 from flags import setting  # noqa: E402
 from mask import MASKS  # noqa: E402
@@ -163,10 +164,15 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    """Atomically, through a temporary file of its own (mkstemp never follows a planted link)."""
+    fd, tmp = tempfile.mkstemp(prefix=".json-", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
 
 
 def run_script(script, argv, log_path, what):
@@ -262,10 +268,6 @@ def mean_std(values):
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def percent(x):
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
 def fmt_mean_std(pair, scale=100.0, digits=1):
     mean, std = pair
     if mean is None:
@@ -305,12 +307,6 @@ def summarise(runs, masks, seeds):
                    "step_seconds": mean_std([t.get("step_seconds") for t in tr]),
                    "eval_seconds": mean_std([e["seconds"]["val_loss"] + e["seconds"]["chat"] for e in ev])}
     return {"overall": overall, "cost": cost, **summary}
-
-
-def family_label(family):
-    if family == POOLED:
-        return f"**{POOLED}** (pooled)"
-    return f"**{family}**" if family in INSTRUCTION_LAST else family
 
 
 def start_line(settings):

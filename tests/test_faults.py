@@ -1,0 +1,239 @@
+"""Faults a training run must survive without losing a file or printing a traceback: a disk that fills (on a real
+tmpfs), hand-damaged checkpoints, a diverging run, planted links, another run's files, a killed run's leftovers;
+and the first-run niceties (a finished run asked again has nothing to do, a busy machine is named)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import train
+from checkpoint import load_checkpoint
+from data.prepare import prepare
+from engine import ChatModel
+from errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--device=cpu", "--block_size=128", "--n_layer=2", "--n_head=2", "--n_embd=32", "--log_interval=2",
+        "--warmup_iters=2", "--batch_size=2", "--eval_iters=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "synthetic")
+    prepare(path, block_size=128, n_train=40, n_val=6)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory):
+    """A finished 4-step run: its out_dir and the flags that trained it."""
+    out_dir = str(tmp_path_factory.mktemp("finished"))
+    argv = TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--max_iters=4", "--eval_interval=2"]
+    train.main(argv)
+    return out_dir, argv
+
+
+def run_train(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------- a full disk
+
+@pytest.fixture
+def small_disk(tmp_path, finished):
+    """A tmpfs with room for one checkpoint of the tiny model and its log, not for a second one beside it."""
+    size = os.path.getsize(os.path.join(finished[0], "ckpt.pt"))
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) // 4096 * 4096 + 8192}", "tmpfs",
+                           str(mount)], capture_output=True, text=True)
+    if done.returncode:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield str(mount)
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_new_run_and_resume(small_disk, data_dir):
+    out = os.path.join(small_disk, "out")
+    proc = run_train(*TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
+    one_line_error(proc, f"could not write {out}/ckpt.pt", "the previous checkpoint, if any, is unchanged")
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 2  # the first save, whole
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "train.lock"]  # no temporary file left
+    proc = run_train(*TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=2",
+                     "--init_from=resume")
+    one_line_error(proc, "could not write", "unchanged")
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 2
+
+
+def fill(folder, leave=0):
+    """Fill folder's filesystem with a file until at most `leave` bytes are free."""
+    with open(os.path.join(folder, f"filler-{leave}"), "wb") as f:
+        try:
+            while os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize > leave + 4096:
+                f.write(b"\0" * 4096)
+                f.flush()
+            f.write(b"\0" * max(0, os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize - leave))
+            f.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_disk_on_best_pt_and_the_log_is_one_line(small_disk, data_dir, finished):
+    fill(small_disk, leave=int(1.1 * os.path.getsize(os.path.join(finished[0], "ckpt.pt"))))  # ckpt.pt fits, no more
+    out = os.path.join(small_disk, "best")
+    proc = run_train(*TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+                     "--keep_best", "--learning_rate=1e-3")
+    one_line_error(proc, f"could not write {out}/best.pt")
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 2
+    fill(small_disk)  # fill what is left, then train a new run
+    proc = run_train(*TINY, f"--data_dir={data_dir}", f"--out_dir={os.path.join(small_disk, 'log')}",
+                     "--max_iters=2", "--eval_interval=2")
+    assert "warning: cannot write" in proc.stderr and "log.jsonl" in proc.stderr  # the log gives way first
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "could not write" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ damaged inputs
+
+def edited(finished, tmp_path, **changes):
+    checkpoint = load_checkpoint(os.path.join(finished[0], "ckpt.pt"))
+    checkpoint.update(changes)
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"tokenizer": "byte"}, "bad tokenizer description"),
+    ({"data": {"val": {"conversations": 6, "tokens": 1}}}, "was trained on other data"),
+    ({"tokens": {"tokens": "100", "answer_tokens": 3}}, "holds no usable token counts"),
+    ({"optimizer": {"state": {}, "param_groups": []}}, "its optimizer state does not fit its model"),
+])
+def test_hand_edited_checkpoints_are_one_line_on_resume(finished, data_dir, tmp_path, changes, message):
+    out_dir = edited(finished, tmp_path, **changes)
+    with pytest.raises(UserError, match=message):
+        train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--init_from=resume", "--max_iters=6",
+                           "--eval_interval=2"])
+
+
+def test_a_checkpoint_with_a_string_tokenizer_is_one_line_as_a_start(finished, data_dir, tmp_path):
+    start = edited(finished, tmp_path, tokenizer="byte")
+    with pytest.raises(UserError, match="ckpt.pt: bad tokenizer description"):
+        train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'new'}", f"--init_from={start}"])
+
+
+def test_a_diverging_run_stops_without_saving_its_nan_weights(data_dir, tmp_path):
+    out = str(tmp_path / "out")
+    train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"])
+    good = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    with pytest.raises(UserError, match="the loss is not finite by iter .*: the run diverged .*ckpt.pt keeps iter 2"):
+        train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=40", "--eval_interval=20",
+                           "--init_from=resume", "--learning_rate=1e12", "--min_lr=1e11", "--grad_clip=0",
+                           "--warmup_iters=0"])
+    kept = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert kept["iter_num"] == 2 and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
+
+
+# --------------------------------------------------------------------------------------- files of other runs
+
+def test_planted_links_are_refused_never_followed(data_dir, tmp_path):
+    for name in ("train.lock", "log.jsonl"):
+        out, victim = tmp_path / name.replace(".", "-"), tmp_path / f"victim-{name}"
+        out.mkdir()
+        victim.write_text("precious")
+        os.symlink(victim, out / name)
+        args = [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"]
+        extra = ["--overwrite"] if name == "log.jsonl" else []  # a link is refused even where replacing is allowed
+        with pytest.raises(UserError, match=f"{name} is a symbolic link: remove it"):
+            train.main(TINY + args + extra)
+        assert victim.read_text() == "precious"
+
+
+def test_a_new_run_refuses_to_replace_another_runs_best_pt_or_log(data_dir, tmp_path):
+    for name in ("best.pt", "log.jsonl"):
+        out = tmp_path / name
+        out.mkdir()
+        (out / name).write_text("another run's")
+        with pytest.raises(UserError, match=f"{name} already holds another run's {name}: .*--overwrite"):
+            train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2"])
+        assert (out / name).read_text() == "another run's"
+
+
+def test_a_finished_run_asked_again_has_nothing_to_do(finished, capsys):
+    out_dir, argv = finished
+    before = os.stat(os.path.join(out_dir, "ckpt.pt")).st_mtime_ns
+    assert train.main(argv + ["--threads=1"]) is None  # a setting that changes nothing
+    assert "already holds this run, trained to iter 4: nothing to do" in capsys.readouterr().out
+    assert os.stat(os.path.join(out_dir, "ckpt.pt")).st_mtime_ns == before
+    with pytest.raises(UserError, match="already holds a model"):  # other settings: refused as before
+        train.main(argv + ["--learning_rate=1e-3"])
+
+
+def test_the_quick_start_runs_twice(tmp_path):
+    # the README's one-liner, at a tiny size: the second time it has nothing to do and succeeds
+    args = TINY + ["--max_iters=2", "--eval_interval=2", f"--out_dir={tmp_path / 'out'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert "nothing to do" in proc.stdout
+
+
+def test_a_resume_past_max_iters_says_why_nothing_trains(finished, capsys):
+    out_dir, argv = finished
+    train.main(argv + ["--init_from=resume", "--max_iters=2"])
+    assert "the run is already at iter 4, not before --max_iters=2: nothing to train" in capsys.readouterr().out
+
+
+def test_a_killed_runs_leftovers_are_cleared(finished, data_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".ckpt-abc123.tmp").write_bytes(b"\0" * 1000)  # a save killed mid-write
+    train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"])
+    assert not (out / ".ckpt-abc123.tmp").exists()
+    prepared = tmp_path / "data"
+    prepare(str(prepared), block_size=128, n_train=8, n_val=2)
+    (prepared / ".prepare-xyz").mkdir()  # a prepare killed before it moved its files in
+    (prepared / ".prepare-xyz" / "train_ids.npy").write_bytes(b"\0" * 1000)
+    prepare(str(prepared), block_size=128, n_train=8, n_val=2)
+    assert not (prepared / ".prepare-xyz").exists()
+
+
+def test_compare_masks_writes_its_records_through_no_planted_link(tmp_path):
+    from experiments import compare_masks
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "run.json.tmp")
+    compare_masks.write_json(str(tmp_path / "run.json"), {"argv": []})
+    assert victim.read_text() == "precious" and json.loads((tmp_path / "run.json").read_text()) == {"argv": []}
+
+
+# ---------------------------------------------------------------------------------------------- first runs
+
+def test_a_busy_machine_is_named_with_the_fix(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert "--threads=1 is often several times faster" in common.busy_machine_note(2)
+    assert common.busy_machine_note(1) is None  # one thread: nothing to wait for
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert common.busy_machine_note(2) is None  # an idle machine
+
+
+def test_a_model_of_the_synthetic_tasks_is_told_apart(finished):
+    checkpoint = load_checkpoint(os.path.join(finished[0], "ckpt.pt"))
+    assert ChatModel(None, None, "ism", "ism", "x", checkpoint).knows_only_synthetic_tasks
+    assert not ChatModel(None, None, "ism", "ism", "x", dict(checkpoint, start="smollm2")).knows_only_synthetic_tasks
+    assert not ChatModel(None, None, "causal", "causal", "a pretrained model").knows_only_synthetic_tasks
