@@ -45,6 +45,7 @@ import torch
 
 from common import THREADS_HELP, ModelFlags, set_threads
 from data.chat import DataError, render, validate
+from data.synthetic import example_prompts
 from engine import ChatSession, Sampling, TextStream, reusable_prefix, set_history
 from errors import UserError
 from flags import parse, run, setting
@@ -501,7 +502,8 @@ def main(argv=None):
     cfg = parse(ServeConfig(), sys.argv[1:] if argv is None else argv, __doc__)
     set_threads(cfg.threads, cfg.device)
     chat_model = cfg.load()
-    about = {"description": chat_model.what, "trained_mask": chat_model.trained_mask}
+    about = {"description": chat_model.what, "trained_mask": chat_model.trained_mask,
+             "examples": example_prompts() if chat_model.knows_only_synthetic_tasks else []}
     service = ChatService(chat_model.model, chat_model.tok, chat_model.mask, cfg, about=about)
     try:
         server = make_server(service, cfg.host, cfg.port)
