@@ -340,6 +340,13 @@ class ChatService:
 
 # ---------------------------------------------------------------------------------------------------------- HTTP
 
+def printable(text):
+    """text with every character a terminal could act on (control and format characters, line breaks, lone
+    surrogates) written as its Python escape (\\x1b, \\u202e): what a client sent is shown in the log, never
+    obeyed by the operator's terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def completion(request, reply, response_id, created):
     return {"id": response_id, "object": "chat.completion", "created": created, "model": request.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply["text"]}, "logprobs": None,
@@ -378,8 +385,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(500, ApiError(500, "internal error").body())
             raise
         finally:
-            self.server.service.log(f"{self.client_address[0]} {self.command} {self.path} {self.status}"
-                                    f"{self.summary} {(time.perf_counter() - begun) * 1e3:.0f} ms")
+            self.log_line(f"{self.command} {self.path} {self.status}{self.summary} "
+                          f"{(time.perf_counter() - begun) * 1e3:.0f} ms")
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_request
 
@@ -396,6 +403,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_request(self, code="-", size="-"):
         """Silences http.server's own line: do_request logs one, with the token counts."""
+
+    def log_message(self, format, *args):
+        """http.server's own lines (a malformed request line, a timeout) go to the same log, escaped alike."""
+        self.log_line(format % args)
+
+    def log_line(self, text):
+        """One line of the log, from the client's address on; the request line and whatever else the client sent
+        in it are escaped."""
+        self.server.service.log(printable(f"{self.client_address[0]} {text}"))
 
     def send_head(self, status, content_type, length=None, allow=""):
         self.status = status

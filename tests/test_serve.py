@@ -388,6 +388,29 @@ def test_a_client_gone_before_a_whole_answer_stops_the_generation():
             check_the_generation_stopped(log, service, port)
 
 
+# ------------------------------------------------------------------------------------------- hostile clients
+
+def exchange(port, data, timeout=5):
+    """Send raw bytes and half-close (as `nc -N` does) -> every byte the server sends back before it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        received = b""
+        while piece := client.recv(65536):
+            received += piece
+    return received
+
+
+def test_what_a_client_sends_is_logged_escaped_never_raw():
+    log = []
+    with serving(log=log) as (port, _):
+        exchange(port, b"GET /\x1b]0;TITLE\x07\x1b[2J\x9b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        exchange(port, b"GET / HTTP/1.1\x1b[2J\r\n\r\n")  # refused by http.server itself
+    assert len(log) == 2 and all(line.isprintable() for line in log), log
+    assert "GET /\\x1b]0;TITLE\\x07\\x1b[2J\\x9b 404" in log[0]
+    assert "Bad request version" in log[1] and "\\x1b[2J" in log[1]
+
+
 # ------------------------------------------------------------------------------------------------- command line
 
 def test_serve_py_loads_a_checkpoint_and_answers(out_dir):  # noqa: F811
