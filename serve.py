@@ -26,6 +26,7 @@ import signal
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
 
+import ipaddress
 import json
 import os
 import random
@@ -57,7 +58,8 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "chat.
 
 @dataclass
 class ServeConfig(ModelFlags):
-    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface; there is no authentication)")
+    host: str = setting("127.0.0.1", "address to listen on: 127.0.0.1 is this machine only; any other (0.0.0.0: "
+                                     "every interface) is reachable from other machines, with no authentication")
     port: int = setting(8000, "port to listen on (0: any free port)", min=0, max=65535)
     temperature: float = setting(1.0, "sampling temperature when a request gives none (OpenAI's default); 0 = greedy",
                                  min=0, max=2)
@@ -506,16 +508,24 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(service, host="127.0.0.1", port=0):
     """A ThreadingHTTPServer answering with `service` (its handler threads end with the process); port 0 picks a
-    free port (server.server_address says which). Run it with serve_forever(), stop it with shutdown()."""
+    free port (server.server_address says which). Run it with serve_forever(), stop it with shutdown(). An address
+    beyond loopback (127.0.0.0/8, ::1) is warned of on stderr."""
     server = ThreadingHTTPServer((host, port), Handler)
     server.service = service
     with open(PAGE, "rb") as f:
         server.page = f.read()
+    server.loopback = ipaddress.ip_address(server.server_address[0]).is_loopback  # by address: localhost is too
+    if not server.loopback:
+        print(f"warning: listening on {host}:{server.server_address[1]}, beyond this machine: the API has no "
+              "authentication and is reachable from other machines", file=sys.stderr, flush=True)
     return server
 
 
 def main(argv=None):
     cfg = parse(ServeConfig(), sys.argv[1:] if argv is None else argv, __doc__)
+    if not cfg.host.strip():  # an unset variable (--host=$HOST) or host = "" in a file: not every interface
+        raise UserError("--host is empty, which would listen on every interface: pass --host=127.0.0.1 (this "
+                        "machine only) or name the address to listen on (--host=0.0.0.0: every interface)")
     set_threads(cfg.threads)
     chat_model = cfg.load()
     about = {"description": chat_model.what, "trained_mask": chat_model.trained_mask}

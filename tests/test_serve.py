@@ -48,10 +48,11 @@ def printable_answers(module, args, output):
 
 @contextmanager
 def serving(kind="ism", log=None, **options):
-    """A server on an ephemeral port, in a thread, answering greedily by default; yields (port, service)."""
+    """A server on an ephemeral port of --host (127.0.0.1 by default), in a thread, answering greedily by default;
+    yields (port, service)."""
     cfg = ServeConfig(temperature=0.0, **options)
     service = ChatService(MODEL, TOK, kind, cfg, log=[].append if log is None else log.append)
-    server = make_server(service)
+    server = make_server(service, cfg.host)
     thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)  # quick shutdown
     thread.start()
     try:
@@ -434,3 +435,25 @@ def test_bad_flags_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         run(lambda: serve.main(["--queue=-1"]))
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: --queue=-1: must be at least 0\n"
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_an_empty_host_is_refused_not_every_interface(where, tmp_path, capsys):
+    settings = tmp_path / "serve.conf"
+    settings.write_text('host = ""\n')
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: serve.main(["--host="] if where == "flag" else [str(settings)]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: --host is empty") and "--host=127.0.0.1" in err
+    assert err.count("\n") == 1
+
+
+def test_listening_beyond_loopback_is_asked_for_by_name_and_warned_of(capsys):
+    with serving() as (port, _):
+        assert capsys.readouterr().err == ""
+        assert request(port, "GET", "/v1/models")[0] == 200
+    with serving(host="0.0.0.0") as (port, _):
+        warning = capsys.readouterr().err
+        assert request(port, "GET", "/v1/models")[0] == 200
+    assert warning == f"warning: listening on 0.0.0.0:{port}, beyond this machine: the API has no authentication " \
+                      "and is reachable from other machines\n"
