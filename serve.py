@@ -19,6 +19,12 @@ under prefix every turn re-prefills the whole history. "usage.prompt_tokens_deta
 tokens came from the cache; an extra "ismgpt" field gives the page the rest (prefilled tokens, time to first token,
 decode speed, the mask and one role letter per token).
 
+Only this machine's clients and the server's own page are answered, not other web pages: on loopback (the default
+--host) a request's Host header must name this machine (localhost, 127.x.y.z or [::1], any port: ssh -L may
+forward another), which refuses a page whose own name was made to resolve here (DNS rebinding); and a browser's
+Origin header, when sent, must be the server's own (http:// and the Host), which refuses the pages of other sites
+and other ports. Beyond loopback any Host is answered and only the Origin is checked. Refused requests get 403.
+
 One model answers one request at a time, in arrival order; up to --queue more wait, and beyond that a request is
 refused with 503. A client that disconnects mid-stream stops its generation.
 """
@@ -30,6 +36,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import select
 import socket
 import sys
@@ -53,13 +60,16 @@ from mask import ROLE_LETTERS
 MODEL_NAME = "ismgpt"
 MAX_BODY = 1 << 20  # bytes; a longer request is refused (413) before it is read
 MAX_STOPS = 4  # as OpenAI
+# a Host header that names this machine whatever DNS says: no site can take these names
+LOOPBACK_HOST = re.compile(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?", re.IGNORECASE)
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "chat.html")
 
 
 @dataclass
 class ServeConfig(ModelFlags):
-    host: str = setting("127.0.0.1", "address to listen on: 127.0.0.1 is this machine only; any other (0.0.0.0: "
-                                     "every interface) is reachable from other machines, with no authentication")
+    host: str = setting("127.0.0.1", "address to listen on: loopback (127.0.0.1, localhost) is this machine only; "
+                                     "any other (0.0.0.0: every interface) is reachable from other machines, with "
+                                     "no authentication and only the Origin checked (see above)")
     port: int = setting(8000, "port to listen on (0: any free port)", min=0, max=65535)
     temperature: float = setting(1.0, "sampling temperature when a request gives none (OpenAI's default); 0 = greedy",
                                  min=0, max=2)
@@ -395,13 +405,27 @@ class Handler(BaseHTTPRequestHandler):
     def route(self, path):
         methods = self.routes.get(path)
         try:
+            self.check_origin()
             if methods is None:
                 raise ApiError(404, f"no such path: {path} (POST /v1/chat/completions, GET /v1/models, GET /)")
             if self.command not in methods:
                 raise ApiError(405, f"{self.command} is not allowed on {path}: use {', '.join(methods)}")
             getattr(self, methods[self.command])()
         except ApiError as e:
+            self.summary = f" ({e.message})"
             self.send_json(e.status, e.body(), allow=", ".join(methods) if e.status == 405 else "")
+
+    def check_origin(self):
+        """ApiError 403 for a request from a web page other than the server's own (the module's doc says what is
+        checked). Without a Host header (HTTP/1.0) a request is from no browser, which always sends one; without
+        an Origin from no page of another site, whose fetches and form posts always carry one."""
+        host, origin = self.headers.get("Host", ""), self.headers.get("Origin")
+        if self.server.loopback and host and not LOOPBACK_HOST.fullmatch(host):
+            raise ApiError(403, f"Host {host!r} is not a name of this machine (localhost, 127.0.0.1, [::1]): "
+                                "a web page elsewhere may not use this API")
+        if origin is not None and origin.lower() != f"http://{host}".lower():
+            raise ApiError(403, f"Origin {origin!r} is not this server's (http://{host}): a web page of another "
+                                "site may not use this API")
 
     def log_request(self, code="-", size="-"):
         """Silences http.server's own line: do_request logs one, with the token counts."""

@@ -344,7 +344,7 @@ def raw_request(port, body):
     """A socket that has sent a chat request (the caller reads, or not, and closes it)."""
     data = json.dumps(body).encode()
     client = socket.create_connection(("127.0.0.1", port), timeout=30)
-    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
     return client
 
@@ -435,6 +435,46 @@ def test_bad_flags_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         run(lambda: serve.main(["--queue=-1"]))
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: --queue=-1: must be at least 0\n"
+
+
+def refusal(response):
+    """The message of a 403 in OpenAI's shape."""
+    status, _, payload = response
+    error = json.loads(payload)["error"]
+    assert status == 403 and error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param",
+                                                                                        "code"}, payload
+    return error["message"]
+
+
+def test_on_loopback_only_this_machine_s_names_and_the_server_s_own_pages_are_answered():
+    log = []
+    with forward_hook(printable_answers), serving(log=log) as (port, _):
+        here = f"127.0.0.1:{port}"
+        elsewhere = [{"Host": f"attacker.example:{port}"}, {"Host": "attacker.example"},  # DNS rebinding
+                     {"Host": f"127.0.0.1.attacker.example:{port}"}, {"Host": "attacker\x1b[2J.example"},
+                     {"Host": here, "Origin": "http://attacker.example"},  # a page of another site
+                     {"Host": here, "Origin": "null"},  # a sandboxed frame, a file:// page
+                     {"Host": here, "Origin": f"http://localhost:{port + 1}"}]  # another local server's page
+        for headers in elsewhere:
+            assert "may not use this API" in refusal(request(port, "GET", "/v1/models", headers=headers)), headers
+        text_plain = {"Content-Type": "text/plain", "Origin": "http://attacker.example"}  # no CORS preflight
+        assert refusal(request(port, body={"messages": USER, "max_tokens": 2}, headers=text_plain))
+        for host in ["localhost", f"localhost:{port}", "LocalHost", "127.0.0.1", here, f"127.1.2.3:{port}",
+                     f"[::1]:{port}", "[::1]"]:
+            assert request(port, "GET", "/v1/models", headers={"Host": host})[0] == 200, host
+        for host in [here, "localhost:9000"]:  # the page itself; the page through ssh -L 9000:localhost:<port>
+            own = {"Host": host, "Origin": f"http://{host}", "Content-Type": "text/plain"}
+            assert request(port, body={"messages": USER, "max_tokens": 2}, headers=own)[0] == 200
+    assert all(line.isprintable() for line in log) and "attacker\\x1b[2J.example" in log[3]
+
+
+def test_beyond_loopback_any_host_is_answered_but_only_the_server_s_own_pages():
+    with serving(host="0.0.0.0") as (port, _):
+        assert request(port, "GET", "/v1/models", headers={"Host": f"gpu-box.lan:{port}"})[0] == 200
+        own = {"Host": f"gpu-box.lan:{port}", "Origin": f"http://gpu-box.lan:{port}"}
+        assert request(port, "GET", "/v1/models", headers=own)[0] == 200
+        other = {"Host": f"gpu-box.lan:{port}", "Origin": "http://attacker.example"}
+        assert "may not use this API" in refusal(request(port, "GET", "/v1/models", headers=other))
 
 
 @pytest.mark.parametrize("where", ["flag", "file"])
