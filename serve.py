@@ -78,6 +78,9 @@ class ServeConfig(ModelFlags):
     max_tokens: int = setting(256, "longest answer, in tokens, when a request gives no max_tokens", min=1)
     sessions: int = setting(8, "conversations whose KV cache is kept (least recently used goes first)", min=1)
     queue: int = setting(16, "requests that may wait while one is answered; more get 503", min=0)
+    timeout: float = setting(30.0, "seconds a client may keep the server waiting to send its request or to take a "
+                                   "streamed answer; then 408, or the connection closed (generating is not limited)",
+                             min=1)
     threads: int = setting(0, THREADS_HELP, min=0)
     no_cache: bool = setting(False, "reference path: recompute the whole context for every token, no KV cache")
 
@@ -390,7 +393,7 @@ class Handler(BaseHTTPRequestHandler):
         begun, self.status, self.summary = time.perf_counter(), None, ""
         try:
             self.route(urlsplit(self.path).path)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # timed out: a client not reading its stream
             self.status, self.summary = self.status or "-", self.summary + " (client gone)"
         except Exception:
             if self.status is None:  # a bug, not the request's fault: say so, then let http.server log it
@@ -426,6 +429,13 @@ class Handler(BaseHTTPRequestHandler):
         if origin is not None and origin.lower() != f"http://{host}".lower():
             raise ApiError(403, f"Origin {origin!r} is not this server's (http://{host}): a web page of another "
                                 "site may not use this API")
+
+    def setup(self):
+        """Every read and write of the connection waits at most --timeout, so that a client sending nothing, or
+        less than its Content-Length, or not reading its stream, does not hold a thread forever. Generating never
+        touches the socket, so it is not limited."""
+        self.timeout = self.server.service.cfg.timeout  # StreamRequestHandler.setup puts it on the socket
+        super().setup()
 
     def log_request(self, code="-", size="-"):
         """Silences http.server's own line: do_request logs one, with the token counts."""
@@ -475,7 +485,13 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"Content-Length {length} is negative")
         if length > MAX_BODY:  # refused unread
             raise ApiError(413, f"the body is {length} bytes, more than {MAX_BODY}")
-        return self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise ApiError(408, f"the body did not come within {self.timeout:g} s") from None
+        if len(body) < length:
+            raise ApiError(400, f"the body ended after {len(body)} bytes, short of its Content-Length {length}")
+        return body
 
     def chat_completions(self):
         service = self.server.service

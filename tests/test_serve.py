@@ -437,6 +437,34 @@ def test_bad_flags_are_one_line(capsys):
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: --queue=-1: must be at least 0\n"
 
 
+def test_a_client_that_sends_nothing_or_too_little_is_dropped_after_the_timeout():
+    data = json.dumps({"messages": USER, "max_tokens": 2}).encode()
+    too_long = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(data) + 10, data)
+    with serving(timeout=0.2) as (port, _):
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=2) for _ in range(5)]
+        for client in idle:
+            with client:
+                assert client.recv(1) == b""  # closed by the server, its thread freed
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as client:
+            client.sendall(too_long)  # and waits for the answer: the missing bytes never come
+            assert client.recv(65536).startswith(b"HTTP/1.1 408 ")
+        assert exchange(port, too_long).startswith(b"HTTP/1.1 400 ")  # the client said it has sent all
+
+
+def test_the_timeout_does_not_limit_how_long_an_answer_takes():
+    def slow(module, args, output):
+        time.sleep(0.03)
+
+    with serving(timeout=0.1) as (port, _):
+        with forward_hook(slow):  # about 0.2 s to answer
+            whole = chat(port, USER, max_tokens=6)
+            chunks = stream(port, USER, max_tokens=6)
+    want = reference("ism", USER, 6)["reply"]
+    assert whole["choices"][0]["message"]["content"] == want
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
+
+
 def refusal(response):
     """The message of a 403 in OpenAI's shape."""
     status, _, payload = response
