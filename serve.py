@@ -26,7 +26,8 @@ Origin header, when sent, must be the server's own (http:// and the Host), which
 and other ports. Beyond loopback any Host is answered and only the Origin is checked. Refused requests get 403.
 
 One model answers one request at a time, in arrival order; up to --queue more wait, and beyond that a request is
-refused with 503. A client that disconnects mid-stream stops its generation.
+refused with 503. A client that disconnects stops its generation; one that only half-closes its connection after
+its request (`nc -N`) gets its answer.
 """
 import signal
 if __name__ == "__main__":
@@ -504,20 +505,35 @@ class Handler(BaseHTTPRequestHandler):
                 self.whole_reply(request, response_id, created)
 
     def whole_reply(self, request, response_id, created):
-        """The answer as one chat.completion once it is complete. Nothing is written until then, so a client that
-        went away is noticed by looking at its connection: then the generation stops, as a stream's would."""
+        """The answer as one chat.completion once it is complete. A client gone meanwhile should stop the
+        generation, as a stream's failed write does, but a closed connection reads the same as a half-closed one
+        (`nc -N`, shutdown(SHUT_WR) after the request), whose client still waits for the answer: only a write
+        tells them apart. So once the client's end reads as closed, an interim "100 Continue" response is written,
+        which HTTP/1.1 clients read past (RFC 9110, 15.2): a half-closed client takes it and gets its answer, a
+        closed socket answers with a reset, which the next look raises (ConnectionResetError), and the generation
+        stops. HTTP/1.0 has no interim responses: there a closed end is taken for a half-close."""
+        probed = self.request_version != "HTTP/1.1"
         with closing(self.server.service.answer(request)) as events:
             for event, value in events:
                 if event == "done":
                     self.send_json(200, completion(request, value, response_id, created))
                     self.note(value)
-                elif self.client_gone():
-                    raise ConnectionResetError("the client closed its connection")
+                elif self.end_closed() and not probed:
+                    self.send_response_only(100)
+                    self.end_headers()
+                    probed = True
 
-    def client_gone(self):
-        """True once the client has closed its end: its socket reads as readable with nothing in it."""
+    def end_closed(self):
+        """Whether the client has closed its end of the connection, or only half-closed it: its socket reads as
+        readable with nothing in it. Raises ConnectionResetError once the client's socket has answered a write with
+        a reset: after the end of what it sent a read says nothing of that, the socket's pending error does."""
         readable, _, _ = select.select([self.connection], [], [], 0)
-        return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        if not readable or self.connection.recv(1, socket.MSG_PEEK):
+            return False
+        error = self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise ConnectionResetError(error, f"the client closed its connection ({os.strerror(error)})")
+        return True
 
     def stream_reply(self, request, response_id, created):
         """Server-sent events: the role (sent with the first token, with the prefill's facts), the content, the

@@ -412,6 +412,27 @@ def test_what_a_client_sends_is_logged_escaped_never_raw():
     assert "Bad request version" in log[1] and "\\x1b[2J" in log[1]
 
 
+def test_a_client_that_half_closes_gets_its_whole_answer():
+    def slow(module, args, output):  # the server is still generating when it sees the client's end closed
+        time.sleep(0.01)
+
+    want = reference("ism", USER, 10)["reply"]
+    body = json.dumps({"messages": USER, "max_tokens": 10})
+    with serving() as (port, _), forward_hook(slow):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        connection.sock.shutdown(socket.SHUT_WR)  # as `nc -N` does
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["choices"][0]["message"]["content"] == want
+        connection.close()
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+        streamed = json.dumps({"messages": USER, "max_tokens": 10, "stream": True}).encode()
+        answer = exchange(port, head % len(streamed) + streamed)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(e[len("data: "):]) for e in answer.decode().split("\r\n\r\n", 1)[1].split("\n\n")[:-2]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
+
+
 # ------------------------------------------------------------------------------------------------- command line
 
 def test_serve_py_loads_a_checkpoint_and_answers(out_dir):  # noqa: F811
