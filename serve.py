@@ -43,6 +43,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import OrderedDict
 from contextlib import closing
@@ -386,6 +387,7 @@ def delta(content, finish_reason=None):
 class Handler(BaseHTTPRequestHandler):
     """One HTTP request. Every response closes its connection: a stream ends where the connection does."""
     protocol_version = "HTTP/1.1"  # answers Expect: 100-continue (curl's larger bodies); connections still close
+    client_gone = (ConnectionError, TimeoutError)  # a failed write, or --timeout spent waiting on the client
     routes = {"/": {"GET": "page"}, "/v1/models": {"GET": "models"},
               "/v1/chat/completions": {"POST": "chat_completions"}}
 
@@ -394,12 +396,12 @@ class Handler(BaseHTTPRequestHandler):
         begun, self.status, self.summary = time.perf_counter(), None, ""
         try:
             self.route(urlsplit(self.path).path)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # timed out: a client not reading its stream
+        except self.client_gone:
             self.status, self.summary = self.status or "-", self.summary + " (client gone)"
         except Exception:
-            if self.status is None:  # a bug, not the request's fault: say so, then let http.server log it
-                self.send_json(500, ApiError(500, "internal error").body())
-            raise
+            error = self.internal_error()
+            if self.status is None:
+                self.send_json(500, error)
         finally:
             self.log_line(f"{self.command} {self.path} {self.status}{self.summary} "
                           f"{(time.perf_counter() - begun) * 1e3:.0f} ms")
@@ -430,6 +432,13 @@ class Handler(BaseHTTPRequestHandler):
         if origin is not None and origin.lower() != f"http://{host}".lower():
             raise ApiError(403, f"Origin {origin!r} is not this server's (http://{host}): a web page of another "
                                 "site may not use this API")
+
+    def internal_error(self):
+        """An unexpected exception, a bug and not the request's fault: its traceback goes to the log (escaped, line
+        by line), the request's line says so. -> the error for the client."""
+        self.summary += " (internal error)"
+        self.server.service.log("\n".join(map(printable, traceback.format_exc().splitlines())))
+        return ApiError(500, "internal error").body()
 
     def setup(self):
         """Every read and write of the connection waits at most --timeout, so that a client sending nothing, or
@@ -538,21 +547,27 @@ class Handler(BaseHTTPRequestHandler):
     def stream_reply(self, request, response_id, created):
         """Server-sent events: the role (sent with the first token, with the prefill's facts), the content, the
         finish_reason with the turn's facts, the usage when asked for, and [DONE]. A failed write (the client
-        gone) leaves the loop, and closing the answer stops the generation."""
+        gone) leaves the loop, and closing the answer stops the generation. An internal error, once the 200 is
+        sent, is an error event before the [DONE]."""
         self.send_head(200, "text/event-stream")
-        with closing(self.server.service.answer(request)) as events:
-            for event, value in events:
-                if event == "prefilled":
-                    self.send_event(chunk(request, response_id, created, delta({"role": "assistant", "content": ""}),
-                                          ismgpt=value))
-                elif event == "text":
-                    self.send_event(chunk(request, response_id, created, delta({"content": value})))
-                else:
-                    self.send_event(chunk(request, response_id, created, delta({}, value["finish_reason"]),
-                                          ismgpt=value["ismgpt"]))
-                    if request.include_usage:
-                        self.send_event(chunk(request, response_id, created, [], usage=value["usage"]))
-                    self.note(value)
+        try:
+            with closing(self.server.service.answer(request)) as events:
+                for event, value in events:
+                    if event == "prefilled":
+                        self.send_event(chunk(request, response_id, created,
+                                              delta({"role": "assistant", "content": ""}), ismgpt=value))
+                    elif event == "text":
+                        self.send_event(chunk(request, response_id, created, delta({"content": value})))
+                    else:
+                        self.send_event(chunk(request, response_id, created, delta({}, value["finish_reason"]),
+                                              ismgpt=value["ismgpt"]))
+                        if request.include_usage:
+                            self.send_event(chunk(request, response_id, created, [], usage=value["usage"]))
+                        self.note(value)
+        except self.client_gone:
+            raise  # nobody to tell: do_request logs it
+        except Exception:
+            self.send_event(self.internal_error())
         self.wfile.write(b"data: [DONE]\n\n")
 
     def note(self, reply):

@@ -309,6 +309,26 @@ def test_errors_in_openai_shape_and_the_server_goes_on():
     assert len(log) == len(BAD_REQUESTS) + 7 and log[-1].startswith("127.0.0.1 POST /v1/chat/completions 200 prompt")
 
 
+def test_an_internal_error_is_a_500_or_an_error_event_and_its_traceback_is_logged(monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("the engine broke")
+
+    log = []
+    with serving(log=log) as (port, _):
+        monkeypatch.setattr(ChatSession, "generate", broken)
+        status, _, payload = request(port, body={"messages": USER})
+        chunks = stream(port, USER)  # [DONE] last
+        monkeypatch.undo()
+        again = chat(port, USER, max_tokens=4)
+    error = {"error": {"message": "internal error", "type": "server_error", "param": None, "code": None}}
+    assert status == 500 and json.loads(payload) == error and chunks == [error]
+    assert again["choices"][0]["message"]["content"] == reference("ism", USER, 4)["reply"]
+    tracebacks = [entry for entry in log if entry.startswith("Traceback")]
+    assert len(tracebacks) == 2 and all(t.endswith("RuntimeError: the engine broke") for t in tracebacks)
+    assert [entry.split()[3:5] for entry in log if "(internal error)" in entry] == [["500", "(internal"],
+                                                                                    ["200", "(internal"]]
+
+
 @contextmanager
 def held_in_generation():
     """While inside, the model's forward waits: a request being answered stays inside its generation. Yields the
