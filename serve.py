@@ -64,6 +64,7 @@ MAX_BODY = 1 << 20  # bytes; a longer request is refused (413) before it is read
 MAX_STOPS = 4  # as OpenAI
 # a Host header that names this machine whatever DNS says: no site can take these names
 LOOPBACK_HOST = re.compile(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?", re.IGNORECASE)
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str only from JSON's "\ud800" escape without its pair
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "chat.html")
 
 
@@ -121,7 +122,7 @@ class ChatRequest:
 
 
 def parse_json(body):
-    """Request body bytes -> a dict, or ApiError 400."""
+    """Request body bytes -> a dict of Unicode text, or ApiError 400."""
     def no_constant(name):  # Python's json reads NaN and Infinity, which JSON does not have
         raise ValueError(f"{name} is not JSON")
     try:
@@ -134,7 +135,26 @@ def parse_json(body):
         raise ApiError(400, "the JSON is nested too deeply") from None
     if not isinstance(value, dict):
         raise ApiError(400, "the body must be a JSON object")
+    for name, item in value.items():
+        if holds_lone_surrogate([name, item]):
+            raise ApiError(400, f'"{printable(name)}" is not valid Unicode text: it holds a lone surrogate (a '
+                                '"\\ud800" escape without its pair)', printable(name))
     return value
+
+
+def holds_lone_surrogate(value):
+    """Whether a decoded JSON value has a string, or a key, with a lone surrogate: that is no Unicode text, which
+    no answer (UTF-8), log or tokenizer can encode. A loop, not recursion: JSON may nest deeper than Python."""
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += [*value, *value.values()]
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, str) and LONE_SURROGATE.search(value):
+            return True
+    return False
 
 
 def text_of(content, number):

@@ -281,6 +281,19 @@ BAD_REQUESTS = {
     "stop": ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
     "too long": ({"messages": [{"role": "user", "content": "x" * (CONFIG.block_size - 5)}]}, "messages",
                  "context_length_exceeded"),
+    # JSON's "\ud800" escape alone is a lone surrogate: no Unicode text, which no answer or log could encode
+    "model not Unicode": (b'{"messages": [{"role": "user", "content": "hi"}], "model": "\\ud800"}', "model", None),
+    "streamed model not Unicode": (b'{"messages": [{"role": "user", "content": "hi"}], "stream": true, '
+                                   b'"model": "x\\udc00"}', "model", None),
+    "stop not Unicode": (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["ok", "\\ud800"]}', "stop",
+                         None),
+    "content not Unicode": (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages", None),
+    "a key not Unicode": (b'{"messages": [{"role": "user", "content": "hi"}], "metadata": {"\\ud800": 1}}',
+                          "metadata", None),
+    # 1e309 is inf to Python
+    "temperature 1e309": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e309}',
+                          "temperature", None),
+    "top_p -1e309": (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -1e309}', "top_p", None),
 }
 
 
