@@ -338,8 +338,9 @@ def test_an_internal_error_is_a_500_or_an_error_event_and_its_traceback_is_logge
     assert again["choices"][0]["message"]["content"] == reference("ism", USER, 4)["reply"]
     tracebacks = [entry for entry in log if entry.startswith("Traceback")]
     assert len(tracebacks) == 2 and all(t.endswith("RuntimeError: the engine broke") for t in tracebacks)
-    assert [entry.split()[3:5] for entry in log if "(internal error)" in entry] == [["500", "(internal"],
-                                                                                    ["200", "(internal"]]
+    # a request's line is logged after its answer is sent: the next request's may come first
+    assert sorted(entry.split()[3:5] for entry in log if "(internal error)" in entry) == [["200", "(internal"],
+                                                                                          ["500", "(internal"]]
 
 
 @contextmanager
@@ -547,7 +548,7 @@ def test_on_loopback_only_this_machine_s_names_and_the_server_s_own_pages_are_an
         for host in [here, "localhost:9000"]:  # the page itself; the page through ssh -L 9000:localhost:<port>
             own = {"Host": host, "Origin": f"http://{host}", "Content-Type": "text/plain"}
             assert request(port, body={"messages": USER, "max_tokens": 2}, headers=own)[0] == 200
-    assert all(line.isprintable() for line in log) and "attacker\\x1b[2J.example" in log[3]
+    assert all(line.isprintable() for line in log) and any("Host 'attacker\\x1b[2J.example'" in line for line in log)
 
 
 def test_beyond_loopback_any_host_is_answered_but_only_the_server_s_own_pages():
