@@ -19,21 +19,31 @@ under prefix every turn re-prefills the whole history. "usage.prompt_tokens_deta
 tokens came from the cache; an extra "ismgpt" field gives the page the rest (prefilled tokens, time to first token,
 decode speed, the mask and one role letter per token).
 
+Only this machine's clients and the server's own page are answered, not other web pages: on loopback (the default
+--host) a request's Host header must name this machine (localhost, 127.x.y.z or [::1], any port: ssh -L may
+forward another), which refuses a page whose own name was made to resolve here (DNS rebinding); and a browser's
+Origin header, when sent, must be the server's own (http:// and the Host), which refuses the pages of other sites
+and other ports. Beyond loopback any Host is answered and only the Origin is checked. Refused requests get 403.
+
 One model answers one request at a time, in arrival order; up to --queue more wait, and beyond that a request is
-refused with 503. A client that disconnects mid-stream stops its generation.
+refused with 503. A client that disconnects stops its generation; one that only half-closes its connection after
+its request (`nc -N`) gets its answer.
 """
 import signal
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
 
+import ipaddress
 import json
 import os
 import random
+import re
 import select
 import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import OrderedDict
 from contextlib import closing
@@ -54,12 +64,17 @@ from mask import ROLE_LETTERS
 MODEL_NAME = "ismgpt"
 MAX_BODY = 1 << 20  # bytes; a longer request is refused (413) before it is read
 MAX_STOPS = 4  # as OpenAI
+# a Host header that names this machine whatever DNS says: no site can take these names
+LOOPBACK_HOST = re.compile(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?", re.IGNORECASE)
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str only from JSON's "\ud800" escape without its pair
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "chat.html")
 
 
 @dataclass
 class ServeConfig(ModelFlags):
-    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface; there is no authentication)")
+    host: str = setting("127.0.0.1", "address to listen on: loopback (127.0.0.1, localhost) is this machine only; "
+                                     "any other (0.0.0.0: every interface) is reachable from other machines, with "
+                                     "no authentication and only the Origin checked (see above)")
     port: int = setting(8000, "port to listen on (0: any free port)", min=0, max=65535)
     temperature: float = setting(1.0, "sampling temperature when a request gives none (OpenAI's default); 0 = greedy",
                                  min=0, max=2)
@@ -68,6 +83,9 @@ class ServeConfig(ModelFlags):
     max_tokens: int = setting(256, "longest answer, in tokens, when a request gives no max_tokens", min=1)
     sessions: int = setting(8, "conversations whose KV cache is kept (least recently used goes first)", min=1)
     queue: int = setting(16, "requests that may wait while one is answered; more get 503", min=0)
+    timeout: float = setting(30.0, "seconds a client may keep the server waiting to send its request or to take a "
+                                   "streamed answer; then 408, or the connection closed (generating is not limited)",
+                             min=1)
     threads: int = setting(0, THREADS_HELP, min=0)
     no_cache: bool = setting(False, "reference path: recompute the whole context for every token, no KV cache")
 
@@ -106,7 +124,7 @@ class ChatRequest:
 
 
 def parse_json(body):
-    """Request body bytes -> a dict, or ApiError 400."""
+    """Request body bytes -> a dict of Unicode text, or ApiError 400."""
     def no_constant(name):  # Python's json reads NaN and Infinity, which JSON does not have
         raise ValueError(f"{name} is not JSON")
     try:
@@ -119,7 +137,26 @@ def parse_json(body):
         raise ApiError(400, "the JSON is nested too deeply") from None
     if not isinstance(value, dict):
         raise ApiError(400, "the body must be a JSON object")
+    for name, item in value.items():
+        if holds_lone_surrogate([name, item]):
+            raise ApiError(400, f'"{printable(name)}" is not valid Unicode text: it holds a lone surrogate (a '
+                                '"\\ud800" escape without its pair)', printable(name))
     return value
+
+
+def holds_lone_surrogate(value):
+    """Whether a decoded JSON value has a string, or a key, with a lone surrogate: that is no Unicode text, which
+    no answer (UTF-8), log or tokenizer can encode. A loop, not recursion: JSON may nest deeper than Python."""
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += [*value, *value.values()]
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, str) and LONE_SURROGATE.search(value):
+            return True
+    return False
 
 
 def text_of(content, number):
@@ -340,6 +377,13 @@ class ChatService:
 
 # ---------------------------------------------------------------------------------------------------------- HTTP
 
+def printable(text):
+    """text with every character a terminal could act on (control and format characters, line breaks, lone
+    surrogates) written as its Python escape (\\x1b, \\u202e): what a client sent is shown in the log, never
+    obeyed by the operator's terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def completion(request, reply, response_id, created):
     return {"id": response_id, "object": "chat.completion", "created": created, "model": request.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply["text"]}, "logprobs": None,
@@ -363,6 +407,7 @@ def delta(content, finish_reason=None):
 class Handler(BaseHTTPRequestHandler):
     """One HTTP request. Every response closes its connection: a stream ends where the connection does."""
     protocol_version = "HTTP/1.1"  # answers Expect: 100-continue (curl's larger bodies); connections still close
+    client_gone = (ConnectionError, TimeoutError)  # a failed write, or --timeout spent waiting on the client
     routes = {"/": {"GET": "page"}, "/v1/models": {"GET": "models"},
               "/v1/chat/completions": {"POST": "chat_completions"}}
 
@@ -371,31 +416,68 @@ class Handler(BaseHTTPRequestHandler):
         begun, self.status, self.summary = time.perf_counter(), None, ""
         try:
             self.route(urlsplit(self.path).path)
-        except (BrokenPipeError, ConnectionResetError):
+        except self.client_gone:
             self.status, self.summary = self.status or "-", self.summary + " (client gone)"
         except Exception:
-            if self.status is None:  # a bug, not the request's fault: say so, then let http.server log it
-                self.send_json(500, ApiError(500, "internal error").body())
-            raise
+            error = self.internal_error()
+            if self.status is None:
+                self.send_json(500, error)
         finally:
-            self.server.service.log(f"{self.client_address[0]} {self.command} {self.path} {self.status}"
-                                    f"{self.summary} {(time.perf_counter() - begun) * 1e3:.0f} ms")
+            self.log_line(f"{self.command} {self.path} {self.status}{self.summary} "
+                          f"{(time.perf_counter() - begun) * 1e3:.0f} ms")
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_request
 
     def route(self, path):
         methods = self.routes.get(path)
         try:
+            self.check_origin()
             if methods is None:
                 raise ApiError(404, f"no such path: {path} (POST /v1/chat/completions, GET /v1/models, GET /)")
             if self.command not in methods:
                 raise ApiError(405, f"{self.command} is not allowed on {path}: use {', '.join(methods)}")
             getattr(self, methods[self.command])()
         except ApiError as e:
+            self.summary = f" ({e.message})"
             self.send_json(e.status, e.body(), allow=", ".join(methods) if e.status == 405 else "")
+
+    def check_origin(self):
+        """ApiError 403 for a request from a web page other than the server's own (the module's doc says what is
+        checked). Without a Host header (HTTP/1.0) a request is from no browser, which always sends one; without
+        an Origin from no page of another site, whose fetches and form posts always carry one."""
+        host, origin = self.headers.get("Host", ""), self.headers.get("Origin")
+        if self.server.loopback and host and not LOOPBACK_HOST.fullmatch(host):
+            raise ApiError(403, f"Host {host!r} is not a name of this machine (localhost, 127.0.0.1, [::1]): "
+                                "a web page elsewhere may not use this API")
+        if origin is not None and origin.lower() != f"http://{host}".lower():
+            raise ApiError(403, f"Origin {origin!r} is not this server's (http://{host}): a web page of another "
+                                "site may not use this API")
+
+    def internal_error(self):
+        """An unexpected exception, a bug and not the request's fault: its traceback goes to the log (escaped, line
+        by line), the request's line says so. -> the error for the client."""
+        self.summary += " (internal error)"
+        self.server.service.log("\n".join(map(printable, traceback.format_exc().splitlines())))
+        return ApiError(500, "internal error").body()
+
+    def setup(self):
+        """Every read and write of the connection waits at most --timeout, so that a client sending nothing, or
+        less than its Content-Length, or not reading its stream, does not hold a thread forever. Generating never
+        touches the socket, so it is not limited."""
+        self.timeout = self.server.service.cfg.timeout  # StreamRequestHandler.setup puts it on the socket
+        super().setup()
 
     def log_request(self, code="-", size="-"):
         """Silences http.server's own line: do_request logs one, with the token counts."""
+
+    def log_message(self, format, *args):
+        """http.server's own lines (a malformed request line, a timeout) go to the same log, escaped alike."""
+        self.log_line(format % args)
+
+    def log_line(self, text):
+        """One line of the log, from the client's address on; the request line and whatever else the client sent
+        in it are escaped."""
+        self.server.service.log(printable(f"{self.client_address[0]} {text}"))
 
     def send_head(self, status, content_type, length=None, allow=""):
         self.status = status
@@ -433,7 +515,13 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"Content-Length {length} is negative")
         if length > MAX_BODY:  # refused unread
             raise ApiError(413, f"the body is {length} bytes, more than {MAX_BODY}")
-        return self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise ApiError(408, f"the body did not come within {self.timeout:g} s") from None
+        if len(body) < length:
+            raise ApiError(400, f"the body ended after {len(body)} bytes, short of its Content-Length {length}")
+        return body
 
     def chat_completions(self):
         service = self.server.service
@@ -446,39 +534,60 @@ class Handler(BaseHTTPRequestHandler):
                 self.whole_reply(request, response_id, created)
 
     def whole_reply(self, request, response_id, created):
-        """The answer as one chat.completion once it is complete. Nothing is written until then, so a client that
-        went away is noticed by looking at its connection: then the generation stops, as a stream's would."""
+        """The answer as one chat.completion once it is complete. A client gone meanwhile should stop the
+        generation, as a stream's failed write does, but a closed connection reads the same as a half-closed one
+        (`nc -N`, shutdown(SHUT_WR) after the request), whose client still waits for the answer: only a write
+        tells them apart. So once the client's end reads as closed, an interim "100 Continue" response is written,
+        which HTTP/1.1 clients read past (RFC 9110, 15.2): a half-closed client takes it and gets its answer, a
+        closed socket answers with a reset, which the next look raises (ConnectionResetError), and the generation
+        stops. HTTP/1.0 has no interim responses: there a closed end is taken for a half-close."""
+        probed = self.request_version != "HTTP/1.1"
         with closing(self.server.service.answer(request)) as events:
             for event, value in events:
                 if event == "done":
                     self.send_json(200, completion(request, value, response_id, created))
                     self.note(value)
-                elif self.client_gone():
-                    raise ConnectionResetError("the client closed its connection")
+                elif self.end_closed() and not probed:
+                    self.send_response_only(100)
+                    self.end_headers()
+                    probed = True
 
-    def client_gone(self):
-        """True once the client has closed its end: its socket reads as readable with nothing in it."""
+    def end_closed(self):
+        """Whether the client has closed its end of the connection, or only half-closed it: its socket reads as
+        readable with nothing in it. Raises ConnectionResetError once the client's socket has answered a write with
+        a reset: after the end of what it sent a read says nothing of that, the socket's pending error does."""
         readable, _, _ = select.select([self.connection], [], [], 0)
-        return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        if not readable or self.connection.recv(1, socket.MSG_PEEK):
+            return False
+        error = self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise ConnectionResetError(error, f"the client closed its connection ({os.strerror(error)})")
+        return True
 
     def stream_reply(self, request, response_id, created):
         """Server-sent events: the role (sent with the first token, with the prefill's facts), the content, the
         finish_reason with the turn's facts, the usage when asked for, and [DONE]. A failed write (the client
-        gone) leaves the loop, and closing the answer stops the generation."""
+        gone) leaves the loop, and closing the answer stops the generation. An internal error, once the 200 is
+        sent, is an error event before the [DONE]."""
         self.send_head(200, "text/event-stream")
-        with closing(self.server.service.answer(request)) as events:
-            for event, value in events:
-                if event == "prefilled":
-                    self.send_event(chunk(request, response_id, created, delta({"role": "assistant", "content": ""}),
-                                          ismgpt=value))
-                elif event == "text":
-                    self.send_event(chunk(request, response_id, created, delta({"content": value})))
-                else:
-                    self.send_event(chunk(request, response_id, created, delta({}, value["finish_reason"]),
-                                          ismgpt=value["ismgpt"]))
-                    if request.include_usage:
-                        self.send_event(chunk(request, response_id, created, [], usage=value["usage"]))
-                    self.note(value)
+        try:
+            with closing(self.server.service.answer(request)) as events:
+                for event, value in events:
+                    if event == "prefilled":
+                        self.send_event(chunk(request, response_id, created,
+                                              delta({"role": "assistant", "content": ""}), ismgpt=value))
+                    elif event == "text":
+                        self.send_event(chunk(request, response_id, created, delta({"content": value})))
+                    else:
+                        self.send_event(chunk(request, response_id, created, delta({}, value["finish_reason"]),
+                                              ismgpt=value["ismgpt"]))
+                        if request.include_usage:
+                            self.send_event(chunk(request, response_id, created, [], usage=value["usage"]))
+                        self.note(value)
+        except self.client_gone:
+            raise  # nobody to tell: do_request logs it
+        except Exception:
+            self.send_event(self.internal_error())
         self.wfile.write(b"data: [DONE]\n\n")
 
     def note(self, reply):
@@ -490,16 +599,24 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(service, host="127.0.0.1", port=0):
     """A ThreadingHTTPServer answering with `service` (its handler threads end with the process); port 0 picks a
-    free port (server.server_address says which). Run it with serve_forever(), stop it with shutdown()."""
+    free port (server.server_address says which). Run it with serve_forever(), stop it with shutdown(). An address
+    beyond loopback (127.0.0.0/8, ::1) is warned of on stderr."""
     server = ThreadingHTTPServer((host, port), Handler)
     server.service = service
     with open(PAGE, "rb") as f:
         server.page = f.read()
+    server.loopback = ipaddress.ip_address(server.server_address[0]).is_loopback  # by address: localhost is too
+    if not server.loopback:
+        print(f"warning: listening on {host}:{server.server_address[1]}, beyond this machine: the API has no "
+              "authentication and is reachable from other machines", file=sys.stderr, flush=True)
     return server
 
 
 def main(argv=None):
     cfg = parse(ServeConfig(), sys.argv[1:] if argv is None else argv, __doc__)
+    if not cfg.host.strip():  # an unset variable (--host=$HOST) or host = "" in a file: not every interface
+        raise UserError("--host is empty, which would listen on every interface: pass --host=127.0.0.1 (this "
+                        "machine only) or name the address to listen on (--host=0.0.0.0: every interface)")
     set_threads(cfg.threads, cfg.device)
     chat_model = cfg.load()
     about = {"description": chat_model.what, "trained_mask": chat_model.trained_mask,

@@ -48,10 +48,11 @@ def printable_answers(module, args, output):
 
 @contextmanager
 def serving(kind="ism", log=None, **options):
-    """A server on an ephemeral port, in a thread, answering greedily by default; yields (port, service)."""
+    """A server on an ephemeral port of --host (127.0.0.1 by default), in a thread, answering greedily by default;
+    yields (port, service)."""
     cfg = ServeConfig(temperature=0.0, **options)
     service = ChatService(MODEL, TOK, kind, cfg, log=[].append if log is None else log.append)
-    server = make_server(service)
+    server = make_server(service, cfg.host)
     thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)  # quick shutdown
     thread.start()
     try:
@@ -280,6 +281,19 @@ BAD_REQUESTS = {
     "stop": ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
     "too long": ({"messages": [{"role": "user", "content": "x" * (CONFIG.block_size - 5)}]}, "messages",
                  "context_length_exceeded"),
+    # JSON's "\ud800" escape alone is a lone surrogate: no Unicode text, which no answer or log could encode
+    "model not Unicode": (b'{"messages": [{"role": "user", "content": "hi"}], "model": "\\ud800"}', "model", None),
+    "streamed model not Unicode": (b'{"messages": [{"role": "user", "content": "hi"}], "stream": true, '
+                                   b'"model": "x\\udc00"}', "model", None),
+    "stop not Unicode": (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["ok", "\\ud800"]}', "stop",
+                         None),
+    "content not Unicode": (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages", None),
+    "a key not Unicode": (b'{"messages": [{"role": "user", "content": "hi"}], "metadata": {"\\ud800": 1}}',
+                          "metadata", None),
+    # 1e309 is inf to Python
+    "temperature 1e309": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e309}',
+                          "temperature", None),
+    "top_p -1e309": (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -1e309}', "top_p", None),
 }
 
 
@@ -306,6 +320,27 @@ def test_errors_in_openai_shape_and_the_server_goes_on():
         want = reference("ism", [{"role": "system", "content": SYSTEM_TEXT}, USER[0]], 9)
     assert answer["model"] == "any" and answer["choices"][0]["message"]["content"] == want["reply"]
     assert len(log) == len(BAD_REQUESTS) + 7 and log[-1].startswith("127.0.0.1 POST /v1/chat/completions 200 prompt")
+
+
+def test_an_internal_error_is_a_500_or_an_error_event_and_its_traceback_is_logged(monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("the engine broke")
+
+    log = []
+    with serving(log=log) as (port, _):
+        monkeypatch.setattr(ChatSession, "generate", broken)
+        status, _, payload = request(port, body={"messages": USER})
+        chunks = stream(port, USER)  # [DONE] last
+        monkeypatch.undo()
+        again = chat(port, USER, max_tokens=4)
+    error = {"error": {"message": "internal error", "type": "server_error", "param": None, "code": None}}
+    assert status == 500 and json.loads(payload) == error and chunks == [error]
+    assert again["choices"][0]["message"]["content"] == reference("ism", USER, 4)["reply"]
+    tracebacks = [entry for entry in log if entry.startswith("Traceback")]
+    assert len(tracebacks) == 2 and all(t.endswith("RuntimeError: the engine broke") for t in tracebacks)
+    # a request's line is logged after its answer is sent: the next request's may come first
+    assert sorted(entry.split()[3:5] for entry in log if "(internal error)" in entry) == [["200", "(internal"],
+                                                                                          ["500", "(internal"]]
 
 
 @contextmanager
@@ -343,7 +378,7 @@ def raw_request(port, body):
     """A socket that has sent a chat request (the caller reads, or not, and closes it)."""
     data = json.dumps(body).encode()
     client = socket.create_connection(("127.0.0.1", port), timeout=30)
-    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
     return client
 
@@ -388,6 +423,50 @@ def test_a_client_gone_before_a_whole_answer_stops_the_generation():
             check_the_generation_stopped(log, service, port)
 
 
+# ------------------------------------------------------------------------------------------- hostile clients
+
+def exchange(port, data, timeout=5):
+    """Send raw bytes and half-close (as `nc -N` does) -> every byte the server sends back before it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        received = b""
+        while piece := client.recv(65536):
+            received += piece
+    return received
+
+
+def test_what_a_client_sends_is_logged_escaped_never_raw():
+    log = []
+    with serving(log=log) as (port, _):
+        exchange(port, b"GET /\x1b]0;TITLE\x07\x1b[2J\x9b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        exchange(port, b"GET / HTTP/1.1\x1b[2J\r\n\r\n")  # refused by http.server itself
+    assert len(log) == 2 and all(line.isprintable() for line in log), log
+    assert "GET /\\x1b]0;TITLE\\x07\\x1b[2J\\x9b 404" in log[0]
+    assert "Bad request version" in log[1] and "\\x1b[2J" in log[1]
+
+
+def test_a_client_that_half_closes_gets_its_whole_answer():
+    def slow(module, args, output):  # the server is still generating when it sees the client's end closed
+        time.sleep(0.01)
+
+    want = reference("ism", USER, 10)["reply"]
+    body = json.dumps({"messages": USER, "max_tokens": 10})
+    with serving() as (port, _), forward_hook(slow):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        connection.sock.shutdown(socket.SHUT_WR)  # as `nc -N` does
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["choices"][0]["message"]["content"] == want
+        connection.close()
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+        streamed = json.dumps({"messages": USER, "max_tokens": 10, "stream": True}).encode()
+        answer = exchange(port, head % len(streamed) + streamed)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(e[len("data: "):]) for e in answer.decode().split("\r\n\r\n", 1)[1].split("\n\n")[:-2]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
+
+
 # ------------------------------------------------------------------------------------------------- command line
 
 def test_serve_py_loads_a_checkpoint_and_answers(out_dir):  # noqa: F811
@@ -411,3 +490,93 @@ def test_bad_flags_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         run(lambda: serve.main(["--queue=-1"]))
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: --queue=-1: must be at least 0\n"
+
+
+def test_a_client_that_sends_nothing_or_too_little_is_dropped_after_the_timeout():
+    data = json.dumps({"messages": USER, "max_tokens": 2}).encode()
+    too_long = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(data) + 10, data)
+    with serving(timeout=0.2) as (port, _):
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=2) for _ in range(5)]
+        for client in idle:
+            with client:
+                assert client.recv(1) == b""  # closed by the server, its thread freed
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as client:
+            client.sendall(too_long)  # and waits for the answer: the missing bytes never come
+            assert client.recv(65536).startswith(b"HTTP/1.1 408 ")
+        assert exchange(port, too_long).startswith(b"HTTP/1.1 400 ")  # the client said it has sent all
+
+
+def test_the_timeout_does_not_limit_how_long_an_answer_takes():
+    def slow(module, args, output):
+        time.sleep(0.03)
+
+    with serving(timeout=0.1) as (port, _):
+        with forward_hook(slow):  # about 0.2 s to answer
+            whole = chat(port, USER, max_tokens=6)
+            chunks = stream(port, USER, max_tokens=6)
+    want = reference("ism", USER, 6)["reply"]
+    assert whole["choices"][0]["message"]["content"] == want
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
+
+
+def refusal(response):
+    """The message of a 403 in OpenAI's shape."""
+    status, _, payload = response
+    error = json.loads(payload)["error"]
+    assert status == 403 and error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param",
+                                                                                        "code"}, payload
+    return error["message"]
+
+
+def test_on_loopback_only_this_machine_s_names_and_the_server_s_own_pages_are_answered():
+    log = []
+    with forward_hook(printable_answers), serving(log=log) as (port, _):
+        here = f"127.0.0.1:{port}"
+        elsewhere = [{"Host": f"attacker.example:{port}"}, {"Host": "attacker.example"},  # DNS rebinding
+                     {"Host": f"127.0.0.1.attacker.example:{port}"}, {"Host": "attacker\x1b[2J.example"},
+                     {"Host": here, "Origin": "http://attacker.example"},  # a page of another site
+                     {"Host": here, "Origin": "null"},  # a sandboxed frame, a file:// page
+                     {"Host": here, "Origin": f"http://localhost:{port + 1}"}]  # another local server's page
+        for headers in elsewhere:
+            assert "may not use this API" in refusal(request(port, "GET", "/v1/models", headers=headers)), headers
+        text_plain = {"Content-Type": "text/plain", "Origin": "http://attacker.example"}  # no CORS preflight
+        assert refusal(request(port, body={"messages": USER, "max_tokens": 2}, headers=text_plain))
+        for host in ["localhost", f"localhost:{port}", "LocalHost", "127.0.0.1", here, f"127.1.2.3:{port}",
+                     f"[::1]:{port}", "[::1]"]:
+            assert request(port, "GET", "/v1/models", headers={"Host": host})[0] == 200, host
+        for host in [here, "localhost:9000"]:  # the page itself; the page through ssh -L 9000:localhost:<port>
+            own = {"Host": host, "Origin": f"http://{host}", "Content-Type": "text/plain"}
+            assert request(port, body={"messages": USER, "max_tokens": 2}, headers=own)[0] == 200
+    assert all(line.isprintable() for line in log) and any("Host 'attacker\\x1b[2J.example'" in line for line in log)
+
+
+def test_beyond_loopback_any_host_is_answered_but_only_the_server_s_own_pages():
+    with serving(host="0.0.0.0") as (port, _):
+        assert request(port, "GET", "/v1/models", headers={"Host": f"gpu-box.lan:{port}"})[0] == 200
+        own = {"Host": f"gpu-box.lan:{port}", "Origin": f"http://gpu-box.lan:{port}"}
+        assert request(port, "GET", "/v1/models", headers=own)[0] == 200
+        other = {"Host": f"gpu-box.lan:{port}", "Origin": "http://attacker.example"}
+        assert "may not use this API" in refusal(request(port, "GET", "/v1/models", headers=other))
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_an_empty_host_is_refused_not_every_interface(where, tmp_path, capsys):
+    settings = tmp_path / "serve.conf"
+    settings.write_text('host = ""\n')
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: serve.main(["--host="] if where == "flag" else [str(settings)]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: --host is empty") and "--host=127.0.0.1" in err
+    assert err.count("\n") == 1
+
+
+def test_listening_beyond_loopback_is_asked_for_by_name_and_warned_of(capsys):
+    with serving() as (port, _):
+        assert capsys.readouterr().err == ""
+        assert request(port, "GET", "/v1/models")[0] == 200
+    with serving(host="0.0.0.0") as (port, _):
+        warning = capsys.readouterr().err
+        assert request(port, "GET", "/v1/models")[0] == 200
+    assert warning == f"warning: listening on 0.0.0.0:{port}, beyond this machine: the API has no authentication " \
+                      "and is reachable from other machines\n"
