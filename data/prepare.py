@@ -232,7 +232,7 @@ def write_prepared(out_dir, splits, meta):
     created = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        lock = os.open(os.path.join(out_dir, ".prepare.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        lock = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)  # flock on the folder itself: no lock file
     except OSError as e:
         raise DataError(f"cannot create a folder in {out_dir}: {reason(e)}") from None
     try:
@@ -248,8 +248,8 @@ def write_prepared(out_dir, splits, meta):
         raise DataError(f"cannot create a folder in {out_dir}: {reason(e)}") from None
     finally:
         os.close(lock)
-        if created and os.listdir(out_dir) == [".prepare.lock"]:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
 
 
 def remove_leftovers(out_dir):
