@@ -55,7 +55,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 import flags
-from common import THREADS_HELP, Runtime, chat_dtype, cpu_threads, machine, resolve_device, runtime
+from common import (CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, THREADS_HELP, Runtime, chat_dtype, cpu_threads, machine,
+                    resolve_device, runtime)
 from data import synthetic
 from data.batching import answer_target_count, collate, documents, epoch_rows, token_count
 from data.chat import plural, render, render_user
@@ -80,7 +81,7 @@ OPTIMIZER = dict(weight_decay=0.1, learning_rate=6e-3, betas=(0.9, 0.99))  # tra
 class BenchConfig:
     init_from: str = setting("", f"measure a pretrained model ({START_HELP}) at its own shape; empty: a random model "
                                  "of the shape flags below")
-    device: str = setting("cpu", "cpu | cuda | auto")
+    device: str = setting("cpu", DEVICE_HELP)
     sections: str = setting("train,chat,decode", "comma-separated subset of train,chat,decode")
     repeats: int = setting(5, "timed rounds per measurement (the median is reported)", min=1)
     warmup: int = setting(1, "untimed rounds before them", min=0)
@@ -89,8 +90,8 @@ class BenchConfig:
     json: bool = setting(False, "print one JSON object instead of markdown tables")
     compile: bool = setting(False, "torch.compile the model for the training steps, and add the compiled "
                                    "static-shape decode step (a CUDA graph on CUDA) to the decode table")
-    dtype: str = setting("auto", "chat and decode: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16; "
-                                 "training uses bf16 autocast on CUDA", choices=("auto", "float32", "bfloat16"))
+    dtype: str = setting("auto", f"chat and decode: {CHAT_DTYPE_HELP}; training uses bf16 autocast on CUDA",
+                         choices=DTYPES)
     # model and training batch (train.py's defaults)
     n_layer: int = setting(4, "transformer blocks", min=1)
     n_head: int = setting(4, "attention heads", min=1)
@@ -132,10 +133,9 @@ def parse_config(argv):
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
         raise UserError(f"--sections={cfg.sections}: choose from {','.join(SECTIONS)}")
-    if cfg.device not in ("cpu", "cuda", "auto"):
-        raise UserError(f"--device={cfg.device}: choose one of cpu | cuda | auto")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd={cfg.n_embd} is not a multiple of --n_head={cfg.n_head}")
+    resolve_device(cfg.device)  # cpu, cuda, cuda:N or auto, and there
     return cfg, sections
 
 

@@ -145,8 +145,9 @@ def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_n
         raise UserError(f"no held-out conversations at {val_path}: pass the --data_dir the model was trained on")
     meta = load_meta(data_dir)
     if meta["tokenizer"] != tok.describe():
-        raise UserError(f"{data_dir} holds {meta['tokenizer']['name']} tokens, the model reads {tok.name} ones: "
-                        f"prepare it with python data/prepare.py --tokenizer={tok.name}, or pass the model's --data_dir")
+        raise UserError(f"{data_dir} holds the tokens of another tokenizer ({meta['tokenizer']['name']}) than the "
+                        f"model's ({tok.name}): prepare it with python data/prepare.py --tokenizer={tok.name}, or pass "
+                        "the model's --data_dir")
     conversations, _ = read_jsonl(val_path)
     if max_conversations:
         conversations = conversations[:max_conversations]

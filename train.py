@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flags
-from common import DEVICE_HELP, THREADS_HELP, check_fits, runtime, set_threads
+from common import DEVICE_HELP, DTYPES, THREADS_HELP, check_fits, runtime, set_threads
 from data.batching import RowStream, answer_target_count, batches_of, collate, heldout_rows, rank_rows, token_count
 from data.chat import DataError
 from data.prepare import prepare_if_default, synthetic_dir
@@ -75,7 +75,7 @@ class TrainConfig:
     # how
     device: str = setting("auto", DEVICE_HELP)
     dtype: str = setting("auto", "auto | float32 | bfloat16 (auto: bf16 autocast on CUDA, float32 on CPU)",
-                         choices=("auto", "float32", "bfloat16"))
+                         choices=DTYPES)
     attention: str = setting("auto", "auto | sdpa | flex (auto: FlexAttention on CUDA, SDPA dense mask on CPU)",
                              choices=("auto", "sdpa", "flex"))
     compile: bool = setting(False, "torch.compile the model")

@@ -14,6 +14,7 @@ import train
 from data.chat import read_jsonl, render
 from data.prepare import prepare
 from data.tokenizer import get_tokenizer
+from errors import UserError
 from flags import run
 from mask import ASSISTANT, MASKS, make_mask
 from model import GPT, GPTConfig
@@ -217,3 +218,14 @@ def test_user_errors_are_one_line(args, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_data_of_another_tokenizer_is_one_line(trained, tmp_path):
+    # the model reads byte tokens; held-out data in GPT-2-sized ids would index past its embedding
+    other = tmp_path / "other"
+    prepare(str(other), block_size=128, n_train=8, n_val=2)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["tokenizer"] = dict(meta["tokenizer"], special_ids={"<|bos|>": 0})
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"holds the tokens of another tokenizer \(byte\) than the model's \(byte\)"):
+        ev.main([f"--out_dir={trained['ism']}", f"--data_dir={other}", "--device=cpu"])

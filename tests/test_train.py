@@ -278,6 +278,10 @@ def one_line_error(argv, capsys):
     (["--init_from=resume", "--out_dir={out}", "--n_embd=64"], "was trained with --n_embd=32: pass that to resume"),
     (["--init_from=resume", "--out_dir={out}", "--seed=7"], "was trained with --seed=1337: pass that to resume"),
     (["--block_size=64"], "--block_size=64 is shorter than the longest conversation"),
+    (["--n_layer=1e8"], "--n_layer=1e8: must be at most 1024"),
+    (["--block_size=9223372036854775807"], "--block_size=9223372036854775807: must be at most 1048576"),
+    (["--n_layer=1024", "--n_embd=8192", "--n_head=64"], "need about"),  # ~825B parameters: before allocating
+    (["--batch_size=65536", "--block_size=1048576", "--n_embd=4096", "--n_head=32"], "make --n_layer, --n_embd,"),
 ])
 def test_mistakes_give_one_line_errors(trained, data_dir, tmp_path, capsys, args, expected):
     argv = [a.format(missing=tmp_path / "none", out=trained[0])
