@@ -1,4 +1,4 @@
-"""
+r"""
 Does ISM answer better? Train every mask with every seed, score each model, and summarise.
 
     python experiments/compare_masks.py                    # causal, ISM and prefix x seeds 1, 2, 3 (~30 min, 2 CPUs)
@@ -7,9 +7,9 @@ Does ISM answer better? Train every mask with every seed, score each model, and 
     python experiments/compare_masks.py --pretrain_iters=600 --max_iters=300 \
         --train_args='--learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20' --out_dir=out/compare-warm
                                     # the papers' protocol: pretrain causally, then fine-tune under each mask
-    python experiments/compare_masks.py --init_from=smollm2 --seeds=1,2 --max_iters=80 --train_batch_size=1 \
-        --train_args='--learning_rate=1e-4 --min_lr=1e-5 --warmup_iters=5' --max_conversations=60 \
-        --out_dir=out/compare-smollm2      # from SmolLM2-135M-Instruct, sized for 2 CPU cores (about 100 min)
+    python experiments/compare_masks.py --init_from=smollm2 --seeds=1,2 --max_iters=100 --train_batch_size=1 \
+        --train_args='--learning_rate=1e-4 --min_lr=1e-5 --warmup_iters=5' --max_conversations=60 --threads=1 \
+        --out_dir=out/compare-smollm2      # from SmolLM2-135M-Instruct, sized for 2 CPU cores (about 2 hours)
     python experiments/compare_masks.py --init_from=gpt2 --data_dir=data/synthetic-gpt2 config/finetune_gpt2.py
                                     # the same from pretrained GPT-2 (a GPU; data prepared with --tokenizer=gpt2)
 

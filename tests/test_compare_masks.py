@@ -104,3 +104,10 @@ def test_warm_start_runs_start_from_their_seeds_pretrained_causal_model(tmp_path
     assert {"--mask=ism", "--seed=2", "--max_iters=3", f"--init_from={start}", "--learning_rate=1e-3"} <= set(finetune)
     assert cm.start_of(cm.flags.parse(cm.CompareConfig(), ["--init_from=gpt2"]), 2, None) == "gpt2"
     assert cm.start_of(cm.CompareConfig(), 2, None) == "scratch"
+
+
+def test_help_shows_the_examples_as_typed(capsys):
+    # a backslash-newline in a plain docstring joins lines: the examples' continuations must survive --help
+    with pytest.raises(SystemExit):
+        cm.main(["--help"])
+    assert "--n_embd=384 \\\n        --train_batch_size=32" in capsys.readouterr().out
