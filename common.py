@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import load_chat_model
 from errors import UserError
 from flags import setting
 from mask import MASKS
@@ -40,6 +39,7 @@ class ModelFlags:
 
     def load(self):
         """-> engine.ChatModel: the model these flags choose, on their device and dtype."""
+        from engine import load_chat_model  # here, so that what only trains never imports the chat engine
         device = resolve_device(self.device)
         return load_chat_model(self.init_from, self.out_dir, self.ckpt, self.mask, self.block_size, device,
                                chat_dtype(self.dtype, device))

@@ -132,7 +132,7 @@ def sample_token(logits, sampling, never):
     """logits (V,) -> token id, never one where `never` (V,) is True. In float64: with the best logit shifted to 0,
     any positive temperature, 1e-300 or 1e300, gives -inf or finite values, never nan, and so does any top_p."""
     logits = logits.double().cpu().masked_fill(never, float("-inf"))
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+    if torch.isnan(logits).any() or torch.isposinf(logits).any() or torch.isneginf(logits).all():
         raise ModelError("the model's logits are not finite (nan or inf): its weights are damaged or its training "
                          "diverged; retrain it or restore its checkpoint")
     if sampling.temperature <= 0:
@@ -344,14 +344,18 @@ class ChatSession:
         started = time.perf_counter()
         if not user_text.strip():
             raise TurnError("empty message")
-        longest_prompt = len(render_user(user_text, self.tok, after_answer=True)[0])
-        dropped = self._make_room(longest_prompt, max_new_tokens)  # phase 1
-        after_answer = bool(self.messages) and self.messages[-1]["role"] == "assistant"
-        prompt_ids, prompt_roles = render_user(user_text, self.tok, after_answer)
+        # ChatML's prompt after an answer starts with a newline, so the prompt as the history now ends is as long as
+        # it can be: dropping turns may leave a history that ends without an answer, never one that gains one.
+        dropped = self._make_room(len(self._prompt(user_text)[0]), max_new_tokens)  # phase 1
+        prompt_ids, prompt_roles = self._prompt(user_text)
         budget = min(max_new_tokens, self.block_size - len(self.ids) - len(prompt_ids) - 1)  # room for the close
         self.last = Turn(self.turns + 1, user_text, started, dropped,
                          "max_new_tokens" if budget == max_new_tokens else "block_size")
         return self._answer(user_text, prompt_ids, prompt_roles, budget, sampling or Sampling())
+
+    def _prompt(self, user_text):
+        return render_user(user_text, self.tok, after_answer=bool(self.messages)
+                           and self.messages[-1]["role"] == "assistant")
 
     @torch.no_grad()
     def _answer(self, user_text, prompt_ids, prompt_roles, budget, sampling):

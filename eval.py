@@ -164,7 +164,7 @@ def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_n
     t2 = time.time()
     tokens = checkpoint.get("tokens", {})
     info = machine(device)
-    return {"model": chat_model.what, "mask": kind, "mask_label": chat_model.mask_label, "data_dir": data_dir,
+    return {"model": chat_model.what, "pretrained": chat_model.checkpoint is None, "mask": kind, "mask_label": chat_model.mask_label, "data_dir": data_dir,
             "iter_num": checkpoint.get("iter_num"), "model_args": asdict(model.config),
             "trained_tokens": tokens.get("tokens"), "trained_answer_tokens": tokens.get("answer_tokens"),
             "history": history, "history_note": HISTORY_NOTE[history], "conversations": len(conversations),
@@ -178,8 +178,8 @@ def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_n
 def report(result):
     r = result
     args = r["model_args"]
-    trained = f"iter {r['iter_num']}, trained on {r['trained_tokens']:,} tokens" if r["iter_num"] is not None else \
-        "as pretrained"
+    trained = "as pretrained" if r["pretrained"] else \
+        f"iter {r['iter_num']}, trained on {r['trained_tokens'] or 0:,} tokens"
     lines = [f"# eval {r['model']}: mask {r['mask_label']}, {trained}, {args['n_layer']} layers x {args['n_embd']} "
              "wide",
              f"{r['conversations']} held-out conversations from {r['data_dir']}/val.jsonl, greedy replies through "

@@ -356,6 +356,8 @@ def _from_hugging_face(source):
             model, tok = from_llama_folder(source, hf)
         except KeyError as e:
             raise UserError(f"{source}/config.json lacks {e}") from None
+        except (ValueError, TypeError) as e:  # GPTConfig refuses the shape (heads, widths), or a value is null
+            raise UserError(f"{source}/config.json: {str(e)[:160]}") from None
         return model, tok, f"{LLAMA_ARCHITECTURES[model_type]} from {source} ({model.num_params() / 1e6:.0f}M " \
                            "parameters)"
     raise UserError(f"{source}: model_type {model_type!r} is not supported (llama, qwen2, gpt2)")

@@ -60,7 +60,7 @@ def stats_line(result):
 
 
 def drop_notice(session):
-    kept = "kept the system message, " if session.system else ""
+    kept = "kept the system message, " if session.system or session.tok.default_system else ""
     return (f"note: context full (block_size {session.block_size}): dropped the oldest "
             f"{session.last.dropped_turns} turn(s), {kept}the rest is re-prefilled")
 

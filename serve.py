@@ -56,7 +56,7 @@ import torch
 from common import THREADS_HELP, ModelFlags, set_threads
 from data.chat import DataError, render, validate
 from data.synthetic import example_prompts
-from engine import ChatSession, Sampling, TextStream, reusable_prefix, set_history
+from engine import ChatSession, ModelError, Sampling, TextStream, TurnError, reusable_prefix, set_history
 from errors import UserError
 from flags import parse, run, setting
 from mask import ROLE_LETTERS
@@ -328,12 +328,20 @@ class ChatService:
         the first token is sampled, ("text", piece) with the answer in whole characters (a stop string and what
         follows it never shown), and last ("done", {text, finish_reason, usage, ismgpt}). Closing the iterator
         early (a client gone) stops the generation: the session closes the answer and stays consistent."""
-        session = self.session_for(request)
-        set_history(session, request.messages[:-1])  # keeps exactly the cached rows that stay exact
-        seed = request.seed if request.seed is not None else self.seeds.getrandbits(63)
-        sampling = Sampling(request.temperature, request.top_k or None, request.top_p,
-                            torch.Generator().manual_seed(seed))
-        tokens = session.generate(request.messages[-1]["content"], request.max_tokens, sampling)
+        try:
+            session = self.session_for(request)
+            set_history(session, request.messages[:-1])  # keeps exactly the cached rows that stay exact
+            seed = request.seed if request.seed is not None else self.seeds.getrandbits(63)
+            sampling = Sampling(request.temperature, request.top_k or None, request.top_p,
+                                torch.Generator().manual_seed(seed))
+            tokens = session.generate(request.messages[-1]["content"], request.max_tokens, sampling)
+            yield from self._events(session, request, tokens)
+        except TurnError as e:  # a case parse_request's checks cannot see that the engine can: the request's fault
+            raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
+        except ModelError as e:  # the model's own fault (non-finite logits): a 500 that says so
+            raise ApiError(500, str(e)) from None
+
+    def _events(self, session, request, tokens):
         stream, text, shown, stopped = TextStream(self.tok), "", 0, False
         with closing(tokens):
             for token in tokens:
@@ -586,6 +594,9 @@ class Handler(BaseHTTPRequestHandler):
                         self.note(value)
         except self.client_gone:
             raise  # nobody to tell: do_request logs it
+        except ApiError as e:  # the request could not be answered after all: its error, as an event
+            self.summary = f" ({e.message})"
+            self.send_event(e.body())
         except Exception:
             self.send_event(self.internal_error())
         self.wfile.write(b"data: [DONE]\n\n")

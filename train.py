@@ -172,7 +172,7 @@ def start_and_data(cfg, rt, is_master, log):
         raise UserError(f"{cfg.data_dir} holds {meta['tokenizer']['name']} tokens, the start needs "
                         f"{tokenizer['name']} ones: prepare the data with python data/prepare.py "
                         f"--tokenizer={tokenizer['name']} --out_dir=DIR and pass --data_dir=DIR")
-    if meta["tokenizer"]["name"] != cfg.tokenizer:
+    if meta["tokenizer"]["name"] not in (cfg.tokenizer, os.path.abspath(cfg.tokenizer)):
         log(f"note: {cfg.data_dir} holds {meta['tokenizer']['name']} tokens; --tokenizer={cfg.tokenizer} is ignored")
         cfg = replace(cfg, tokenizer=meta["tokenizer"]["name"])  # so the saved config says what was used
     if model is None:  # from scratch: the flags' shape, the data's vocabulary

@@ -140,10 +140,11 @@ def default_system_message(template):
     """The system message a ChatML chat template inserts when a conversation has none (SmolLM2's "You are a
     helpful AI assistant named SmolLM, ..."), or None. Read off the template's literal text; a template that builds
     it from variables gives None."""
-    found = stdlib_re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template or "", stdlib_re.S)
-    if not found or "{" in found.group(1) or "'" in found.group(1):
-        return None
-    return found.group(1).replace("\\n", "\n")
+    for found in stdlib_re.finditer(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template or "", stdlib_re.S):
+        text = found.group(1)
+        if "{" not in text and "'" not in text:  # literal text, not a branch that builds it (Qwen2.5's tools)
+            return text.replace("\\n", "\n")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- sources

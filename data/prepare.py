@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 import flags  # noqa: E402
+from errors import UserError  # noqa: E402
 from flags import setting  # noqa: E402
 from data import synthetic  # noqa: E402
 from data.batching import expansion_factor  # noqa: E402
@@ -310,7 +311,7 @@ def main(argv):
         config = flags.parse(PrepareConfig(), argv, __doc__)
         config = replace(config, out_dir=config.out_dir or default_out_dir(config.input, config.tokenizer))
         check_settings(config)
-    except flags.UserError as e:  # DataError included: these are bad flag values
+    except UserError as e:  # DataError included: these are bad flag values
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()

@@ -152,6 +152,9 @@ def get_tokenizer(name="byte"):
         return ChatMLTokenizer(os.path.abspath(name), *bpe.from_gguf(name))
     if _is_folder(name):
         return ChatMLTokenizer(os.path.abspath(name), *bpe.from_tokenizer_json(name))
+    if os.path.isabs(name):  # a path a checkpoint or a prepared folder recorded, gone since
+        raise DataError(f"tokenizer {name} is not there any more (no such .gguf file, or no tokenizer.json in the "
+                        "folder): put the file the model or data was made with back there")
     raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}, a .gguf file or a folder "
                     "holding tokenizer.json")
 

@@ -9,7 +9,7 @@ import torch
 import checkpoint
 from checkpoint import load_checkpoint, save_checkpoint
 from runs import RunLock
-from flags import UserError
+from errors import UserError
 
 
 def ckpt(value):

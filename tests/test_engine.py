@@ -8,7 +8,7 @@ from data.chat import render
 from data.tokenizer import get_tokenizer
 from engine import (ChatSession, ModelError, Sampling, TextStream, TurnError, reusable_prefix, sample_token,
                     set_history, transcript)
-from flags import UserError
+from errors import UserError
 from mask import ASSISTANT, MASKS, SYSTEM, USER, make_mask
 from model import GPT, GPTConfig, KVCache
 
@@ -522,3 +522,9 @@ def test_the_engine_self_check_reports_exact_reuse(capsys):
     assert all(float(r[4]) < 1e-4 for r in rows)
     assert all(int(r[3]) > 0 for r in rows if r[0] != "prefix" and r[1] != "1")  # later turns reuse the cache
     assert all(int(r[3]) == 0 for r in rows if r[0] == "prefix")
+
+
+def test_logits_that_leave_nothing_to_sample_are_a_model_error():
+    never = torch.tensor([True, False, False])
+    with pytest.raises(ModelError):
+        sample_token(torch.tensor([0.0, float("-inf"), float("-inf")]), Sampling(0.0), never)

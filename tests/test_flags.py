@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import flags
-from flags import UserError
+from errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = "/dev/full"  # every write to it fails with ENOSPC, as on a full disk

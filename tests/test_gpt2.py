@@ -16,7 +16,7 @@ from pretrained import VOCAB_MULTIPLE, from_gpt2 as from_hugging_face
 from data.prepare import prepare
 from data.tokenizer import SPECIAL_TOKENS
 import flags
-from flags import UserError
+from errors import UserError
 from mask import ASSISTANT, MASKS, USER, make_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

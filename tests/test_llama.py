@@ -6,7 +6,6 @@ import json
 import os
 
 import gguf
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -14,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 import train
 from data.prepare import prepare
-from flags import UserError
+from errors import UserError
 from mask import USER, make_mask
 from pretrained import load_start
 
@@ -211,3 +210,32 @@ def test_train_fine_tunes_a_llama_folder_and_sample_chats_with_it(tmp_path, caps
     sample.main([f"--out_dir={out}", f"--script={script}", "--temperature=0", "--max_new_tokens=4"])
     record = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert record["turn"] == 1 and record["generated_tokens"] >= 1
+
+
+def test_a_config_json_of_impossible_shape_is_one_line(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))  # 4 heads, 3 groups
+    with pytest.raises(UserError, match="config.json: .*n_head must be a multiple of n_kv_head|config.json: .*multiple"):
+        load_start(str(tmp_path))
+
+
+def test_the_default_system_message_is_read_off_chat_templates():
+    from data.bpe import default_system_message
+    smollm2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+               "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+               "<|im_end|>\n' }}{% endif %}")
+    qwen25 = ("{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}"
+              "{{- messages[0]['content'] }}{%- endif %}{{- '<|im_end|>\\n' }}{%- else %}"
+              "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+              "<|im_end|>\\n' }}{%- endif %}")
+    assert default_system_message(smollm2) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert default_system_message(qwen25) == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert default_system_message("{{ messages }}") is None and default_system_message(None) is None
+
+
+def test_a_tokenizer_whose_file_has_moved_says_so(tmp_path):
+    from data.chat import DataError
+    from data.tokenizer import get_tokenizer
+    with pytest.raises(DataError, match="is not there any more"):
+        get_tokenizer(str(tmp_path / "gone.gguf"))

@@ -18,6 +18,7 @@ from data.chat import render
 from data.tokenizer import smollm2_path
 from engine import ChatSession
 from mask import ASSISTANT, SYSTEM, USER, make_mask
+from model import GPT, GPTConfig
 from pretrained import load_start
 
 transformers.logging.set_verbosity_error()
@@ -145,3 +146,45 @@ def test_sample_answers_a_script_with_smollm2(tmp_path, capsys):
     sample.main(["--init_from=smollm2", f"--script={script}", "--temperature=0", "--max_new_tokens=12"])
     record = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert "Paris" in record["reply"] and record["stopped"] == "end"
+
+
+@pytest.fixture(scope="module")
+def tiny_chatml(smol):
+    """A random two-layer Llama-family model that reads SmolLM2's tokens and ChatML, with a short context."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=112, vocab_size=smol.tok.vocab_size, n_layer=2, n_head=4, n_embd=32, bias=False,
+                       family="llama", n_kv_head=2, mlp_hidden=48)
+    return GPT(config).eval(), smol.tok
+
+
+@pytest.mark.parametrize("kind", ["causal", "ism", "prefix"])
+def test_chatml_sessions_with_dropped_turns_equal_the_no_cache_path(tiny_chatml, kind):
+    # long enough that later turns drop the oldest ones: the kept history starts after the default system message
+    # and its first user message has no leading newline any more
+    model, tok = tiny_chatml
+    users = ["my pin is 4821", "7 2 9 4 1 max", "what is my pin?", "start at 12", "add 30", "b d a c sort"]
+
+    def chat(use_cache):
+        session = ChatSession(model, tok, kind, use_cache=use_cache)
+        records = [session.turn(u, max_new_tokens=6, temperature=0) for u in users]
+        assert (session.ids, session.roles) == render(session.messages, tok)
+        return records
+
+    cached, reference = chat(True), chat(False)
+    assert [r["reply"] for r in cached] == [r["reply"] for r in reference]
+    assert any(r["dropped_turns"] for r in cached)
+
+
+def test_a_first_message_that_just_fits_is_answered_by_the_server(tiny_chatml):
+    from serve import ChatService, ServeConfig, parse_request
+    model, tok = tiny_chatml
+    service = ChatService(model, tok, "ism", ServeConfig(), log=[].append)
+    # digits are tokens of their own in SmolLM2's BPE: a prompt of exactly block_size - 2 tokens, room for one
+    # answer token and its <|im_end|>
+    base = len(render([{"role": "user", "content": ""}], tok)[0])
+    text = "1" * (model.config.block_size - 2 - base)
+    request = parse_request({"messages": [{"role": "user", "content": text}], "max_tokens": 4}, tok,
+                            model.config.block_size, ServeConfig())
+    assert len(request.ids) + 2 == model.config.block_size
+    events = list(service.answer(request))
+    assert events[-1][0] == "done" and events[-1][1]["usage"]["completion_tokens"] == 1

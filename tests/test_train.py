@@ -20,7 +20,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from data.batching import RowStream, answer_target_count, batches_of, collate, epoch_rows, token_count
 from data.prepare import prepare
 from data.store import Split, load_split
-from flags import UserError
+from errors import UserError
 from mask import ASSISTANT, USER
 from common import Runtime
 from loss import answer_loss_sum, answer_loss_totals, batch_mask, estimate_val_loss
