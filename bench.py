@@ -119,6 +119,7 @@ class BenchConfig:
 QUICK = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, batch_size=2, repeats=1, warmup=1, answer_tokens=4,
              new_tokens=8, chat_repeats=1, threads=1)  # tiny tensors: a second thread only adds synchronisation
 QUICK_DATA = dict(n_train=48, n_val=4)  # --quick trains on this many synthetic conversations
+PRETRAINED_ROUNDS = dict(repeats=2, chat_repeats=2, new_tokens=8)  # --init_from's defaults (flags still win)
 
 
 def parse_config(argv):
@@ -126,6 +127,8 @@ def parse_config(argv):
     cfg = flags.parse(BenchConfig(), argv, __doc__, shared_files=True)
     if cfg.quick:  # the quick defaults, then the flags again so that explicit ones win
         cfg = flags.parse(replace(BenchConfig(), **QUICK, quick=True), argv, __doc__, shared_files=True)
+    elif cfg.init_from:  # fewer rounds at a real model's size, where one round of the chat takes minutes on a CPU
+        cfg = flags.parse(replace(BenchConfig(), **PRETRAINED_ROUNDS), argv, __doc__, shared_files=True)
     pretrained = bool(cfg.init_from)
     cfg = replace(cfg, block_size=cfg.block_size or (0 if pretrained else 512),  # 0: set once the model is loaded
                   batch_size=cfg.batch_size or (1 if pretrained else 8))
