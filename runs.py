@@ -228,6 +228,14 @@ class TrainingLog:
                 kept.append(line)
         return kept
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
     def write(self, **record):
         self.write_lines([json.dumps(record)])
 

@@ -288,10 +288,10 @@ def train(cfg, flags_given, rt, rank, world_size):
     describe_run(log, cfg, rt, model, meta, train_split, rows_per_step, len(stream.rows), world_size)
     eval_rows = heldout(val_split, cfg, rank, world_size, log)
     resumed_at = state.iter_num if cfg.init_from == "resume" else 0
-    run.record = TrainingLog(cfg.out_dir, resumed_at if cfg.init_from == "resume" else None, rank == 0)
     run.saved_iter = resumed_at or None
     t_start, timer = time.time(), StepTimer()
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, TrainingLog(cfg.out_dir, resumed_at if cfg.init_from == "resume" else None,
+                                             rank == 0) as run.record:
         while True:
             # 1. evaluate the held-out answer loss and save the latest state, every eval_interval steps and at the end
             if state.iter_num % cfg.eval_interval == 0 or state.iter_num >= cfg.max_iters:

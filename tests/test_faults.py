@@ -69,13 +69,13 @@ def small_disk(tmp_path, finished):
 
 def test_a_full_disk_keeps_the_previous_checkpoint_new_run_and_resume(small_disk, data_dir):
     out = os.path.join(small_disk, "out")
-    proc = run_train(*TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
-    one_line_error(proc, f"could not write {out}/ckpt.pt", "the previous checkpoint, if any, is unchanged")
+    args = TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=2"]
+    with pytest.raises(UserError, match=f"could not write {out}/ckpt.pt .*the previous checkpoint, if any, is unchanged"):
+        train.main(args + ["--max_iters=4"])
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 2  # the first save, whole
     assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "train.lock"]  # no temporary file left
-    proc = run_train(*TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=2",
-                     "--init_from=resume")
-    one_line_error(proc, "could not write", "unchanged")
+    with pytest.raises(UserError, match="could not write .*unchanged"):
+        train.main(args + ["--max_iters=6", "--init_from=resume"])
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 2
 
 
@@ -92,18 +92,19 @@ def fill(folder, leave=0):
             pass
 
 
-def test_a_full_disk_on_best_pt_and_the_log_is_one_line(small_disk, data_dir, finished):
+def test_a_full_disk_on_best_pt_and_the_log_is_one_line(small_disk, data_dir, finished, capsys):
     fill(small_disk, leave=int(1.1 * os.path.getsize(os.path.join(finished[0], "ckpt.pt"))))  # ckpt.pt fits, no more
     out = os.path.join(small_disk, "best")
-    proc = run_train(*TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
-                     "--keep_best", "--learning_rate=1e-3")
-    one_line_error(proc, f"could not write {out}/best.pt")
+    with pytest.raises(UserError, match=f"could not write {out}/best.pt"):
+        train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+                           "--keep_best", "--learning_rate=1e-3"])
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 2
-    fill(small_disk)  # fill what is left, then train a new run
-    proc = run_train(*TINY, f"--data_dir={data_dir}", f"--out_dir={os.path.join(small_disk, 'log')}",
-                     "--max_iters=2", "--eval_interval=2")
-    assert "warning: cannot write" in proc.stderr and "log.jsonl" in proc.stderr  # the log gives way first
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "could not write" in proc.stderr
+    fill(small_disk)  # fill what is left, then train a new run: the lock and the log give way, the save does not
+    capsys.readouterr()
+    with pytest.raises(UserError, match="could not write"):
+        train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={os.path.join(small_disk, 'log')}",
+                           "--max_iters=2", "--eval_interval=2"])
+    assert "warning: cannot write" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ damaged inputs
