@@ -64,7 +64,7 @@ def small_disk(tmp_path, finished):
             pytest.fail(f"cannot mount a tmpfs: {done.stderr.strip()}")
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield str(mount)
-    subprocess.run(["umount", str(mount)], check=True)
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # even where a failed test left a file open
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_new_run_and_resume(small_disk, data_dir):
