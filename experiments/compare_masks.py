@@ -318,14 +318,21 @@ def start_line(settings):
     return "start: from scratch"
 
 
+def shape_of(result):
+    """The trained models' shape, as their evaluation read it (a start brings its own, whatever --n_layer says)."""
+    m = result["runs"][0]["eval"]["model_args"]
+    family = "Llama-family " if m.get("family") == "llama" else ""
+    return f"{family}{m['n_layer']} layers x {m['n_embd']} wide ({m['n_head']} heads), block_size {m['block_size']}"
+
+
 def report(result):
     s, c = result["summary"], result["settings"]
     masks = c["masks"]
     paired = "ism" in masks and "causal" in masks
     lines = [f"# ismGPT quality: {' vs '.join(masks)}, {len(c['seeds'])} seed(s) ({', '.join(map(str, c['seeds']))})",
-             f"budget: {c['n_layer']} layers x {c['n_embd']} wide ({c['n_head']} heads), block_size "
-             f"{c['block_size']}, {c['max_iters']} optimizer steps of {c['train_batch_size']} rows x "
-             f"{c['block_size']} tokens, the same seeds (initial weights) for every mask; data {c['data_dir']}"
+             f"budget: {shape_of(result)}, {c['max_iters']} optimizer steps of {c['train_batch_size']} rows x "
+             f"{c['block_size']} tokens, the same seeds for every mask (the same initial weights from scratch; from a "
+             f"start, the same data order); data {result['runs'][0]['eval']['data_dir']}"
              + (f"; train.py {c['train_args']}" if c["train_args"] else ""),
              start_line(c),
              f"eval: {c['conversations']} held-out conversations, greedy through ChatSession (KV cache), "
@@ -402,7 +409,7 @@ def compare(cfg, masks, seeds, argv):
     settings = {"masks": masks, "seeds": seeds, "data_dir": cfg.data_dir, "history": cfg.history,
                 "history_note": first["history_note"], "conversations": first["conversations"],
                 "total_seconds": round(time.time() - t0, 1), "machine": first["machine"], "device": first["device"],
-                "command": "python experiments/compare_masks.py " + " ".join(argv),
+                "command": "python experiments/compare_masks.py " + shlex.join(argv),
                 **{k: getattr(cfg, k) for k in ("max_iters", "n_layer", "n_head", "n_embd", "block_size",
                                                 "train_batch_size", "train_args", "max_new_tokens", "pretrain_iters",
                                                 "init_from")}}
