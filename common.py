@@ -136,7 +136,7 @@ def busy_machine_note(threads):
     if load < 0.75 or threads + load <= cpus + 0.5:
         return None
     return (f"this machine is busy (load average {load:.1f} on {cpus} CPUs) and torch runs {threads} threads, which "
-            "then wait for each other: --threads=1 is often several times faster")
+            "then wait for each other: --threads=1 is likely faster")
 
 
 @contextmanager

@@ -1,5 +1,5 @@
-"""experiments/compare_masks.py: its small parts on hand-made input, and a smoke run as a user starts it (tiny model,
-2 optimizer steps per mask; run again, it must reuse every run)."""
+"""experiments/compare_masks.py: its small parts on hand-made input, and a smoke run as a user starts it (a tiny
+random Llama start, scored as it is, then fine-tuned 2 optimizer steps per mask; run again, it must reuse every run)."""
 import json
 import math
 import os
@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import transformers
 
 from data.prepare import prepare
 from experiments import compare_masks as cm
@@ -31,12 +33,18 @@ def test_mean_std():
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    """One tiny experiment (1 seed, causal and ISM, 2 steps each), run as a user would: -> (out_dir, JSON, argv)."""
+    """One tiny experiment as a user would run it on a real model (1 seed, causal and ISM, 2 steps each), from a
+    small random Llama folder: -> (out_dir, JSON, argv)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    start = str(tmp_path_factory.mktemp("start") / "llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(start)
     data_dir = str(tmp_path_factory.mktemp("data") / "synthetic")
     prepare(data_dir, block_size=128, n_train=40, n_val=6)
     out_dir = str(tmp_path_factory.mktemp("compare"))
-    argv = [f"--out_dir={out_dir}", f"--data_dir={data_dir}", "--masks=causal,ism", "--seeds=7",
-            "--max_conversations=3", "--device=cpu", *TINY]
+    argv = [f"--out_dir={out_dir}", f"--data_dir={data_dir}", f"--init_from={start}", "--masks=causal,ism",
+            "--seeds=7", "--max_conversations=3", "--max_new_tokens=8", "--device=cpu", *TINY]
     first = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "compare_masks.py"), *argv, "--json"],
                            cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
@@ -48,6 +56,7 @@ def test_compare_runs_every_mask_and_summarises(compared):
     assert [(r["mask"], r["seed"]) for r in result["runs"]] == [("causal", 7), ("ism", 7)]
     for r in result["runs"]:
         assert r["eval"]["iter_num"] == 2 and r["eval"]["mask"] == r["mask"]
+        assert r["eval"]["model_args"]["family"] == "llama" and r["eval"]["model_args"]["n_embd"] == 32  # not TINY's
         assert r["eval"]["trained_tokens"] > 0 and r["train"]["wall_seconds"] > 0
         assert r["train"]["step_seconds"] is not None
         assert math.isfinite(r["eval"]["val_loss"])
@@ -58,6 +67,11 @@ def test_compare_runs_every_mask_and_summarises(compared):
         for entry in summary[table].values():
             assert set(entry) == {"causal", "ism", "ism-causal", "n"}
     assert result["settings"]["max_iters"] == 2 and result["settings"]["seeds"] == [7]
+    for kind in ("causal", "ism"):  # the start as it is, scored on the same answers under each mask
+        before = result["start"][kind]
+        assert before["n"] == result["runs"][0]["eval"]["overall"]["n"] > 0 and math.isfinite(before["val_loss"][0])
+    # two layers: with one, an answer's keys and values come from embeddings alone, the same under both masks
+    assert result["start"]["causal"]["val_loss"] != result["start"]["ism"]["val_loss"]
 
 
 def test_compare_again_reuses_finished_runs_and_prints_tables(compared, capsys):
@@ -68,10 +82,11 @@ def test_compare_again_reuses_finished_runs_and_prints_tables(compared, capsys):
     assert "evaluated in" not in again.err
     out = again.out
     assert out.startswith("# ismGPT quality: causal vs ism, 1 seed(s) (7)")
-    assert "budget: 1 layers x 16 wide (2 heads), block_size 128, 2 optimizer steps of 2 rows" in out
+    assert "budget: Llama-family 2 layers x 32 wide (2 heads), block_size 128, 2 optimizer steps of 2 rows" in out
     assert "| family (exact match %) | answers | causal | ism | ism - causal (paired) |" in out
     assert "| turn (exact match %) | answers |" in out and "| **overall** |" in out
     assert "| mask | held-out answer loss |" in out
+    assert "before fine-tuning: LlamaForCausalLM" in out
     for mask in ("causal", "ism"):
         assert f"| {mask} | " in out
 
