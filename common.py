@@ -129,11 +129,12 @@ def set_threads(n, device="cpu"):
 
 
 def busy_machine_note(threads):
-    """A sentence when the load average says that other processes leave fewer free cores than `threads`."""
+    """A sentence when the load average says that other processes leave fewer free cores than `threads`. Below a
+    load of 1 it stays quiet: the last minute's average still counts the command that ran just before."""
     if threads < 2 or not hasattr(os, "getloadavg"):
         return None
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    if load < 0.75 or threads + load <= cpus + 0.5:
+    if load < 1 or threads + load <= cpus + 0.5:
         return None
     return (f"this machine is busy (load average {load:.1f} on {cpus} CPUs) and torch runs {threads} threads, which "
             "then wait for each other: --threads=1 is likely faster")
