@@ -127,13 +127,13 @@ def test_cached_transcript_equals_no_cache_and_full_recompute(kind, ends):
 def test_prefilled_and_reused_tokens_per_turn(kind):
     hook = MODEL.register_forward_hook(end_after({167, 197}))
     try:
-        session = ChatSession(MODEL, TOK, kind, system=SYSTEM_TEXT)
-        for k, user in enumerate(USERS):
+        session, last = ChatSession(MODEL, TOK, kind, system=SYSTEM_TEXT), None
+        for user in USERS:
             before = [dict(m) for m in session.messages]
             history = len(render(before, TOK)[0])
             with_prompt = len(render(before + [{"role": "user", "content": user}], TOK)[0])
             result = session.turn(user, max_new_tokens=7)
-            if kind == "prefix" or k == 0:
+            if kind == "prefix" or last is None:
                 assert result["reused_tokens"] == 0
                 assert result["prefill_tokens"] == with_prompt  # the whole history, every turn
             else:
