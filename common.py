@@ -119,7 +119,7 @@ def chat_dtype(name, device):
 
 def set_threads(n, device="cpu"):
     """torch's intra-op CPU threads; 0 keeps torch's default. On a CPU device, one line on stderr when other work
-    already keeps the machine busy: torch's threads then wait for each other (measured here: a training step 3x
+    already keeps the machine busy: torch's threads then wait for each other (measured here: a training step 1.6x
     slower with two threads than with one beside one busy process)."""
     if n:
         torch.set_num_threads(n)

@@ -56,7 +56,8 @@ def _value(text, defaults, field):
     value = _convert(text, type(getattr(defaults, key)), key)
     choices = field.metadata.get("choices")
     if choices is not None and value not in choices:
-        raise UserError(f"--{key}={text}: choose one of {' | '.join(map(str, choices))}")
+        named = [str(c) for c in choices if c != ""] + (["empty"] if "" in choices else [])
+        raise UserError(f"--{key}={text}: choose one of {' | '.join(named)}")
     for bound, limit in field.metadata.get("bounds", {}).items():
         holds, words = _BOUNDS[bound]
         if not holds(value, limit):

@@ -315,9 +315,14 @@ class Run:
                             f"--learning_rate or --grad_clip); {kept}")
 
 
-def resumed_state(cfg, checkpoint, optimizer, meta, log):
-    """The RunState of a new run, or of the checkpoint being resumed (whose optimizer state is loaded)."""
+def resumed_state(cfg, checkpoint, optimizer, meta, log, is_master=True):
+    """The RunState of a new run, or of the checkpoint being resumed (whose optimizer state is loaded). A new run
+    where best.pt exists got here with --overwrite: those best weights are another run's, removed at once."""
     if checkpoint is None:
+        replaced = os.path.join(cfg.out_dir, "best.pt")
+        if is_master and os.path.lexists(replaced):
+            os.remove(replaced)
+            log(f"note: removed {replaced}, the best weights of the run this one replaces")
         return RunState(start=cfg.init_from)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     check_same_data(checkpoint, path, cfg, meta)

@@ -200,8 +200,9 @@ def heldout(val_split, cfg, rank, world_size, log):
     if answers == 0:
         raise UserError(f"{cfg.data_dir}: the held-out rows hold no answer tokens; prepare the data again")
     if answers < FEW_VAL_ANSWERS:
-        log(f"note: the held-out loss is measured on {answers} answer tokens only: it is noisy (hold out more "
-            "conversations: python data/prepare.py --val_fraction=..., or --eval_iters=0)")
+        more = ("--eval_iters=0 scores every held-out row" if cfg.eval_iters else "hold out more conversations: "
+                "python data/prepare.py --val_fraction=..., or --n_val=... for the synthetic data")
+        log(f"note: the held-out loss is measured on {answers} answer tokens only: it is noisy ({more})")
     return rows[rank::world_size]
 
 
@@ -279,7 +280,7 @@ def train(cfg, flags_given, rt, rank, world_size):
     cfg, model, checkpoint, meta, train_split, val_split = start_and_data(cfg, rt, rank == 0, log)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            rt.device_type)
-    state = resumed_state(cfg, checkpoint, optimizer, meta, log)
+    state = resumed_state(cfg, checkpoint, optimizer, meta, log, rank == 0)
     del checkpoint
     stream = RowStream(train_split, cfg.mask, cfg.block_size, cfg.seed, **state.data_state)
     run = Run(cfg, flags_given, rt, rank, world_size, model, optimizer, stream, state, meta, log)

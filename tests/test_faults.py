@@ -172,6 +172,16 @@ def test_a_new_run_refuses_to_replace_another_runs_best_pt_or_log(data_dir, tmp_
         assert (out / name).read_text() == "another run's"
 
 
+def test_overwrite_replaces_the_old_runs_best_pt_at_once(data_dir, tmp_path, capsys):
+    # a new run that keeps no best.pt must not leave the replaced run's beside its own ckpt.pt
+    args = TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2"]
+    train.main(args + ["--keep_best"])
+    assert (tmp_path / "best.pt").exists()
+    train.main(args + ["--overwrite", "--learning_rate=1e-3"])
+    assert not (tmp_path / "best.pt").exists() and (tmp_path / "ckpt.pt").exists()
+    assert "removed" in capsys.readouterr().out
+
+
 def test_a_finished_run_asked_again_has_nothing_to_do(finished, capsys):
     out_dir, argv = finished
     before = os.stat(os.path.join(out_dir, "ckpt.pt")).st_mtime_ns
