@@ -119,6 +119,8 @@ def chat(cfg, session, sampling, chat_model):
         if chat_model.knows_only_synthetic_tasks:
             say("this model knows only the synthetic tasks it was trained on; try, one at a time: "
                 + " | ".join(example_prompts()))
+    elif chat_model.mask != chat_model.trained_mask:  # piped: no banner, but this must not pass unsaid
+        say(f"note: mask {chat_model.mask_label}")
     while True:
         try:
             line = input(prompt) if interactive else sys.stdin.readline()

@@ -72,6 +72,16 @@ def test_cli_piped_stdin_chats_with_reset_and_ignores_empty_lines(out_dir):
     assert len(err) == 2 and err[0] == "(stats on)" and err[1].startswith("[prefilled ")
 
 
+def test_piped_chat_under_another_mask_than_the_models_says_so(out_dir, monkeypatch, capsys):
+    code, out, err = cli([f"--out_dir={out_dir}", "--mask=causal", "--temperature=0", "--max_new_tokens=3"],
+                         f"{USERS[0]}\n", monkeypatch, capsys)
+    assert code == 0 and out.count("\n") == 1
+    assert err == "note: mask causal (off its training: trained ism)\n"
+    code, out, err = cli([f"--out_dir={out_dir}", "--temperature=0", "--max_new_tokens=3"], f"{USERS[0]}\n",
+                         monkeypatch, capsys)
+    assert code == 0 and err == ""  # its own mask: nothing to say
+
+
 def test_cli_json_lines_from_stdin(out_dir, monkeypatch, capsys):
     code, out, err = cli([f"--out_dir={out_dir}", "--json", "--temperature=0", "--max_new_tokens=5"],
                          f"{USERS[0]}\n{'y' * 300}\n{USERS[1]}\n", monkeypatch, capsys)
