@@ -421,9 +421,10 @@ class ChatSession:
             return 0
         dropped, kept = oldest_turns_dropped(self.messages, self.tok, self.block_size - need)
         if kept is None:
+            taken = "the system message and chat format" if self.system else "the chat format"
             raise TurnError(f"message of {prompt_len} tokens does not fit: block_size {self.block_size}, "
-                            f"{len(render(self.messages[:1 if self.system else 0], self.tok)[0])} taken by the "
-                            f"system message and chat format, {need - prompt_len} kept for the answer; shorten it")
+                            f"{len(render(self.messages[:1 if self.system else 0], self.tok)[0])} taken by {taken}, "
+                            f"{need - prompt_len} kept for the answer; shorten it")
         self.messages, (self.ids, self.roles) = kept, render(kept, self.tok)
         if self.cache is not None:
             self.cache.truncate(0)  # positions restart at 0: the kept history is re-prefilled

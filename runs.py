@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -35,14 +36,17 @@ RUN_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "dropout")  # c
 NO_EFFECT = ("threads", "log_interval", "compile", "overwrite")
 
 
+def planted_link(path, what):
+    return UserError(f"{path} is a symbolic link: remove it (a run never writes {what} through a link it did not make)")
+
+
 def open_no_follow(path, flags, what):
     """os.open that refuses a symbolic link at path (O_NOFOLLOW) with a one-line UserError."""
     try:
         return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     except OSError as e:
         if os.path.islink(path):
-            raise UserError(f"{path} is a symbolic link: remove it (a run never writes {what} through a link it did "
-                            "not make)") from None
+            raise planted_link(path, what) from None
         raise UserError(f"cannot write {path} ({e.strerror or e}): pick another --out_dir") from None
 
 
@@ -72,7 +76,9 @@ class RunLock:
             os.write(self.fd, f"pid {os.getpid()}".encode())
         except OSError:
             pass
-        for leftover in glob.glob(os.path.join(self.out_dir, ".ckpt-*.tmp")):  # checkpoint.save_checkpoint's
+        leftovers = glob.glob(os.path.join(self.out_dir, ".ckpt-*.tmp")) + glob.glob(os.path.join(self.out_dir,
+                                                                                             ".log-*.tmp"))
+        for leftover in leftovers:  # of checkpoint.save_checkpoint and TrainingLog
             if os.path.isfile(leftover) and not os.path.islink(leftover):
                 os.remove(leftover)
         return self
@@ -95,9 +101,11 @@ def check_fresh_start(cfg, flags_given):
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if "ckpt.pt" in found and finished_this_run(path, flags_given):
         return True
-    what = "a model" if "ckpt.pt" in found else f"another run's {' and '.join(found)}"
-    raise UserError(f"{os.path.join(cfg.out_dir, found[0])} already holds {what}: continue it with "
-                    "--init_from=resume, replace it with --overwrite, or pick another --out_dir")
+    if "ckpt.pt" in found:
+        raise UserError(f"{path} already holds a model: continue it with --init_from=resume, replace it with "
+                        "--overwrite, or pick another --out_dir")
+    raise UserError(f"{os.path.join(cfg.out_dir, found[0])} already holds another run's {' and '.join(found)}, and "
+                    "no checkpoint to resume: replace it with --overwrite, or pick another --out_dir")
 
 
 def finished_this_run(path, flags_given):
@@ -196,16 +204,32 @@ class TrainingLog:
     """out_dir/log.jsonl: one JSON object per evaluation and per logged step, for plots (experiments/plot_training.py).
     A new run starts it afresh. A resumed one keeps what the run had logged up to the step it resumes at and goes on
     from there, so the log is the one an uninterrupted run writes (no step or evaluation twice, even after a kill).
-    It is a record, not the run: a write that fails (a full disk) is reported once and logging stops, while training
-    and its checkpoints go on."""
+    It is a record, not the run: a log that cannot be read or written (a full disk, a folder in its place) is
+    reported once and logging stops, while training and its checkpoints go on. Only a planted link is refused."""
 
     def __init__(self, out_dir, resumed_at=None, enabled=True):
         self.path, self.fd = os.path.join(out_dir, "log.jsonl"), None
         if not enabled:
             return
-        kept = self._records_before(resumed_at) if resumed_at is not None else []
-        self.fd = open_no_follow(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "its log")
-        self.write_lines(kept)
+        if os.path.islink(self.path):
+            raise planted_link(self.path, "its log")
+        tmp = None
+        try:  # the kept records go to a new file that then takes the log's name: a kill leaves one log or the other
+            kept = self._records_before(resumed_at) if resumed_at is not None else []
+            self.fd, tmp = tempfile.mkstemp(prefix=".log-", suffix=".tmp", dir=out_dir)
+            os.write(self.fd, "".join(line + "\n" for line in kept).encode("utf-8"))
+            os.replace(tmp, self.path)  # replaces a name, never writes through what the name points to
+        except OSError as e:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+            self.stop_logging(e)
+
+    def stop_logging(self, error):
+        print(f"warning: cannot write {self.path} ({error.strerror or error}): training goes on without it",
+              file=sys.stderr, flush=True)
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = None
 
     def _records_before(self, step):
         """The lines of an earlier log up to `step`: every record of the steps before it, and the step record of
@@ -215,8 +239,6 @@ class TrainingLog:
                 lines = f.read().decode("utf-8", errors="replace").splitlines()
         except FileNotFoundError:
             return []
-        except OSError as e:
-            raise UserError(f"cannot read {self.path} ({e.strerror})") from None
         kept = []
         for line in lines:
             try:
@@ -245,9 +267,7 @@ class TrainingLog:
         try:
             os.write(self.fd, "".join(line + "\n" for line in lines).encode("utf-8"))
         except OSError as e:
-            print(f"warning: cannot write {self.path} ({e.strerror}): training goes on without it", file=sys.stderr)
-            os.close(self.fd)
-            self.fd = None
+            self.stop_logging(e)
 
 
 class StopOnSignal:
@@ -310,7 +330,8 @@ class Run:
         bad = not bool(self.finite) or not all(math.isfinite(v) for v in values)
         if all_ranks_sum([float(bad)], self.rt.device)[0]:
             kept = (f"{os.path.join(self.cfg.out_dir, 'ckpt.pt')} keeps iter {self.saved_iter}"
-                    if self.saved_iter else "nothing was saved")
+                    if self.saved_iter else "nothing was saved; its log.jsonl stays, so pass --overwrite to the next "
+                    "run here")
             raise UserError(f"the loss is not finite by iter {self.state.iter_num}: the run diverged (try a lower "
                             f"--learning_rate or --grad_clip); {kept}")
 

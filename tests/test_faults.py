@@ -3,6 +3,7 @@ tmpfs), hand-damaged checkpoints, a diverging run, planted links, another run's 
 and the first-run niceties (a finished run asked again has nothing to do, a busy machine is named)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -167,9 +168,34 @@ def test_a_new_run_refuses_to_replace_another_runs_best_pt_or_log(data_dir, tmp_
         out = tmp_path / name
         out.mkdir()
         (out / name).write_text("another run's")
-        with pytest.raises(UserError, match=f"{name} already holds another run's {name}: .*--overwrite"):
+        with pytest.raises(UserError, match=f"{name} already holds another run's {name}, and no checkpoint to resume: "
+                                            "replace it with --overwrite") as refused:
             train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2"])
+        assert "--init_from=resume" not in str(refused.value)  # there is nothing to resume: no hint that loops
         assert (out / name).read_text() == "another run's"
+
+
+def test_a_run_that_diverged_before_its_first_save_says_how_to_run_again(data_dir, tmp_path):
+    args = TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=40", "--eval_interval=20"]
+    with pytest.raises(UserError, match="nothing was saved; its log.jsonl stays, so pass --overwrite to the next run"):
+        train.main(args + ["--learning_rate=1e12", "--min_lr=1e11", "--grad_clip=0", "--warmup_iters=0"])
+    assert not (tmp_path / "ckpt.pt").exists()
+    train.main(args[:-2] + ["--max_iters=2", "--eval_interval=2", "--overwrite"])
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == 2
+
+
+def test_a_log_that_cannot_be_written_is_a_warning_the_run_goes_on(finished, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").mkdir()  # neither readable nor writable as a file
+    argv = [a for a in finished[1] if not a.startswith(("--out_dir=", "--max_iters="))] + [f"--out_dir={out}"]
+    train.main(argv + ["--init_from=resume", "--max_iters=6"])
+    assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 6
+    assert f"warning: cannot write {out}/log.jsonl (Is a directory): training goes on without it" in \
+        capsys.readouterr().err
+    train.main(argv + ["--overwrite", "--max_iters=2"])  # a new run too
+    assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 2 and (out / "log.jsonl").is_dir()
 
 
 def test_overwrite_replaces_the_old_runs_best_pt_at_once(data_dir, tmp_path, capsys):
@@ -213,8 +239,9 @@ def test_a_killed_runs_leftovers_are_cleared(finished, data_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / ".ckpt-abc123.tmp").write_bytes(b"\0" * 1000)  # a save killed mid-write
+    (out / ".log-def456.tmp").write_text('{"iter": 0}\n')  # a resumed log killed before it took the log's name
     train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"])
-    assert not (out / ".ckpt-abc123.tmp").exists()
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "train.lock"]
     prepared = tmp_path / "data"
     prepare(str(prepared), block_size=128, n_train=8, n_val=2)
     (prepared / ".prepare-xyz").mkdir()  # a prepare killed before it moved its files in

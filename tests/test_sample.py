@@ -89,6 +89,7 @@ def test_cli_json_lines_from_stdin(out_dir, monkeypatch, capsys):
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["turn"] for r in rows] == [1, 2] and rows[1]["reused_tokens"] > 0
     assert err.startswith("error: message of 303 tokens does not fit")
+    assert "taken by the chat format," in err  # there is no system message to blame
 
 
 KEYS = {"conversation", "turn", "user", "reply", "prefill_tokens", "reused_tokens", "generated_tokens", "ttft_ms",
