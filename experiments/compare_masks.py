@@ -432,9 +432,18 @@ def summarise_start(before):
     return out
 
 
+def with_absolute_paths(cfg):
+    """train.py and eval.py run from the repository root: the folders and files named relative to where this was
+    started become absolute, so that they name the same files there, and a finished run is recognised whatever
+    spelling named its folder (its record holds the flags it was trained with)."""
+    start = os.path.abspath(cfg.init_from) if cfg.init_from and os.path.exists(cfg.init_from) else cfg.init_from
+    return replace(cfg, out_dir=os.path.abspath(cfg.out_dir), data_dir=cfg.data_dir and os.path.abspath(cfg.data_dir),
+                   init_from=start)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg = flags.parse(CompareConfig(), argv, __doc__)
+    cfg = with_absolute_paths(flags.parse(CompareConfig(), argv, __doc__))
     masks, seeds = check_config(cfg)
     result = compare(cfg, masks, seeds, argv)
     print(json.dumps(result) if cfg.json else report(result))

@@ -74,8 +74,10 @@ def test_compare_runs_every_mask_and_summarises(compared):
     assert result["start"]["causal"]["val_loss"] != result["start"]["ism"]["val_loss"]
 
 
-def test_compare_again_reuses_finished_runs_and_prints_tables(compared, capsys):
-    _, _, argv = compared
+def test_compare_again_reuses_finished_runs_and_prints_tables(compared, capsys, monkeypatch):
+    out_dir, _, argv = compared
+    monkeypatch.chdir(os.path.dirname(out_dir))  # the same folder, named relative to another working directory
+    argv = [f"--out_dir={os.path.basename(out_dir)}" if a.startswith("--out_dir=") else a for a in argv]
     cm.main(argv)  # in this process: nothing is trained or scored again (no subprocess would run)
     again = capsys.readouterr()
     assert again.err.count("trained already") == 2 and "python train.py" not in again.err
