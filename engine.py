@@ -346,8 +346,10 @@ class ChatSession:
             raise TurnError("empty message")
         # ChatML's prompt after an answer starts with a newline, so the prompt as the history now ends is as long as
         # it can be: dropping turns may leave a history that ends without an answer, never one that gains one.
-        dropped = self._make_room(len(self._prompt(user_text)[0]), max_new_tokens)  # phase 1
         prompt_ids, prompt_roles = self._prompt(user_text)
+        dropped = self._make_room(len(prompt_ids), max_new_tokens)  # phase 1
+        if dropped:  # the history it follows changed: render it again
+            prompt_ids, prompt_roles = self._prompt(user_text)
         budget = min(max_new_tokens, self.block_size - len(self.ids) - len(prompt_ids) - 1)  # room for the close
         self.last = Turn(self.turns + 1, user_text, started, dropped,
                          "max_new_tokens" if budget == max_new_tokens else "block_size")

@@ -164,7 +164,8 @@ def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_n
     t2 = time.time()
     tokens = checkpoint.get("tokens", {})
     info = machine(device)
-    return {"model": chat_model.what, "pretrained": chat_model.checkpoint is None, "mask": kind, "mask_label": chat_model.mask_label, "data_dir": data_dir,
+    return {"model": chat_model.what, "pretrained": chat_model.checkpoint is None, "mask": kind,
+            "mask_label": chat_model.mask_label, "data_dir": data_dir,
             "iter_num": checkpoint.get("iter_num"), "model_args": asdict(model.config),
             "trained_tokens": tokens.get("tokens"), "trained_answer_tokens": tokens.get("answer_tokens"),
             "history": history, "history_note": HISTORY_NOTE[history], "conversations": len(conversations),

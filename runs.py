@@ -76,11 +76,10 @@ class RunLock:
             os.write(self.fd, f"pid {os.getpid()}".encode())
         except OSError:
             pass
-        leftovers = glob.glob(os.path.join(self.out_dir, ".ckpt-*.tmp")) + glob.glob(os.path.join(self.out_dir,
-                                                                                             ".log-*.tmp"))
-        for leftover in leftovers:  # of checkpoint.save_checkpoint and TrainingLog
-            if os.path.isfile(leftover) and not os.path.islink(leftover):
-                os.remove(leftover)
+        for pattern in (".ckpt-*.tmp", ".log-*.tmp"):  # checkpoint.save_checkpoint's and TrainingLog's
+            for leftover in glob.glob(os.path.join(self.out_dir, pattern)):
+                if os.path.isfile(leftover) and not os.path.islink(leftover):
+                    os.remove(leftover)
         return self
 
     def __exit__(self, *exc):
@@ -200,6 +199,10 @@ def make_checkpoint(model, cfg, flags_given, meta, state, optimizer=None, stream
     return checkpoint
 
 
+def jsonl(lines):
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
 class TrainingLog:
     """out_dir/log.jsonl: one JSON object per evaluation and per logged step, for plots (experiments/plot_training.py).
     A new run starts it afresh. A resumed one keeps what the run had logged up to the step it resumes at and goes on
@@ -217,7 +220,7 @@ class TrainingLog:
         try:  # the kept records go to a new file that then takes the log's name: a kill leaves one log or the other
             kept = self._records_before(resumed_at) if resumed_at is not None else []
             self.fd, tmp = tempfile.mkstemp(prefix=".log-", suffix=".tmp", dir=out_dir)
-            os.write(self.fd, "".join(line + "\n" for line in kept).encode("utf-8"))
+            os.write(self.fd, jsonl(kept))
             os.replace(tmp, self.path)  # replaces a name, never writes through what the name points to
         except OSError as e:
             if tmp is not None and os.path.exists(tmp):
@@ -265,7 +268,7 @@ class TrainingLog:
         if self.fd is None or not lines:
             return
         try:
-            os.write(self.fd, "".join(line + "\n" for line in lines).encode("utf-8"))
+            os.write(self.fd, jsonl(lines))
         except OSError as e:
             self.stop_logging(e)
 
