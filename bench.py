@@ -54,8 +54,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-import flags
-from common import (CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, THREADS_HELP, Runtime, chat_dtype, cpu_threads, machine,
+from support import flags
+from support.compute import (CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, THREADS_HELP, Runtime, chat_dtype, cpu_threads, machine,
                     resolve_device, runtime)
 from data import synthetic
 from data.batching import answer_target_count, collate, documents, epoch_rows, token_count
@@ -64,12 +64,12 @@ from data.prepare import prepare, prepare_if_default, synthetic_dir
 from data.store import load_meta, load_split
 from data.tokenizer import get_tokenizer
 from engine import ChatSession
-from errors import UserError
-from flags import setting
+from support.errors import UserError
+from support.flags import setting
 from loss import batch_mask, train_step
 from mask import MASKS
 from model import GPT, GPTConfig, KVCache
-from pretrained import START_HELP, fit_context, load_start
+from support.starts import START_HELP, fit_context, load_start
 
 SECTIONS = ("train", "chat", "decode")
 DEFAULT_DATA_DIR = synthetic_dir("byte")

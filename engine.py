@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from checkpoint import load_checkpoint
+from support.checkpoint import load_checkpoint
 from data.chat import render, render_user, system_of
-from errors import UserError
+from support.errors import UserError
 from mask import ASSISTANT, MASKS, check_kind, make_mask
 from model import KVCache
-from pretrained import load_start
+from support.starts import load_start
 
 _KEEP = object()  # reset(): keep the current system message
 DECODE_MODES = ("eager", "static", "compiled")

@@ -34,14 +34,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import flags
-from common import THREADS_HELP, ModelFlags, Runtime, cpu_threads, machine, set_threads
+from support import flags
+from support.compute import THREADS_HELP, ModelFlags, Runtime, cpu_threads, machine, set_threads
 from data.store import first_conversations, load_meta, load_split
 from data.chat import DataError, read_jsonl, system_of
 from data.synthetic import FAMILIES, INSTRUCTION_LAST, POOLED, family_label, percent
 from engine import ChatSession, replace_answer
-from errors import UserError
-from flags import setting
+from support.errors import UserError
+from support.flags import setting
 from loss import estimate_val_loss
 
 FAMILY_ORDER = INSTRUCTION_LAST + tuple(f for f in FAMILIES if f not in INSTRUCTION_LAST)

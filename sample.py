@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from common import THREADS_HELP, ModelFlags, set_threads
+from support.compute import THREADS_HELP, ModelFlags, set_threads
 from data.chat import DataError, read_jsonl, system_of
 from data.synthetic import example_prompts
 from engine import ChatSession, Sampling, TurnError, consume
-from errors import UserError
-from flags import parse, run, setting
+from support.errors import UserError
+from support.flags import parse, run, setting
 
 SEED_MAX = 2**63 - 1
 

@@ -53,12 +53,12 @@ from urllib.parse import urlsplit
 
 import torch
 
-from common import THREADS_HELP, ModelFlags, set_threads
+from support.compute import THREADS_HELP, ModelFlags, set_threads
 from data.chat import DataError, render, validate
 from data.synthetic import example_prompts
 from engine import ChatSession, ModelError, Sampling, TextStream, TurnError, reusable_prefix, set_history
-from errors import UserError
-from flags import parse, run, setting
+from support.errors import UserError
+from support.flags import parse, run, setting
 from mask import ROLE_LETTERS
 
 MODEL_NAME = "ismgpt"

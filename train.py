@@ -40,20 +40,20 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import flags
-from common import DEVICE_HELP, DTYPES, THREADS_HELP, check_fits, runtime, set_threads
+from support import flags
+from support.compute import DEVICE_HELP, DTYPES, THREADS_HELP, check_fits, runtime, set_threads
 from data.batching import RowStream, answer_target_count, batches_of, collate, heldout_rows, rank_rows, token_count
 from data.chat import DataError
 from data.prepare import prepare_if_default, synthetic_dir
 from data.store import load_meta, load_split
 from data.tokenizer import TOKENIZER_HELP
-from errors import UserError
-from flags import setting
+from support.errors import UserError
+from support.flags import setting
 from loss import answer_loss_totals, train_step
 from mask import MASKS
 from model import GPT, GPTConfig
-from pretrained import START_HELP
-from runs import (Run, RunLock, StepTimer, StopOnSignal, TrainingLog, all_ranks_sum, check_fresh_start,
+from support.starts import START_HELP
+from support.runs import (Run, RunLock, StepTimer, StopOnSignal, TrainingLog, all_ranks_sum, check_fresh_start,
                   describe_run, fmt_duration, resumed_state, setup_ddp, starting_point)
 
 

@@ -32,7 +32,7 @@ Input lines are OpenAI-style {"messages": [{"role": "user", "content": "hi"}, ..
 import json
 import sys
 
-from errors import UserError
+from support.errors import UserError
 from mask import ASSISTANT, SYSTEM, USER
 
 ROLE_CODES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}

@@ -29,9 +29,9 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-import flags  # noqa: E402
-from errors import UserError  # noqa: E402
-from flags import setting  # noqa: E402
+from support import flags  # noqa: E402
+from support.errors import UserError  # noqa: E402
+from support.flags import setting  # noqa: E402
 from data import synthetic  # noqa: E402
 from data.batching import expansion_factor  # noqa: E402
 from data.chat import DataError, fit_to_block, plural, read_jsonl, reason, render, write_jsonl  # noqa: E402

@@ -54,10 +54,10 @@ from dataclasses import dataclass, replace
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
+from support import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
 from data.synthetic import family_label, percent  # noqa: E402
-from errors import UserError  # noqa: E402
-from flags import setting  # noqa: E402
+from support.errors import UserError  # noqa: E402
+from support.flags import setting  # noqa: E402
 from mask import MASKS  # noqa: E402
 
 

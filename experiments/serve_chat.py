@@ -35,12 +35,12 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402  (after the path: run as a script, the repository root is not on it)
 
-import flags  # noqa: E402
-from checkpoint import save_checkpoint  # noqa: E402
-from common import machine  # noqa: E402
+from support import flags  # noqa: E402
+from support.checkpoint import save_checkpoint  # noqa: E402
+from support.compute import machine  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
-from errors import UserError  # noqa: E402
-from flags import setting  # noqa: E402
+from support.errors import UserError  # noqa: E402
+from support.flags import setting  # noqa: E402
 from mask import MASKS  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import load_checkpoint, save_checkpoint
-from runs import RunLock
-from errors import UserError
+from support import checkpoint
+from support.checkpoint import load_checkpoint, save_checkpoint
+from support.runs import RunLock
+from support.errors import UserError
 
 
 def ckpt(value):

@@ -8,7 +8,7 @@ from data.chat import render
 from data.tokenizer import get_tokenizer
 from engine import (ChatSession, ModelError, Sampling, TextStream, TurnError, reusable_prefix, sample_token,
                     set_history, transcript)
-from errors import UserError
+from support.errors import UserError
 from mask import ASSISTANT, MASKS, SYSTEM, USER, make_mask
 from model import GPT, GPTConfig, KVCache
 

@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-import common
+from support import compute as common
 import train
-from checkpoint import load_checkpoint
+from support.checkpoint import load_checkpoint
 from data.prepare import prepare
 from engine import ChatModel
-from errors import UserError
+from support.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--block_size=128", "--n_layer=2", "--n_head=2", "--n_embd=32", "--log_interval=2",

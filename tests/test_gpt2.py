@@ -11,12 +11,12 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import train
-from checkpoint import load_checkpoint
-from pretrained import VOCAB_MULTIPLE, from_gpt2 as from_hugging_face
+from support.checkpoint import load_checkpoint
+from support.starts import VOCAB_MULTIPLE, from_gpt2 as from_hugging_face
 from data.prepare import prepare
 from data.tokenizer import SPECIAL_TOKENS
-import flags
-from errors import UserError
+from support import flags
+from support.errors import UserError
 from mask import ASSISTANT, MASKS, USER, make_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

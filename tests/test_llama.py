@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 import train
 from data.prepare import prepare
-from errors import UserError
+from support.errors import UserError
 from mask import USER, make_mask
-from pretrained import load_start
+from support.starts import load_start
 
 transformers.logging.set_verbosity_error()
 SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import sample
-from checkpoint import save_checkpoint
+from support.checkpoint import save_checkpoint
 from engine import ChatSession, load_chat_model
-from flags import run
+from support.flags import run
 from model import GPT
 from test_engine import CONFIG, MODEL, SYSTEM_TEXT, TOK, USERS
 

@@ -14,7 +14,7 @@ import pytest
 
 from data.chat import render
 from engine import ChatSession, set_history
-from flags import run
+from support.flags import run
 from mask import MASKS, ROLE_LETTERS
 import serve
 from serve import ChatService, ServeConfig, make_server

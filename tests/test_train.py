@@ -14,15 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import flags
+from support import flags
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint
+from support.checkpoint import load_checkpoint, model_from_checkpoint
 from data.batching import RowStream, answer_target_count, batches_of, collate, epoch_rows, token_count
 from data.prepare import prepare
 from data.store import Split, load_split
-from errors import UserError
+from support.errors import UserError
 from mask import ASSISTANT, USER
-from common import Runtime
+from support.compute import Runtime
 from loss import answer_loss_sum, answer_loss_totals, batch_mask, estimate_val_loss
 from model import GPT, GPTConfig
 
@@ -225,7 +225,7 @@ DDP_WORKER = """
 import os, sys
 sys.path.insert(0, {root!r})
 import torch
-import flags
+from support import flags
 import train
 model = train.main(sys.argv[1:])
 torch.save(model.state_dict(), os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
@@ -456,7 +456,7 @@ def test_ctrl_c_while_importing_prints_no_traceback():
 TORCHRUN_WORKER = """
 import sys
 sys.path.insert(0, {root!r})
-import flags
+from support import flags
 import train
 flags.run(lambda: train.main(sys.argv[1:]))
 """

@@ -20,13 +20,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from common import resolve_device
+from support.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from support.compute import resolve_device
 from data.batching import documents, expansion_factor
 from data.chat import DataError
 from data.tokenizer import tokenizer_from_description
-from errors import UserError
-from pretrained import load_start
+from support.errors import UserError
+from support.starts import load_start
 
 RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl")  # what a new run writes, so what it must not silently replace
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from support.checkpoint import load_checkpoint, model_from_checkpoint
 from data.chat import DataError
 from data import bpe
 from data.tokenizer import SMOLLM2, SPECIAL_TOKENS, get_tokenizer, smollm2_path, tokenizer_from_description
-from errors import UserError
+from support.errors import UserError
 from model import GPT, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from errors import UserError
-from flags import setting
+from support.errors import UserError
+from support.flags import setting
 from mask import MASKS
-from pretrained import START_HELP
+from support.starts import START_HELP
 
 THREADS_HELP = ("torch CPU threads (0: torch's default, one per core). On a machine shared with other busy "
                 "processes, 1 is often much faster: each op otherwise waits for a descheduled thread")

@@ -9,7 +9,7 @@ import tempfile
 
 import torch
 
-from errors import UserError
+from support.errors import UserError
 from model import GPT, GPTConfig
 
 REQUIRED_KEYS = {"model", "model_args", "tokenizer", "mask"}
