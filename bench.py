@@ -69,6 +69,7 @@ from support.flags import setting
 from loss import batch_mask, train_step
 from mask import MASKS
 from model import GPT, GPTConfig, KVCache
+from support.hf import to_transformers
 from support.starts import START_HELP, fit_context, load_start
 
 SECTIONS = ("train", "chat", "decode")
@@ -390,48 +391,9 @@ def hf_model(cfg, model, rt):
     except ImportError:
         return None, "transformers is not installed: no Hugging Face peer rows (pip install transformers)"
     transformers.logging.set_verbosity_error()
-    hf = (hf_gpt2 if model.config.family == "gpt2" else hf_llama)(model.float(), transformers)
-    model.to(getattr(torch, rt.dtype))
+    hf = to_transformers(model)
     return hf.to(rt.device, getattr(torch, rt.dtype)).eval(), \
         f"transformers {transformers.__version__} {type(hf).__name__}, the same weights"
-
-
-def hf_gpt2(model, transformers):
-    c = model.config
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head))
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    hf.load_state_dict({name: (w.t() if name.endswith(conv1d) else w) for name, w in model.state_dict().items()})
-    return hf
-
-
-def hf_llama(model, transformers):
-    """LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases) holding our weights: c_attn split into q, k, v, c_fc
-    into gate and up."""
-    c = model.config
-    kind = (transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if c.qkv_bias else \
-        (transformers.LlamaConfig, transformers.LlamaForCausalLM)
-    hf = kind[1](kind[0](vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
-                         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-                         max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                         tie_word_embeddings=c.tie_embeddings))
-    ours = model.state_dict()
-    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    state = {"model.embed_tokens.weight": ours["transformer.wte.weight"], "model.norm.weight":
-             ours["transformer.ln_f.weight"], "lm_head.weight": ours["lm_head.weight"]}
-    for i in range(c.n_layer):
-        h, o = f"model.layers.{i}.", f"transformer.h.{i}."
-        for kind_, part in (("weight", ours[o + "attn.c_attn.weight"]), ("bias", ours.get(o + "attn.c_attn.bias"))):
-            if part is not None:
-                for name, piece in zip("qkv", part.split([q, kv, kv])):
-                    state[h + f"self_attn.{name}_proj.{kind_}"] = piece
-        gate, up = ours[o + "mlp.c_fc.weight"].chunk(2)
-        state.update({h + "self_attn.o_proj.weight": ours[o + "attn.c_proj.weight"], h + "mlp.gate_proj.weight": gate,
-                      h + "mlp.up_proj.weight": up, h + "mlp.down_proj.weight": ours[o + "mlp.c_proj.weight"],
-                      h + "input_layernorm.weight": ours[o + "ln_1.weight"],
-                      h + "post_attention_layernorm.weight": ours[o + "ln_2.weight"]})
-    hf.load_state_dict(state, strict=not c.tie_embeddings)
-    return hf
 
 
 class HFChat:

@@ -28,7 +28,6 @@ and the largest logit difference against recomputing without the cache.
 """
 import codecs
 import copy
-import os
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -36,12 +35,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from support.checkpoint import load_checkpoint
 from data.chat import render, render_user, system_of
 from support.errors import UserError
 from mask import ASSISTANT, MASKS, check_kind, make_mask
 from model import KVCache
-from support.starts import load_start
 
 _KEEP = object()  # reset(): keep the current system message
 DECODE_MODES = ("eager", "static", "compiled")
@@ -53,55 +50,6 @@ class ModelError(UserError):
 
 class TurnError(UserError):
     """A turn that cannot be taken (empty message, a message too long for the context). Nothing has changed."""
-
-
-# ------------------------------------------------------------------------------------------------------- loading
-
-@dataclass
-class ChatModel:
-    """A model ready to chat: the model (eval mode, on its device, in its dtype), its tokenizer, the mask to chat
-    with and the one it was trained with, a line saying what it is, and its checkpoint dict (None for a pretrained
-    start)."""
-    model: torch.nn.Module
-    tok: object
-    mask: str
-    trained_mask: str
-    what: str
-    checkpoint: dict = None
-
-    @property
-    def knows_only_synthetic_tasks(self):
-        """Trained from scratch on the synthetic dataset (a small model that cannot hold any other conversation)."""
-        checkpoint = self.checkpoint or {}
-        data_dir = checkpoint.get("config", {}).get("data_dir") or ""
-        return bool(checkpoint) and checkpoint.get("start", "scratch") == "scratch" and \
-            os.path.basename(os.path.normpath(data_dir)).startswith("synthetic")
-
-    @property
-    def mask_label(self):
-        """The mask, marked when it is not the one the model was trained with (ISM on a causal model, say)."""
-        if self.mask == self.trained_mask:
-            return self.mask
-        return f"{self.mask} (off its training: trained {self.trained_mask})"
-
-
-def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", block_size=0, device="cpu",
-                    dtype="float32"):
-    """The model a chat runs on. init_from: "resume" (out_dir/ckpt, written by train.py) or any start of
-    pretrained.load_start (smollm2, a .gguf file, a Hugging Face folder, a GPT-2 name, a checkpoint path). mask:
-    "" for the one it was trained with (causal for a pretrained model). block_size: 0 for the model's own context,
-    else a shorter one (the KV cache's capacity). UserError (one line) when it cannot be had."""
-    source = os.path.join(out_dir, ckpt) if init_from == "resume" else init_from
-    if init_from == "resume" and not os.path.exists(source):
-        load_checkpoint(source)  # the one-line "no checkpoint at ...: run python train.py first"
-    start = load_start(source, block_size or None, 0.0, device)
-    if start.mask not in MASKS:
-        raise UserError(f"{source}: unknown mask {start.mask!r} (expected one of {', '.join(MASKS)})")
-    if start.tok.vocab_size > start.model.config.vocab_size:
-        raise UserError(f"{source}: tokenizer has {start.tok.vocab_size} tokens, model only "
-                        f"{start.model.config.vocab_size}")
-    return ChatModel(start.model.to(getattr(torch, dtype)).eval(), start.tok, mask or start.mask, start.mask,
-                     start.what, start.checkpoint)
 
 
 # ------------------------------------------------------------------------------------------------------ sampling

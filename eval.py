@@ -35,9 +35,10 @@ import time
 from dataclasses import asdict, dataclass
 
 from support import flags
-from support.compute import THREADS_HELP, ModelFlags, Runtime, cpu_threads, machine, set_threads
+from support.compute import THREADS_HELP, Runtime, cpu_threads, machine, set_threads
+from support.starts import ModelFlags
 from data.store import first_conversations, load_meta, load_split
-from data.chat import DataError, read_jsonl, system_of
+from data.chat import read_jsonl, system_of
 from data.synthetic import FAMILIES, INSTRUCTION_LAST, POOLED, family_label, percent
 from engine import ChatSession, replace_answer
 from support.errors import UserError
@@ -202,12 +203,9 @@ def report(result):
 def main(argv=None):
     cfg = flags.parse(EvalConfig(), sys.argv[1:] if argv is None else argv, __doc__)
     set_threads(cfg.threads, cfg.device)
-    try:
-        chat_model = cfg.load()
-        result = evaluate(chat_model, cfg.data_dir, cfg.history, cfg.max_conversations, cfg.max_new_tokens,
-                          cfg.batch_size, str(next(chat_model.model.parameters()).device))
-    except DataError as e:
-        raise UserError(str(e)) from None
+    chat_model = cfg.load()
+    result = evaluate(chat_model, cfg.data_dir, cfg.history, cfg.max_conversations, cfg.max_new_tokens,
+                      cfg.batch_size, str(next(chat_model.model.parameters()).device))
     print(json.dumps(result) if cfg.json else report(result))
     return result
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from support.compute import THREADS_HELP, ModelFlags, set_threads
-from data.chat import DataError, read_jsonl, system_of
+from support.compute import THREADS_HELP, set_threads
+from support.starts import ModelFlags
+from data.chat import read_jsonl, system_of
 from data.synthetic import example_prompts
 from engine import ChatSession, Sampling, TurnError, consume
 from support.errors import UserError
@@ -172,10 +173,7 @@ def main(argv=None):
         raise UserError("--compile compiles the decode step on the KV cache; --no_cache has none: pass one of them")
     conversations = None
     if cfg.script:  # a bad file fails before the model loads
-        try:
-            conversations, _ = read_jsonl(cfg.script, need_answer=False)
-        except DataError as e:
-            raise UserError(str(e)) from None
+        conversations, _ = read_jsonl(cfg.script, need_answer=False)
     set_threads(cfg.threads, cfg.device)
     chat_model = cfg.load()
     session = ChatSession(chat_model.model, chat_model.tok, chat_model.mask, system=cfg.system or None,

@@ -53,8 +53,10 @@ from urllib.parse import urlsplit
 
 import torch
 
-from support.compute import THREADS_HELP, ModelFlags, set_threads
-from data.chat import DataError, render, validate
+from support.compute import THREADS_HELP, set_threads
+from support.starts import ModelFlags
+from data.chat import render, validate
+from support.errors import DataError
 from data.synthetic import example_prompts
 from engine import ChatSession, ModelError, Sampling, TextStream, TurnError, reusable_prefix, set_history
 from support.errors import UserError

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from support import flags
 from support.compute import DEVICE_HELP, DTYPES, THREADS_HELP, check_fits, runtime, set_threads
 from data.batching import RowStream, answer_target_count, batches_of, collate, heldout_rows, rank_rows, token_count
-from data.chat import DataError
+from support.errors import DataError
 from data.prepare import prepare_if_default, synthetic_dir
 from data.store import load_meta, load_split
 from data.tokenizer import TOKENIZER_HELP
@@ -352,8 +352,6 @@ def main(argv=None):
         if dist.is_initialized():
             dist.barrier()  # every rank is done with the group before it goes: no rank tears it down under another
         return model
-    except DataError as e:
-        raise UserError(str(e)) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -32,7 +32,7 @@ Input lines are OpenAI-style {"messages": [{"role": "user", "content": "hi"}, ..
 import json
 import sys
 
-from support.errors import UserError
+from support.errors import DataError, reason
 from mask import ASSISTANT, SYSTEM, USER
 
 ROLE_CODES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
@@ -41,19 +41,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "chatgpt": "assistant", "system": "system"}
 
 
-class DataError(UserError):
-    """A problem the user can fix (bad file, bad line, missing data): reported as one line, no traceback."""
-
-
 def plural(count, noun):
     """plural(1, "bad line") -> "1 bad line", plural(2, "bad line") -> "2 bad lines"."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def reason(error):
-    """Why an OSError happened, in words: its strerror, or its message where it has none (numpy's on a full disk:
-    "100000 requested and 32704 written")."""
-    return error.strerror or str(error)
 
 
 # ---------------------------------------------------------------------------------------------------- rendering

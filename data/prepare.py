@@ -34,7 +34,8 @@ from support.errors import UserError  # noqa: E402
 from support.flags import setting  # noqa: E402
 from data import synthetic  # noqa: E402
 from data.batching import expansion_factor  # noqa: E402
-from data.chat import DataError, fit_to_block, plural, read_jsonl, reason, render, write_jsonl  # noqa: E402
+from data.chat import fit_to_block, plural, read_jsonl, render, write_jsonl  # noqa: E402
+from support.errors import DataError, reason
 from data.store import ARRAYS, SPLITS, Split, array_name, array_path  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.chat import DataError, reason
+from support.errors import DataError, reason
 from data.tokenizer import TOKENIZERS, can_build
 from mask import ASSISTANT, SYSTEM
 

@@ -17,7 +17,7 @@ import os
 import tiktoken
 
 from data import bpe
-from data.chat import DataError
+from support.errors import DataError
 
 SPECIAL_TOKENS = ("<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SMOLLM2 = "smollm2"

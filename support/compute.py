@@ -1,6 +1,6 @@
 """
 What the scripts share about where they run: the device, precision and attention backend of a run (one Runtime
-value), torch's thread count, a description of the machine for reports, and the flags that choose a chat model.
+value), torch's thread count, and a description of the machine for reports.
 """
 import os
 import platform
@@ -11,38 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from support.errors import UserError
-from support.flags import setting
-from mask import MASKS
-from support.starts import START_HELP
 
 THREADS_HELP = ("torch CPU threads (0: torch's default, one per core). On a machine shared with other busy "
                 "processes, 1 is often much faster: each op otherwise waits for a descheduled thread")
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: cuda when available)"
 CHAT_DTYPE_HELP = "auto | float32 | bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)"
 DTYPES = ("auto", "float32", "bfloat16")
-
-
-@dataclass
-class ModelFlags:
-    """The flags that choose the model a chat runs on (sample.py, serve.py, eval.py); engine.load_chat_model reads
-    them."""
-    init_from: str = setting("resume", f"resume (out_dir's checkpoint, written by train.py) | {START_HELP}")
-    out_dir: str = setting("out", "folder of the checkpoint that --init_from=resume reads")
-    ckpt: str = setting("ckpt.pt", "the checkpoint file in out_dir: ckpt.pt (the latest) or best.pt (--keep_best)")
-    mask: str = setting("", "attention mask to chat with: empty for the one the model was trained with (causal for a "
-                            "pretrained model), or ism | causal | prefix (labelled when off its training)",
-                        choices=("",) + MASKS)
-    block_size: int = setting(0, "context in tokens, the KV cache's size (0: the model's own; SmolLM2's 8192 costs "
-                                 "360 MiB of cache in float32)", min=0)
-    device: str = setting("auto", DEVICE_HELP)
-    dtype: str = setting("auto", CHAT_DTYPE_HELP, choices=DTYPES)
-
-    def load(self):
-        """-> engine.ChatModel: the model these flags choose, on their device and dtype."""
-        from engine import load_chat_model  # here, so that what only trains never imports the chat engine
-        device = resolve_device(self.device)
-        return load_chat_model(self.init_from, self.out_dir, self.ckpt, self.mask, self.block_size, device,
-                               chat_dtype(self.dtype, device))
 
 
 def resolve_device(name):

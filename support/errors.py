@@ -1,5 +1,5 @@
 """
-The one error type a user can cause: a bad flag, a bad file, a missing checkpoint, a model that cannot be had.
+The errors a user can cause: a bad flag, a bad file, a missing checkpoint, a model that cannot be had.
 Raised anywhere as UserError("one line saying what and how to fix it"); the scripts' flags.run prints it as that one
 line on stderr and exits with status 2, no traceback. Anything else is a bug and raises as usual.
 """
@@ -7,3 +7,13 @@ line on stderr and exits with status 2, no traceback. Anything else is a bug and
 
 class UserError(Exception):
     """A mistake the user can fix: shown as one line, no traceback."""
+
+
+class DataError(UserError):
+    """A problem with data the user can fix (bad file, bad line, missing data)."""
+
+
+def reason(error):
+    """Why an OSError happened, in words: its strerror, or its message where it has none (numpy's on a full disk:
+    "100000 requested and 32704 written")."""
+    return error.strerror or str(error)

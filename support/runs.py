@@ -23,7 +23,7 @@ import torch.distributed as dist
 from support.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from support.compute import resolve_device
 from data.batching import documents, expansion_factor
-from data.chat import DataError
+from support.errors import DataError
 from data.tokenizer import tokenizer_from_description
 from support.errors import UserError
 from support.starts import load_start

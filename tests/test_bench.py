@@ -190,9 +190,9 @@ def test_quick_uses_the_data_dir_it_is_given(tmp_path):
 def test_the_hugging_face_peer_holds_our_weights(family):
     # the peer rows compare implementations, so the peer must compute our model: its logits, transformers' own
     import torch
-    import transformers
     from mask import USER, make_mask
     from model import GPT, GPTConfig
+    from support.hf import to_transformers
     torch.manual_seed(0)
     extra = dict(bias=False, family="llama", n_kv_head=2, mlp_hidden=48, qkv_bias=True, tie_embeddings=False) \
         if family == "llama" else {}
@@ -200,7 +200,7 @@ def test_the_hugging_face_peer_holds_our_weights(family):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    peer = (bench.hf_gpt2 if family == "gpt2" else bench.hf_llama)(model, transformers).eval()
+    peer = to_transformers(model)
     ids = torch.randint(0, 99, (1, 30))
     with torch.no_grad():
         ours = model(ids, make_mask("causal", torch.full((30,), USER)))[0]

@@ -12,8 +12,8 @@ import tiktoken
 
 from data import synthetic
 from data.batching import collate, documents, epoch_rows, expansion_factor, pack
-from data.chat import (DataError, fit_to_block, read_jsonl, render, render_answer, render_start,
-                       render_system, render_user, validate)
+from data.chat import fit_to_block, read_jsonl, render, render_answer, render_start, render_system, render_user, validate
+from support.errors import DataError
 from data.prepare import PrepareConfig, main as prepare_main, prepare
 from data.store import Split, load_meta, load_split
 from data.tokenizer import SPECIAL_TOKENS, get_tokenizer, tokenizer_from_description

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from data.chat import DataError
+from support.errors import DataError
 from data.prepare import prepare
 from data.store import load_meta, load_split
 

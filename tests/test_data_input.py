@@ -7,7 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from data.chat import DataError, read_jsonl
+from data.chat import read_jsonl
+
+from support.errors import DataError
 from data.prepare import prepare
 from data.store import load_split
 

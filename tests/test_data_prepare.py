@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from data.chat import DataError
+from support.errors import DataError
 from data.prepare import PrepareConfig, check_settings, main as prepare_main, prepare
 from data.store import load_meta
 from data.store import load_split

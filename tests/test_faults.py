@@ -14,7 +14,7 @@ from support import compute as common
 import train
 from support.checkpoint import load_checkpoint
 from data.prepare import prepare
-from engine import ChatModel
+from support.starts import ChatModel
 from support.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

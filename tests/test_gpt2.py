@@ -12,7 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import train
 from support.checkpoint import load_checkpoint
-from support.starts import VOCAB_MULTIPLE, from_gpt2 as from_hugging_face
+from support.hf import from_gpt2 as from_hugging_face
+from support.weights import VOCAB_MULTIPLE
 from data.prepare import prepare
 from data.tokenizer import SPECIAL_TOKENS
 from support import flags

@@ -235,7 +235,7 @@ def test_the_default_system_message_is_read_off_chat_templates():
 
 
 def test_a_tokenizer_whose_file_has_moved_says_so(tmp_path):
-    from data.chat import DataError
+    from support.errors import DataError
     from data.tokenizer import get_tokenizer
     with pytest.raises(DataError, match="is not there any more"):
         get_tokenizer(str(tmp_path / "gone.gguf"))

@@ -1,0 +1,219 @@
+"""
+Hugging Face starts: a folder as save_pretrained writes it (config.json + model.safetensors, its shards, or
+pytorch_model.bin) of LlamaForCausalLM (SmolLM2, Llama), Qwen2ForCausalLM or GPT2LMHeadModel, or a GPT-2 name from
+the Hugging Face cache. The folder's config.json says which architecture it is (model_type), and only that
+architecture's loader reads it: transformers' GPT-2 loader would take a Llama config and return a random GPT-2.
+Anything that would compute something else here (another architecture, RoPE scaling, sliding windows, biases in
+other places) is one line naming what is supported, never a model that silently differs.
+"""
+import json
+import os
+import socket
+import urllib.parse
+
+import torch
+
+from data.tokenizer import get_tokenizer
+from model import GPTConfig
+from support.errors import UserError
+from support.weights import (BYTE_VOCAB, GPT2_VOCAB, build, chat_tokenizer, gpt2_from_hf, gpt2_to_hf, llama_from_hf,
+                             llama_to_hf, padded_vocab, with_chat_tokens)
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def from_hugging_face(source):
+    """A GPT-2 name or a Hugging Face folder -> (GPT, tokenizer, what). The folder's config.json decides which
+    loader reads it: transformers' GPT-2 loader would take a Llama config and return a random GPT-2."""
+    if source in GPT2_NAMES and not os.path.isdir(source):
+        model, tok = from_gpt2(_hf_gpt2(source))
+        return model, tok, f"GPT-2 {source} from Hugging Face"
+    hf = _read_json(os.path.join(source, "config.json"))
+    model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        model, tok = from_gpt2(_hf_gpt2(source))
+        return model, tok, f"GPT-2 from {source}"
+    if model_type in LLAMA_ARCHITECTURES:
+        architectures = hf.get("architectures") or [LLAMA_ARCHITECTURES[model_type]]
+        if LLAMA_ARCHITECTURES[model_type] not in architectures:
+            raise UserError(f"{source}: architectures {architectures}; supported: "
+                            f"{', '.join(LLAMA_ARCHITECTURES.values())}, GPT2LMHeadModel")
+        try:
+            model, tok = from_llama_folder(source, hf)
+        except KeyError as e:
+            raise UserError(f"{source}/config.json lacks {e}") from None
+        except (ValueError, TypeError) as e:  # GPTConfig refuses the shape (heads, widths), or a value is null
+            raise UserError(f"{source}/config.json: {str(e)[:160]}") from None
+        return model, tok, f"{LLAMA_ARCHITECTURES[model_type]} from {source} ({model.num_params() / 1e6:.0f}M " \
+                           "parameters)"
+    raise UserError(f"{source}: model_type {model_type!r} is not supported (llama, qwen2, gpt2)")
+
+
+# ------------------------------------------------------------------------------------------- the Llama family
+
+def llama_config(hf, path):
+    """A Hugging Face LlamaConfig / Qwen2Config (its config.json as a dict) -> GPTConfig, or UserError naming what
+    would compute differently here."""
+    model_type = hf.get("model_type")
+    rope = hf.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    n_head = hf["num_attention_heads"]
+    unlike_ours = {
+        "hidden_act": hf.get("hidden_act", "silu") != "silu",
+        "rope_scaling": bool(scaling),
+        "head_dim": hf.get("head_dim", hf["hidden_size"] // n_head) * n_head != hf["hidden_size"],
+        "attention_bias": model_type == "llama" and hf.get("attention_bias", False),
+        "mlp_bias": hf.get("mlp_bias", False),
+        "use_sliding_window": hf.get("use_sliding_window", False),
+    }
+    if any(unlike_ours.values()):
+        raise UserError(f"{path}: {', '.join(k for k, v in unlike_ours.items() if v)} differs from what ismGPT's "
+                        "Llama family computes (SiLU SwiGLU, plain RoPE, full attention, no biases but Qwen2's q/k/v)")
+    return GPTConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                     n_layer=hf["num_hidden_layers"], n_head=n_head, n_embd=hf["hidden_size"],
+                     bias=False, family="llama", n_kv_head=hf.get("num_key_value_heads") or n_head,
+                     mlp_hidden=hf["intermediate_size"], rope_theta=float(theta), norm_eps=hf["rms_norm_eps"],
+                     qkv_bias=model_type == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def from_llama_folder(folder, hf):
+    """A Hugging Face Llama / Qwen2 folder -> (GPT, tokenizer)."""
+    config = llama_config(hf, folder)
+    tensors = _read_weights(folder)
+
+    def get(name):
+        if name not in tensors:
+            raise UserError(f"{folder}: the weights have no {name}")
+        return tensors[name]
+
+    config, state, tok = chat_tokenizer(config, llama_from_hf(get, config), folder, lambda: get_tokenizer(folder))
+    return build(config, state, folder), tok
+
+
+def _read_weights(folder):
+    """Every tensor of a folder's model.safetensors (or its shards) or pytorch_model.bin (loaded weights-only)."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index) or os.path.exists(os.path.join(folder, "model.safetensors")):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        files = sorted(set(_read_json(index)["weight_map"].values())) if os.path.exists(index) else \
+            ["model.safetensors"]
+        try:
+            return {k: v for f in files for k, v in load_file(os.path.join(folder, f)).items()}
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{folder}: unreadable safetensors weights ({str(e)[:80]})") from None
+    path = os.path.join(folder, "pytorch_model.bin")
+    if not os.path.exists(path):
+        raise UserError(f"{folder} holds no weights (model.safetensors or pytorch_model.bin, as save_pretrained "
+                        "writes them)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated, foreign or malicious files
+        raise UserError(f"{path} is not a readable weights file ({type(e).__name__})") from None
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------- GPT-2
+
+def _hf_gpt2(source):
+    """transformers' GPT2LMHeadModel for a hub name or a local folder; UserError, one line, when it cannot be had."""
+    try:
+        import transformers
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise UserError(f"--init_from={source} needs the transformers package: pip install transformers") from None
+    transformers.logging.set_verbosity_error()
+    try:
+        return GPT2LMHeadModel.from_pretrained(source, local_files_only=True)
+    except OSError:
+        if os.path.isdir(source):
+            raise UserError(f"{source} holds no readable GPT-2 weights (config.json and model.safetensors or "
+                            "pytorch_model.bin, as save_pretrained writes them)") from None
+    fetch = (f"where there is network: python -c \"from transformers import GPT2LMHeadModel; "
+             f"GPT2LMHeadModel.from_pretrained('{source}').save_pretrained('{source}-local')\", copy that folder "
+             f"here and pass --init_from={source}-local; its tokenizer also needs tiktoken's GPT-2 vocabulary, "
+             "downloaded once (python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\", or copy tiktoken's "
+             "cache folder, TIKTOKEN_CACHE_DIR)")
+    if not _hub_reachable():
+        raise UserError(f"GPT-2 {source} is not in the Hugging Face cache and huggingface.co cannot be reached: "
+                        f"download it {fetch}")
+    try:
+        return GPT2LMHeadModel.from_pretrained(source)
+    except OSError as e:
+        raise UserError(f"could not download GPT-2 {source} ({str(e).splitlines()[0]}): download it {fetch}") from None
+
+
+def _hub_reachable(timeout=5):
+    """Can the Hugging Face hub (HF_ENDPOINT) be reached? Without this, transformers retries for half a minute
+    when offline."""
+    from huggingface_hub import constants
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_gpt2(hf_model):
+    """Our GPT with every weight of a transformers GPT2LMHeadModel, by name (GPT-2's Conv1D layers store their
+    weights transposed), as nanoGPT's from_pretrained does. The embedding (tied with lm_head) grows by the
+    chat's special tokens, initialised to the mean embedding, and is padded to a multiple of VOCAB_MULTIPLE rows
+    that no token uses. -> (GPT, tokenizer)."""
+    hf = hf_model.config
+    unlike_ours = {"activation_function": hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"),
+                   "layer_norm_epsilon": hf.layer_norm_epsilon != 1e-5,
+                   "n_inner": hf.n_inner not in (None, 4 * hf.n_embd),
+                   "scale_attn_weights": not hf.scale_attn_weights,
+                   "scale_attn_by_inverse_layer_idx": hf.scale_attn_by_inverse_layer_idx,
+                   "reorder_and_upcast_attn": hf.reorder_and_upcast_attn}
+    if any(unlike_ours.values()):
+        raise UserError(f"this GPT-2's {', '.join(k for k, v in unlike_ours.items() if v)} differs from GPT-2's: "
+                        "it would not compute the same function here")
+    tokenizers = {BYTE_VOCAB: "byte", GPT2_VOCAB: "gpt2"}
+    if hf.vocab_size not in tokenizers:
+        raise UserError(f"a GPT-2 with {hf.vocab_size} tokens: only GPT-2's BPE ({GPT2_VOCAB}) and the byte "
+                        f"vocabulary ({BYTE_VOCAB}) have a tokenizer here")
+    tok = get_tokenizer(tokenizers[hf.vocab_size])  # before building: offline, GPT-2's BPE is a one-line error
+    config = GPTConfig(block_size=hf.n_positions, vocab_size=padded_vocab(hf.vocab_size), n_layer=hf.n_layer,
+                       n_head=hf.n_head, n_embd=hf.n_embd)
+    state = gpt2_from_hf(hf_model.state_dict())
+    state["lm_head.weight"] = with_chat_tokens(state["transformer.wte.weight"], config.vocab_size)  # tied
+    state["transformer.wte.weight"] = state["lm_head.weight"]
+    return build(config, state, "the GPT-2 weights"), tok
+
+
+# ------------------------------------------------------------------------------------- ours, in transformers
+
+def to_transformers(model):
+    """transformers' own implementation of our GPT with the very same weights (GPT2LMHeadModel, LlamaForCausalLM,
+    or Qwen2ForCausalLM when q/k/v have biases), in float32, eval mode: the peer that benchmarks and tests compare
+    with. The weight names come from support/weights.py, read the other way."""
+    import transformers
+    c, state = model.config, {k: v.float() for k, v in model.state_dict().items()}
+    if c.family == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head))
+        hf.load_state_dict(gpt2_to_hf(state))
+        return hf.eval()
+    config, architecture = (transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if c.qkv_bias else \
+        (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    hf = architecture(config(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, max_position_embeddings=c.block_size,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings))
+    hf.load_state_dict(llama_to_hf(state, c), strict=not c.tie_embeddings)
+    return hf.eval()
