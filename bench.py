@@ -11,10 +11,10 @@ What the three masks cost, measured on this project's own code in one run: train
 Tables (markdown; --json prints the same numbers as one JSON object instead):
 1. train: ms per optimizer step and tokens/s under causal, ISM and prefix, same model, same backend, each step
    loss.train_step as train.py runs it (mask construction, forward, answer loss, backward, clip, AdamW; batches
-   are collated beforehand), and MFU on CUDA. Plus a ceiling row, attention "sdpa_is_causal": SDPA's built-in
-   causal mask, no mask built; on packed rows it lets a document see the earlier documents of its row, so it is a
-   speed ceiling, not a correct step. Then one epoch of the dataset per mask: prefix trains one sample per answer
-   (triplet expansion), so it processes more tokens.
+   are collated beforehand), and MFU on CUDA. Beside it, attention alone at one layer's shapes: SDPA under a dense
+   mask (every mask here) against its built-in is_causal, no mask tensor (on packed rows that would let a
+   document see the earlier documents of its row, so it is a speed reference, not a correct step). Then one epoch
+   of the dataset per mask: prefix trains one sample per answer (triplet expansion), so it processes more tokens.
 2. chat: one conversation of synthetic-style user messages that fills block_size, played through
    engine.ChatSession under ISM and causal (cache reused), prefix (re-prefills the history every turn) and the
    no-cache reference: tokens prefilled and time to first token per turn. Peers with `transformers` installed:
@@ -42,6 +42,7 @@ if __name__ == "__main__":
 
 import copy
 import inspect
+import itertools
 import json
 import math
 import os
@@ -240,72 +241,98 @@ def train_section(cfg, device, start):
     else:
         raw_model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size or vocab_size,
                                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(rt.device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    optimizer = raw_model.configure_optimizers(OPTIMIZER["weight_decay"], OPTIMIZER["learning_rate"],
-                                               OPTIMIZER["betas"], rt.device_type)
-
-    # Two batches per mask from the first rows of epoch 0 (causal and ISM get the very same rows), collated once.
     epoch = {kind: epoch_rows(split, kind, cfg.block_size, cfg.seed, 0) for kind in MASKS}
+    batches = train_batches(cfg, split, epoch, rt)
+    steps = step_rows(cfg, rt, raw_model, batches, backends)
+    ms = {(s["attention"], s["mask"]): s["ms_per_iter"] for s in steps}
+    ratios = [{"attention": a, "against": f"causal ({a})", "ratio": ms[(a, "ism")] / ms[(a, "causal")]}
+              for a in backends]
+    if "flex" in backends and "sdpa" in backends:
+        ratios.append({"attention": "flex", "against": "ISM (sdpa)", "ratio": ms[("flex", "ism")] / ms[("sdpa", "ism")]})
+    result = {"backend": backends[0], "batch_size": cfg.batch_size, "block_size": cfg.block_size,
+              "precision": "bf16 autocast" if rt.dtype == "bfloat16" else "float32", "compiled": cfg.compile,
+              "conversations": len(split.offsets) - 1, "conversation_tokens": int(split.offsets[-1]),
+              "steps": steps, "ratios": ratios, "attention_alone": attention_alone(cfg, raw_model.config, rt),
+              "epoch": epoch_rows_table(cfg, split, epoch, ms, backends[0])}
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
+def train_batches(cfg, split, epoch, rt):
+    """Two batches per mask from the first rows of epoch 0 (causal and ISM get the very same rows), collated once:
+    {mask: [(batch, answer targets, tokens)]}."""
     batches = {}
     for kind in MASKS:
         rows = [epoch[kind][i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(2)]
         rows = [r for r in rows if r] or [epoch[kind]]
         batches[kind] = [(rt.to_device(collate(split, r, cfg.block_size)), answer_target_count(split, r),
                           token_count(r)) for r in rows]
+    return batches
+
+
+def step_rows(cfg, rt, raw_model, batches, backends):
+    """Each (backend, mask) training step timed, interleaved, with its mask's construction timed alone, MFU on
+    CUDA and its peak memory."""
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    optimizer = raw_model.configure_optimizers(OPTIMIZER["weight_decay"], OPTIMIZER["learning_rate"],
+                                               OPTIMIZER["betas"], rt.device_type)
 
     def step_fn(kind, attention):
-        state = {"i": 0}
+        taken = itertools.count()
         step_rt = replace(rt, attention=attention)
 
         def step():
-            batch, answers, _ = batches[kind][state["i"] % len(batches[kind])]
-            state["i"] += 1
+            batch, answers, _ = batches[kind][next(taken) % len(batches[kind])]
             train_step(model, optimizer, [batch], kind, answers, step_rt)
         return step
 
     variants = {(a, kind): step_fn(kind, a) for a in backends for kind in ("causal", "ism", "prefix")}
-    variants[("sdpa_is_causal", "causal")] = step_fn("causal", "sdpa_is_causal")
     log(f"train: {len(variants)} variants x {cfg.warmup + cfg.repeats} steps of {cfg.batch_size} x "
         f"{cfg.block_size} tokens")
     step_times = interleaved(variants, cfg.repeats, cfg.warmup, rt.device)
     peak_gib = {v: peak_memory(fn, rt.device) for v, fn in variants.items()}
-    mask_times = interleaved({v: (lambda v=v: batch_mask(v[1], batches[v[1]][0][0], v[0]))
-                              for v in variants if v[0] != "sdpa_is_causal"}, cfg.repeats, cfg.warmup, rt.device)
-
+    mask_times = interleaved({v: (lambda v=v: batch_mask(v[1], batches[v[1]][0][0], v[0])) for v in variants},
+                             cfg.repeats, cfg.warmup, rt.device)
     steps = []
     for (attention, kind), times in step_times.items():
         seconds = statistics.median(times)
         tokens = statistics.mean(t for _, _, t in batches[kind])
-        mask_s = median(mask_times.get((attention, kind), []))
         mfu = raw_model.estimate_mfu(cfg.batch_size * cfg.block_size, seconds) if rt.device_type == "cuda" else None
         steps.append({"attention": attention, "mask": kind, "ms_per_iter": seconds * 1e3,
-                      "tokens_per_s": tokens / seconds, "mask_ms": None if mask_s is None else mask_s * 1e3,
-                      "mfu": mfu, "peak_gib": peak_gib.get((attention, kind))})
-    ms = {(s["attention"], s["mask"]): s["ms_per_iter"] for s in steps}
-    ratios = [{"attention": a, "against": label, "ratio": ms[(a, "ism")] / ms[against]}
-              for a in backends
-              for against, label in (((a, "causal"), f"causal ({a})"),
-                                     (("sdpa_is_causal", "causal"), "ceiling (sdpa_is_causal)"))]
-    if "flex" in backends and "sdpa" in backends:
-        ratios.append({"attention": "flex", "against": "ISM (sdpa)", "ratio": ms[("flex", "ism")] / ms[("sdpa", "ism")]})
+                      "tokens_per_s": tokens / seconds, "mask_ms": median(mask_times[(attention, kind)]) * 1e3,
+                      "mfu": mfu, "peak_gib": peak_gib[(attention, kind)]})
+    return steps
 
-    conversation_tokens = int(split.offsets[-1])
-    main_backend = backends[0]
-    epochs = []
+
+def attention_alone(cfg, config, rt):
+    """SDPA's forward and backward at one layer's training shapes, under a dense boolean mask (what every mask
+    here runs on SDPA) against its built-in is_causal (no mask tensor; on packed rows it would let a document see
+    the documents before it, so it is a speed reference, not a correct step)."""
+    shape = (cfg.batch_size, config.n_head, cfg.block_size, config.head_dim)
+    q, k, v = (torch.randn(shape, device=rt.device, requires_grad=True) for _ in range(3))
+    dense = torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool, device=rt.device).tril()
+
+    def run(**how):
+        with rt.autocast():
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, **how).sum().backward()
+    times = interleaved({"dense mask": lambda: run(attn_mask=dense), "is_causal": lambda: run(is_causal=True)},
+                        cfg.repeats, cfg.warmup, rt.device)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {"dense_ms": ms["dense mask"], "is_causal_ms": ms["is_causal"], "layers": config.n_layer}
+
+
+def epoch_rows_table(cfg, split, epoch, ms, backend):
+    """One epoch per mask: samples, tokens processed, steps and the estimated time at backend's step time."""
+    conversation_tokens, epochs = int(split.offsets[-1]), []
     for kind in MASKS:
         docs = documents(split, kind)
         tokens = sum(end - start for start, end, _ in docs)
         n_steps = math.ceil(len(epoch[kind]) / cfg.batch_size)
         epochs.append({"mask": kind, "samples": len(docs), "tokens": tokens,
                        "expansion": tokens / conversation_tokens, "rows": len(epoch[kind]), "steps": n_steps,
-                       "ms_per_iter": ms[(main_backend, kind)],
-                       "epoch_s": n_steps * ms[(main_backend, kind)] / 1e3})
-    if tmp is not None:
-        tmp.cleanup()
-    return {"backend": main_backend, "batch_size": cfg.batch_size, "block_size": cfg.block_size,
-            "precision": "bf16 autocast" if rt.dtype == "bfloat16" else "float32", "compiled": cfg.compile,
-            "conversations": len(split.offsets) - 1, "conversation_tokens": conversation_tokens,
-            "steps": steps, "ratios": ratios, "epoch": epochs}
+                       "ms_per_iter": ms[(backend, kind)], "epoch_s": n_steps * ms[(backend, kind)] / 1e3})
+    return epochs
 
 
 def peak_memory(step, device):
@@ -342,8 +369,11 @@ def train_tables(r):
            "step includes building its mask, timed alone in its column; tokens/s counts non-padding tokens)",
            table(["attention", "mask", "ms/iter", "tokens/s", "mask build ms", "MFU", "peak GiB"], rows), ""]
     out += [f"- ISM ({x['attention']}) / {x['against']}: {x['ratio']:.3f}" for x in r["ratios"]]
-    out += ["- the sdpa_is_causal row ignores document boundaries inside packed rows (not a correct step): "
-            "a speed ceiling only", ""]
+    a = r["attention_alone"]
+    out += [f"- attention alone, one layer's forward + backward at these shapes: SDPA with a dense mask "
+            f"{a['dense_ms']:.2f} ms, with is_causal (no mask tensor; not a correct step on packed rows) "
+            f"{a['is_causal_ms']:.2f} ms: the dense mask costs {a['layers'] * (a['dense_ms'] - a['is_causal_ms']):.1f} "
+            f"ms per step over {a['layers']} layers", ""]
     rows = [[e["mask"], f"{e['samples']:,}", f"{e['tokens']:,}", f"{e['expansion']:.2f}x", f"{e['steps']:,}",
              fmt(e["ms_per_iter"]), fmt(e["epoch_s"])] for e in r["epoch"]]
     out += [f"### One epoch ({r['conversations']:,} conversations, {r['conversation_tokens']:,} tokens; every mask "

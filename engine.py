@@ -19,15 +19,17 @@ A turn (ChatSession.generate) has four phases:
 4. close      whatever stopped the answer (<|end|>, the budget, Ctrl-C, a closed connection), the history gets
               the answer and its <|end|>, so the conversation stays well-formed; the cache holds a prefix of it.
 
-As in gpt-fast, the model-facing steps are small functions (feed, prefill); a StaticDecoder feeds one answer
-token in fixed shapes so that torch.compile can make it one CUDA graph. The engine is token-level: text enters as
-render()'s ids and roles and leaves through TextStream. Each turn's facts are one Turn record (session.last).
-Around the session: consume() (stream a turn's text), replace_answer() (teacher forcing, for eval.py).
-`python engine.py` is a self-check: a random model, three turns per mask, the tokens each turn prefills and reuses,
-and the largest logit difference against recomputing without the cache.
+As in gpt-fast, the model-facing step is one small function (feed); a StaticDecoder feeds one answer token in
+fixed shapes so that torch.compile can make it one CUDA graph. The engine is token-level: text enters as render()'s
+ids and roles and leaves through TextStream. Each turn's facts are one Turn record (session.last). The session owns
+its state: every change to its conversation and its cache is one of its methods (a turn, reset, set_history for a
+stateless client's conversation, replace_answer for teacher forcing). `python engine.py` is a self-check: a random
+model, three turns per mask, the tokens each turn prefills and reuses, and the largest logit difference against
+recomputing without the cache.
 """
 import codecs
 import copy
+import sys
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -36,20 +38,12 @@ import torch
 from torch.nn import functional as F
 
 from data.chat import render, render_user, system_of
-from support.errors import UserError
 from mask import ASSISTANT, MASKS, check_kind, make_mask
 from model import KVCache
+from support.errors import ModelError, TurnError, UserError
 
 _KEEP = object()  # reset(): keep the current system message
 DECODE_MODES = ("eager", "static", "compiled")
-
-
-class ModelError(UserError):
-    """The model computes something unusable (non-finite logits): its weights, not the request, are at fault."""
-
-
-class TurnError(UserError):
-    """A turn that cannot be taken (empty message, a message too long for the context). Nothing has changed."""
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
@@ -119,20 +113,12 @@ def feed(model, ids, roles, kind, start, cache=None):
     """Feed the conversation's tokens ids[start:] on top of a cache holding its first `start` tokens (no cache:
     start is 0) and return the last token's logits. roles covers at least ids; the chunk's mask rows are its slice
     of the whole conversation's mask, make_mask(kind, roles[:end])[start:end]: one rule for every chunk, a
-    prompt of many tokens or one answer token alike."""
+    prompt of many tokens or one answer token alike. The chunk's positions are start .. end - 1 (GPT.forward's
+    default for these mask rows): they place RoPE and the cache slots its keys and values go to."""
     end = len(ids)
     idx = torch.tensor([ids[start:]], device=roles.device)
-    logits, _ = model(idx, make_mask(kind, roles[:end], start=start), kv_cache=cache)
+    logits, _ = model(idx, make_mask(kind, roles[:end], start=start), kv_cache=cache, last_only=True)
     return logits[0, -1]
-
-
-def prefill(model, ids, roles, kind, cache):
-    """Phase 2: feed what the cache lacks of ids. -> (last logits, tokens reused from the cache, tokens fed)."""
-    if kind == "prefix":
-        # The prompt joins the history's bidirectional block: every cached row is stale. Re-prefill it all.
-        cache.truncate(0)
-    start = cache.length  # causal / ISM: earlier rows never change; reuse them, feed only the new tokens
-    return feed(model, ids, roles, kind, start, cache), start, len(ids) - start
 
 
 class StaticDecoder:
@@ -159,14 +145,12 @@ class StaticDecoder:
     def _step(self, idx, position):
         slots = torch.arange(self.cache.capacity, device=position.device)
         mask = (slots <= position).unsqueeze(0)  # (1, capacity): this token and every one before it
-        return self.model.decode_static(idx, mask, position, self.cache)[0, -1]
+        return self.model(idx, mask, position, kv_cache=self.cache, last_only=True)[0][0, -1]
 
-    def __call__(self, token):
+    def __call__(self, token, position):
         self.idx.fill_(token)  # in place: no new tensor, no host-to-device copy of a new one
-        self.position.fill_(self.cache.length)
-        logits = self.step(self.idx, self.position).clone()  # a graph replay reuses its output buffer
-        self.cache.length += 1  # the step wrote slot `position` in every layer
-        return logits
+        self.position.fill_(position)
+        return self.step(self.idx, self.position).clone()  # a graph replay reuses its output buffer
 
 
 def reusable_prefix(kind, cached_ids, cached_roles, ids, roles):
@@ -246,9 +230,10 @@ class Turn:
 
 class ChatSession:
     """One conversation with a model: its messages, their rendering (ids, roles) and a KV cache. Read its state,
-    don't write it: messages (system first if any; an answer's content is its sampled token ids, as re-encoding
-    decoded text need not give them back), ids and roles (render(messages), each answer closed, <= block_size),
-    cache (holds ids[:cache.length]; the rest is fed next turn), turns (since the last reset), last (the Turn).
+    don't write it: every change is one of its methods. messages (system first if any; an answer's content is its
+    sampled token ids, as re-encoding decoded text need not give them back), ids and roles (render(messages), each
+    answer closed, <= block_size), cache and cached (the cache holds the K/V of ids[:cached]; the rest is fed next
+    turn), turns (since the last reset), last (the Turn).
     use_cache=False is the reference path: every sampled token recomputes the whole context. decode: "eager"
     (attention over the filled cache), "static" (StaticDecoder) or "compiled" (StaticDecoder under torch.compile,
     a CUDA graph on CUDA). reply_reserve: tokens kept free for the answer when deciding whether to drop old turns
@@ -267,12 +252,12 @@ class ChatSession:
         self.never = never_sampled(tok, model.config.vocab_size)
         self.cache = KVCache(model.config, 1, self.device, param.dtype) if use_cache else None
         self.static = StaticDecoder(model, self.cache, decode == "compiled") if decode != "eager" else None
-        self.system, self.last = None, None
+        self.system, self.last, self.cached = None, None, 0
         self.reset(system)
 
     def reset(self, system=_KEEP):
-        """Start a new conversation (cache truncated to 0), with a new system message if one is given (None or ""
-        for none). UserError if the system message leaves no room for a turn; the session is then unchanged."""
+        """Start a new conversation (nothing cached), with a new system message if one is given (None or "" for
+        none). UserError if the system message leaves no room for a turn; the session is then unchanged."""
         system = self.system if system is _KEEP else (system or None)
         messages = [{"role": "system", "content": system}] if system else []
         ids, roles = render(messages, self.tok)
@@ -281,8 +266,12 @@ class ChatSession:
             raise UserError(f"the system message is {len(ids)} tokens; with a message and {self.reply_reserve} "
                             f"tokens kept for the answer it does not fit block_size {self.block_size}: shorten it")
         self.system, self.messages, self.ids, self.roles, self.turns = system, messages, ids, roles, 0
-        if self.cache is not None:
-            self.cache.truncate(0)
+        self._forget(0)
+
+    def turn(self, user_text, max_new_tokens=256, on_text=None, interruptible=False, **sampling):
+        """generate() then consume(): one turn, -> its record as JSON. Sampling keywords as in Sampling
+        (temperature=0 is greedy)."""
+        return consume(self, self.generate(user_text, max_new_tokens, Sampling(**sampling)), on_text, interruptible)
 
     def generate(self, user_text, max_new_tokens=256, sampling=None):
         """Answer one user message: -> an iterator of the sampled token ids, a sampled closing token last. Raises
@@ -302,6 +291,40 @@ class ChatSession:
         self.last = Turn(self.turns + 1, user_text, started, dropped,
                          "max_new_tokens" if budget == max_new_tokens else "block_size")
         return self._answer(user_text, prompt_ids, prompt_roles, budget, sampling or Sampling())
+
+    def set_history(self, messages):
+        """Make `messages` (validated; answers as text or token ids) the conversation so far, as a stateless client
+        sends it with every request (serve.py), keeping the cached rows that are still exact for it
+        (reusable_rows; an answer's text may not re-encode to the sampled ids, and then less is kept, never a wrong
+        row). -> the number of cached tokens kept."""
+        messages = [dict(m, content=self.tok.encode(m["content"])) if m["role"] == "assistant"
+                    and isinstance(m["content"], str) else dict(m) for m in messages]  # answers as token ids
+        ids, roles = render(messages, self.tok)
+        if len(ids) > self.block_size:
+            raise TurnError(f"the conversation is {len(ids)} tokens, more than block_size {self.block_size}")
+        kept = self.reusable_rows(ids, roles)
+        self._forget(kept)
+        self.system, self.messages, self.ids, self.roles = system_of(messages), messages, ids, roles
+        return kept
+
+    def replace_answer(self, text):
+        """Teacher forcing (eval.py --history=gold): put `text` in place of the last answer. The cache forgets the
+        replaced answer's tokens; the next turn feeds the new answer together with its prompt."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("there is no answer to replace")
+        self.messages[-1] = {"role": "assistant", "content": self.tok.encode(text)}
+        answer_start = len(render(self.messages[:-1], self.tok)[0])
+        self.ids, self.roles = render(self.messages, self.tok)
+        self._forget(answer_start)
+
+    def reusable_rows(self, ids, roles):
+        """How many cached rows stay exact if the conversation became ids/roles (reusable_prefix); 0 without a
+        cache."""
+        if self.cache is None:
+            return 0
+        return reusable_prefix(self.kind, self.ids[:self.cached], self.roles[:self.cached], ids, roles)
+
+    # ------------------------------------------------------------------------------------------- inside a turn
 
     def _prompt(self, user_text):
         return render_user(user_text, self.tok, after_answer=bool(self.messages)
@@ -329,7 +352,7 @@ class ChatSession:
                 turn.reply.append(token)
                 yield token
                 if step + 1 < budget:  # the last allowed token is never fed: nothing would read its logits
-                    logits = self._feed_answer_token(token, roles)
+                    logits = self._feed(self.ids + turn.reply, roles)
         except (KeyboardInterrupt, GeneratorExit):
             if turn.stopped != "end":  # a consumer may stop reading at the closing token it was given
                 turn.stopped = "interrupted"
@@ -338,26 +361,36 @@ class ChatSession:
             self._close(turn)  # phase 4
 
     def _prefill(self, roles):
-        if self.cache is None:  # the reference path: the whole context, every time
-            logits, reused, fed = feed(self.model, self.ids, roles, self.kind, 0), 0, len(self.ids)
-        else:
-            logits, reused, fed = prefill(self.model, self.ids, roles, self.kind, self.cache)
-        self.last.prefill_tokens, self.last.reused_tokens = fed, reused
+        """Phase 2: feed what the cache lacks of ids. Under prefix the prompt joins the history's bidirectional
+        block, so every cached row is stale: the whole history is fed again."""
+        if self.kind == "prefix":
+            self._forget(0)
+        reused = self.cached
+        logits = self._feed(self.ids, roles)
+        self.last.prefill_tokens, self.last.reused_tokens = len(self.ids) - reused, reused
         return logits
 
-    def _feed_answer_token(self, token, roles):
-        """Logits after answer token `token`, the last of the reply so far: fed alone on the cache, or (no cache)
-        the whole context recomputed."""
-        ids = self.ids + self.last.reply
+    def _feed(self, ids, roles):
+        """The logits after ids, whose first `cached` tokens are in the cache: the rest is fed on top of it (a single
+        answer token through the static step, when there is one), or, without a cache, the whole context is
+        recomputed. The one place the cache grows."""
         if self.cache is None:
             return feed(self.model, ids, roles, self.kind, 0)
-        if self.static is not None:
-            return self.static(token)
-        return feed(self.model, ids, roles, self.kind, self.cache.length, self.cache)
+        start = self.cached
+        if self.static is not None and len(ids) - start == 1 and roles[start] == ASSISTANT:
+            logits = self.static(ids[start], start)
+        else:
+            logits = feed(self.model, ids, roles, self.kind, start, self.cache)
+        self.cached = len(ids)
+        return logits
+
+    def _forget(self, n):
+        """Keep the cached rows of the first n tokens only (they stay valid; the rest will be fed again)."""
+        self.cached = min(self.cached, n)
 
     def _close(self, turn):
         """Phase 4: the answer, closed by its closing token, joins the history. The cache holds a prefix of the new
-        ids (GPT.forward grows it only after every layer stored a chunk); the next turn feeds ids[cache.length:]."""
+        ids; the next turn feeds ids[cached:]."""
         self.messages.append({"role": "assistant", "content": turn.reply})
         self.ids, self.roles = render(self.messages, self.tok)
         self.turns += 1
@@ -376,14 +409,8 @@ class ChatSession:
                             f"{len(render(self.messages[:1 if self.system else 0], self.tok)[0])} taken by {taken}, "
                             f"{need - prompt_len} kept for the answer; shorten it")
         self.messages, (self.ids, self.roles) = kept, render(kept, self.tok)
-        if self.cache is not None:
-            self.cache.truncate(0)  # positions restart at 0: the kept history is re-prefilled
+        self._forget(0)  # positions restart at 0: the kept history is re-prefilled
         return dropped
-
-    def turn(self, user_text, max_new_tokens=256, on_text=None, interruptible=False, **sampling):
-        """generate() then consume(): one turn, -> its record as JSON. Sampling keywords as in Sampling
-        (temperature=0 is greedy)."""
-        return consume(self, self.generate(user_text, max_new_tokens, Sampling(**sampling)), on_text, interruptible)
 
 
 # ------------------------------------------------------------------------------------------ around a session
@@ -419,43 +446,6 @@ def consume(session, tokens, on_text=None, interruptible=False):
     return session.last.to_json(session.tok)
 
 
-def transcript(session):
-    """The session's messages with answers as text: [{"role", "content"}]."""
-    return [dict(m, content=session.tok.decode(m["content"])) if m["role"] == "assistant" else dict(m)
-            for m in session.messages]
-
-
-def set_history(session, messages):
-    """Make `messages` (validated; answers as text or token ids) the session's conversation so far, as a stateless
-    client sends it with every request (serve.py), keeping the cached rows that are still exact for it
-    (reusable_prefix; an answer's text may not re-encode to the sampled ids, and then less is kept, never a wrong
-    row). -> the number of cached tokens kept."""
-    messages = [dict(m, content=session.tok.encode(m["content"])) if m["role"] == "assistant"
-                and isinstance(m["content"], str) else dict(m) for m in messages]  # answers as token ids
-    ids, roles = render(messages, session.tok)
-    if len(ids) > session.block_size:
-        raise TurnError(f"the conversation is {len(ids)} tokens, more than block_size {session.block_size}")
-    kept = 0
-    if session.cache is not None:
-        n = session.cache.length
-        kept = reusable_prefix(session.kind, session.ids[:n], session.roles[:n], ids, roles)
-        session.cache.truncate(kept)
-    session.system, session.messages, session.ids, session.roles = system_of(messages), messages, ids, roles
-    return kept
-
-
-def replace_answer(session, text):
-    """Teacher forcing (eval.py --history=gold): put `text` in place of the session's last answer. The cache
-    forgets the replaced answer's tokens; the next turn feeds the new answer together with its prompt."""
-    if not session.messages or session.messages[-1]["role"] != "assistant":
-        raise ValueError("there is no answer to replace")
-    session.messages[-1] = {"role": "assistant", "content": session.tok.encode(text)}
-    answer_start = len(render(session.messages[:-1], session.tok)[0])
-    session.ids, session.roles = render(session.messages, session.tok)
-    if session.cache is not None:
-        session.cache.truncate(min(session.cache.length, answer_start))
-
-
 # -------------------------------------------------------------------------------------- python engine.py
 
 def self_check(turns=("what is 3 + 4 ?", "and times 2 ?", "sort 9 1 5"), seed=0):
@@ -481,10 +471,12 @@ def largest_difference(session):
     as the chat built it, and compare the logits with one forward over the whole conversation, no cache: they
     depend on every cached row of every layer."""
     roles = torch.tensor(session.roles)
-    cached = feed(session.model, session.ids, roles, session.kind, session.cache.length, copy.deepcopy(session.cache))
+    cached = feed(session.model, session.ids, roles, session.kind, session.cached, copy.deepcopy(session.cache))
     full = feed(session.model, session.ids, roles, session.kind, 0)
     return (cached - full).abs().max().item()
 
 
 if __name__ == "__main__":
+    if sys.argv[1:]:
+        sys.exit(f"usage: python {sys.argv[0]}\n{self_check.__doc__}")
     self_check()

@@ -16,7 +16,7 @@ Score a model: held-out answer loss and exact match of greedy answers given thro
 - What stays in the conversation after a turn (--history):
     gold  the gold answer (teacher-forced history): every turn is scored on the same history under every mask, and
           an early mistake does not spoil later turns (an arith chain, a recall of a misheard fact). The fair
-          per-turn-index comparison (the default; engine.replace_answer puts the gold answer in).
+          per-turn-index comparison (the default; ChatSession.replace_answer puts the gold answer in).
     own   the model's own reply, what a user sees: mistakes compound, so late turns also measure earlier ones.
 - Reported per task family (the "tasks" tags of the synthetic data; minmax, sort and reverse, the "instruction after
   the data" families where bidirectional attention inside a query matters mechanically, come first and also
@@ -40,7 +40,7 @@ from support.starts import ModelFlags
 from data.store import first_conversations, load_meta, load_split
 from data.chat import read_jsonl, system_of
 from data.synthetic import FAMILIES, INSTRUCTION_LAST, POOLED, family_label, percent
-from engine import ChatSession, replace_answer
+from engine import ChatSession
 from support.errors import UserError
 from support.flags import setting
 from loss import estimate_val_loss
@@ -91,10 +91,10 @@ def turns_of(conversation):
     return system, list(zip(users, answers, tasks))
 
 
-def replay(session, conversations, history="gold", max_new_tokens=64, force_answer=replace_answer):
+def replay(session, conversations, history="gold", max_new_tokens=64):
     """Replay each conversation through session (ChatSession's API: reset(system), turn(user, max_new_tokens,
     temperature) -> {"reply", "stopped", "dropped_turns", ...}), scoring each greedy reply; with history="gold",
-    force_answer(session, gold) puts the gold answer in its place. -> one record per answered turn: {conversation,
+    session.replace_answer(gold) puts the gold answer in its place. -> one record per answered turn: {conversation,
     turn, family, correct, reply, gold}."""
     records = []
     for number, conversation in enumerate(conversations):
@@ -110,7 +110,7 @@ def replay(session, conversations, history="gold", max_new_tokens=64, force_answ
                             "reply": result["reply"], "correct": finished and score(result["reply"], gold),
                             "finished": finished, "dropped_turns": result["dropped_turns"]})
             if history == "gold":
-                force_answer(session, gold)
+                session.replace_answer(gold)
     return records
 
 

@@ -10,7 +10,6 @@ answer token (and the answer's closing <|end|>) is the target of the token befor
 from contextlib import nullcontext
 
 import torch
-from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.batching import NO_TARGET, batches_of, heldout_rows
@@ -18,22 +17,19 @@ from mask import block_mask, make_mask
 
 
 def batch_mask(kind, batch, attention):
-    """The batch's attention mask: FlexAttention BlockMask ("flex"), SDPA's dense (B, T, T) bool ("sdpa"), or None
-    for "sdpa_is_causal": SDPA's built-in causal mask, no mask built. That one lets a packed document see the
-    documents before it in its row, so it is not a correct step under any mask: bench.py times it as a ceiling."""
+    """The batch's attention mask: FlexAttention's BlockMask ("flex") or SDPA's dense (B, T, T) bool ("sdpa")."""
     if attention == "flex":
         return block_mask(kind, batch["roles"], batch["doc_ids"])
-    if attention == "sdpa_is_causal":
-        return None
     return make_mask(kind, batch["roles"], batch["doc_ids"])
 
 
 def answer_loss_sum(model, batch, kind, attention="sdpa"):
-    """Sum (not mean) of the cross-entropy over the batch's answer targets (targets != -1), in float32.
-    A sum, so micro-batches and ranks can be weighted by their answer-token counts; 0 when there are none."""
-    logits, _ = model(batch["idx"], batch_mask(kind, batch, attention), positions=batch["positions"])
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["targets"].view(-1),
-                           ignore_index=NO_TARGET, reduction="sum")
+    """Sum (not mean) of the cross-entropy over the batch's answer targets (targets != -1), in float32; the model
+    computes logits for those positions only. A sum, so micro-batches and ranks can be weighted by their
+    answer-token counts; 0 when there are none."""
+    _, loss_sum = model(batch["idx"], batch_mask(kind, batch, attention), positions=batch["positions"],
+                        targets=batch["targets"], loss_reduction="sum")
+    return loss_sum
 
 
 def train_step(model, optimizer, batches, kind, answer_tokens, rt, grad_clip=1.0, world_size=1):

@@ -15,9 +15,11 @@ What differs from nanoGPT:
   Both families run the same attention code under the same mask.
 - Positions are explicit, so packed documents restart at 0 and a chunk on top of a cache continues from it; RoPE
   rotates each query and key by its own position, GPT-2 looks its position up.
-- forward can run on a KVCache: the chunk's keys/values are written after the cached ones and the chunk attends
-  over the filled part of the cache only. The cache length advances in GPT.forward, after every layer stored the
-  chunk, and nowhere else but after a static decode step (see decode_static).
+- forward can run on a KVCache, gpt-fast's way: one positions tensor says where each token of the chunk sits; it
+  places RoPE (or GPT-2's position lookup) and the slots the chunk's keys and values are written to
+  (KVCache.update). The chunk then attends over the first S slots of the cache, S being its mask's width: the mask
+  row of a token covers exactly the tokens it may see, filled slots only. The model keeps no count of the filled
+  slots: the engine, which feeds the chunks, knows how many.
 This file imports torch only.
 """
 import functools
@@ -74,23 +76,21 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated up to block_size: keys[layer] and
+    """Keys and values of every layer for the tokens fed so far, preallocated up to block_size: keys[layer] and
     values[layer], each (batch_size, n_kv_head, block_size, head_dim): only the key/value heads, so grouped-query
-    attention's saving is the cache's too. One tensor per layer and kind, not views of a
-    larger one, so that a compiled step writes into them in place (a write into a view of a graph's input makes
-    the compiler copy the whole base back).
+    attention's saving is the cache's too. One tensor per layer and kind, not views of a larger one, so that a
+    compiled step writes into them in place (a write into a view of a graph's input makes the compiler copy the
+    whole base back).
 
     Memory: 2 (k and v) * n_layer * batch_size * block_size * n_kv_head * head_dim elements, e.g. 2 * 4 * 1 * 512 *
-    128 * 4 bytes = 2 MiB for the default model in fp32; bytes_per_token says what one token costs.
-    Appending a chunk of T tokens writes T slots per layer (O(T)); truncate(n) forgets everything after n tokens
-    (a /reset, or a re-prefill) without freeing memory.
+    128 * 4 bytes = 2 MiB for the default model in fp32; bytes_per_token says what one token costs. Writing a chunk
+    of T tokens writes T slots per layer (O(T)); forgetting tokens is only a smaller count at the feeder's side.
     """
 
     def __init__(self, config, batch_size=1, device="cpu", dtype=torch.float32):
         shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.length = 0
 
     @property
     def capacity(self):
@@ -100,29 +100,12 @@ class KVCache:
     def bytes_per_token(self):
         return 2 * sum(k[:, :, 0].numel() * k.element_size() for k in self.keys)
 
-    @property
-    def kv(self):
-        """A copy of everything, (n_layer, 2, batch_size, n_kv_head, block_size, head_dim): to look at, not to write."""
-        return torch.stack([torch.stack(pair) for pair in zip(self.keys, self.values)])
-
-    def store(self, layer, k, v):
-        """Write a chunk's k, v (B, n_kv_head, T, head_dim) after the cached tokens; return the filled part."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def store_at(self, layer, position, k, v):
-        """Write one token's k, v at `position` (a 1-element tensor) and return the WHOLE buffers, unfilled slots
-        included: fixed shapes, as a CUDA graph needs. The caller's mask must exclude the slots after position."""
-        self.keys[layer].index_copy_(2, position, k)
-        self.values[layer].index_copy_(2, position, v)
+    def update(self, layer, input_pos, k, v):
+        """Write a chunk's k, v (B, n_kv_head, T, head_dim) at slots input_pos (T,) of the layer; -> the layer's
+        whole buffers (the caller reads the slots its mask covers)."""
+        self.keys[layer].index_copy_(2, input_pos, k)
+        self.values[layer].index_copy_(2, input_pos, v)
         return self.keys[layer], self.values[layer]
-
-    def truncate(self, length):
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
-        self.length = length
 
 
 class RMSNorm(nn.Module):
@@ -174,28 +157,23 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.layer_index = layer_index
 
-    def forward(self, x, mask, rope=None, kv_cache=None, position=None):
+    def forward(self, x, mask, positions, rope=None, kv_cache=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.split_sizes, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # n_kv_head heads
         if rope is not None:  # Llama family: rotate q and k by their positions before they are cached
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if kv_cache is not None and position is None:
-            k, v = kv_cache.store(self.layer_index, k, v)  # attend over cached + new keys, filled slots only
-        elif kv_cache is not None:
-            k, v = kv_cache.store_at(self.layer_index, position, k, v)  # the whole capacity; the mask cuts it
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_index, positions, k, v)
+            width = mask.shape[-1]  # the slots the mask covers: the chunk's own and every one before it
+            k, v = k[:, :, :width], v[:, :, :width]
         # Grouped-query attention: each group of n_head / n_kv_head query heads reads one key/value head.
         gqa = self.n_kv_head != self.n_head
         dropout = self.dropout if self.training else 0.0
         if isinstance(mask, BlockMask):
             flex = compiled_flex_attention() if q.is_cuda else flex_attention
             y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)  # no attention dropout in Flex; residual ones apply
-        elif mask is None:
-            # Plain causal attention, no mask tensor: only bench.py's speed ceiling asks for it (one document per
-            # row assumed). is_causal is top-left aligned when T != S, so it is wrong on top of a cache.
-            assert kv_cache is None, "mask=None (is_causal) cannot run on a KV cache"
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
         else:
             attn_mask = mask.view(-1, 1, *mask.shape[-2:])  # (T, S) or (B, T, S) -> broadcast over heads
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, enable_gqa=gqa)
@@ -232,8 +210,8 @@ class Block(nn.Module):
         self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, rope=None, kv_cache=None, position=None):
-        x = x + self.attn(self.ln_1(x), mask, rope, kv_cache, position)
+    def forward(self, x, mask, positions, rope=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), mask, positions, rope, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -272,33 +250,32 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, mask, positions=None, targets=None, kv_cache=None):
-        """idx (B, T) token ids. mask: bool (T, S) or (B, T, S), True = may attend, or a BlockMask; S = T without a
-        cache, cache length + T with one (the rows of the whole sequence's mask for these T tokens).
-        positions (T,) or (B, T): default 0.. T-1, continuing from the cache length when there is one.
-        targets (B, T): next-token ids, -1 where no loss is taken. Returns (logits (B, T, vocab), loss or None)."""
+    def forward(self, idx, mask, positions=None, targets=None, kv_cache=None, last_only=False, loss_reduction="mean"):
+        """idx (B, T) token ids. mask: bool (T, S) or (B, T, S), True = may attend, or a BlockMask: the rows of the
+        whole sequence's mask for these T tokens, over its first S tokens (S = T without a cache; with one, the
+        chunk's keys are written into the cache and the first S slots are attended). positions (T,) or (B, T):
+        where each token sits; default the chunk's own place, the last T of the S (0 .. T-1 without a cache).
+        targets (B, T): next-token ids, -1 where no loss is taken; logits are then computed only where a loss is:
+        (N, vocab) for the N targets, and the loss is their cross-entropy, reduced by loss_reduction ("mean",
+        "sum": what a step that weighs micro-batches by their answer tokens adds up). last_only: the last position's
+        logits only, (B, 1, vocab), what a chat step reads. Otherwise -> (logits (B, T, vocab), None).
+        The output layer is the widest matmul of a small model and its logits the largest activation: computing
+        them only where they are read saves time and memory, and changes no value."""
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        width = mask.shape[-1]
+        if width > self.config.block_size:
+            raise ValueError(f"sequence of {width} tokens exceeds block_size {self.config.block_size}")
         if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device)
-        logits = self._layers(idx, positions, mask, kv_cache)
-        if kv_cache is not None:
-            kv_cache.length += T  # every layer has stored this chunk: the one place the cache grows
-        loss = None
+            positions = torch.arange(width - T, width, device=idx.device)
+        x = self._layers(idx, positions, mask, kv_cache)
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+            trained = targets != -1
+            logits = self.lm_head(x[trained])
+            return logits, F.cross_entropy(logits.float(), targets[trained], reduction=loss_reduction)
+        return self.lm_head(x[:, -1:] if last_only else x), None
 
-    def decode_static(self, idx, mask, position, kv_cache):
-        """One token per row in fixed shapes, for a compiled decode step (a CUDA graph): idx (B, 1), position a
-        1-element long tensor, mask (1, capacity) over the cache's whole buffer with every slot after `position`
-        False. Writes the token's K/V at `position` and returns the logits (B, 1, vocab). It does not advance
-        kv_cache.length, a Python int that a graph replay cannot change: the caller adds 1 after each step."""
-        return self._layers(idx, position, mask, kv_cache, position)
-
-    def _layers(self, idx, positions, mask, kv_cache, position=None):
+    def _layers(self, idx, positions, mask, kv_cache):
+        """The final-norm hidden states (B, T, n_embd)."""
         x = self.transformer.wte(idx)
         rope = None
         if self.config.family == "gpt2":
@@ -307,8 +284,8 @@ class GPT(nn.Module):
             rope = rope_angles(positions, self.config)  # once per forward, shared by every layer
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, mask, rope, kv_cache, position)
-        return self.lm_head(self.transformer.ln_f(x))
+            x = block(x, mask, positions, rope, kv_cache)
+        return self.transformer.ln_f(x)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # weight decay on matrices (Linear weights, embeddings) only; never on biases or LayerNorm gains

@@ -26,8 +26,8 @@ from support.compute import THREADS_HELP, set_threads
 from support.starts import ModelFlags
 from data.chat import read_jsonl, system_of
 from data.synthetic import example_prompts
-from engine import ChatSession, Sampling, TurnError, consume
-from support.errors import UserError
+from engine import ChatSession, Sampling, consume
+from support.errors import TurnError, UserError
 from support.flags import parse, run, setting
 
 SEED_MAX = 2**63 - 1

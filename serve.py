@@ -58,8 +58,8 @@ from support.starts import ModelFlags
 from data.chat import render, validate
 from support.errors import DataError
 from data.synthetic import example_prompts
-from engine import ChatSession, ModelError, Sampling, TextStream, TurnError, reusable_prefix, set_history
-from support.errors import UserError
+from engine import ChatSession, Sampling, TextStream
+from support.errors import ModelError, TurnError, UserError
 from support.flags import parse, run, setting
 from mask import ROLE_LETTERS
 
@@ -285,12 +285,6 @@ def unsure_tail(text, stops):
                default=0)
 
 
-def cached_rows(session):
-    """The (ids, roles) whose K/V rows the session's cache holds."""
-    n = session.cache.length if session.cache is not None else 0
-    return session.ids[:n], session.roles[:n]
-
-
 class ChatService:
     """The model, the cached conversations (ChatSession objects, least recently used first) and the line of
     requests. answer() runs a checked request on the session whose cache keeps the most of it. cfg (ServeConfig)
@@ -311,7 +305,7 @@ class ChatService:
         history = request.ids[:request.history_len], request.roles[:request.history_len]
         # Not the longest common prefix: an ISM query token's row depends on the rest of its segment too, so two
         # conversations whose message goes on differently share none of its rows (reusable_prefix says why).
-        kept = {number: reusable_prefix(self.kind, *cached_rows(s), *history) for number, s in self.sessions.items()}
+        kept = {number: s.reusable_rows(*history) for number, s in self.sessions.items()}
         best = max(kept, key=kept.get, default=None)
         if best is None or kept[best] == 0:
             if len(self.sessions) < self.cfg.sessions:
@@ -332,7 +326,7 @@ class ChatService:
         early (a client gone) stops the generation: the session closes the answer and stays consistent."""
         try:
             session = self.session_for(request)
-            set_history(session, request.messages[:-1])  # keeps exactly the cached rows that stay exact
+            session.set_history(request.messages[:-1])  # keeps exactly the cached rows that stay exact
             seed = request.seed if request.seed is not None else self.seeds.getrandbits(63)
             sampling = Sampling(request.temperature, request.top_k or None, request.top_p,
                                 torch.Generator().manual_seed(seed))

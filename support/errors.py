@@ -13,6 +13,14 @@ class DataError(UserError):
     """A problem with data the user can fix (bad file, bad line, missing data)."""
 
 
+class ModelError(UserError):
+    """The model computes something unusable (non-finite logits): its weights, not the request, are at fault."""
+
+
+class TurnError(UserError):
+    """A chat turn that cannot be taken (empty message, a message too long for the context). Nothing has changed."""
+
+
 def reason(error):
     """Why an OSError happened, in words: its strerror, or its message where it has none (numpy's on a full disk:
     "100000 requested and 32704 written")."""

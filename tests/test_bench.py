@@ -61,11 +61,11 @@ def test_tables_are_well_formed(quick):
         assert all(len(row) == len(rows[0]) for row in rows), rows
         assert set(rows[1]) == {"---"}
     steps, epoch, chat, decode = found
-    assert len(steps) - 2 == len(results["train"]["steps"]) == 4  # causal, ism, prefix + the is_causal ceiling
+    assert len(steps) - 2 == len(results["train"]["steps"]) == 3  # causal, ism, prefix
     assert len(epoch) - 2 == 3
     assert len(chat) - 2 == len(results["chat"]["turns"])
     assert len(decode) - 2 == len(results["decode"]["rows"]) == 4
-    assert "ISM (sdpa) / causal (sdpa)" in text and "ISM (sdpa) / ceiling (sdpa_is_causal)" in text
+    assert "ISM (sdpa) / causal (sdpa)" in text and "with is_causal (no mask tensor" in text
     assert "ISM TTFT / prefix TTFT" in text and "cache vs no cache" in text
 
 

@@ -6,9 +6,8 @@ import torch
 
 from data.chat import render
 from data.tokenizer import get_tokenizer
-from engine import (ChatSession, ModelError, Sampling, TextStream, TurnError, reusable_prefix, sample_token,
-                    set_history, transcript)
-from support.errors import UserError
+from engine import ChatSession, Sampling, TextStream, reusable_prefix, sample_token
+from support.errors import ModelError, TurnError, UserError
 from mask import ASSISTANT, MASKS, SYSTEM, USER, make_mask
 from model import GPT, GPTConfig, KVCache
 
@@ -63,9 +62,20 @@ def reference_reply(model, kind, messages, user_text, max_new_tokens, block_size
     return reply, steps
 
 
+def kv(cache):
+    """A copy of every layer's keys and values: (n_layer, 2, batch, heads, capacity, head_dim)."""
+    return torch.stack([torch.stack(pair) for pair in zip(cache.keys, cache.values)])
+
+
+def transcript(session):
+    """The session's messages with answers as text: [{"role", "content"}]."""
+    return [dict(m, content=TOK.decode(m["content"])) if m["role"] == "assistant" else dict(m)
+            for m in session.messages]
+
+
 def assert_cache_is_exact(session):
     """The cache equals a fresh forward over the ids it claims to hold (positions from 0, the full mask)."""
-    n = session.cache.length
+    n = session.cached
     assert session.ids[:n] == render(session.messages, TOK)[0][:n]
     if n == 0:
         return
@@ -73,7 +83,7 @@ def assert_cache_is_exact(session):
     with torch.no_grad():
         session.model(torch.tensor([session.ids[:n]]), make_mask(session.kind, torch.tensor(session.roles[:n])),
                       kv_cache=fresh)
-    torch.testing.assert_close(session.cache.kv[..., :n, :], fresh.kv[..., :n, :], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kv(session.cache)[..., :n, :], kv(fresh)[..., :n, :], atol=1e-4, rtol=1e-4)
 
 
 def assert_well_formed(session):
@@ -156,9 +166,9 @@ def test_prefix_cache_could_not_be_reused():
     # Why prefix re-prefills: the K/V an ISM-style reuse would keep differ from the recomputed ones.
     session = ChatSession(MODEL, TOK, "prefix")
     session.turn(USERS[0], 5)
-    stale = session.cache.kv[..., :session.cache.length, :].clone()
+    stale = kv(session.cache)[..., :session.cached, :].clone()
     session.turn(USERS[1], 5)
-    assert (session.cache.kv[..., :stale.shape[-2], :] - stale).abs().max() > 1e-3
+    assert (kv(session.cache)[..., :stale.shape[-2], :] - stale).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["ism", "prefix"])
@@ -202,10 +212,10 @@ def test_answer_stops_at_block_size_and_next_turn_drops():
 def test_message_too_long_is_refused_and_changes_nothing():
     session = ChatSession(MODEL, TOK, "ism", system=SYSTEM_TEXT)
     session.turn(USERS[0], 6)
-    state = (list(session.ids), [dict(m) for m in session.messages], session.cache.length, session.turns)
+    state = (list(session.ids), [dict(m) for m in session.messages], session.cached, session.turns)
     with pytest.raises(TurnError, match="does not fit"):
         session.turn("x" * 200, 6)
-    assert (session.ids, session.messages, session.cache.length, session.turns) == state
+    assert (session.ids, session.messages, session.cached, session.turns) == state
     session.turn(USERS[1], 6)
     want, _ = reference_reply(MODEL, "ism", state[1], USERS[1], 6)
     assert session.messages[-1]["content"] == want
@@ -231,7 +241,7 @@ def test_reset_starts_a_new_conversation():
     first = session.turn(USERS[0], 8)
     session.turn(USERS[1], 8)
     session.reset()
-    assert session.messages == [{"role": "system", "content": SYSTEM_TEXT}] and session.cache.length == 0
+    assert session.messages == [{"role": "system", "content": SYSTEM_TEXT}] and session.cached == 0
     assert session.ids == render(session.messages, TOK)[0] and session.turns == 0
     again = session.turn(USERS[0], 8)
     assert again["reply"] == first["reply"] and again["turn"] == 1 and again["reused_tokens"] == 0
@@ -245,7 +255,7 @@ def test_reply_cut_by_max_new_tokens_is_closed(kind):
     result = session.turn(USERS[0], max_new_tokens=5)
     assert result["stopped"] == "max_new_tokens" and result["generated_tokens"] == 5
     assert len(session.messages[-1]["content"]) == 5 and session.ids[-1] == TOK.end
-    assert session.cache.length == len(session.ids) - 2  # the last sampled token and <|end|> wait for next turn
+    assert session.cached == len(session.ids) - 2  # the last sampled token and <|end|> wait for next turn
     session.turn(USERS[1], max_new_tokens=5)
     assert_cache_is_exact(session)
     want, _ = reference_reply(MODEL, kind, session.messages[:2], USERS[1], 5)
@@ -289,7 +299,7 @@ def test_empty_message_is_refused_and_changes_nothing():
     for text in ("", "  \n"):
         with pytest.raises(TurnError, match="empty"):
             session.turn(text, 4)
-    assert session.messages == [] and session.cache.length == 0 and session.turns == 0
+    assert session.messages == [] and session.cached == 0 and session.turns == 0
 
 
 def test_streamed_text_is_whole_characters_and_equals_the_reply():
@@ -328,7 +338,7 @@ def test_static_decode_step_equals_the_eager_step(kind):
     for decode in ("eager", "static"):
         session = ChatSession(MODEL, TOK, kind, system=SYSTEM_TEXT, decode=decode)
         logits, handle = [], None
-        if decode == "static":  # the static step calls decode_static, not forward: record its logits there
+        if decode == "static":  # record the static step's logits where it returns them
             step = session.static.step
             session.static.step = lambda idx, pos: logits.append(step(idx, pos)) or logits[-1]
         else:
@@ -431,7 +441,7 @@ def kv_of(model, kind, ids, roles):
     cache = KVCache(model.config)
     with torch.no_grad():
         model(torch.tensor([ids]), make_mask(kind, torch.tensor(roles)), kv_cache=cache)
-    return cache.kv[:, :, 0, :, :len(ids)]
+    return kv(cache)[:, :, 0, :, :len(ids)]
 
 
 def exact_rows(model, kind, a, b):
@@ -481,14 +491,14 @@ def test_set_history_continues_a_cached_session_exactly(kind):
     for user in USERS[:2]:
         session.turn(user, max_new_tokens=6)
     history = transcript(session) + [{"role": "user", "content": USERS[2]}, {"role": "assistant", "content": "ok"}]
-    kept = set_history(session, history)
+    kept = session.set_history(history)
     assert (kept > 0) == (kind != "prefix")
     assert transcript(session) == history  # answers kept as token ids, given back as text
     assert_cache_is_exact(session)
     result = session.turn(USERS[3], max_new_tokens=6)
     assert result["reused_tokens"] == (kept if kind != "prefix" else 0)
     fresh = ChatSession(MODEL, TOK, kind, system=SYSTEM_TEXT, use_cache=False)
-    set_history(fresh, history)
+    fresh.set_history(history)
     assert fresh.turn(USERS[3], max_new_tokens=6)["reply"] == result["reply"]
     assert_well_formed(session)
 

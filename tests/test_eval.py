@@ -113,7 +113,7 @@ def test_replay_scores_known_answers_and_counts_match_the_file(data_dir, history
                 want_correct[family] += 1
     session = ScriptedSession(answers)
     conversations, _ = read_jsonl(os.path.join(data_dir, "val.jsonl"))
-    result = ev.tally(ev.replay(session, conversations, history, force_answer=ScriptedSession.replace_answer))
+    result = ev.tally(ev.replay(session, conversations, history))
     families, turns = expected_counts(convs)
     assert {f: c["n"] for f, c in result["by_family"].items() if f != ev.POOLED} == dict(families)
     assert result["by_family"][ev.POOLED]["n"] == families["minmax"] + families["sort"] + families["reverse"]

@@ -68,12 +68,11 @@ def run_chat(model, kind, ids, roles, reprefill_each_turn):
         for s, e in chat_chunks(roles.tolist()):
             is_prompt = e - s > 1 or roles[s] != ASSISTANT
             if reprefill_each_turn and is_prompt:
-                cache.truncate(0)
-                s = 0
-            mask = make_mask(kind, roles[:e], start=cache.length)
+                s = 0  # the cached rows are stale: feed the whole history again, over them
+            mask = make_mask(kind, roles[:e], start=s)
             got[s:e] = model(ids[s:e].unsqueeze(0), mask, kv_cache=cache)[0][0]
             want[s:e] = full_logits(model, kind, ids[:e], roles[:e])[s:e]
-            assert cache.length == e
+            assert not cache.keys[0][0, :, e:].any()  # the chunk wrote its own slots, none after them
     return got, want
 
 
@@ -177,10 +176,14 @@ def test_loss_ignores_targets_of_minus_one():
     targets = torch.full_like(ids, -1)
     targets[10] = 7
     logits, loss = model(ids.unsqueeze(0), make_mask("ism", roles), targets=targets.unsqueeze(0))
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[0, 10:11], torch.tensor([7])))
+    everywhere = model(ids.unsqueeze(0), make_mask("ism", roles))[0]  # no targets: the logits of every position
+    torch.testing.assert_close(logits, everywhere[0, 10:11])  # only where a loss is taken
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(everywhere[0, 10:11], torch.tensor([7])))
+    total = model(ids.unsqueeze(0), make_mask("ism", roles), targets=targets.unsqueeze(0), loss_reduction="sum")[1]
+    torch.testing.assert_close(total, loss)  # one target: its sum is its mean
 
 
-def test_cache_overflow_and_truncate():
+def test_cache_overflow_and_size():
     model = tiny_model()
     cache = KVCache(CONFIG)
     ids = torch.zeros(1, CONFIG.block_size, dtype=torch.long)
@@ -190,11 +193,6 @@ def test_cache_overflow_and_truncate():
         with pytest.raises(ValueError, match="exceeds block_size"):
             model(ids[:, :1], make_mask("ism", torch.cat([roles, roles[:1]]), start=CONFIG.block_size),
                   kv_cache=cache)
-    assert cache.length == CONFIG.block_size
-    cache.truncate(10)
-    assert cache.length == 10
-    with pytest.raises(ValueError):
-        cache.truncate(11)
     head_dim = CONFIG.n_embd // CONFIG.n_head
     assert cache.bytes_per_token == 2 * CONFIG.n_layer * CONFIG.n_head * head_dim * 4
     # grouped-query attention: the cache holds the key/value heads only

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 
 from data.chat import render
-from engine import ChatSession, set_history
+from engine import ChatSession
 from support.flags import run
 from mask import MASKS, ROLE_LETTERS
 import serve
@@ -92,7 +92,7 @@ def stream(port, messages, **options):
 def reference(kind, messages, max_tokens):
     """The greedy answer to messages (the last one the user's) through the no-cache path, given the same text."""
     session = ChatSession(MODEL, TOK, kind, use_cache=False, reply_reserve=1)
-    set_history(session, messages[:-1])
+    session.set_history(messages[:-1])
     return session.turn(messages[-1]["content"], max_tokens, temperature=0)
 
 

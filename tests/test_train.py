@@ -140,8 +140,10 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
-    def forward(self, idx, mask, positions=None):
-        return self.logits, None
+    def forward(self, idx, mask, positions=None, targets=None, loss_reduction="mean"):
+        """GPT.forward's contract with targets: the logits where a loss is taken (targets != -1), their loss."""
+        trained = targets != -1
+        return self.logits[trained], F.cross_entropy(self.logits[trained], targets[trained], reduction=loss_reduction)
 
 
 @pytest.mark.parametrize("kind", ["ism", "prefix"])
