@@ -5,10 +5,11 @@ Score a model: held-out answer loss and exact match of greedy answers given thro
     python eval.py --out_dir=out --json              # the same, one JSON object (per-turn records included)
     python eval.py --init_from=smollm2 --mask=ism --data_dir=data/synthetic-smollm2   # a pretrained model as it is
 
-- Held-out answer loss: loss.estimate_val_loss on the val split of the checkpoint's data_dir (or --data_dir, which
-  a pretrained model needs), with the mask it chats with (every answer token counted once under every mask, so the
-  numbers compare across masks).
-- Exact match: every held-out conversation (data_dir/val.jsonl, its system message included) is replayed through
+- Held-out answer loss: the mean cross-entropy of every answer token of the val split of the checkpoint's data_dir
+  (or --data_dir, which a pretrained model needs), under the mask it chats with (every answer token counted once
+  under every mask, so the numbers compare across masks), overall and by the answer's turn in its conversation
+  (early answers have little history, late ones a lot).
+- Exact match (--replay, the default): every held-out conversation (data_dir/val.jsonl, its system message included) is replayed through
   engine.ChatSession with KV-cache reuse, as a user gets it: for each user turn the model answers greedily and the
   reply is scored against the gold answer with score(). Exact match strips surrounding whitespace and nothing
   else: an answer that is a prefix of the gold one is wrong, so is one with extra text, and so is a reply cut by
@@ -43,7 +44,8 @@ from data.synthetic import FAMILIES, INSTRUCTION_LAST, POOLED, family_label, per
 from engine import ChatSession
 from support.errors import UserError
 from support.flags import setting
-from loss import estimate_val_loss
+from data.batching import batches_of, heldout_rows
+from loss import answer_loss_by_turn
 
 FAMILY_ORDER = INSTRUCTION_LAST + tuple(f for f in FAMILIES if f not in INSTRUCTION_LAST)
 UNTAGGED = "untagged"
@@ -65,6 +67,8 @@ class EvalConfig(ModelFlags):
     batch_size: int = setting(16, "rows per batch for the held-out loss", min=1)
     threads: int = setting(0, THREADS_HELP + " (the replay decodes one token at a time with 1 thread on a CPU)",
                            min=0)
+    replay: bool = setting(True, "replay the held-out conversations and score exact match; false: the held-out "
+                                 "answer loss only (real conversations have no one right answer to match)")
     json: bool = setting(False, "print one JSON object instead of markdown tables")
 
 
@@ -134,47 +138,65 @@ def tally(records):
 # ---------------------------------------------------------------------------------------------------- evaluate
 
 def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_new_tokens=64, batch_size=16,
-             device="cpu"):
-    """Held-out answer loss and exact match of an engine.ChatModel (see the module docstring). -> a JSON-able
-    dict."""
+             device="cpu", replay_turns=True):
+    """Held-out answer loss (overall and by turn) and, with replay_turns, exact match of a support.starts.ChatModel
+    (see the module docstring). -> a JSON-able dict."""
     model, tok, kind, checkpoint = chat_model.model, chat_model.tok, chat_model.mask, chat_model.checkpoint or {}
-    data_dir = data_dir or checkpoint.get("config", {}).get("data_dir", "")
-    if not data_dir:
-        raise UserError(f"{chat_model.what} does not say which data it was trained on: pass --data_dir")
-    val_path = os.path.join(data_dir, "val.jsonl")
-    if not os.path.exists(val_path):
-        raise UserError(f"no held-out conversations at {val_path}: pass the --data_dir the model was trained on")
-    meta = load_meta(data_dir)
-    if meta["tokenizer"] != tok.describe():
-        raise UserError(f"{data_dir} holds the tokens of another tokenizer ({meta['tokenizer']['name']}) than the "
-                        f"model's ({tok.name}): prepare it with python data/prepare.py --tokenizer={tok.name}, or pass "
-                        "the model's --data_dir")
-    conversations, _ = read_jsonl(val_path)
-    if max_conversations:
-        conversations = conversations[:max_conversations]
+    data_dir, meta = heldout_data(chat_model, data_dir)
+    conversations, _ = read_jsonl(os.path.join(data_dir, "val.jsonl"))
+    conversations = conversations[:max_conversations or None]
     t0 = time.time()
     val_split = first_conversations(load_split(data_dir, "val"), max_conversations)
-    rows = min(model.config.block_size, meta["block_size"])  # packed as prepared (not 8192 wide for SmolLM2)
-    val_loss = estimate_val_loss(model, val_split, kind, rows, batch_size, Runtime(device))
+    width = min(model.config.block_size, meta["block_size"])  # packed as prepared (not 8192 wide for SmolLM2)
+    by_turn = answer_loss_by_turn(model, batches_of(val_split, heldout_rows(val_split, kind, width, batch_size),
+                                                    width, batch_size), kind, Runtime(device))
     t1 = time.time()
-    session = ChatSession(model, tok, kind)
-    # Decoding feeds one token at a time: on a CPU a second intra-op thread only adds synchronisation, which on a
-    # busy machine made the replay ~15x slower (each tiny op waits for a descheduled thread).
-    with cpu_threads(1, device):
-        records = replay(session, conversations, history, max_new_tokens)
-    t2 = time.time()
-    tokens = checkpoint.get("tokens", {})
-    info = machine(device)
+    records = []
+    if replay_turns:
+        # Decoding feeds one token at a time: on a CPU a second intra-op thread only adds synchronisation, which on
+        # a busy machine made the replay ~15x slower (each tiny op waits for a descheduled thread).
+        with cpu_threads(1, device):
+            records = replay(ChatSession(model, tok, kind), conversations, history, max_new_tokens)
+    tokens, info = checkpoint.get("tokens", {}), machine(device)
     return {"model": chat_model.what, "pretrained": chat_model.checkpoint is None, "mask": kind,
             "mask_label": chat_model.mask_label, "data_dir": data_dir,
             "iter_num": checkpoint.get("iter_num"), "model_args": asdict(model.config),
             "trained_tokens": tokens.get("tokens"), "trained_answer_tokens": tokens.get("answer_tokens"),
             "history": history, "history_note": HISTORY_NOTE[history], "conversations": len(conversations),
-            "max_new_tokens": max_new_tokens, "val_loss": val_loss, **tally(records),
+            "max_new_tokens": max_new_tokens, **loss_by_turn(by_turn), "replayed": replay_turns, **tally(records),
             "unfinished_replies": sum(not r["finished"] for r in records),
             "turns_with_dropped_history": sum(r["dropped_turns"] > 0 for r in records),
-            "seconds": {"val_loss": round(t1 - t0, 2), "chat": round(t2 - t1, 2)}, "device": str(device),
+            "seconds": {"val_loss": round(t1 - t0, 2), "chat": round(time.time() - t1, 2)}, "device": str(device),
             "machine": f"{info['name']} ({info['cpus']} CPUs), torch {info['torch']}", "records": records}
+
+
+def heldout_data(chat_model, data_dir):
+    """-> (data_dir, its meta.json) of the held-out conversations: data_dir, or the one the checkpoint was trained
+    on; UserError when there is none, or it holds another tokenizer's tokens."""
+    data_dir = data_dir or (chat_model.checkpoint or {}).get("config", {}).get("data_dir", "")
+    if not data_dir:
+        raise UserError(f"{chat_model.what} does not say which data it was trained on: pass --data_dir")
+    if not os.path.exists(os.path.join(data_dir, "val.jsonl")):
+        raise UserError(f"no held-out conversations at {os.path.join(data_dir, 'val.jsonl')}: pass the --data_dir "
+                        "the model was trained on")
+    meta, tok = load_meta(data_dir), chat_model.tok
+    if meta["tokenizer"] != tok.describe():
+        raise UserError(f"{data_dir} holds the tokens of another tokenizer ({meta['tokenizer']['name']}) than the "
+                        f"model's ({tok.name}): prepare it with python data/prepare.py --tokenizer={tok.name}, or pass "
+                        "the model's --data_dir")
+    return data_dir, meta
+
+
+def loss_by_turn(by_turn):
+    """loss.answer_loss_by_turn's sums -> {"val_loss", "val_loss_by_turn": {turn bucket: {"n", "loss"}}}: n is
+    answer tokens, the turn buckets those of the exact-match table."""
+    buckets = {}
+    for turn, (total, count) in by_turn.items():
+        bucket = buckets.setdefault(turn_bucket(turn), [0.0, 0])
+        bucket[0], bucket[1] = bucket[0] + total, bucket[1] + count
+    count = sum(n for _, n in by_turn.values())
+    return {"val_loss": sum(t for t, _ in by_turn.values()) / max(count, 1),
+            "val_loss_by_turn": {b: {"n": n, "loss": t / max(n, 1)} for b, (t, n) in buckets.items()}}
 
 
 def report(result):
@@ -184,20 +206,29 @@ def report(result):
         f"iter {r['iter_num']}, trained on {r['trained_tokens'] or 0:,} tokens"
     lines = [f"# eval {r['model']}: mask {r['mask_label']}, {trained}, {args['n_layer']} layers x {args['n_embd']} "
              "wide",
-             f"{r['conversations']} held-out conversations from {r['data_dir']}/val.jsonl, greedy replies through "
-             f"ChatSession (KV cache), max_new_tokens {r['max_new_tokens']}; {r['history_note']}. Exact "
-             "match after stripping surrounding whitespace; a reply that did not end by itself is wrong.",
+             f"{r['conversations']} held-out conversations from {r['data_dir']}/val.jsonl"
+             + (f", greedy replies through ChatSession (KV cache), max_new_tokens {r['max_new_tokens']}; "
+                f"{r['history_note']}. Exact match after stripping surrounding whitespace; a reply that did not end "
+                "by itself is wrong." if r["replayed"] else "; held-out answer loss only (--replay=false)"),
              f"machine: {r['machine']}, device {r['device']}; {r['seconds']['val_loss']:.0f}s loss, "
-             f"{r['seconds']['chat']:.0f}s chat",
-             "", "| held-out answer loss | exact match % | answers | unfinished replies | turns after dropped history |",
-             "|---|---|---|---|---|",
-             f"| {r['val_loss']:.4f} | {percent(r['overall']['accuracy'])} | {r['overall']['n']} | "
-             f"{r['unfinished_replies']} | {r['turns_with_dropped_history']} |",
-             "", "| family | answers | exact match % |", "|---|---|---|"]
+             f"{r['seconds']['chat']:.0f}s chat", ""]
+    lines += ["| turn | answer tokens | held-out answer loss |", "|---|---|---|"]
+    lines += [f"| {t} | {c['n']} | {c['loss']:.4f} |" for t, c in r["val_loss_by_turn"].items()]
+    lines += [f"| **all** | {sum(c['n'] for c in r['val_loss_by_turn'].values())} | {r['val_loss']:.4f} |"]
+    if r["replayed"]:
+        lines += replay_tables(r)
+    return "\n".join(lines)
+
+
+def replay_tables(r):
+    lines = ["", "| held-out answer loss | exact match % | answers | unfinished replies | turns after dropped history |",
+             "|---|---|---|---|---|", f"| {r['val_loss']:.4f} | {percent(r['overall']['accuracy'])} | "
+             f"{r['overall']['n']} | {r['unfinished_replies']} | {r['turns_with_dropped_history']} |", "",
+             "| family | answers | exact match % |", "|---|---|---|"]
     lines += [f"| {family_label(f)} | {c['n']} | {percent(c['accuracy'])} |" for f, c in r["by_family"].items()]
     lines += ["", "| turn | answers | exact match % |", "|---|---|---|"]
     lines += [f"| {t} | {c['n']} | {percent(c['accuracy'])} |" for t, c in r["by_turn"].items()]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None):
@@ -205,7 +236,7 @@ def main(argv=None):
     set_threads(cfg.threads, cfg.device)
     chat_model = cfg.load()
     result = evaluate(chat_model, cfg.data_dir, cfg.history, cfg.max_conversations, cfg.max_new_tokens,
-                      cfg.batch_size, str(next(chat_model.model.parameters()).device))
+                      cfg.batch_size, str(next(chat_model.model.parameters()).device), cfg.replay)
     print(json.dumps(result) if cfg.json else report(result))
     return result
 

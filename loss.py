@@ -13,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.batching import NO_TARGET, batches_of, heldout_rows
-from mask import block_mask, make_mask
+from mask import ASSISTANT, block_mask, make_mask
 
 
 def batch_mask(kind, batch, attention):
@@ -53,19 +53,52 @@ def train_step(model, optimizer, batches, kind, answer_tokens, rt, grad_clip=1.0
     return total
 
 
+def answer_turns(batch):
+    """(B, T): where a position's target is an answer token, which answer of its document that is (1 for the first
+    answer, 2 for the second, ...); 0 where no loss is taken. Under prefix a document is a conversation up to the
+    answer it trains, so its target answer is its last one."""
+    roles, docs = batch["roles"], batch["doc_ids"]
+    B, T = roles.shape
+    answer = roles == ASSISTANT
+    starts = answer.clone()  # the first token of each answer: an answer token after a non-answer or a new document
+    starts[:, 1:] &= ~answer[:, :-1] | (docs[:, 1:] != docs[:, :-1])
+    count = starts.long().cumsum(1)  # answers begun so far in the row
+    positions = torch.arange(T, device=roles.device).expand(B, T)
+    first = torch.full((B, int(docs.max()) + 1), T - 1, device=roles.device).scatter_reduce(1, docs, positions, "amin")
+    before = (count - starts.long()).gather(1, first)  # answers begun in the row before each document
+    turn = (count - before.gather(1, docs)) * answer  # the answer each token belongs to, within its document
+    targets = torch.zeros_like(turn)
+    targets[:, :-1] = turn[:, 1:]  # position t is trained on token t + 1
+    return targets * (batch["targets"] != NO_TARGET)
+
+
 @torch.no_grad()
-def answer_loss_totals(model, batches, kind, rt):
-    """-> (sum of answer-token losses, number of answer tokens) over an iterable of collated batches, in eval mode,
-    on rt's device (a common.Runtime: device, autocast, attention backend)."""
+def answer_loss_by_turn(model, batches, kind, rt):
+    """-> {turn: (sum of answer-token losses, number of answer tokens)} over an iterable of collated batches, in
+    eval mode, on rt's device (a support.compute.Runtime: device, autocast, attention backend); turn as
+    answer_turns. Every answer token is counted once under every mask, so the numbers compare."""
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64, device=rt.device), 0
+    sums, counts = {}, {}
     for batch in batches:
-        count += int((batch["targets"] != NO_TARGET).sum())
+        batch = rt.to_device(batch)
         with rt.autocast():
-            total += answer_loss_sum(model, rt.to_device(batch), kind, rt.attention)
+            _, losses = model(batch["idx"], batch_mask(kind, batch, rt.attention), positions=batch["positions"],
+                              targets=batch["targets"], loss_reduction="none")
+        turns = answer_turns(batch)[batch["targets"] != NO_TARGET]  # in the order of the losses
+        for turn in turns.unique().tolist():
+            picked = turns == turn
+            sums[turn] = sums.get(turn, 0.0) + losses[picked].double().sum().item()
+            counts[turn] = counts.get(turn, 0) + int(picked.sum())
     model.train(was_training)
-    return total.item(), count
+    return {turn: (sums[turn], counts[turn]) for turn in sorted(sums)}
+
+
+def answer_loss_totals(model, batches, kind, rt):
+    """-> (sum of answer-token losses, number of answer tokens) over an iterable of collated batches (see
+    answer_loss_by_turn)."""
+    by_turn = answer_loss_by_turn(model, batches, kind, rt).values()
+    return sum(total for total, _ in by_turn), sum(count for _, count in by_turn)
 
 
 def estimate_val_loss(model, split, kind, block_size, batch_size, rt, eval_iters=0):

@@ -32,9 +32,16 @@ one start instead (smollm2, a Hugging Face folder, a GGUF file, a GPT-2 name, or
 own shape wins over --n_layer etc. Every start is also scored as it is under every mask (`python eval.py
 --init_from=START --mask=M`): what switching the mask costs a model trained causally, before any fine-tuning.
 
+Real conversations (--data_dir=data/chitchat-smollm2, from python data/prepare.py --input=chitchat
+--tokenizer=smollm2) have no one right answer: --score=loss scores the held-out answer loss only, overall and by the
+answer's turn in its conversation. --prefix_answers adds prefix runs trained on as many answer tokens as causal and
+ISM (more steps: triplet-expanded rows hold fewer answers), beside the prefix runs at equal tokens.
+
 Resuming: a run whose folder holds a finished ckpt.pt trained with the same train.py flags (run.json records them)
-is not trained again, and its evaluation (eval.json) is reused when the evaluation settings match too; an
-interrupted experiment continues where it stopped (the run it was in starts over).
+is not trained again, and its evaluation (eval.json) is reused when the evaluation settings match too. Every run
+saves its checkpoint every --save_every steps, and a run found unfinished with the same flags goes on from its
+last checkpoint (train.py --init_from=resume): a stopped experiment loses at most that many steps of one run.
+--score=none trains only; the same command with a --score scores what was trained.
 """
 import signal
 if __name__ == "__main__":
@@ -55,6 +62,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from support import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
+from data.batching import answer_target_count, epoch_rows  # noqa: E402
+from data.store import load_meta, load_split  # noqa: E402
 from data.synthetic import family_label, percent  # noqa: E402
 from support.errors import UserError  # noqa: E402
 from support.flags import setting  # noqa: E402
@@ -87,6 +96,13 @@ class CompareConfig:
                            choices=("gold", "own"))
     max_conversations: int = setting(0, "held-out conversations replayed per run (0: all)", min=0)
     max_new_tokens: int = setting(64, "longest reply when scoring", min=1)
+    score: str = setting("exact", "exact: held-out answer loss and exact match of greedy replies (tasks with one right "
+                                  "answer, the synthetic data) | loss: the held-out answer loss only, overall and by "
+                                  "turn (real conversations) | none: train only", choices=("exact", "loss", "none"))
+    prefix_answers: bool = setting(False, "also train prefix on as many answer tokens as causal and ISM (runs "
+                                          "prefix-answers-sS; needs an existing --data_dir)")
+    save_every: int = setting(50, "each run saves its checkpoint every this many steps (a stopped experiment "
+                                  "resumes its run from the last one)", min=1)
     json: bool = setting(False, "print one JSON object instead of markdown tables")
 
 
@@ -109,6 +125,8 @@ def check_config(cfg):
             raise UserError(f"--masks: unknown mask {kind!r} (choose from {', '.join(MASKS)})")
     if len(set(masks)) < len(masks) or len(set(seeds)) < len(seeds):
         raise UserError("--masks and --seeds must not repeat an entry")
+    if cfg.prefix_answers:
+        load_meta(cfg.data_dir or "data/synthetic", cfg.block_size)  # the data whose answers are counted, there now
     try:
         extra = shlex.split(cfg.train_args)
     except ValueError as e:
@@ -127,13 +145,35 @@ def run_argv(cfg, kind, seed, run_dir, iters, start):
     return [f"--mask={kind}", f"--seed={seed}", f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}",
             f"--device={cfg.device}", f"--max_iters={iters}", f"--n_layer={cfg.n_layer}", f"--n_head={cfg.n_head}",
             f"--n_embd={cfg.n_embd}", f"--block_size={cfg.block_size}", f"--batch_size={cfg.train_batch_size}",
-            f"--eval_interval={iters}", "--eval_iters=1", f"--log_interval={max(1, min(20, iters // 10))}",
-            f"--init_from={start}", f"--threads={cfg.threads}"]
+            f"--eval_interval={min(iters, cfg.save_every)}", "--eval_iters=1",
+            f"--log_interval={max(1, min(20, iters // 10))}", f"--init_from={start}", f"--threads={cfg.threads}"]
 
 
-def train_argv(cfg, kind, seed, run_dir, start="scratch"):
-    """The train.py flags of one run (also the record that says whether a finished run can be reused)."""
-    return run_argv(cfg, kind, seed, run_dir, cfg.max_iters, start) + shlex.split(cfg.train_args)
+def train_argv(cfg, kind, seed, run_dir, start="scratch", iters=None):
+    """The train.py flags of one run, of max_iters steps unless iters says (also the record that says whether a
+    finished run can be reused)."""
+    return run_argv(cfg, kind, seed, run_dir, iters or cfg.max_iters, start) + shlex.split(cfg.train_args)
+
+
+def run_specs(cfg, masks):
+    """-> [(run name, mask, optimizer steps)]: every mask for max_iters steps, and with --prefix_answers prefix again
+    for as many answer tokens as causal and ISM."""
+    specs = [(kind, kind, cfg.max_iters) for kind in masks]
+    if cfg.prefix_answers:
+        specs.append(("prefix-answers", "prefix", equal_answer_iters(cfg)))
+    return specs
+
+
+def equal_answer_iters(cfg):
+    """The steps in which prefix trains on as many answer tokens as causal and ISM do in max_iters: rows of the same
+    size hold fewer answers under prefix (one per triplet-expanded sample). From the answer targets per row of the
+    training data's first epoch, packed as train.py packs it."""
+    split = load_split(cfg.data_dir, "train")
+    per_row = {}
+    for kind in ("causal", "prefix"):
+        rows = epoch_rows(split, kind, cfg.block_size, 0, 0)
+        per_row[kind] = answer_target_count(split, rows) / len(rows)
+    return math.ceil(cfg.max_iters * per_row["causal"] / per_row["prefix"])
 
 
 def pretrain_argv(cfg, seed, run_dir):
@@ -141,14 +181,19 @@ def pretrain_argv(cfg, seed, run_dir):
     return run_argv(cfg, "causal", seed, run_dir, cfg.pretrain_iters, "scratch")
 
 
-_ITER_LINE = re.compile(r"^iter (\d+)/\d+: .*?([\d.]+)ms/iter", re.M)
+_LOG_LINE = re.compile(r"^(?:iter (\d+)/\d+: .*?([\d.]+)ms/iter|resuming .* at iter (\d+) )", re.M)
 
 
 def step_seconds(log):
     """Time spent in optimizer steps, from train.py's `iter N/M: ... X ms/iter` lines (each the mean over the steps
-    since the previous line); None if the log has none."""
+    since the previous line, or since the step a `resuming ... at iter N` line went on from); None if the log has
+    none. Steps a stopped run did after its last checkpoint, done again after resuming, count twice: they took
+    time twice."""
     total, last, found = 0.0, 0, False
-    for match in _ITER_LINE.finditer(log):
+    for match in _LOG_LINE.finditer(log):
+        if match.group(3) is not None:
+            last = int(match.group(3))
+            continue
         n, ms = int(match.group(1)), float(match.group(2))
         total += (n - last) * ms / 1000
         last, found = n, True
@@ -175,11 +220,12 @@ def write_json(path, obj):
         raise
 
 
-def run_script(script, argv, log_path, what):
-    """Run `python script argv` from the repository root; stdout to log_path (or returned, log_path None).
-    -> (stdout text, seconds). A failure is a UserError naming its last line and the log."""
+def run_script(script, argv, log_path, what, append=False):
+    """Run `python script argv` from the repository root; stdout to log_path (after what it holds, with append), or
+    returned (log_path None). -> (the output: stdout, or all of log_path, seconds). A failure is a UserError naming
+    its last line and the log."""
     t0 = time.time()
-    with open(log_path or os.devnull, "w") as log:
+    with open(log_path or os.devnull, "a" if append else "w") as log:
         proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, text=True,
                               stdout=log if log_path else subprocess.PIPE,
                               stderr=subprocess.STDOUT if log_path else subprocess.PIPE)
@@ -193,19 +239,28 @@ def run_script(script, argv, log_path, what):
 
 
 def train_run(name, run_dir, argv, say):
-    """Train one run unless its folder holds a finished one with the same flags. -> (run_dir, run.json dict)."""
-    record = read_json(os.path.join(run_dir, "run.json"))
-    if record and record.get("argv") == argv and os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+    """Train one run unless its folder holds a finished one with the same flags; an unfinished one with the same
+    flags goes on from its last checkpoint. -> (run_dir, run.json dict)."""
+    path = os.path.join(run_dir, "run.json")
+    record = read_json(path) or {}
+    same = record.get("argv") == argv and os.path.exists(os.path.join(run_dir, "ckpt.pt"))
+    if same and record.get("finished", True):
         say(f"{name}: trained already ({run_dir}), reusing it")
         return run_dir, record
     os.makedirs(run_dir, exist_ok=True)
-    if record:  # it described another run: forget it before ckpt.pt is overwritten
-        os.remove(os.path.join(run_dir, "run.json"))
-    say(f"{name}: python train.py {' '.join(argv)}")
-    log, seconds = run_script("train.py", argv + ["--overwrite"], os.path.join(run_dir, "train.log"),
-                              f"training {name}")
-    record = {"argv": argv, "wall_seconds": round(seconds, 2), "step_seconds": step_seconds(log)}
-    write_json(os.path.join(run_dir, "run.json"), record)
+    earlier = record.get("wall_seconds", 0) if same else 0
+    write_json(path, {"argv": argv, "finished": False, "wall_seconds": earlier})  # before ckpt.pt is overwritten
+    if same:
+        launch = [a for a in argv if not a.startswith("--init_from=")] + ["--init_from=resume"]
+        say(f"{name}: unfinished: python train.py {' '.join(launch)}")
+    else:
+        launch = argv + ["--overwrite"]
+        say(f"{name}: python train.py {' '.join(argv)}")
+    log, seconds = run_script("train.py", launch, os.path.join(run_dir, "train.log"), f"training {name}",
+                              append=same)
+    record = {"argv": argv, "finished": True, "wall_seconds": round(earlier + seconds, 2),
+              "step_seconds": step_seconds(log)}
+    write_json(path, record)
     say(f"{name}: trained in {seconds:.0f}s")
     return run_dir, record
 
@@ -241,7 +296,7 @@ def scored(cfg, model_argv, folder, stamp, say):
     (stamp) and the evaluation settings match."""
     argv = model_argv + [f"--device={cfg.device}", f"--history={cfg.history}",
                          f"--max_conversations={cfg.max_conversations}", f"--max_new_tokens={cfg.max_new_tokens}",
-                         f"--threads={cfg.threads}", "--json"]
+                         f"--threads={cfg.threads}", f"--replay={cfg.score == 'exact'}", "--json"]
     key = {"argv": argv, "model": stamp}
     cached = read_json(os.path.join(folder, "eval.json"))
     if cached and cached.get("key") == key:
@@ -250,8 +305,9 @@ def scored(cfg, model_argv, folder, stamp, say):
     result = json.loads(output)
     del result["records"]
     write_json(os.path.join(folder, "eval.json"), {"key": key, "result": result})
-    say(f"{os.path.basename(folder)}: evaluated in {seconds:.0f}s, exact match "
-        f"{percent(result['overall']['accuracy'])}%, held-out answer loss {result['val_loss']:.4f}")
+    exact = f", exact match {percent(result['overall']['accuracy'])}%" if result["replayed"] else ""
+    say(f"{os.path.basename(folder)}: evaluated in {seconds:.0f}s{exact}, held-out answer loss "
+        f"{result['val_loss']:.4f}")
     return result
 
 
@@ -394,27 +450,32 @@ def start_table(start, masks):
 def compare(cfg, masks, seeds, argv):
     say = (lambda text: print(f"[compare] {text}", file=sys.stderr, flush=True))
     t0 = time.time()
+    specs = run_specs(cfg, masks)
+    names = [name for name, _, _ in specs]
     runs, starts = {}, []
     for seed in seeds:  # seed-major: an interrupted experiment already has whole seeds of every mask
         start = start_of(cfg, seed, say)
         starts += [start] if start != "scratch" and start not in starts else []
-        for kind in masks:
-            run_dir = os.path.join(cfg.out_dir, f"{kind}-s{seed}")
-            run_dir, train_record = train_run(f"{kind}-s{seed}", run_dir, train_argv(cfg, kind, seed, run_dir, start),
-                                              say)
-            runs[kind, seed] = {"train": train_record, "eval": eval_run(cfg, run_dir, say)}
-    first = runs[masks[0], seeds[0]]["eval"]
+        for name, kind, iters in specs:
+            run_dir = os.path.join(cfg.out_dir, f"{name}-s{seed}")
+            run_dir, train_record = train_run(f"{name}-s{seed}", run_dir,
+                                              train_argv(cfg, kind, seed, run_dir, start, iters), say)
+            runs[name, seed] = {"train": train_record,
+                                "eval": None if cfg.score == "none" else eval_run(cfg, run_dir, say)}
+    out_runs = [{"mask": m, "seed": s, **runs[m, s]} for s in seeds for m in names]
+    if cfg.score == "none":
+        return {"settings": {"command": "python experiments/compare_masks.py " + shlex.join(argv)}, "runs": out_runs}
+    first = runs[names[0], seeds[0]]["eval"]
     # each start as it is, under every mask: what switching the mask costs before any fine-tuning
     before = {kind: [eval_start(cfg, start, kind, first["data_dir"], say) for start in starts] for kind in masks}
-    settings = {"masks": masks, "seeds": seeds, "data_dir": cfg.data_dir, "history": cfg.history,
+    settings = {"masks": names, "seeds": seeds, "data_dir": cfg.data_dir, "history": cfg.history,
                 "history_note": first["history_note"], "conversations": first["conversations"],
                 "total_seconds": round(time.time() - t0, 1), "machine": first["machine"], "device": first["device"],
                 "command": "python experiments/compare_masks.py " + shlex.join(argv),
                 **{k: getattr(cfg, k) for k in ("max_iters", "n_layer", "n_head", "n_embd", "block_size",
                                                 "train_batch_size", "train_args", "max_new_tokens", "pretrain_iters",
-                                                "init_from")}}
-    out_runs = [{"mask": m, "seed": s, **runs[m, s]} for s in seeds for m in masks]
-    return {"settings": settings, "summary": summarise(runs, masks, seeds), "runs": out_runs,
+                                                "init_from", "score")}}
+    return {"settings": settings, "summary": summarise(runs, names, seeds), "runs": out_runs,
             "start": summarise_start(before) if starts else None}
 
 
@@ -446,7 +507,13 @@ def main(argv=None):
     cfg = with_absolute_paths(flags.parse(CompareConfig(), argv, __doc__))
     masks, seeds = check_config(cfg)
     result = compare(cfg, masks, seeds, argv)
-    print(json.dumps(result) if cfg.json else report(result))
+    if cfg.json:
+        print(json.dumps(result))
+    elif cfg.score == "none":
+        print(f"trained {len(result['runs'])} runs in {cfg.out_dir}: score them with the same command and "
+              "--score=exact or --score=loss")
+    else:
+        print(report(result))
     return result
 
 

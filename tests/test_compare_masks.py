@@ -128,3 +128,55 @@ def test_help_shows_the_examples_as_typed(capsys):
     with pytest.raises(SystemExit):
         cm.main(["--help"])
     assert "--n_embd=384 \\\n        --train_batch_size=32" in capsys.readouterr().out
+
+
+def test_step_seconds_counts_a_resumed_run_from_where_it_went_on():
+    log = ("iter 40/100: loss 1, lr 1e-3, 100.0ms/iter, 9 tok/s\n"  # stopped after 45, saved at 40
+           "resuming /o/ckpt.pt at iter 40 (best val answer loss 1.0000)\n"
+           "iter 60/100: loss 1, lr 1e-3, 200.0ms/iter, 9 tok/s\n")
+    assert cm.step_seconds(log) == pytest.approx(40 * 0.1 + 20 * 0.2)
+
+
+def test_an_unfinished_run_goes_on_from_its_checkpoint_and_a_finished_one_is_reused(tmp_path, monkeypatch):
+    launched = []
+
+    def fake_run_script(script, argv, log_path, what, append=False):
+        launched.append((argv, append))
+        (tmp_path / "ckpt.pt").write_bytes(b"x")
+        return "iter 4/4: loss 1, lr 1e-3, 10.0ms/iter, 9 tok/s\n", 2.0
+    monkeypatch.setattr(cm, "run_script", fake_run_script)
+    argv = ["--mask=ism", "--max_iters=4", "--init_from=smollm2"]
+    cm.write_json(str(tmp_path / "run.json"), {"argv": argv, "finished": False, "wall_seconds": 3.0})
+    (tmp_path / "ckpt.pt").write_bytes(b"x")  # the stopped run's last save
+    _, record = cm.train_run("ism-s1", str(tmp_path), argv, lambda text: None)
+    assert launched == [(["--mask=ism", "--max_iters=4", "--init_from=resume"], True)]
+    assert record == {"argv": argv, "finished": True, "wall_seconds": 5.0, "step_seconds": 0.04}
+    cm.train_run("ism-s1", str(tmp_path), argv, lambda text: None)
+    assert len(launched) == 1  # finished: reused
+    cm.train_run("ism-s1", str(tmp_path), argv + ["--learning_rate=1"], lambda text: None)
+    assert launched[-1] == (argv + ["--learning_rate=1", "--overwrite"], False)  # other flags: a new run
+
+
+def test_prefix_at_equal_answers_trains_as_many_answer_tokens(tmp_path):
+    """The steps it is given, against answer targets counted from collated batches of the rows each run reads."""
+    from data.batching import RowStream, collate
+    from data.store import load_split
+    data_dir = str(tmp_path / "data")
+    prepare(data_dir, block_size=256, n_train=300, n_val=4)
+    cfg = cm.flags.parse(cm.CompareConfig(), [f"--data_dir={data_dir}", "--block_size=256", "--train_batch_size=2",
+                                              "--max_iters=20", "--prefix_answers"])
+    specs = cm.run_specs(cfg, ["causal", "prefix"])
+    assert specs[:2] == [("causal", "causal", 20), ("prefix", "prefix", 20)] and specs[2][:2] == ("prefix-answers", "prefix")
+    split = load_split(data_dir, "train")
+
+    def answers(kind, steps):
+        rows = RowStream(split, kind, 256, seed=1).take(2 * steps)
+        return int((collate(split, rows, 256)["targets"] != -1).sum())
+    assert specs[2][2] > 2 * 20
+    assert answers("prefix", specs[2][2]) == pytest.approx(answers("causal", 20), rel=0.15)
+
+
+def test_score_none_trains_only(compared, capsys):
+    out_dir, _, argv = compared
+    cm.main([a for a in argv] + ["--score=none"])
+    assert "trained 2 runs in" in capsys.readouterr().out

@@ -229,3 +229,32 @@ def test_data_of_another_tokenizer_is_one_line(trained, tmp_path):
     (other / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"holds the tokens of another tokenizer \(byte\) than the model's \(byte\)"):
         ev.main([f"--out_dir={trained['ism']}", f"--data_dir={other}", "--device=cpu"])
+
+
+@pytest.mark.parametrize("kind", MASKS)
+def test_heldout_loss_by_turn_equals_each_conversation_scored_alone(data_dir, kind):
+    """The per-turn held-out answer loss (packed rows, triplet-expanded under prefix) against a forward over each
+    conversation alone, answer by answer: under prefix, the conversation up to that answer, which closes it."""
+    from support.starts import ChatModel
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, vocab_size=TOK.vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    result = ev.evaluate(ChatModel(model, TOK, kind, kind, "a random model"), data_dir, replay_turns=False)
+    sums, counts = Counter(), Counter()
+    for conversation in val_conversations(data_dir):
+        ids, roles = render(conversation["messages"], TOK)
+        starts = [i for i in range(len(roles)) if roles[i] == ASSISTANT and roles[i - 1] != ASSISTANT]
+        for turn, first in enumerate(starts, 1):
+            end = next((i for i in range(first, len(roles)) if roles[i] != ASSISTANT), len(roles))
+            upto = end if kind == "prefix" else len(ids)
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[:upto]]), make_mask(kind, torch.tensor(roles[:upto])))[0][0]
+            losses = torch.nn.functional.cross_entropy(logits[first - 1:end - 1], torch.tensor(ids[first:end]),
+                                                       reduction="none")
+            bucket = "8+" if turn >= 8 else str(turn)
+            sums[bucket] += losses.double().sum().item()
+            counts[bucket] += end - first
+    assert result["replayed"] is False and result["records"] == []
+    assert {b: c["n"] for b, c in result["val_loss_by_turn"].items()} == dict(counts)
+    for bucket, cell in result["val_loss_by_turn"].items():
+        assert cell["loss"] == pytest.approx(sums[bucket] / counts[bucket], rel=1e-5)
+    assert result["val_loss"] == pytest.approx(sum(sums.values()) / sum(counts.values()), rel=1e-5)
