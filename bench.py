@@ -36,9 +36,7 @@ first, then the median of --repeats rounds; variants are interleaved round by ro
 shared machine's changing load hits them alike. Compare the ratios measured in one run; the README says which
 ratios the project aims for.
 """
-import signal
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
+import support.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import copy
 import inspect
@@ -56,8 +54,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from support import flags
-from support.compute import (CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, THREADS_HELP, Runtime, chat_dtype, cpu_threads, machine,
-                    resolve_device, runtime)
+from support.compute import (CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, THREADS_HELP, compute_init, cpu_threads, machine,
+                             resolve_device)
 from data import synthetic
 from data.batching import answer_target_count, collate, documents, epoch_rows, token_count
 from data.chat import plural, render, render_user
@@ -71,7 +69,7 @@ from loss import batch_mask, train_step
 from mask import MASKS
 from model import GPT, GPTConfig, KVCache
 from support.hf import to_transformers
-from support.starts import START_HELP, fit_context, load_start
+from support.starts import START_HELP, fit_context, load_start, new_model_config
 
 SECTIONS = ("train", "chat", "decode")
 DEFAULT_DATA_DIR = synthetic_dir("byte")
@@ -138,8 +136,7 @@ def parse_config(argv):
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
         raise UserError(f"--sections={cfg.sections}: choose from {','.join(SECTIONS)}")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd={cfg.n_embd} is not a multiple of --n_head={cfg.n_head}")
+    new_model_config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)  # a shape it can have, or one line
     resolve_device(cfg.device)  # cpu, cuda, cuda:N or auto, and there
     return cfg, sections
 
@@ -233,7 +230,7 @@ def train_section(cfg, device, start):
     """start: the pretrained model (in float32, the weights a fine-tuning step starts from), or None."""
     tok = start.tok if start else get_tokenizer("byte")
     vocab_size, split, tmp = bench_data(cfg, tok)
-    rt = runtime(device)
+    rt = compute_init(device, training=True)
     backends = attention_backends(cfg, rt.device_type)
     torch.manual_seed(cfg.seed)
     if start:
@@ -735,7 +732,7 @@ def run_bench(cfg, sections, device):
         results["train"] = train_section(cfg, device, start)
         say(train_tables(results["train"]))
     if "chat" in sections or "decode" in sections:
-        rt = Runtime(device, chat_dtype(cfg.dtype, device))
+        rt = compute_init(device, cfg.dtype)
         tok = start.tok if start else get_tokenizer("byte")
         model = chat_model(cfg, tok, rt, start)
         hf, hf_note = hf_model(cfg, model, rt)

@@ -25,9 +25,7 @@ Score a model: held-out answer loss and exact match of greedy answers given thro
 
 Comparing masks (train each one, then score it here) is experiments/compare_masks.py.
 """
-import signal
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
+import support.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import json
 import os
@@ -36,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from support import flags
-from support.compute import THREADS_HELP, Runtime, cpu_threads, machine, set_threads
+from support.compute import cpu_threads, machine
 from support.starts import ModelFlags
 from data.store import first_conversations, load_meta, load_split
 from data.chat import read_jsonl, system_of
@@ -65,8 +63,6 @@ class EvalConfig(ModelFlags):
                                       "once the reply is 8 tokens longer than the gold answer: it is wrong by then)",
                                   min=1)
     batch_size: int = setting(16, "rows per batch for the held-out loss", min=1)
-    threads: int = setting(0, THREADS_HELP + " (the replay decodes one token at a time with 1 thread on a CPU)",
-                           min=0)
     replay: bool = setting(True, "replay the held-out conversations and score exact match; false: the held-out "
                                  "answer loss only (real conversations have no one right answer to match)")
     json: bool = setting(False, "print one JSON object instead of markdown tables")
@@ -138,10 +134,11 @@ def tally(records):
 # ---------------------------------------------------------------------------------------------------- evaluate
 
 def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_new_tokens=64, batch_size=16,
-             device="cpu", replay_turns=True):
+             replay_turns=True):
     """Held-out answer loss (overall and by turn) and, with replay_turns, exact match of a support.starts.ChatModel
     (see the module docstring). -> a JSON-able dict."""
     model, tok, kind, checkpoint = chat_model.model, chat_model.tok, chat_model.mask, chat_model.checkpoint or {}
+    rt, device = chat_model.runtime, chat_model.runtime.device
     data_dir, meta = heldout_data(chat_model, data_dir)
     conversations, _ = read_jsonl(os.path.join(data_dir, "val.jsonl"))
     conversations = conversations[:max_conversations or None]
@@ -149,7 +146,7 @@ def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_n
     val_split = first_conversations(load_split(data_dir, "val"), max_conversations)
     width = min(model.config.block_size, meta["block_size"])  # packed as prepared (not 8192 wide for SmolLM2)
     by_turn = answer_loss_by_turn(model, batches_of(val_split, heldout_rows(val_split, kind, width, batch_size),
-                                                    width, batch_size), kind, Runtime(device))
+                                                    width, batch_size), kind, rt)
     t1 = time.time()
     records = []
     if replay_turns:
@@ -233,10 +230,9 @@ def replay_tables(r):
 
 def main(argv=None):
     cfg = flags.parse(EvalConfig(), sys.argv[1:] if argv is None else argv, __doc__)
-    set_threads(cfg.threads, cfg.device)
     chat_model = cfg.load()
     result = evaluate(chat_model, cfg.data_dir, cfg.history, cfg.max_conversations, cfg.max_new_tokens,
-                      cfg.batch_size, str(next(chat_model.model.parameters()).device), cfg.replay)
+                      cfg.batch_size, cfg.replay)
     print(json.dumps(result) if cfg.json else report(result))
     return result
 

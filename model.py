@@ -66,9 +66,10 @@ class GPTConfig:
             raise ValueError(f"family {self.family!r}: choose one of {', '.join(FAMILIES)}")
         self.n_kv_head = self.n_kv_head or self.n_head
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
-        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
-            raise ValueError(f"n_embd {self.n_embd}, n_head {self.n_head}, n_kv_head {self.n_kv_head}: n_embd must "
-                             "be a multiple of n_head, and n_head of n_kv_head")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
 
     @property
     def head_dim(self):

@@ -12,9 +12,7 @@ so in one line before the reply. This file is the command line around it.
 Commands in a chat: /reset (new conversation), /stats (toggle a per-turn line: tokens prefilled, reused from the
 cache, generated, time to first token, decode tokens/s), /quit. Ctrl-D exits; Ctrl-C stops the reply being written.
 """
-import signal
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
+import support.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import json
 import sys
@@ -22,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from support.compute import THREADS_HELP, set_threads
 from support.starts import ModelFlags
 from data.chat import read_jsonl, system_of
 from data.synthetic import example_prompts
@@ -46,7 +43,6 @@ class SampleConfig(ModelFlags):
     no_cache: bool = setting(False, "reference path: recompute the whole context for every token, no KV cache")
     compile: bool = setting(False, "decode with the static-shape step under torch.compile (a CUDA graph on CUDA; "
                                    "the first reply waits for the compilation)")
-    threads: int = setting(0, THREADS_HELP, min=0)
     script: str = setting("", "FILE.jsonl: answer each conversation's user messages in order, print one JSON "
                               "object per turn")
     json: bool = setting(False, "stdin chat: print one JSON object per turn instead of the streamed reply")
@@ -174,7 +170,6 @@ def main(argv=None):
     conversations = None
     if cfg.script:  # a bad file fails before the model loads
         conversations, _ = read_jsonl(cfg.script, need_answer=False)
-    set_threads(cfg.threads, cfg.device)
     chat_model = cfg.load()
     session = ChatSession(chat_model.model, chat_model.tok, chat_model.mask, system=cfg.system or None,
                           use_cache=not cfg.no_cache, decode="compiled" if cfg.compile else "eager")

@@ -29,9 +29,7 @@ One model answers one request at a time, in arrival order; up to --queue more wa
 refused with 503. A client that disconnects stops its generation; one that only half-closes its connection after
 its request (`nc -N`) gets its answer.
 """
-import signal
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
+import support.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import ipaddress
 import json
@@ -53,7 +51,6 @@ from urllib.parse import urlsplit
 
 import torch
 
-from support.compute import THREADS_HELP, set_threads
 from support.starts import ModelFlags
 from data.chat import render, validate
 from support.errors import DataError
@@ -88,7 +85,6 @@ class ServeConfig(ModelFlags):
     timeout: float = setting(30.0, "seconds a client may keep the server waiting to send its request or to take a "
                                    "streamed answer; then 408, or the connection closed (generating is not limited)",
                              min=1)
-    threads: int = setting(0, THREADS_HELP, min=0)
     no_cache: bool = setting(False, "reference path: recompute the whole context for every token, no KV cache")
 
 
@@ -624,7 +620,6 @@ def main(argv=None):
     if not cfg.host.strip():  # an unset variable (--host=$HOST) or host = "" in a file: not every interface
         raise UserError("--host is empty, which would listen on every interface: pass --host=127.0.0.1 (this "
                         "machine only) or name the address to listen on (--host=0.0.0.0: every interface)")
-    set_threads(cfg.threads, cfg.device)
     chat_model = cfg.load()
     about = {"description": chat_model.what, "trained_mask": chat_model.trained_mask,
              "examples": example_prompts() if chat_model.knows_only_synthetic_tasks else []}

@@ -25,9 +25,7 @@ How it trains
 - Devices: on CUDA, bf16 autocast, TF32, FlexAttention with mask.py's BlockMask; on CPU, float32 (never autocast)
   and SDPA with the dense mask (FlexAttention's backward does not exist on CPU).
 """
-import signal
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch imports: exit quietly (flags.run restores)
+import support.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import math
 import os
@@ -40,21 +38,23 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from support import flags
-from support.compute import DEVICE_HELP, DTYPES, THREADS_HELP, check_fits, runtime, set_threads
-from data.batching import RowStream, answer_target_count, batches_of, collate, heldout_rows, rank_rows, token_count
-from support.errors import DataError
+from data.batching import (RowStream, answer_target_count, batches_of, collate, documents, expansion_factor,
+                           heldout_rows, rank_rows, token_count)
 from data.prepare import prepare_if_default, synthetic_dir
 from data.store import load_meta, load_split
 from data.tokenizer import TOKENIZER_HELP
-from support.errors import UserError
-from support.flags import setting
 from loss import answer_loss_totals, train_step
 from mask import MASKS
-from model import GPT, GPTConfig
-from support.starts import START_HELP
-from support.runs import (Run, RunLock, StepTimer, StopOnSignal, TrainingLog, all_ranks_sum, check_fresh_start,
-                  describe_run, fmt_duration, resumed_state, setup_ddp, starting_point)
+from model import GPT
+from support import flags
+from support.checkpoint import save_checkpoint
+from support.compute import DEVICE_HELP, DTYPES, THREADS_HELP, all_ranks_sum, check_fits, compute_init
+from support.errors import DataError, UserError
+from support.flags import setting
+from support.resume import RunState, check_fresh_start, make_checkpoint, resumed_state, starting_point
+from support.run_files import RunLock, TrainingLog
+from support.signals import StopOnSignal
+from support.starts import START_HELP, new_model_config
 
 
 @dataclass
@@ -110,20 +110,19 @@ class TrainConfig:
 
 def check_config(cfg):
     """One-line UserErrors for settings that cannot work together (flags.parse checked each one alone)."""
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd={cfg.n_embd} is not a multiple of --n_head={cfg.n_head}")
+    new_model_config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}")
 
 
 # ------------------------------------------------------------------------------------------------------- data
 
-def load_data(cfg, is_master):
+def load_data(cfg, rt):
     """-> (meta, train split, val split). The synthetic dataset's folder is filled when it does not exist yet (by
     global rank 0: on several nodes without a shared disk, prepare the data on each node first); any other missing
     data_dir is an error, never a silent stand-in."""
     problem = None
-    if is_master:
+    if rt.is_master:
         try:
             prepare_if_default(cfg.data_dir, cfg.tokenizer, cfg.block_size, lambda line: print(line, flush=True))
         except DataError as e:
@@ -159,7 +158,7 @@ def reseed_dropout(seed, rank, iter_num):
 
 # ------------------------------------------------------------------------------------------------ the start
 
-def start_and_data(cfg, rt, is_master, log):
+def start_and_data(cfg, rt, log):
     """Where the run starts, then its data: -> (cfg, model, checkpoint to resume or None, meta, train, val). The
     start decides the tokenizer (data train.py prepares itself uses it); cfg comes back saying what was used."""
     model, checkpoint, tokenizer = starting_point(cfg, rt.device, log)
@@ -167,7 +166,7 @@ def start_and_data(cfg, rt, is_master, log):
         cfg = replace(cfg, tokenizer=tokenizer["name"])
     if not cfg.data_dir:
         cfg = replace(cfg, data_dir=synthetic_dir(cfg.tokenizer))
-    meta, train_split, val_split = load_data(cfg, is_master)
+    meta, train_split, val_split = load_data(cfg, rt)
     if tokenizer is not None and meta["tokenizer"] != tokenizer:
         raise UserError(f"{cfg.data_dir} holds {meta['tokenizer']['name']} tokens, the start needs "
                         f"{tokenizer['name']} ones: prepare the data with python data/prepare.py "
@@ -177,8 +176,8 @@ def start_and_data(cfg, rt, is_master, log):
         cfg = replace(cfg, tokenizer=meta["tokenizer"]["name"])  # so the saved config says what was used
     if model is None:  # from scratch: the flags' shape, the data's vocabulary
         torch.manual_seed(cfg.seed)
-        config = GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+        config = new_model_config(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
+                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
         check_fits(config, cfg.batch_size, cfg.block_size, rt.device)
         model = GPT(config)
     if model.config.vocab_size < meta["vocab_size"]:
@@ -193,7 +192,74 @@ FEW_VAL_ANSWERS = 2000  # fewer held-out answer tokens than this: a noisy loss, 
 RISING = 1.02  # a held-out loss 2% above the best one so far: say that the model may be overfitting
 
 
-def heldout(val_split, cfg, rank, world_size, log):
+@dataclass
+class Run:
+    """What the loop works on: the settings (cfg resolved, flags_given as parsed), where it runs, the raw model
+    (neither compiled nor DDP-wrapped: what is saved) and the two that run it (step_model: compiled and wrapped
+    as asked; eval_model: never DDP), the optimizer, the training row stream, this rank's held-out rows, the
+    RunState that checkpoints record, the data's meta, the log, and whether every step since the last check had a
+    finite loss."""
+    cfg: object
+    flags_given: object
+    rt: object
+    model: torch.nn.Module
+    step_model: torch.nn.Module
+    eval_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: RowStream
+    val_split: object
+    eval_rows: list
+    state: RunState
+    meta: dict
+    log: object
+    record: TrainingLog = None
+    finite: object = True  # a bool tensor on the device: no step loss checked until a sync point needs it
+    resumed: bool = False
+    resumed_at: int = 0  # the step a resumed run went on from
+    saved_iter: int = None  # the step of the latest ckpt.pt this run wrote or resumed from
+
+    def save(self, reason, name="ckpt.pt"):
+        if self.rt.is_master:
+            path = os.path.join(self.cfg.out_dir, name)
+            resumable = (self.optimizer, self.stream) if name == "ckpt.pt" else ()
+            save_checkpoint(make_checkpoint(self.model, self.cfg, self.flags_given, self.meta, self.state,
+                                            *resumable), path)
+            self.log(f"saved {path} ({reason}, iter {self.state.iter_num})")
+        self.saved_iter = self.state.iter_num if name == "ckpt.pt" else self.saved_iter
+
+    def check_finite(self, *values):
+        """Stop the run, saving nothing, once a loss is not finite (a diverged run): the last checkpoint stays the
+        last finite state. Every rank takes part (a sync point)."""
+        bad = not bool(self.finite) or not all(math.isfinite(v) for v in values)
+        if all_ranks_sum([float(bad)], self.rt.device)[0]:
+            kept = (f"{os.path.join(self.cfg.out_dir, 'ckpt.pt')} keeps iter {self.saved_iter}"
+                    if self.saved_iter else "nothing was saved; its log.jsonl stays, so pass --overwrite to the next "
+                    "run here")
+            raise UserError(f"the loss is not finite by iter {self.state.iter_num}: the run diverged (try a lower "
+                            f"--learning_rate or --grad_clip); {kept}")
+
+
+def start_run(cfg, flags_given, rt, log):
+    """The start, the data, the optimizer and the training state (a resumed one's, or a new one) -> Run."""
+    cfg, model, checkpoint, meta, train_split, val_split = start_and_data(cfg, rt, log)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           rt.device_type)
+    state = resumed_state(cfg, checkpoint, optimizer, meta, log, rt.is_master)
+    stream = RowStream(train_split, cfg.mask, cfg.block_size, cfg.seed, **state.data_state)
+    step_model, eval_model = wrapped(model, cfg, rt, log)
+    describe_run(log, cfg, rt, model, meta, train_split, len(stream.rows))
+    return Run(cfg, flags_given, rt, model, step_model, eval_model, optimizer, stream, val_split,
+               heldout(val_split, cfg, rt, log), state, meta, log, resumed=checkpoint is not None,
+               resumed_at=state.iter_num if checkpoint is not None else 0,
+               saved_iter=state.iter_num if checkpoint is not None else None)
+
+
+def rows_per_step(cfg, rt):
+    """Rows of every rank in one optimizer step: the same rows per step give the same training on any world size."""
+    return cfg.batch_size * cfg.gradient_accumulation_steps * rt.world_size
+
+
+def heldout(val_split, cfg, rt, log):
     """This rank's share of the held-out rows (each rank evaluates its own; the sums are added over ranks)."""
     rows = heldout_rows(val_split, cfg.mask, cfg.block_size, cfg.batch_size, cfg.eval_iters)
     answers = answer_target_count(val_split, rows)
@@ -203,16 +269,15 @@ def heldout(val_split, cfg, rank, world_size, log):
         more = ("--eval_iters=0 scores every held-out row" if cfg.eval_iters else "hold out more conversations: "
                 "python data/prepare.py --val_fraction=..., or --n_val=... for the synthetic data")
         log(f"note: the held-out loss is measured on {answers} answer tokens only: it is noisy ({more})")
-    return rows[rank::world_size]
+    return rows[rt.rank::rt.world_size]
 
 
-def evaluate_and_save(run, eval_model, val_split, rows):
+def evaluate_and_save(run):
     """Step 1 of the loop: the held-out answer loss, logged and recorded; then the latest state saved (never a
     new run's untrained weights over an existing file), and best.pt with --keep_best."""
     cfg, state = run.cfg, run.state
-    total, count = answer_loss_totals(eval_model, batches_of(val_split, rows, cfg.block_size, cfg.batch_size),
-                                      cfg.mask, run.rt)
-    total, count = all_ranks_sum([total, count], run.rt.device)
+    batches = batches_of(run.val_split, run.eval_rows, cfg.block_size, cfg.batch_size)
+    total, count = all_ranks_sum(list(answer_loss_totals(run.eval_model, batches, cfg.mask, run.rt)), run.rt.device)
     val_loss = total / max(count, 1)
     run.check_finite(val_loss)
     improved = val_loss < state.best_val_loss
@@ -230,14 +295,14 @@ def evaluate_and_save(run, eval_model, val_split, rows):
             run.save("best", "best.pt")
 
 
-def stop_if_asked(run, stop, resumed_at):
-    """Step 2's signal check: every rank must agree, so under DDP they compare at log steps only."""
+def stop_if_asked(run, stop):
+    """Step 2's signal check: every rank must agree, so with several ranks they compare at log steps only."""
     cfg, it = run.cfg, run.state.iter_num
-    if run.world_size > 1 and it % cfg.log_interval:
+    if run.rt.world_size > 1 and it % cfg.log_interval:
         return
     if not all_ranks_sum([float(stop.requested)], run.rt.device)[0]:
         return
-    if it == resumed_at:
+    if it == run.resumed_at:
         run.log(f"interrupted at iter {it} before training: nothing to save")
     else:
         run.check_finite()
@@ -265,59 +330,47 @@ def log_step(run, mine, lr, step_loss, step_tokens, answer_tokens, timer):
     timer.restart()
 
 
-def wrapped(model, cfg, rt, world_size, log):
+def wrapped(model, cfg, rt, log):
     """-> (the model a step runs: compiled and DDP-wrapped as asked, the model evaluation runs: never DDP)."""
     if cfg.compile:
         log("compiling the model...")
         model = torch.compile(model)
-    if world_size == 1:
+    if rt.world_size == 1:
         return model, model
     return DDP(model, device_ids=[torch.device(rt.device).index] if rt.device_type == "cuda" else None), model
 
 
-def train(cfg, flags_given, rt, rank, world_size):
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    cfg, model, checkpoint, meta, train_split, val_split = start_and_data(cfg, rt, rank == 0, log)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           rt.device_type)
-    state = resumed_state(cfg, checkpoint, optimizer, meta, log, rank == 0)
-    del checkpoint
-    stream = RowStream(train_split, cfg.mask, cfg.block_size, cfg.seed, **state.data_state)
-    run = Run(cfg, flags_given, rt, rank, world_size, model, optimizer, stream, state, meta, log)
-    step_model, eval_model = wrapped(model, cfg, rt, world_size, log)
-    rows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
-    describe_run(log, cfg, rt, model, meta, train_split, rows_per_step, len(stream.rows), world_size)
-    eval_rows = heldout(val_split, cfg, rank, world_size, log)
-    resumed_at = state.iter_num if cfg.init_from == "resume" else 0
-    run.saved_iter = resumed_at or None
-    t_start, timer = time.time(), StepTimer()
-    with StopOnSignal() as stop, TrainingLog(cfg.out_dir, resumed_at if cfg.init_from == "resume" else None,
-                                             rank == 0) as run.record:
+def train(cfg, flags_given, rt):
+    log = (lambda *a: print(*a, flush=True)) if rt.is_master else (lambda *a: None)
+    run = start_run(cfg, flags_given, rt, log)
+    cfg, state, stream, t_start, timer = run.cfg, run.state, run.stream, time.time(), StepTimer()
+    with StopOnSignal() as stop, TrainingLog(cfg.out_dir, run.resumed_at if run.resumed else None,
+                                             rt.is_master) as run.record:
         while True:
             # 1. evaluate the held-out answer loss and save the latest state, every eval_interval steps and at the end
             if state.iter_num % cfg.eval_interval == 0 or state.iter_num >= cfg.max_iters:
-                evaluate_and_save(run, eval_model, val_split, eval_rows)
+                evaluate_and_save(run)
                 timer.restart()
             # 2. stop when done, or when asked to
             if state.iter_num >= cfg.max_iters:
                 break
-            stop_if_asked(run, stop, resumed_at)
+            stop_if_asked(run, stop)
 
             # 3. this step's learning rate and dropout seed
             lr = get_lr(state.iter_num, cfg)
-            for group in optimizer.param_groups:
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            reseed_dropout(cfg.seed, rank, state.iter_num)
+            reseed_dropout(cfg.seed, rt.rank, state.iter_num)
 
             # 4. the step's rows (every rank's), then this rank's micro-batches
-            rows = stream.take(rows_per_step)
-            mine = rank_rows(rows, cfg.batch_size, rank, world_size)
-            batches = [rt.to_device(collate(train_split, r, cfg.block_size)) for r in mine]
-            answer_tokens = answer_target_count(train_split, rows)
+            rows = stream.take(rows_per_step(cfg, rt))
+            mine = rank_rows(rows, cfg.batch_size, rt.rank, rt.world_size)
+            batches = [rt.to_device(collate(stream.split, r, cfg.block_size)) for r in mine]
+            answer_tokens = answer_target_count(stream.split, rows)
 
             # 5. forward, backward and the optimizer step, weighted by the step's answer tokens over all ranks
-            step_loss = train_step(step_model, optimizer, batches, cfg.mask, answer_tokens, rt, cfg.grad_clip,
-                                   world_size)
+            step_loss = train_step(run.step_model, run.optimizer, batches, cfg.mask, answer_tokens, rt,
+                                   cfg.grad_clip, rt.world_size)
             run.finite = run.finite & torch.isfinite(step_loss)  # on the device: checked at the next sync point
             state.tokens["tokens"] += token_count(rows)
             state.tokens["answer_tokens"] += answer_tokens
@@ -330,7 +383,41 @@ def train(cfg, flags_given, rt, rank, world_size):
     log(f"done: {state.iter_num} iters in {fmt_duration(time.time() - t_start)}, best val answer loss "
         f"{state.best_val_loss:.4f} (iter {state.best_iter}), {state.tokens['tokens']:,} tokens "
         f"({state.tokens['answer_tokens']:,} answer tokens)")
-    return model
+    return run.model
+
+
+# ------------------------------------------------------------------------------------------ what it prints
+
+def describe_run(log, cfg, rt, model, meta, train_split, rows_per_epoch):
+    shape, per_step = model.config, rows_per_step(cfg, rt)
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {shape.n_layer} layers, {shape.n_head} heads, "
+        f"{shape.n_embd} wide, block_size {shape.block_size}, vocab {shape.vocab_size} ({meta['tokenizer']['name']}, "
+        f"{meta['vocab_size']} tokens)")
+    precision = "float32" if rt.dtype == "float32" else "bf16 autocast"
+    log(f"run: mask {cfg.mask}, {rt.device} ({precision}), attention {rt.attention}, {rt.world_size} rank(s), "
+        f"{per_step} rows x {cfg.block_size} tokens per step")
+    log(f"data: {cfg.data_dir}: {len(train_split.offsets) - 1:,} train conversations ({int(train_split.offsets[-1]):,} "
+        f"tokens) -> {len(documents(train_split, cfg.mask)):,} {cfg.mask} training samples in {rows_per_epoch:,} "
+        f"rows per epoch ({rows_per_epoch / per_step:.1f} steps); prefix expansion factor "
+        f"{expansion_factor(train_split):.2f}x (the tokens --mask=prefix trains on per epoch)")
+
+
+class StepTimer:
+    """Mean wall time per optimizer step since the last restart (evaluations and logging left out)."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self):
+        self.t0, self.steps = time.time(), 0
+
+    def seconds_per_step(self):
+        return (time.time() - self.t0) / max(self.steps, 1)
+
+
+def fmt_duration(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def main(argv=None):
@@ -343,12 +430,10 @@ def main(argv=None):
         print(f"{os.path.join(cfg.out_dir, 'ckpt.pt')} already holds this run, trained to iter {cfg.max_iters}: "
               "nothing to do (--overwrite trains it again, --init_from=resume --max_iters=N goes on)", flush=True)
         return None
-    set_threads(cfg.threads, cfg.device)
-    rank, local_rank, world_size = setup_ddp(cfg)
     try:
-        rt = runtime(cfg.device, cfg.dtype, cfg.attention, local_rank)
-        with RunLock(cfg.out_dir) if rank == 0 else nullcontext():  # one run per out_dir; rank 0 writes it
-            model = train(cfg, flags_given, rt, rank, world_size)
+        rt = compute_init(cfg.device, cfg.dtype, cfg.attention, cfg.threads, training=True)
+        with RunLock(cfg.out_dir) if rt.is_master else nullcontext():  # one run per out_dir; rank 0 writes it
+            model = train(cfg, flags_given, rt)
         if dist.is_initialized():
             dist.barrier()  # every rank is done with the group before it goes: no rank tears it down under another
         return model

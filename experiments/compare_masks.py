@@ -43,10 +43,6 @@ saves its checkpoint every --save_every steps, and a run found unfinished with t
 last checkpoint (train.py --init_from=resume): a stopped experiment loses at most that many steps of one run.
 --score=none trains only; the same command with a --score scores what was trained.
 """
-import signal
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while starting up: exit quietly (flags.run restores)
-
 import json
 import math
 import os
@@ -60,6 +56,7 @@ from dataclasses import dataclass, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import support.quiet_interrupt  # noqa: E402,F401  (first: a Ctrl-C while torch imports ends quietly)
 
 from support import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
 from data.batching import answer_target_count, epoch_rows  # noqa: E402

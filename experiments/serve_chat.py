@@ -16,10 +16,6 @@ TTFT is measured by the client, from sending the request to the first chunk with
 the first sampled token: after the prefill), median over --repeats fresh servers (the masks take turns); each server
 first answers one warm-up request in another conversation. The cached tokens do not vary between repeats.
 """
-import signal
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while starting up: exit quietly (flags.run restores)
-
 import json
 import os
 import statistics
@@ -32,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import support.quiet_interrupt  # noqa: E402,F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import torch  # noqa: E402  (after the path: run as a script, the repository root is not on it)
 

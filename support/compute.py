@@ -1,6 +1,6 @@
 """
-What the scripts share about where they run: the device, precision and attention backend of a run (one Runtime
-value), torch's thread count, and a description of the machine for reports.
+Where the scripts compute: compute_init sets up threads, ranks, device, precision and attention in one call and
+returns them as one Runtime value; plus a description of the machine for reports, and the memory a model needs.
 """
 import os
 import platform
@@ -9,6 +9,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from support.errors import UserError
 
@@ -39,15 +40,23 @@ def resolve_device(name):
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a model runs: device ("cpu", "cuda:0"), dtype of the autocast ("float32": none) and the
-    attention backend ("sdpa": dense mask, any device; "flex": FlexAttention's BlockMask, CUDA)."""
+    """Where and how a script computes: device ("cpu", "cuda:0"); dtype, a training step's autocast ("float32":
+    none) or a chat model's weights; the attention backend ("sdpa": dense mask, any device; "flex": FlexAttention's
+    BlockMask, CUDA); and this process's rank among world_size (torchrun), with its local_rank on its node."""
     device: str = "cpu"
     dtype: str = "float32"
     attention: str = "sdpa"
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
 
     @property
     def device_type(self):
         return torch.device(self.device).type
+
+    @property
+    def is_master(self):
+        return self.rank == 0
 
     def autocast(self):
         if self.dtype == "bfloat16":
@@ -61,34 +70,54 @@ class Runtime:
         return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
-def runtime(device="auto", dtype="auto", attention="auto", local_rank=0):
-    """The Runtime these settings ask for, checked against what this machine can do (UserError if it cannot).
-    auto: CUDA when available, with bf16 autocast, TF32 matmuls and FlexAttention; else CPU, float32, SDPA."""
+def compute_init(device="auto", dtype="auto", attention="auto", threads=0, training=False):
+    """Set up where a script computes, in one call: torch's CPU threads, the process group when torchrun started
+    this process (nccl on CUDA, gloo on CPU), this rank's device, the precision and the attention backend.
+    -> Runtime; UserError (one line) for what this machine cannot do. auto: CUDA when available, with TF32
+    matmuls, bfloat16 (a training step's autocast, or a chat model's weights: half the memory traffic a decode step
+    is bound by) and, to train, FlexAttention; on a CPU float32 and SDPA."""
     device = resolve_device(device)
-    device_type = torch.device(device).type
-    if device_type == "cuda":
+    set_threads(threads, device)
+    rank, local_rank, world_size = init_process_group(device) if training else (0, 0, 1)
+    if torch.device(device).type == "cuda":
         device = f"cuda:{local_rank}" if device == "cuda" else device
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "bfloat16" and device_type == "cpu":
-        raise UserError("--dtype=bfloat16 autocasts on CUDA only: use --dtype=float32 (or auto) on CPU")
+        dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if attention == "auto":
-        attention = "flex" if device_type == "cuda" else "sdpa"
-    if attention == "flex" and device_type == "cpu":
+        attention = "flex" if training and torch.device(device).type == "cuda" else "sdpa"
+    rt = Runtime(device, dtype, attention, rank, local_rank, world_size)
+    if training:
+        check_training(rt)
+    return rt
+
+
+def check_training(rt):
+    if rt.dtype == "bfloat16" and rt.device_type == "cpu":
+        raise UserError("--dtype=bfloat16 autocasts on CUDA only: use --dtype=float32 (or auto) on CPU")
+    if rt.attention == "flex" and rt.device_type == "cpu":
         raise UserError("--attention=flex cannot train on CPU (FlexAttention has no CPU backward): use "
                         "--attention=sdpa (or auto)")
-    return Runtime(device, dtype, attention)
 
 
-def chat_dtype(name, device):
-    """The dtype a chat model runs in: name, or for "auto" bfloat16 on CUDA (half the memory traffic a decode step
-    is bound by) and float32 on a CPU."""
-    if name != "auto":
-        return name
-    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+def init_process_group(device):
+    """-> (rank, local_rank, world_size): a process group (nccl on CUDA, gloo on CPU) when torchrun launched this
+    process (it sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous address), else (0, 0, 1)."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    dist.init_process_group(backend="nccl" if torch.device(device).type == "cuda" else "gloo")
+    return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
+
+
+def all_ranks_sum(values, device):
+    """Element-wise sum of a list of numbers over the ranks (the list itself in a single process)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def set_threads(n, device="cpu"):

@@ -20,7 +20,7 @@ from data.tokenizer import SMOLLM2, smollm2_path, tokenizer_from_description
 from mask import MASKS
 from model import GPT, GPTConfig
 from support.checkpoint import load_checkpoint, model_from_checkpoint
-from support.compute import CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, chat_dtype, resolve_device
+from support.compute import CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, THREADS_HELP, Runtime, compute_init
 from support.errors import DataError, UserError
 from support.flags import setting
 from support.gguf import from_gguf
@@ -62,6 +62,15 @@ def load_start(source, block_size=None, dropout=0.0, device="cpu"):
     return start
 
 
+def new_model_config(**fields):
+    """GPTConfig(**fields) for a model from scratch, or UserError naming the flags when it cannot have that
+    shape (model.py says why)."""
+    try:
+        return GPTConfig(**fields)
+    except ValueError as e:
+        raise UserError(f"--n_layer/--n_head/--n_embd: {e}") from None
+
+
 def _from_checkpoint(path, device):
     checkpoint = load_checkpoint(path, device)
     model = model_from_checkpoint(checkpoint, device, path)
@@ -100,6 +109,7 @@ class ChatModel:
     trained_mask: str
     what: str
     checkpoint: dict = None
+    runtime: Runtime = Runtime()  # where it runs
 
     @property
     def knows_only_synthetic_tasks(self):
@@ -117,23 +127,22 @@ class ChatModel:
         return f"{self.mask} (off its training: trained {self.trained_mask})"
 
 
-def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", block_size=0, device="cpu",
-                    dtype="float32"):
-    """The model a chat runs on. init_from: "resume" (out_dir/ckpt, written by train.py) or any start of
-    pretrained.load_start (smollm2, a .gguf file, a Hugging Face folder, a GPT-2 name, a checkpoint path). mask:
-    "" for the one it was trained with (causal for a pretrained model). block_size: 0 for the model's own context,
-    else a shorter one (the KV cache's capacity). UserError (one line) when it cannot be had."""
+def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", block_size=0, rt=Runtime()):
+    """The model a chat runs on, on rt's device in rt's dtype. init_from: "resume" (out_dir/ckpt, written by
+    train.py) or any start of load_start (smollm2, a .gguf file, a Hugging Face folder, a GPT-2 name, a checkpoint
+    path). mask: "" for the one it was trained with (causal for a pretrained model). block_size: 0 for the model's
+    own context, else a shorter one (the KV cache's capacity). UserError (one line) when it cannot be had."""
     source = os.path.join(out_dir, ckpt) if init_from == "resume" else init_from
     if init_from == "resume" and not os.path.exists(source):
         load_checkpoint(source)  # the one-line "no checkpoint at ...: run python train.py first"
-    start = load_start(source, block_size or None, 0.0, device)
+    start = load_start(source, block_size or None, 0.0, rt.device)
     if start.mask not in MASKS:
         raise UserError(f"{source}: unknown mask {start.mask!r} (expected one of {', '.join(MASKS)})")
     if start.tok.vocab_size > start.model.config.vocab_size:
         raise UserError(f"{source}: tokenizer has {start.tok.vocab_size} tokens, model only "
                         f"{start.model.config.vocab_size}")
-    return ChatModel(start.model.to(getattr(torch, dtype)).eval(), start.tok, mask or start.mask, start.mask,
-                     start.what, start.checkpoint)
+    return ChatModel(start.model.to(getattr(torch, rt.dtype)).eval(), start.tok, mask or start.mask, start.mask,
+                     start.what, start.checkpoint, rt)
 
 
 @dataclass
@@ -149,9 +158,10 @@ class ModelFlags:
                                  "360 MiB of cache in float32)", min=0)
     device: str = setting("auto", DEVICE_HELP)
     dtype: str = setting("auto", CHAT_DTYPE_HELP, choices=DTYPES)
+    threads: int = setting(0, THREADS_HELP, min=0)
 
     def load(self):
-        """-> ChatModel: the model these flags choose, on their device and dtype."""
-        device = resolve_device(self.device)
-        return load_chat_model(self.init_from, self.out_dir, self.ckpt, self.mask, self.block_size, device,
-                               chat_dtype(self.dtype, device))
+        """-> ChatModel: the model these flags choose, set up where they say (compute_init: threads, device,
+        dtype)."""
+        rt = compute_init(self.device, self.dtype, threads=self.threads)
+        return load_chat_model(self.init_from, self.out_dir, self.ckpt, self.mask, self.block_size, rt)

@@ -8,7 +8,7 @@ import torch
 
 from support import checkpoint
 from support.checkpoint import load_checkpoint, save_checkpoint
-from support.runs import RunLock
+from support.run_files import RunLock
 from support.errors import UserError
 
 

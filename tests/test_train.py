@@ -307,7 +307,7 @@ def test_command_line_errors_are_one_line_without_traceback(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--n_embd=30", "--n_head=4"], "--n_embd=30 is not a multiple of --n_head=4"),
+    (["--n_embd=30", "--n_head=4"], "n_embd 30 is not a multiple of n_head 4"),
     (["--device=cpu", "--attention=flex"], "--attention=flex cannot train on CPU"),
     (["--device=cpu", "--dtype=bfloat16"], "--dtype=bfloat16 autocasts on CUDA only"),
     (["--min_lr=1", "--learning_rate=0.1"], "--min_lr=1.0 is above --learning_rate=0.1"),

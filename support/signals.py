@@ -1,0 +1,25 @@
+"""
+Stopping a training run cleanly on Ctrl-C (SIGINT) or SIGTERM: the loop stops at the next step boundary and saves
+a consistent checkpoint; a second Ctrl-C aborts at once.
+"""
+import signal
+import sys
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary, so the checkpoint it writes
+    is a consistent one; a second Ctrl-C aborts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
