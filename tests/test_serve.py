@@ -17,7 +17,10 @@ from engine import ChatSession
 from support.flags import run
 from mask import MASKS, ROLE_LETTERS
 import serve
-from serve import ChatService, ServeConfig, make_server
+from serve import ServeConfig
+from tools.http_guards import MAX_BODY
+from tools.http_server import make_server
+from tools.openai_api import ChatService
 from test_engine import CONFIG, MODEL, SYSTEM_TEXT, TOK, USERS
 from test_sample import ROOT, out_dir  # noqa: F401  (a fixture: a checkpoint of MODEL, mask ism)
 
@@ -310,7 +313,7 @@ def test_errors_in_openai_shape_and_the_server_goes_on():
         assert request(port, path="/v1/nothing", body={})[0] == 404
         status, headers, _ = request(port, "GET")
         assert status == 405 and headers["Allow"] == "POST"
-        assert request(port, body=b"", headers={"Content-Length": str(serve.MAX_BODY + 1)})[0] == 413
+        assert request(port, body=b"", headers={"Content-Length": str(MAX_BODY + 1)})[0] == 413
         assert request(port, body=b"", headers={"Content-Length": "-5"})[0] == 400  # not a wait for the end
         status, headers, _ = request(port, "OPTIONS")
         assert status == 405 and headers["Content-Type"] == "application/json"

@@ -8,7 +8,7 @@ import pytest
 from test_engine import USERS
 from test_serve import forward_hook, printable_answers, reference, serving
 
-COLOURS = {"U": [47, 111, 179], "A": [217, 130, 43], "pale U": [182, 205, 228]}  # as in assets/chat.html
+COLOURS = {"U": [47, 111, 179], "A": [217, 130, 43], "pale U": [182, 205, 228]}  # as in tools/chat.html
 
 
 @pytest.fixture(scope="module")

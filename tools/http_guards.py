@@ -1,0 +1,64 @@
+"""
+What guards the HTTP server's connections, each a small function the handler calls: only this machine's clients and
+the server's own page are answered (check_origin), a request body is read whole or refused (read_body), a client
+that went away is told from one that only half-closed its connection (end_closed).
+"""
+import os
+import re
+import select
+import socket
+
+from tools.openai_api import ApiError
+
+MAX_BODY = 1 << 20  # bytes; a longer request is refused (413) before it is read
+# a Host header that names this machine whatever DNS says: no site can take these names
+LOOPBACK_HOST = re.compile(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?", re.IGNORECASE)
+
+
+def check_origin(headers, loopback):
+    """ApiError 403 for a request from a web page other than the server's own. On loopback the Host must name this
+    machine (localhost, 127.x.y.z or [::1], any port: ssh -L may forward another), which refuses a page whose own
+    name was made to resolve here (DNS rebinding); a browser's Origin, when sent, must be the server's own (http://
+    and the Host). Without a Host header (HTTP/1.0) a request is from no browser, which always sends one; without
+    an Origin from no page of another site, whose fetches and form posts always carry one."""
+    host, origin = headers.get("Host", ""), headers.get("Origin")
+    if loopback and host and not LOOPBACK_HOST.fullmatch(host):
+        raise ApiError(403, f"Host {host!r} is not a name of this machine (localhost, 127.0.0.1, [::1]): "
+                            "a web page elsewhere may not use this API")
+    if origin is not None and origin.lower() != f"http://{host}".lower():
+        raise ApiError(403, f"Origin {origin!r} is not this server's (http://{host}): a web page of another "
+                            "site may not use this API")
+
+
+def read_body(rfile, headers, timeout):
+    """The request's body, exactly its Content-Length bytes, or ApiError: 400 without a usable length or for a short
+    body, 413 for one over MAX_BODY (refused unread), 408 when it does not come within timeout seconds."""
+    try:
+        length = int(headers.get("Content-Length", ""))
+    except ValueError:
+        raise ApiError(400, "the request needs a Content-Length header") from None
+    if length < 0:  # reading -1 bytes would wait for the end of a connection the client keeps open
+        raise ApiError(400, f"Content-Length {length} is negative")
+    if length > MAX_BODY:  # refused unread
+        raise ApiError(413, f"the body is {length} bytes, more than {MAX_BODY}")
+    try:
+        body = rfile.read(length)
+    except TimeoutError:
+        raise ApiError(408, f"the body did not come within {timeout:g} s") from None
+    if len(body) < length:
+        raise ApiError(400, f"the body ended after {len(body)} bytes, short of its Content-Length {length}")
+    return body
+
+
+def end_closed(connection):
+    """Whether the client has closed its end of the connection, or only half-closed it: its socket reads as
+    readable with nothing in it. Raises ConnectionResetError once the client's socket has answered a write with
+    a reset: after the end of what it sent a read says nothing of that, the socket's pending error does."""
+    readable, _, _ = select.select([connection], [], [], 0)
+    if not readable or connection.recv(1, socket.MSG_PEEK):
+        return False
+    error = connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise ConnectionResetError(error, f"the client closed its connection ({os.strerror(error)})")
+    return True
+
