@@ -121,6 +121,14 @@ def feed(model, ids, roles, kind, start, cache=None):
     return logits[0, -1]
 
 
+def static_decoder(decode, model, cache):
+    """The StaticDecoder a session's decode mode asks for: None for "eager"; ValueError for an unknown mode, or a
+    static step without a cache."""
+    if decode not in DECODE_MODES or (decode != "eager" and cache is None):
+        raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}; a static step needs the cache")
+    return StaticDecoder(model, cache, decode == "compiled") if decode != "eager" else None
+
+
 class StaticDecoder:
     """One answer token fed in fixed shapes: the token and its position live in two preallocated tensors, the K/V
     are written at that position of the preallocated cache, and attention runs over the cache's whole capacity with
@@ -229,55 +237,43 @@ class Turn:
 
 
 class ChatSession:
-    """One conversation with a model: its messages, their rendering (ids, roles) and a KV cache. Read its state,
-    don't write it: every change is one of its methods. messages (system first if any; an answer's content is its
-    sampled token ids, as re-encoding decoded text need not give them back), ids and roles (render(messages), each
-    answer closed, <= block_size), cache and cached (the cache holds the K/V of ids[:cached]; the rest is fed next
-    turn), turns (since the last reset), last (the Turn).
-    use_cache=False is the reference path: every sampled token recomputes the whole context. decode: "eager"
-    (attention over the filled cache), "static" (StaticDecoder) or "compiled" (StaticDecoder under torch.compile,
-    a CUDA graph on CUDA). reply_reserve: tokens kept free for the answer when deciding whether to drop old turns
-    (capped by max_new_tokens; default block_size // 4)."""
+    """One conversation with a model. Read its state, don't write it: every change is one of its methods. messages
+    (system first if any; an answer's content is its sampled ids: decoded text need not re-encode to them), ids and
+    roles (render(messages), each answer closed, <= block_size), cache and cached (it holds the K/V of ids[:cached];
+    the rest is fed next turn), turns (since the last reset), last (the Turn). use_cache=False: the reference path,
+    every token recomputes the whole context. decode: "eager", "static" or "compiled" (StaticDecoder, compiled).
+    reply_reserve: tokens kept free for the answer when old turns may be dropped (default block_size // 4)."""
 
     def __init__(self, model, tok, kind, system=None, use_cache=True, reply_reserve=None, decode="eager"):
         check_kind(kind)
-        if decode not in DECODE_MODES or (decode != "eager" and not use_cache):
-            raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}; a static step needs the "
-                             "cache")
-        self.model, self.tok, self.kind = model, tok, kind
+        param = next(model.parameters())  # where, and in what dtype, the model runs
+        self.model, self.tok, self.kind, self.device = model, tok, kind, param.device
         self.block_size = model.config.block_size
-        param = next(model.parameters())
-        self.device = param.device
         self.reply_reserve = max(1, self.block_size // 4) if reply_reserve is None else reply_reserve
         self.never = never_sampled(tok, model.config.vocab_size)
         self.cache = KVCache(model.config, 1, self.device, param.dtype) if use_cache else None
-        self.static = StaticDecoder(model, self.cache, decode == "compiled") if decode != "eager" else None
+        self.static = static_decoder(decode, model, self.cache)
         self.system, self.last, self.cached = None, None, 0
         self.reset(system)
 
     def reset(self, system=_KEEP):
-        """Start a new conversation (nothing cached), with a new system message if one is given (None or "" for
-        none). UserError if the system message leaves no room for a turn; the session is then unchanged."""
+        """A new conversation, with a new system message if one is given (None or "": none); UserError, changing
+        nothing, if it leaves no room for a turn."""
         system = self.system if system is _KEEP else (system or None)
         messages = [{"role": "system", "content": system}] if system else []
         ids, roles = render(messages, self.tok)
-        smallest_prompt = len(render_user("x", self.tok, after_answer=True)[0])
-        if len(ids) + smallest_prompt + self.reply_reserve + 1 > self.block_size:  # as _make_room will need
-            raise UserError(f"the system message is {len(ids)} tokens; with a message and {self.reply_reserve} "
-                            f"tokens kept for the answer it does not fit block_size {self.block_size}: shorten it")
+        check_room_for_a_turn(len(ids), self.tok, self.reply_reserve, self.block_size)
         self.system, self.messages, self.ids, self.roles, self.turns = system, messages, ids, roles, 0
         self._forget(0)
 
     def turn(self, user_text, max_new_tokens=256, on_text=None, interruptible=False, **sampling):
-        """generate() then consume(): one turn, -> its record as JSON. Sampling keywords as in Sampling
-        (temperature=0 is greedy)."""
+        """generate() then consume(): one turn, -> its record as JSON. Sampling keywords as in Sampling."""
         return consume(self, self.generate(user_text, max_new_tokens, Sampling(**sampling)), on_text, interruptible)
 
     def generate(self, user_text, max_new_tokens=256, sampling=None):
-        """Answer one user message: -> an iterator of the sampled token ids, a sampled closing token last. Raises
-        TurnError at once, changing nothing, for an empty message or one that cannot fit even without history.
-        Phase 1 (make room) runs now, so `last` already says how many turns were dropped; the answer is closed
-        (phase 4) when the iterator ends, is closed (close(), or `with closing(...)`) or raises."""
+        """Answer one user message: -> an iterator of the sampled token ids, a sampled closing token last. TurnError
+        at once, changing nothing, for an empty message or one that cannot fit. Phase 1 runs now (`last` says how
+        many turns were dropped); the answer is closed (phase 4) when the iterator ends, is closed or raises."""
         started = time.perf_counter()
         if not user_text.strip():
             raise TurnError("empty message")
@@ -294,11 +290,9 @@ class ChatSession:
 
     def set_history(self, messages):
         """Make `messages` (validated; answers as text or token ids) the conversation so far, as a stateless client
-        sends it with every request (serve.py), keeping the cached rows that are still exact for it
-        (reusable_rows; an answer's text may not re-encode to the sampled ids, and then less is kept, never a wrong
-        row). -> the number of cached tokens kept."""
-        messages = [dict(m, content=self.tok.encode(m["content"])) if m["role"] == "assistant"
-                    and isinstance(m["content"], str) else dict(m) for m in messages]  # answers as token ids
+        sends it (serve.py), keeping the cached rows still exact for it (an answer's text may not re-encode to the
+        sampled ids: then less is kept, never a wrong row). -> the number of cached tokens kept."""
+        messages = with_answer_ids(messages, self.tok)
         ids, roles = render(messages, self.tok)
         if len(ids) > self.block_size:
             raise TurnError(f"the conversation is {len(ids)} tokens, more than block_size {self.block_size}")
@@ -308,8 +302,8 @@ class ChatSession:
         return kept
 
     def replace_answer(self, text):
-        """Teacher forcing (eval.py --history=gold): put `text` in place of the last answer. The cache forgets the
-        replaced answer's tokens; the next turn feeds the new answer together with its prompt."""
+        """Teacher forcing (eval.py --history=gold): `text` in place of the last answer, whose cached rows are
+        forgotten; the next turn feeds the new answer with its prompt."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise ValueError("there is no answer to replace")
         self.messages[-1] = {"role": "assistant", "content": self.tok.encode(text)}
@@ -318,17 +312,14 @@ class ChatSession:
         self._forget(answer_start)
 
     def reusable_rows(self, ids, roles):
-        """How many cached rows stay exact if the conversation became ids/roles (reusable_prefix); 0 without a
-        cache."""
-        if self.cache is None:
-            return 0
+        """How many cached rows stay exact if the conversation became ids/roles (reusable_prefix)."""
         return reusable_prefix(self.kind, self.ids[:self.cached], self.roles[:self.cached], ids, roles)
 
     # ------------------------------------------------------------------------------------------- inside a turn
 
     def _prompt(self, user_text):
-        return render_user(user_text, self.tok, after_answer=bool(self.messages)
-                           and self.messages[-1]["role"] == "assistant")
+        after_answer = bool(self.messages) and self.messages[-1]["role"] == "assistant"
+        return render_user(user_text, self.tok, after_answer=after_answer)
 
     @torch.no_grad()
     def _answer(self, user_text, prompt_ids, prompt_roles, budget, sampling):
@@ -341,7 +332,10 @@ class ChatSession:
         hold_end = self.never.clone()
         hold_end[self.tok.end] = True  # while the answer is shorter than sampling.min_new_tokens
         try:  # from here on, the finally block closes the answer whatever happens
-            logits = self._prefill(roles)  # phase 2
+            if self.kind == "prefix":  # the prompt joins the history's bidirectional block: every cached row is stale
+                self._forget(0)
+            turn.reused_tokens, turn.prefill_tokens = self.cached, len(self.ids) - self.cached
+            logits = self._feed(self.ids, roles)  # phase 2
             for step in range(budget):  # phase 3
                 token = sample_token(logits, sampling, hold_end if step < sampling.min_new_tokens else self.never)
                 turn.token_times.append(time.perf_counter())
@@ -360,20 +354,9 @@ class ChatSession:
         finally:
             self._close(turn)  # phase 4
 
-    def _prefill(self, roles):
-        """Phase 2: feed what the cache lacks of ids. Under prefix the prompt joins the history's bidirectional
-        block, so every cached row is stale: the whole history is fed again."""
-        if self.kind == "prefix":
-            self._forget(0)
-        reused = self.cached
-        logits = self._feed(self.ids, roles)
-        self.last.prefill_tokens, self.last.reused_tokens = len(self.ids) - reused, reused
-        return logits
-
     def _feed(self, ids, roles):
-        """The logits after ids, whose first `cached` tokens are in the cache: the rest is fed on top of it (a single
-        answer token through the static step, when there is one), or, without a cache, the whole context is
-        recomputed. The one place the cache grows."""
+        """The logits after ids: what the cache lacks of them is fed on top of it (one answer token by the static
+        step, if any); without a cache the whole context is recomputed. The one place the cache grows."""
         if self.cache is None:
             return feed(self.model, ids, roles, self.kind, 0)
         start = self.cached
@@ -384,46 +367,57 @@ class ChatSession:
         self.cached = len(ids)
         return logits
 
-    def _forget(self, n):
-        """Keep the cached rows of the first n tokens only (they stay valid; the rest will be fed again)."""
+    def _forget(self, n):  # keep the cached rows of the first n tokens only; the rest will be fed again
         self.cached = min(self.cached, n)
 
     def _close(self, turn):
-        """Phase 4: the answer, closed by its closing token, joins the history. The cache holds a prefix of the new
-        ids; the next turn feeds ids[cached:]."""
+        """Phase 4: the answer, closed by its closing token, joins the history; the next turn feeds ids[cached:]."""
         self.messages.append({"role": "assistant", "content": turn.reply})
         self.ids, self.roles = render(self.messages, self.tok)
         self.turns += 1
         turn.context_tokens = len(self.ids)
 
     def _make_room(self, prompt_len, max_new_tokens):
-        """Drop the oldest whole user+answer turns until history + prompt + room for an answer fit in block_size.
-        Returns how many were dropped; raises TurnError, changing nothing, if not even the prompt alone fits."""
+        """Phase 1: drop the oldest whole turns until history, prompt and room for an answer fit (-> how many)."""
         need = prompt_len + min(max_new_tokens, self.reply_reserve) + 1  # + the answer's closing token
         if len(self.ids) + need <= self.block_size:
             return 0
-        dropped, kept = oldest_turns_dropped(self.messages, self.tok, self.block_size - need)
-        if kept is None:
-            taken = "the system message and chat format" if self.system else "the chat format"
-            raise TurnError(f"message of {prompt_len} tokens does not fit: block_size {self.block_size}, "
-                            f"{len(render(self.messages[:1 if self.system else 0], self.tok)[0])} taken by {taken}, "
-                            f"{need - prompt_len} kept for the answer; shorten it")
-        self.messages, (self.ids, self.roles) = kept, render(kept, self.tok)
+        dropped, self.messages = oldest_turns_dropped(self.messages, self.tok, self.block_size, need, prompt_len)
+        self.ids, self.roles = render(self.messages, self.tok)
         self._forget(0)  # positions restart at 0: the kept history is re-prefilled
         return dropped
 
 
 # ------------------------------------------------------------------------------------------ around a session
 
-def oldest_turns_dropped(messages, tok, room):
-    """-> (n, messages without their n oldest user+answer turns) for the smallest n whose rendering fits in room
-    tokens (a system message stays), or (None, None) when dropping every turn is not enough."""
+def check_room_for_a_turn(history_len, tok, reply_reserve, block_size):
+    """UserError when a history of history_len tokens (a system message) leaves no room for the shortest message
+    and reply_reserve answer tokens, as ChatSession._make_room will need."""
+    smallest_prompt = len(render_user("x", tok, after_answer=True)[0])
+    if history_len + smallest_prompt + reply_reserve + 1 > block_size:
+        raise UserError(f"the system message is {history_len} tokens; with a message and {reply_reserve} tokens kept "
+                        f"for the answer it does not fit block_size {block_size}: shorten it")
+
+
+def with_answer_ids(messages, tok):
+    """Copies of messages with every answer's content as token ids (an answer given as text is encoded)."""
+    return [dict(m, content=tok.encode(m["content"])) if m["role"] == "assistant" and isinstance(m["content"], str)
+            else dict(m) for m in messages]
+
+
+def oldest_turns_dropped(messages, tok, block_size, need, prompt_len):
+    """-> (n, messages without their n oldest user+answer turns) for the smallest n whose rendering leaves `need`
+    tokens (a prompt of prompt_len, room for the answer) in block_size; a system message stays. TurnError when
+    dropping every turn is not enough."""
     head = 1 if messages and messages[0]["role"] == "system" else 0
     for drop in range(1, (len(messages) - head) // 2 + 1):
         kept = messages[:head] + messages[head + 2 * drop:]
-        if len(render(kept, tok)[0]) <= room:
+        if len(render(kept, tok)[0]) <= block_size - need:
             return drop, kept
-    return None, None
+    taken = "the system message and chat format" if head else "the chat format"
+    raise TurnError(f"message of {prompt_len} tokens does not fit: block_size {block_size}, "
+                    f"{len(render(messages[:head], tok)[0])} taken by {taken}, {need - prompt_len} kept for the "
+                    "answer; shorten it")
 
 
 def consume(session, tokens, on_text=None, interruptible=False):

@@ -66,6 +66,11 @@ def drop_notice(session):
 # can never move the cursor, rewrite the line or send an escape sequence to the terminal.
 VISIBLE = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"}
 VISIBLE.update({0x7F: 0x2421, **{c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}})
+MULTILINE = '"""'  # a line of only this opens a message of several lines, the next one closes it
+# What a reader is told of a reply that did not end by itself.
+STOPPED_NOTICES = {"interrupted": "(interrupted: the reply was closed, the chat goes on)",
+                   "max_new_tokens": "(cut at {max_new_tokens} tokens, --max_new_tokens: the model had not ended it)",
+                   "block_size": "(cut: the context is full, block_size {block_size}; /reset starts afresh)"}
 
 
 def run_script(cfg, conversations, session, sampling):
@@ -89,76 +94,118 @@ def run_script(cfg, conversations, session, sampling):
             print(json.dumps({"conversation": number, **result}), flush=True)
 
 
-def chat(cfg, session, sampling, chat_model):
-    """The interactive loop; with piped stdin the same, without prompts or colour, one user message per line."""
-    interactive = sys.stdin.isatty()
-    terminal = sys.stdout.isatty()
-    colour = interactive and terminal and sys.stderr.isatty()
-    bold, dim, plain = ("\033[1m", "\033[2m", "\033[0m") if colour else ("", "", "")
-    prompt = "\001" + bold + "\002> \001" + plain + "\002" if colour else "> "
-    show_stats = cfg.stats
+class Console:
+    """The chat's terminal (or pipe): replies on stdout, notices for people on stderr (dim when both are a
+    terminal), prompts and line editing only when stdin is one. A reply can never drive the terminal (VISIBLE)."""
 
-    def say(text):  # notices for people, on stderr so stdout holds only the replies
-        print(f"{dim}{text}{plain}", file=sys.stderr, flush=True)
+    def __init__(self):
+        self.interactive, self.terminal = sys.stdin.isatty(), sys.stdout.isatty()
+        colour = self.interactive and self.terminal and sys.stderr.isatty()
+        self.dim, self.plain = ("\033[2m", "\033[0m") if colour else ("", "")
+        self.prompt = "\001\033[1m\002> \001\033[0m\002" if colour else "> "
+        if self.interactive:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
 
-    def write(text):
-        sys.stdout.write(text.translate(VISIBLE) if terminal else text)
+    def say(self, text):
+        print(f"{self.dim}{text}{self.plain}", file=sys.stderr, flush=True)
+
+    def write(self, text):
+        sys.stdout.write(text.translate(VISIBLE) if self.terminal else text)
         sys.stdout.flush()
 
-    if interactive:
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
-        cache = "no cache (reference path)" if session.cache is None else "KV cache"
-        say(f"ismGPT chat | {chat_model.what} | mask {chat_model.mask_label} | block_size {session.block_size} | "
-            f"{cache} | /reset /stats /quit, Ctrl-D exits, Ctrl-C stops a reply")
-        if chat_model.knows_only_synthetic_tasks:
-            say("this model knows only the synthetic tasks it was trained on; try, one at a time: "
-                + " | ".join(example_prompts()))
-    elif chat_model.mask != chat_model.trained_mask:  # piped: no banner, but this must not pass unsaid
-        say(f"note: mask {chat_model.mask_label}")
+    def line(self, prompt):
+        """One line without its newline; EOFError at the end of the input."""
+        if self.interactive:
+            return input(prompt)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    def message(self):
+        """The next message: one line, or every line between a line of \"\"\" and the next (pasted text, a
+        paragraph), joined by newlines. EOFError at the end of the input."""
+        first = self.line(self.prompt)
+        if first.strip() != MULTILINE:
+            return first.strip()
+        lines = []
+        while (line := self.line("... " if self.interactive else "")).strip() != MULTILINE:
+            lines.append(line)
+        return "\n".join(lines).strip()
+
+
+def chat(cfg, session, sampling, chat_model):
+    """The interactive loop; with piped stdin the same, without prompts or colour, one user message per line."""
+    console, show_stats = Console(), cfg.stats
+    greet(console, session, chat_model)
     while True:
         try:
-            line = input(prompt) if interactive else sys.stdin.readline()
-            if not interactive and not line:
-                break
-            text = line.strip()
+            text = console.message()
             if not text:
                 continue
             if text.startswith("/") and " " not in text:
                 if text == "/quit":
                     break
-                elif text == "/reset":
-                    session.reset()
-                    if interactive:
-                        say("(new conversation)")
-                elif text == "/stats":
-                    show_stats = not show_stats
-                    say(f"(stats {'on' if show_stats else 'off'})")
-                else:
-                    say(f"unknown command {text} (commands: /reset /stats /quit)")
+                show_stats = command(console, session, text, show_stats)
                 continue
-            try:
-                tokens = session.generate(text, cfg.max_new_tokens, sampling)
-            except TurnError as e:
-                say(f"error: {e}")
-                continue
-            if session.last.dropped_turns:
-                say(drop_notice(session))
-            result = consume(session, tokens, on_text=None if cfg.json else write, interruptible=True)
-            write(json.dumps(result) + "\n" if cfg.json else "\n")
-            if result["stopped"] == "interrupted":
-                say("(interrupted: the reply was closed, the chat goes on)")
-            if show_stats:
-                say(stats_line(result))
+            answer(cfg, console, session, text, sampling, show_stats)
         except EOFError:
-            if interactive:
-                write("\n")
+            if console.interactive:
+                console.write("\n")
             break
         except KeyboardInterrupt:  # at the prompt (a reply in progress is handled by consume)
-            write("\n")
-            say("(Ctrl-D or /quit exits)")
+            console.write("\n")
+            console.say("(Ctrl-D or /quit exits)")
+
+
+def greet(console, session, chat_model):
+    """The banner (interactive); piped, only a mask other than the model's is said, since that must not pass
+    unsaid."""
+    if console.interactive:
+        cache = "no cache (reference path)" if session.cache is None else "KV cache"
+        console.say(f"ismGPT chat | {chat_model.what} | mask {chat_model.mask_label} | block_size "
+                    f"{session.block_size} | {cache} | /reset /stats /quit, {MULTILINE} opens and closes a message of "
+                    "several lines, Ctrl-D exits, Ctrl-C stops a reply")
+        if chat_model.knows_only_synthetic_tasks:
+            console.say("this model knows only the synthetic tasks it was trained on; try, one at a time: "
+                        + " | ".join(example_prompts()))
+    elif chat_model.mask != chat_model.trained_mask:
+        console.say(f"note: mask {chat_model.mask_label}")
+
+
+def command(console, session, text, show_stats):
+    """/reset or /stats (/quit is the loop's); -> whether the stats line shows now."""
+    if text == "/reset":
+        session.reset()
+        if console.interactive:
+            console.say("(new conversation)")
+    elif text == "/stats":
+        show_stats = not show_stats
+        console.say(f"(stats {'on' if show_stats else 'off'})")
+    else:
+        console.say(f"unknown command {text} (commands: /reset /stats /quit)")
+    return show_stats
+
+
+def answer(cfg, console, session, text, sampling, show_stats):
+    """One turn: the reply streamed (or its JSON record with --json), then what a reader must know of it."""
+    try:
+        tokens = session.generate(text, cfg.max_new_tokens, sampling)
+    except TurnError as e:
+        console.say(f"error: {e}")
+        return
+    if session.last.dropped_turns:
+        console.say(drop_notice(session))
+    result = consume(session, tokens, on_text=None if cfg.json else console.write, interruptible=True)
+    console.write(json.dumps(result) + "\n" if cfg.json else "\n")
+    notice = STOPPED_NOTICES.get(result["stopped"])
+    if notice and not cfg.json:  # a JSON record says it itself
+        console.say(notice.format(max_new_tokens=cfg.max_new_tokens, block_size=session.block_size))
+    if show_stats:
+        console.say(stats_line(result))
 
 
 def main(argv=None):

@@ -69,7 +69,7 @@ def test_cli_piped_stdin_chats_with_reset_and_ignores_empty_lines(out_dir):
     session = ChatSession(MODEL, TOK, "ism")
     want = [session.turn(u, 8)["reply"] for u in USERS[:2]]
     assert lines[:4] == want + want  # /reset started over
-    err = proc.stderr.decode().strip().split("\n")
+    err = [line for line in proc.stderr.decode().strip().split("\n") if not line.startswith(CUT)]
     assert len(err) == 2 and err[0] == "(stats on)" and err[1].startswith("[prefilled ")
 
 
@@ -77,10 +77,11 @@ def test_piped_chat_under_another_mask_than_the_models_says_so(out_dir, monkeypa
     code, out, err = cli([f"--out_dir={out_dir}", "--mask=causal", "--temperature=0", "--max_new_tokens=3"],
                          f"{USERS[0]}\n", monkeypatch, capsys)
     assert code == 0 and out.count("\n") == 1
-    assert err == "note: mask causal (off its training: trained ism)\n"
+    assert err == "note: mask causal (off its training: trained ism)\n" + CUT + " 3 tokens, --max_new_tokens: the model " \
+        "had not ended it)\n"  # and the reply was cut
     code, out, err = cli([f"--out_dir={out_dir}", "--temperature=0", "--max_new_tokens=3"], f"{USERS[0]}\n",
                          monkeypatch, capsys)
-    assert code == 0 and err == ""  # its own mask: nothing to say
+    assert code == 0 and err.startswith(CUT)  # its own mask: nothing to say of it
 
 
 def test_cli_json_lines_from_stdin(out_dir, monkeypatch, capsys):
@@ -91,6 +92,9 @@ def test_cli_json_lines_from_stdin(out_dir, monkeypatch, capsys):
     assert [r["turn"] for r in rows] == [1, 2] and rows[1]["reused_tokens"] > 0
     assert err.startswith("error: message of 303 tokens does not fit")
     assert "taken by the chat format," in err  # there is no system message to blame
+
+
+CUT = "(cut at"  # what the chat says after a reply cut at --max_new_tokens
 
 
 KEYS = {"conversation", "turn", "user", "reply", "prefill_tokens", "reused_tokens", "generated_tokens", "ttft_ms",
@@ -205,6 +209,26 @@ def test_the_context_full_note_comes_before_the_reply(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdout", both)
     monkeypatch.setattr(sys, "stderr", both)
     run(lambda: sample.main([f"--out_dir={out}", "--temperature=0", "--max_new_tokens=8"]))
-    lines = both.getvalue().split("\n")
+    lines = [line for line in both.getvalue().split("\n") if not line.startswith(CUT)]
     note = next(i for i, line in enumerate(lines) if line.startswith("note: context full"))
     assert note == 1 and "dropped the oldest 1 turn(s)" in lines[note]  # after reply 1, before reply 2
+
+
+def test_a_message_of_several_lines_between_triple_quotes_is_one_turn(out_dir, monkeypatch, capsys):
+    pasted = 'what is 2+2?\n\n  and the rest\n'
+    code, out, err = cli([f"--out_dir={out_dir}", "--json", "--temperature=0", "--max_new_tokens=4"],
+                         f'"""\n{pasted}"""\n{USERS[0]}\n', monkeypatch, capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["user"] for r in rows] == [pasted.strip(), USERS[0]]  # the paste is one message, newlines kept
+    session = ChatSession(MODEL, TOK, "ism")
+    assert rows[0]["reply"] == session.turn(pasted.strip(), 4)["reply"]
+
+
+def test_a_reply_cut_by_max_new_tokens_or_a_full_context_says_so(out_dir, monkeypatch, capsys):
+    code, out, err = cli([f"--out_dir={out_dir}", "--temperature=0", "--max_new_tokens=2"], f"{USERS[0]}\n",
+                         monkeypatch, capsys)
+    assert code == 0 and err == "(cut at 2 tokens, --max_new_tokens: the model had not ended it)\n"
+    code, out, err = cli([f"--out_dir={out_dir}", "--temperature=0", "--max_new_tokens=64"], "x" * 90 + "\n",
+                         monkeypatch, capsys)  # 95 prompt tokens: 32 left for the reply in block_size 128
+    assert code == 0 and err == "(cut: the context is full, block_size 128; /reset starts afresh)\n"
