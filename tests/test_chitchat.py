@@ -166,7 +166,7 @@ def test_chitchat_names_the_installed_package(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------------ errors
 
 MALFORMED = {
-    "not JSON": '{"c1": {"messages": [',
+    "bad JSON": '{"c1": {"messages": [',
     "not an object of conversations": '[{"messages": []}]',
     "conversation 'c1': not an object": '{"c1": [1, 2]}',
     "conversation 'c1': turn 1 is not a list": '{"c1": {"messages": [{"text": "a", "sender": "ann"}]}}',

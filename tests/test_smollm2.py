@@ -176,7 +176,8 @@ def test_chatml_sessions_with_dropped_turns_equal_the_no_cache_path(tiny_chatml,
 
 
 def test_a_first_message_that_just_fits_is_answered_by_the_server(tiny_chatml):
-    from serve import ChatService, ServeConfig, parse_request
+    from serve import ServeConfig
+    from tools.openai_api import ChatService, parse_request
     model, tok = tiny_chatml
     service = ChatService(model, tok, "ism", ServeConfig(), log=[].append)
     # digits are tokens of their own in SmolLM2's BPE: a prompt of exactly block_size - 2 tokens, room for one
