@@ -10,6 +10,7 @@ answer token (and the answer's closing <|end|>) is the target of the token befor
 from contextlib import nullcontext
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.batching import NO_TARGET, batches_of, heldout_rows
@@ -32,22 +33,26 @@ def answer_loss_sum(model, batch, kind, attention="sdpa"):
     return loss_sum
 
 
-def train_step(model, optimizer, batches, kind, answer_tokens, rt, grad_clip=1.0, world_size=1):
+def train_step(model, optimizer, batches, kind, answer_tokens, rt, grad_clip=1.0, world_size=1, seeds=None):
     """One optimizer step over this rank's micro-batches. answer_tokens = the step's answer targets over every
     micro-batch of every rank, so the gradient is that of the mean loss over all of them: a micro-batch with
-    more answer tokens weighs more, and DDP's average over ranks is undone by the world_size factor. Gradients
-    are synchronised on the last micro-batch only. -> this rank's summed answer loss (a tensor: reading it waits
-    for the GPU)."""
+    more answer tokens weighs more, and the average over ranks (DDP's, FSDP's) is undone by the world_size factor.
+    Gradients are synchronised on the last micro-batch only. seeds: torch's seed before each micro-batch (its
+    dropout). -> this rank's summed answer loss (a tensor: reading it waits for the GPU)."""
     total = 0.0
     for k, batch in enumerate(batches):
         last = k == len(batches) - 1
+        if seeds is not None:
+            torch.manual_seed(seeds[k])
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last)
         with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             with rt.autocast():
                 loss_sum = answer_loss_sum(model, batch, kind, rt.attention)
             (loss_sum * (world_size / max(answer_tokens, 1))).backward()
         total = total + loss_sum.detach()
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total

@@ -24,12 +24,14 @@ This file imports torch only.
 """
 import functools
 import inspect
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
@@ -41,6 +43,8 @@ def compiled_flex_attention():
 
 
 FAMILIES = ("gpt2", "llama")
+# The projections LoRA may adapt, by the names Hugging Face's Llama and PEFT give them.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -60,6 +64,11 @@ class GPTConfig:
     norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
     qkv_bias: bool = False  # biases on the q, k, v projections even without bias (Qwen2)
     tie_embeddings: bool = True  # lm_head shares the token embedding's weights
+    # LoRA (Llama family): a low-rank adapter on each projection lora_targets names; 0: none
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_targets: tuple = ("q_proj", "v_proj")
+    lora_dropout: float = 0.0  # on the adapters' input only
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -70,6 +79,11 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        self.lora_targets = tuple(self.lora_targets)
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if self.lora_rank and (self.family != "llama" or unknown or not self.lora_targets):
+            raise ValueError(f"LoRA adapts the Llama family's {', '.join(LORA_TARGETS)}; not {self.family} "
+                             f"{', '.join(sorted(unknown)) or 'with no target'}")
 
     @property
     def head_dim(self):
@@ -144,6 +158,40 @@ def apply_rope(x, rope):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose output stacks named parts (c_attn: q_proj, k_proj, v_proj; c_fc: gate_proj, up_proj), with a
+    LoRA adapter on each part config.lora_targets names, computed as PEFT does: part += dropout(x) A^T B^T *
+    lora_alpha / lora_rank, A (rank, in) random and B (out, rank) zero at first, so that an adapted model starts as
+    its base. The adapters are lora_A.<part> and lora_B.<part>."""
+
+    def __init__(self, in_features, parts, bias, config):
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        ends = itertools.accumulate(parts.values())
+        self.spans = {part: (end - size, end) for (part, size), end in zip(parts.items(), ends)}
+        rank = config.lora_rank
+        adapted = [part for part in parts if rank and part in config.lora_targets]
+        self.lora_A = nn.ParameterDict({part: nn.Parameter(torch.empty(rank, in_features)) for part in adapted})
+        self.lora_B = nn.ParameterDict({part: nn.Parameter(torch.empty(parts[part], rank)) for part in adapted})
+        self.lora_scale = config.lora_alpha / rank if rank else 0.0
+        self.lora_dropout = nn.Dropout(config.lora_dropout)
+        self.reset_lora()
+
+    def reset_lora(self):
+        for A in self.lora_A.values():
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # PEFT's start: nn.Linear's own init for A, B zero
+        for B in self.lora_B.values():
+            nn.init.zeros_(B)
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.lora_A:
+            h = self.lora_dropout(x)
+            for part, A in self.lora_A.items():
+                start, end = self.spans[part]
+                y[..., start:end] += (h @ A.t() @ self.lora_B[part].t()) * self.lora_scale
+        return y
+
+
 class CausalSelfAttention(nn.Module):
     # the name is GPT-2's; the mask passed in decides what each token sees
 
@@ -152,8 +200,9 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_size, kv_size = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
-        self.c_attn = nn.Linear(config.n_embd, q_size + 2 * kv_size, bias=config.bias or config.qkv_bias)
-        self.c_proj = nn.Linear(q_size, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+                             config.bias or config.qkv_bias, config)
+        self.c_proj = Linear(q_size, {"o_proj": config.n_embd}, config.bias, config)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.layer_index = layer_index
@@ -189,10 +238,11 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.swiglu = config.family == "llama"
-        fc_width = 2 * config.mlp_hidden if self.swiglu else config.mlp_hidden
-        self.c_fc = nn.Linear(config.n_embd, fc_width, bias=config.bias)
+        fc_parts = {"gate_proj": config.mlp_hidden, "up_proj": config.mlp_hidden} if self.swiglu else \
+            {"c_fc": config.mlp_hidden}
+        self.c_fc = Linear(config.n_embd, fc_parts, config.bias, config)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU ("gelu_new"); the exact one differs by ~3e-4
-        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.mlp_hidden, {"down_proj": config.n_embd}, config.bias, config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -231,6 +281,7 @@ class GPT(nn.Module):
             ln_f=norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.checkpoint_blocks = False  # activation checkpointing: less memory for long rows, one more forward
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         if self.lm_head.weight.is_meta:  # built on the meta device to receive loaded weights: nothing to draw
@@ -285,7 +336,10 @@ class GPT(nn.Module):
             rope = rope_angles(positions, self.config)  # once per forward, shared by every layer
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, mask, positions, rope, kv_cache)
+            if self.checkpoint_blocks and self.training:  # keep only each block's input; recompute the rest backward
+                x = checkpoint(block, x, mask, positions, rope, kv_cache, use_reentrant=False)
+            else:
+                x = block(x, mask, positions, rope, kv_cache)
         return self.transformer.ln_f(x)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

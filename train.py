@@ -53,6 +53,8 @@ from support.errors import DataError, UserError
 from support.flags import setting
 from support.resume import RunState, check_fresh_start, make_checkpoint, resumed_state, starting_point
 from support.run_files import RunLock, TrainingLog
+from support.lora import write_adapter
+from support.sharding import full_state, load_optimizer_state, shard
 from support.signals import StopOnSignal
 from support.starts import START_HELP, new_model_config
 
@@ -106,11 +108,28 @@ class TrainConfig:
     beta2: float = setting(0.99, "AdamW beta2", min=0, below=1)
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)", min=0)
     seed: int = setting(1337, "seed of the initial weights, the data order and dropout", min=0, max=2**63 - 1)
+    # LoRA, and sharding over ranks
+    lora_rank: int = setting(0, "train LoRA adapters of this rank instead of every weight (0: a full fine-tune); a "
+                                "checkpoint then holds the adapters and names its base, and out_dir/adapter/ holds "
+                                "them in PEFT's format", min=0, max=4096)
+    lora_alpha: float = setting(0.0, "LoRA's scale is lora_alpha / lora_rank (0: twice the rank, as MAS's 32/64)",
+                                min=0)
+    lora_targets: str = setting("q_proj,v_proj", "the projections LoRA adapts, Hugging Face's names: q_proj, k_proj, "
+                                                 "v_proj, o_proj, gate_proj, up_proj, down_proj (MAS: q_proj,v_proj)")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA adapters' input", min=0, below=1)
+    adapter: str = setting("", "a LoRA adapter in PEFT's format on --init_from, merged into its weights first")
+    fsdp: bool = setting(False, "shard weights, gradients and optimizer state over the ranks (FSDP2, torch's "
+                                "fully_shard per block; with torchrun); without it several ranks run DDP")
+    activation_checkpointing: bool = setting(False, "keep only each block's input for the backward pass and compute "
+                                                    "the rest again: less memory for long rows, about a third more "
+                                                    "compute")
 
 
 def check_config(cfg):
     """One-line UserErrors for settings that cannot work together (flags.parse checked each one alone)."""
     new_model_config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    if (cfg.lora_rank or cfg.adapter) and cfg.init_from == "scratch":
+        raise UserError("--lora_rank and --adapter work on a pretrained start: pass --init_from")
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}")
 
@@ -150,18 +169,21 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def reseed_dropout(seed, rank, iter_num):
-    """Seed torch's RNG from (seed, rank, iteration) alone: a resumed run then draws the dropout masks an
-    uninterrupted run would have, with no RNG state in the checkpoint."""
-    torch.manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + iter_num) % 2**63)
+def dropout_seeds(cfg, rt, iter_num, micro_batches):
+    """The seed of each of this rank's micro-batches, from (seed, iteration, the micro-batch's place among the
+    step's rows) alone: a resumed run draws the dropout masks an uninterrupted one would, with no RNG state in the
+    checkpoint, and so does a run on another number of ranks with the same rows per step."""
+    return [((cfg.seed * 1_000_003 + iter_num) * 1_000_003 + k * rt.world_size + rt.rank) % 2**63
+            for k in range(micro_batches)]
 
 
 # ------------------------------------------------------------------------------------------------ the start
 
 def start_and_data(cfg, rt, log):
-    """Where the run starts, then its data: -> (cfg, model, checkpoint to resume or None, meta, train, val). The
-    start decides the tokenizer (data train.py prepares itself uses it); cfg comes back saying what was used."""
-    model, checkpoint, tokenizer = starting_point(cfg, rt.device, log)
+    """Where the run starts, then its data: -> (cfg, model, checkpoint to resume or None, a new LoRA run's base or
+    None, meta, train, val). The start decides the tokenizer (data train.py prepares itself uses it); cfg comes
+    back saying what was used."""
+    model, checkpoint, tokenizer, base = starting_point(cfg, rt.device, log, rows_per_step(cfg, rt))
     if tokenizer is not None and tokenizer["name"] != cfg.tokenizer:
         cfg = replace(cfg, tokenizer=tokenizer["name"])
     if not cfg.data_dir:
@@ -183,7 +205,7 @@ def start_and_data(cfg, rt, log):
     if model.config.vocab_size < meta["vocab_size"]:
         raise UserError(f"the model has {model.config.vocab_size} tokens, {cfg.data_dir} uses {meta['vocab_size']}: "
                         "pass the --data_dir it was trained on")
-    return cfg, model.to(rt.device).train(), checkpoint, meta, train_split, val_split
+    return cfg, model.to(rt.device).train(), checkpoint, base, meta, train_split, val_split
 
 
 # ---------------------------------------------------------------------------------------------- the run itself
@@ -219,11 +241,17 @@ class Run:
     saved_iter: int = None  # the step of the latest ckpt.pt this run wrote or resumed from
 
     def save(self, reason, name="ckpt.pt"):
+        """Write the run's state to out_dir/name (the optimizer's too in ckpt.pt, to resume), and a LoRA run's
+        adapters in PEFT's format to out_dir/adapter. Every rank takes part (under FSDP the shards are gathered)."""
+        model_state, optimizer_state = full_state(self.model, self.optimizer)
         if self.rt.is_master:
             path = os.path.join(self.cfg.out_dir, name)
-            resumable = (self.optimizer, self.stream) if name == "ckpt.pt" else ()
-            save_checkpoint(make_checkpoint(self.model, self.cfg, self.flags_given, self.meta, self.state,
-                                            *resumable), path)
+            resumable = (optimizer_state, self.stream.state()) if name == "ckpt.pt" else None
+            save_checkpoint(make_checkpoint(model_state, self.model.config, self.cfg, self.flags_given, self.meta,
+                                            self.state, rows_per_step(self.cfg, self.rt), resumable), path)
+            if self.model.config.lora_rank and name == "ckpt.pt":
+                write_adapter(model_state, self.model.config, os.path.join(self.cfg.out_dir, "adapter"),
+                              self.state.base["init_from"])
             self.log(f"saved {path} ({reason}, iter {self.state.iter_num})")
         self.saved_iter = self.state.iter_num if name == "ckpt.pt" else self.saved_iter
 
@@ -241,12 +269,13 @@ class Run:
 
 def start_run(cfg, flags_given, rt, log):
     """The start, the data, the optimizer and the training state (a resumed one's, or a new one) -> Run."""
-    cfg, model, checkpoint, meta, train_split, val_split = start_and_data(cfg, rt, log)
+    cfg, model, checkpoint, base, meta, train_split, val_split = start_and_data(cfg, rt, log)
+    step_model, eval_model = wrapped(model, cfg, rt, log)  # sharded in place under FSDP: the optimizer comes after
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            rt.device_type)
-    state = resumed_state(cfg, checkpoint, optimizer, meta, log, rt.is_master)
+    state = resumed_state(cfg, checkpoint, lambda saved: load_optimizer_state(model, optimizer, saved), meta, log,
+                          rt.is_master, base)
     stream = RowStream(train_split, cfg.mask, cfg.block_size, cfg.seed, **state.data_state)
-    step_model, eval_model = wrapped(model, cfg, rt, log)
     describe_run(log, cfg, rt, model, meta, train_split, len(stream.rows))
     return Run(cfg, flags_given, rt, model, step_model, eval_model, optimizer, stream, val_split,
                heldout(val_split, cfg, rt, log), state, meta, log, resumed=checkpoint is not None,
@@ -269,7 +298,10 @@ def heldout(val_split, cfg, rt, log):
         more = ("--eval_iters=0 scores every held-out row" if cfg.eval_iters else "hold out more conversations: "
                 "python data/prepare.py --val_fraction=..., or --n_val=... for the synthetic data")
         log(f"note: the held-out loss is measured on {answers} answer tokens only: it is noisy ({more})")
-    return rows[rt.rank::rt.world_size]
+    mine = rows[rt.rank::rt.world_size]
+    if cfg.fsdp:  # every rank runs as many forwards (each gathers the shards from all): rows of padding, no targets
+        mine += [[]] * (-(-len(rows) // rt.world_size) - len(mine))
+    return mine
 
 
 def evaluate_and_save(run):
@@ -331,10 +363,17 @@ def log_step(run, mine, lr, step_loss, step_tokens, answer_tokens, timer):
 
 
 def wrapped(model, cfg, rt, log):
-    """-> (the model a step runs: compiled and DDP-wrapped as asked, the model evaluation runs: never DDP)."""
+    """-> (the model a step runs, the model evaluation runs): compiled, and sharded (FSDP2, in place) or DDP-wrapped
+    as asked; evaluation never runs the DDP wrapper."""
+    model.checkpoint_blocks = cfg.activation_checkpointing
     if cfg.compile:
         log("compiling the model...")
-        model = torch.compile(model)
+    if cfg.fsdp:
+        for block in model.transformer.h if cfg.compile else ():
+            block.compile()  # in place, before sharding: the module stays the one fully_shard wraps
+        shard(model, rt)
+        return model, model
+    model = torch.compile(model) if cfg.compile else model
     if rt.world_size == 1:
         return model, model
     return DDP(model, device_ids=[torch.device(rt.device).index] if rt.device_type == "cuda" else None), model
@@ -356,11 +395,10 @@ def train(cfg, flags_given, rt):
                 break
             stop_if_asked(run, stop)
 
-            # 3. this step's learning rate and dropout seed
+            # 3. this step's learning rate
             lr = get_lr(state.iter_num, cfg)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            reseed_dropout(cfg.seed, rt.rank, state.iter_num)
 
             # 4. the step's rows (every rank's), then this rank's micro-batches
             rows = stream.take(rows_per_step(cfg, rt))
@@ -370,7 +408,7 @@ def train(cfg, flags_given, rt):
 
             # 5. forward, backward and the optimizer step, weighted by the step's answer tokens over all ranks
             step_loss = train_step(run.step_model, run.optimizer, batches, cfg.mask, answer_tokens, rt,
-                                   cfg.grad_clip, rt.world_size)
+                                   cfg.grad_clip, rt.world_size, dropout_seeds(cfg, rt, state.iter_num, len(mine)))
             run.finite = run.finite & torch.isfinite(step_loss)  # on the device: checked at the next sync point
             state.tokens["tokens"] += token_count(rows)
             state.tokens["answer_tokens"] += answer_tokens

@@ -173,18 +173,39 @@ def machine(device):
     return info
 
 
+def parameter_count(config):
+    """Parameters of a GPT of this config, from its shape alone (tied embeddings counted once)."""
+    h, kv, m = config.n_embd, config.n_kv_head * config.head_dim, config.mlp_hidden
+    per_layer = h * (h + 2 * kv) + h * h + h * m * (3 if config.family == "llama" else 2)
+    embeddings = config.vocab_size * h * (1 if config.tie_embeddings else 2)
+    return config.n_layer * per_layer + embeddings + (config.block_size * h if config.family == "gpt2" else 0)
+
+
+def memory_plan(config, trainable, rows, block_size, shards=1, compute_bytes=4, checkpointing=False):
+    """Bytes one rank needs to train, by kind: weights (float32, 1/shards of them under FSDP), gradients and
+    AdamW's two moments (float32, of the `trainable` parameters, sharded alike), and the activations a backward
+    pass keeps for `rows` rows of block_size tokens (compute_bytes per value: 2 in bfloat16): per layer and
+    token, the block's input, both norms' in/outputs, q/k/v, attention's output and the MLP's three widths (only
+    the block's input with activation checkpointing, plus one block recomputed)."""
+    h, kv, m = config.n_embd, config.n_kv_head * config.head_dim, config.mlp_hidden
+    per_token_layer = (6 * h + 2 * kv + 3 * m) * compute_bytes
+    tokens = rows * block_size
+    layers = (config.n_layer * h * compute_bytes + per_token_layer) if checkpointing else \
+        config.n_layer * per_token_layer
+    plan = {"weights": 4 * parameter_count(config) // shards, "gradients": 4 * trainable // shards,
+            "optimizer": 8 * trainable // shards, "activations": tokens * layers}
+    return {**plan, "total": sum(plan.values())}
+
+
 def check_fits(config, batch_size, block_size, device):
-    """UserError, before anything is allocated, when a model of this shape cannot train in this machine's memory:
-    weights, gradients and AdamW's two moments (16 bytes per parameter in float32) and the activations of a batch
-    (a rough lower bound: 16 float32 values per layer, token and width)."""
-    params = 12 * config.n_layer * config.n_embd ** 2 + (config.vocab_size + config.block_size) * config.n_embd
-    activations = 16 * config.n_layer * batch_size * block_size * config.n_embd
-    need = 4 * (4 * params + activations)
+    """UserError, before anything is allocated, when a model of this shape cannot train in this machine's memory
+    (memory_plan, every parameter trained)."""
+    plan = memory_plan(config, parameter_count(config), batch_size, block_size)
     have = available_memory(device)
-    if have is not None and need > have:
-        raise UserError(f"this model ({params / 1e6:,.0f}M parameters) and batch ({batch_size} x {block_size} "
-                        f"tokens) need about {need / 2**30:,.1f} GiB to train; {device} has {have / 2**30:,.1f} "
-                        "GiB free: make --n_layer, --n_embd, --batch_size or --block_size smaller")
+    if have is not None and plan["total"] > have:
+        raise UserError(f"this model ({parameter_count(config) / 1e6:,.0f}M parameters) and batch ({batch_size} x "
+                        f"{block_size} tokens) need about {plan['total'] / 2**30:,.1f} GiB to train; {device} has "
+                        f"{have / 2**30:,.1f} GiB free: make --n_layer, --n_embd, --batch_size or --block_size smaller")
 
 
 def available_memory(device):

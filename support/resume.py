@@ -6,14 +6,19 @@ rows per step, data and shape), from a training state that train.py writes.
 import os
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from data.tokenizer import tokenizer_from_description
-from support.checkpoint import load_checkpoint, model_from_checkpoint
+from support.checkpoint import load_checkpoint
 from support.errors import DataError, UserError
 from support.run_files import RUN_FILES
-from support.starts import load_start
+from support.lora import base_fingerprint, with_lora
+from support.starts import load_start, model_of_checkpoint
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
-RUN_KEYS = ("seed", "batch_size", "gradient_accumulation_steps", "dropout")  # change the data order or dropout
+# Settings that change the data order, dropout or what trains. Rows per step are checked as a product: the same
+# rows per step give the same training on any number of ranks.
+RUN_KEYS = ("seed", "dropout", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "adapter")
 # Settings that change neither the result nor the plan: a finished run asked again with other values of these
 # has nothing to do.
 NO_EFFECT = ("threads", "log_interval", "compile", "overwrite")
@@ -54,7 +59,7 @@ def finished_this_run(path, flags_given):
 RESUMED = {"iter_num": int, "best_val_loss": float, "data_state": dict, "optimizer": dict, "config": dict}
 
 
-def check_resumable(checkpoint, path, cfg):
+def check_resumable(checkpoint, path, cfg, rows_per_step):
     """UserError, naming the flags to pass, when the checkpoint is not the run these flags describe (the flags of
     the run that wrote it are in its config), or when its training state is not one train.py writes."""
     for key, kind in RESUMED.items():
@@ -77,6 +82,10 @@ def check_resumable(checkpoint, path, cfg):
     shape = SHAPE_KEYS if checkpoint.get("start", "scratch") == "scratch" else ("block_size",)
     wrong = [f"--mask={checkpoint['mask']}"] if checkpoint["mask"] != cfg.mask else []
     wrong += [f"--{k}={saved[k]}" for k in shape + RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    saved_rows = checkpoint.get("rows_per_step", saved.get("batch_size", 0) * saved.get("gradient_accumulation_steps", 1))
+    if saved_rows != rows_per_step:
+        wrong.append(f"{saved_rows} rows per step (--batch_size x --gradient_accumulation_steps x ranks; now "
+                     f"{rows_per_step})")
     if wrong:
         raise UserError(f"{path} was trained with {' '.join(wrong)}: pass that to resume it, or start a new run "
                         "with --overwrite or another --out_dir")
@@ -110,38 +119,41 @@ class RunState:
     tokens: dict = field(default_factory=lambda: {"tokens": 0, "answer_tokens": 0})
     start: str = "scratch"  # where the weights came from: scratch, or train.py's --init_from
     data_state: dict = field(default_factory=dict)  # the row stream's position
+    base: dict = None  # LoRA: the weights the adapters sit on, named (start, adapter) and fingerprinted
 
     @classmethod
     def of(cls, checkpoint):
         return cls(**{k: checkpoint[k] for k in ("iter_num", "best_val_loss", "best_iter", "tokens", "start",
-                                                 "data_state") if k in checkpoint})
+                                                 "data_state", "base") if k in checkpoint})
 
 
-def make_checkpoint(model, cfg, flags_given, meta, state, optimizer=None, stream=None):
-    """The checkpoint dict; with the optimizer and the row stream it can be resumed, without it (best.pt) it holds
-    the weights and what sample.py, eval.py and --init_from need."""
-    checkpoint = {"model": model.state_dict(), "model_args": asdict(model.config), "config": asdict(cfg),
+def make_checkpoint(model_state, config, cfg, flags_given, meta, state, rows_per_step, resumable=None):
+    """The checkpoint dict: the weights (a LoRA run's adapters only: its base is named in state.base), the model's
+    config, the run's settings and state; with resumable, (the optimizer's state dict, the row stream's position),
+    it can be resumed; without it (best.pt) it holds what sample.py, eval.py and --init_from need."""
+    checkpoint = {"model": model_state, "model_args": asdict(config), "config": asdict(cfg),
                   "flags": asdict(flags_given), "tokenizer": meta["tokenizer"], "mask": cfg.mask,
-                  "data": data_fingerprint(meta), **asdict(state)}
+                  "data": data_fingerprint(meta), "rows_per_step": rows_per_step, **asdict(state)}
     del checkpoint["data_state"]
-    if optimizer is not None:
-        checkpoint.update(optimizer=optimizer.state_dict(), data_state=stream.state())
+    if resumable is not None:
+        checkpoint.update(optimizer=resumable[0], data_state=resumable[1])
     return checkpoint
 
 
-def resumed_state(cfg, checkpoint, optimizer, meta, log, is_master=True):
-    """The RunState of a new run, or of the checkpoint being resumed (whose optimizer state is loaded). A new run
-    where best.pt exists got here with --overwrite: those best weights are another run's, removed at once."""
+def resumed_state(cfg, checkpoint, load_optimizer, meta, log, is_master=True, base=None):
+    """The RunState of a new run (base: what a LoRA run's adapters sit on), or of the checkpoint being resumed,
+    whose optimizer state load_optimizer(state dict) loads. A new run where best.pt exists got here with
+    --overwrite: those best weights are another run's, removed at once."""
     if checkpoint is None:
         replaced = os.path.join(cfg.out_dir, "best.pt")
         if is_master and os.path.lexists(replaced):
             os.remove(replaced)
             log(f"note: removed {replaced}, the best weights of the run this one replaces")
-        return RunState(start=cfg.init_from)
+        return RunState(start=cfg.init_from, base=base)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     check_same_data(checkpoint, path, cfg, meta)
     try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer(checkpoint["optimizer"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{path}: its optimizer state does not fit its model ({type(e).__name__}): start a new "
                         "run with --overwrite or another --out_dir") from None
@@ -153,21 +165,31 @@ def resumed_state(cfg, checkpoint, optimizer, meta, log, is_master=True):
     return state
 
 
-def starting_point(cfg, device, log):
-    """-> (model, checkpoint to resume or None, description of the tokenizer the model needs or None for any).
-    scratch: a new GPT of the flags' shape (its vocabulary is the data's: built after the data is loaded);
-    resume: the checkpoint's model and training state; otherwise a pretrained start (pretrained.load_start)."""
+def starting_point(cfg, device, log, rows_per_step):
+    """-> (model, checkpoint to resume or None, description of the tokenizer the model needs or None for any,
+    the base of new LoRA adapters or None). scratch: no model yet (its shape is the flags', its vocabulary the
+    data's); resume: the checkpoint's model and training state; otherwise a pretrained start (load_start), with
+    --adapter merged into it, and with --lora_rank fresh adapters on it."""
     if cfg.init_from == "scratch":
-        return None, None, None
+        return None, None, None, None
     if cfg.init_from == "resume":
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         checkpoint = load_checkpoint(path, device)
-        check_resumable(checkpoint, path, cfg)
+        check_resumable(checkpoint, path, cfg, rows_per_step)
         try:
             tokenizer_from_description(checkpoint["tokenizer"])  # the run's data must be in its tokens
         except DataError as e:
             raise UserError(f"{path}: {e}") from None
-        return model_from_checkpoint(checkpoint, device, path), checkpoint, checkpoint["tokenizer"]
-    start = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device)
+        return model_of_checkpoint(checkpoint, device, path), checkpoint, checkpoint["tokenizer"], None
+    start = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device, adapter=cfg.adapter)
     log(f"starting from {start.what}")
-    return start.model, None, start.tok.describe()
+    if not cfg.lora_rank:
+        return start.model, None, start.tok.describe(), None
+    base = {"init_from": cfg.init_from, "adapter": cfg.adapter, "fingerprint": base_fingerprint(start.model)}
+    torch.manual_seed(cfg.seed)  # the adapters' first A
+    try:
+        model = with_lora(start.model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank,
+                          cfg.lora_targets.split(","), cfg.lora_dropout)
+    except ValueError as e:
+        raise UserError(f"--lora_rank={cfg.lora_rank} --lora_targets={cfg.lora_targets}: {e}") from None
+    return model, None, start.tok.describe(), base

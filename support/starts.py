@@ -24,6 +24,7 @@ from support.compute import CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, THREADS_HELP, 
 from support.errors import DataError, UserError
 from support.flags import setting
 from support.gguf import from_gguf
+from support.lora import base_fingerprint, merged, read_adapter, with_lora
 from support.hf import GPT2_NAMES, from_hugging_face
 from support.weights import build
 
@@ -42,9 +43,10 @@ class Start:
     checkpoint: dict = None
 
 
-def load_start(source, block_size=None, dropout=0.0, device="cpu"):
-    """-> Start for source (see the module docstring). The context is cut to block_size (None: the source's own;
-    it may not be longer), dropout is set. UserError (one line) when it cannot be had."""
+def load_start(source, block_size=None, dropout=0.0, device="cpu", adapter=""):
+    """-> Start for source (see the module docstring), with a PEFT adapter folder merged into its weights when one
+    is named. The context is cut to block_size (None: the source's own; it may not be longer), dropout is set.
+    UserError (one line) when it cannot be had."""
     checkpoint_path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
     if os.path.isfile(checkpoint_path) and not source.endswith(".gguf"):
         start = _from_checkpoint(checkpoint_path, device)
@@ -58,6 +60,8 @@ def load_start(source, block_size=None, dropout=0.0, device="cpu"):
         start = Start(*from_hugging_face(source))
     else:
         raise UserError(f"--init_from={source}: not one of {START_HELP}")
+    if adapter:
+        start.model, start.what = merged(read_adapter(start.model, adapter)), f"{start.what} + the adapter {adapter}"
     start.model = fit_context(start.model, block_size or start.model.config.block_size, dropout).to(device)
     return start
 
@@ -73,13 +77,31 @@ def new_model_config(**fields):
 
 def _from_checkpoint(path, device):
     checkpoint = load_checkpoint(path, device)
-    model = model_from_checkpoint(checkpoint, device, path)
+    model = model_of_checkpoint(checkpoint, device, path)
     try:
         tok = tokenizer_from_description(checkpoint["tokenizer"])
     except DataError as e:
         raise UserError(f"{path}: {e}") from None
     what = f"the weights of {path} (mask {checkpoint['mask']}, iter {checkpoint.get('iter_num', '?')})"
     return Start(model, tok, what, checkpoint["mask"], checkpoint)
+
+
+def model_of_checkpoint(checkpoint, device, path):
+    """The model a checkpoint holds: its weights, or for a LoRA run its adapters on the base it names, which must
+    still be the weights they were trained on (UserError otherwise)."""
+    base = checkpoint.get("base")
+    if not base:
+        return model_from_checkpoint(checkpoint, device, path)
+    args = checkpoint["model_args"]
+    start = load_start(base["init_from"], args["block_size"], args["dropout"], device, base.get("adapter") or "")
+    if base_fingerprint(start.model) != base.get("fingerprint"):
+        raise UserError(f"{path}: its adapters were trained on {base['init_from']} as it was then, and those weights "
+                        "have changed since: restore them, or train again")
+    model = with_lora(start.model, args["lora_rank"], args["lora_alpha"], args["lora_targets"], args["lora_dropout"])
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    if unexpected or any(".lora_" in name for name in missing):
+        raise UserError(f"{path}: its adapters do not fit its model_args; retrain or restore it")
+    return model.eval()
 
 
 def fit_context(model, block_size, dropout=0.0):
@@ -127,7 +149,8 @@ class ChatModel:
         return f"{self.mask} (off its training: trained {self.trained_mask})"
 
 
-def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", block_size=0, rt=Runtime()):
+def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", block_size=0, rt=Runtime(),
+                    adapter=""):
     """The model a chat runs on, on rt's device in rt's dtype. init_from: "resume" (out_dir/ckpt, written by
     train.py) or any start of load_start (smollm2, a .gguf file, a Hugging Face folder, a GPT-2 name, a checkpoint
     path). mask: "" for the one it was trained with (causal for a pretrained model). block_size: 0 for the model's
@@ -135,7 +158,7 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
     source = os.path.join(out_dir, ckpt) if init_from == "resume" else init_from
     if init_from == "resume" and not os.path.exists(source):
         load_checkpoint(source)  # the one-line "no checkpoint at ...: run python train.py first"
-    start = load_start(source, block_size or None, 0.0, rt.device)
+    start = load_start(source, block_size or None, 0.0, rt.device, adapter)
     if start.mask not in MASKS:
         raise UserError(f"{source}: unknown mask {start.mask!r} (expected one of {', '.join(MASKS)})")
     if start.tok.vocab_size > start.model.config.vocab_size:
@@ -159,9 +182,11 @@ class ModelFlags:
     device: str = setting("auto", DEVICE_HELP)
     dtype: str = setting("auto", CHAT_DTYPE_HELP, choices=DTYPES)
     threads: int = setting(0, THREADS_HELP, min=0)
+    adapter: str = setting("", "a LoRA adapter in PEFT's format (a folder of adapter_config.json and "
+                               "adapter_model.safetensors) on the model, merged into its weights")
 
     def load(self):
         """-> ChatModel: the model these flags choose, set up where they say (compute_init: threads, device,
         dtype)."""
         rt = compute_init(self.device, self.dtype, threads=self.threads)
-        return load_chat_model(self.init_from, self.out_dir, self.ckpt, self.mask, self.block_size, rt)
+        return load_chat_model(self.init_from, self.out_dir, self.ckpt, self.mask, self.block_size, rt, self.adapter)

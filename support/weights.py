@@ -151,3 +151,22 @@ def with_chat_tokens(weight, vocab_size):
 
 def padded_vocab(n):
     return -(-(n + len(SPECIAL_TOKENS)) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def lora_names(config):
+    """-> [(our name, PEFT's name)] of every LoRA adapter tensor of a Llama-family GPT of this config: our
+    transformer.h.N.attn.c_attn.lora_A.q_proj is PEFT's base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight
+    (a stacked Linear has one adapter per part; the part is Hugging Face's module)."""
+    names = []
+    for i in range(config.n_layer):
+        for ours, hf in LLAMA_LAYER.items():
+            if not ours.endswith(".weight"):
+                continue
+            for hf_name in hf if isinstance(hf, tuple) else (hf,):
+                hf_module = hf_name.removesuffix(".weight")
+                part = hf_module.rsplit(".", 1)[-1]
+                if part in config.lora_targets:
+                    module = f"transformer.h.{i}.{ours.removesuffix('.weight')}"
+                    names += [(f"{module}.{ab}.{part}", f"base_model.model.model.layers.{i}.{hf_module}.{ab}.weight")
+                              for ab in ("lora_A", "lora_B")]
+    return names
