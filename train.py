@@ -48,7 +48,7 @@ from mask import MASKS
 from model import GPT
 from support import flags
 from support.checkpoint import save_checkpoint
-from support.compute import DEVICE_HELP, DTYPES, THREADS_HELP, all_ranks_sum, check_fits, compute_init
+from support.compute import DEVICE_HELP, DTYPES, THREADS_HELP, all_ranks_sum, check_fits, compute_init, memory_plan
 from support.errors import DataError, UserError
 from support.flags import setting
 from support.resume import RunState, check_fresh_start, make_checkpoint, resumed_state, starting_point
@@ -438,6 +438,13 @@ def describe_run(log, cfg, rt, model, meta, train_split, rows_per_epoch):
         f"tokens) -> {len(documents(train_split, cfg.mask)):,} {cfg.mask} training samples in {rows_per_epoch:,} "
         f"rows per epoch ({rows_per_epoch / per_step:.1f} steps); prefix expansion factor "
         f"{expansion_factor(train_split):.2f}x (the tokens --mask=prefix trains on per epoch)")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = memory_plan(shape, trainable, cfg.batch_size, cfg.block_size, rt.world_size if cfg.fsdp else 1,
+                       2 if rt.dtype == "bfloat16" else 4, cfg.activation_checkpointing)
+    unit, scale = ("GiB", 2**30) if plan["total"] >= 2**30 else ("MiB", 2**20)
+    log("memory plan per rank: " + ", ".join(f"{kind} {plan[kind] / scale:,.2f}" for kind in plan if kind != "total")
+        + f" {unit} (activations for {cfg.batch_size} rows x {cfg.block_size} tokens): about "
+        f"{plan['total'] / scale:,.2f} {unit}; {trainable:,} parameters train")
 
 
 class StepTimer:
