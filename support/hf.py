@@ -1,10 +1,11 @@
 """
 Hugging Face starts: a folder as save_pretrained writes it (config.json + model.safetensors, its shards, or
 pytorch_model.bin) of LlamaForCausalLM (SmolLM2, Llama), Qwen2ForCausalLM or GPT2LMHeadModel, or a GPT-2 name from
-the Hugging Face cache. The folder's config.json says which architecture it is (model_type), and only that
-architecture's loader reads it: transformers' GPT-2 loader would take a Llama config and return a random GPT-2.
-Anything that would compute something else here (another architecture, RoPE scaling, sliding windows, biases in
-other places) is one line naming what is supported, never a model that silently differs.
+the Hugging Face cache. Llama 3.x folders carry Llama 3's RoPE scaling, computed as transformers does. The folder's
+config.json says which architecture it is (model_type), and only that architecture's loader reads it: transformers'
+GPT-2 loader would take a Llama config and return a random GPT-2. Anything that would compute something else here
+(another architecture, another RoPE scaling, sliding windows, biases in other places) is one line naming what is
+supported, never a model that silently differs.
 """
 import json
 import os
@@ -17,10 +18,11 @@ from data.tokenizer import get_tokenizer
 from model import GPTConfig
 from support.errors import UserError
 from support.weights import (BYTE_VOCAB, GPT2_VOCAB, build, chat_tokenizer, gpt2_from_hf, gpt2_to_hf, llama_from_hf,
-                             llama_to_hf, padded_vocab, with_chat_tokens)
+                             llama_to_hf, padded_vocab, positive_number, with_chat_tokens)
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def from_hugging_face(source):
@@ -56,13 +58,9 @@ def llama_config(hf, path):
     """A Hugging Face LlamaConfig / Qwen2Config (its config.json as a dict) -> GPTConfig, or UserError naming what
     would compute differently here."""
     model_type = hf.get("model_type")
-    rope = hf.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     n_head = hf["num_attention_heads"]
     unlike_ours = {
         "hidden_act": hf.get("hidden_act", "silu") != "silu",
-        "rope_scaling": bool(scaling),
         "head_dim": hf.get("head_dim", hf["hidden_size"] // n_head) * n_head != hf["hidden_size"],
         "attention_bias": model_type == "llama" and hf.get("attention_bias", False),
         "mlp_bias": hf.get("mlp_bias", False),
@@ -70,12 +68,38 @@ def llama_config(hf, path):
     }
     if any(unlike_ours.values()):
         raise UserError(f"{path}: {', '.join(k for k, v in unlike_ours.items() if v)} differs from what ismGPT's "
-                        "Llama family computes (SiLU SwiGLU, plain RoPE, full attention, no biases but Qwen2's q/k/v)")
+                        "Llama family computes (SiLU SwiGLU, RoPE, full attention, no biases but Qwen2's q/k/v)")
+    theta, scaling = rope_settings(hf, path)
     return GPTConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
                      n_layer=hf["num_hidden_layers"], n_head=n_head, n_embd=hf["hidden_size"],
                      bias=False, family="llama", n_kv_head=hf.get("num_key_value_heads") or n_head,
-                     mlp_hidden=hf["intermediate_size"], rope_theta=float(theta), norm_eps=hf["rms_norm_eps"],
-                     qkv_bias=model_type == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False))
+                     mlp_hidden=hf["intermediate_size"], rope_theta=theta, rope_scaling=scaling,
+                     norm_eps=hf["rms_norm_eps"], qkv_bias=model_type == "qwen2",
+                     tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def rope_settings(hf, path):
+    """-> (rope_theta, GPTConfig's rope_scaling) from a config.json in either spelling: published files keep
+    rope_theta and rope_scaling at the top level, transformers 5 writes rope_parameters (rope_type, rope_theta and
+    the scaling's fields in one dict). Plain RoPE and Llama 3's scaling compute as here; any other is refused."""
+    rope = {"rope_theta": hf.get("rope_theta", 10000.0), "partial_rotary_factor": hf.get("partial_rotary_factor", 1)}
+    for key in ("rope_scaling", "rope_parameters"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise UserError(f"{path}: {key} is {hf[key]!r}, not an object")
+        rope.update(hf.get(key) or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise UserError(f"{path}: rope_scaling {kind!r} is not supported (plain RoPE and Llama 3's llama3 are)")
+    if rope["partial_rotary_factor"] != 1:
+        raise UserError(f"{path}: partial_rotary_factor {rope['partial_rotary_factor']}: ismGPT's RoPE rotates every "
+                        "dimension of a head")
+    theta = positive_number(rope["rope_theta"], "rope_theta", path)
+    if kind == "default":
+        return theta, None
+    scaling = {"rope_type": "llama3", **{key: positive_number(rope.get(key), key, path) for key in LLAMA3_SCALING}}
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise UserError(f"{path}: rope_scaling's high_freq_factor must be above its low_freq_factor")
+    return theta, scaling
 
 
 def from_llama_folder(folder, hf):
@@ -214,6 +238,7 @@ def to_transformers(model):
     hf = architecture(config(
         vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden, num_hidden_layers=c.n_layer,
         num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, max_position_embeddings=c.block_size,
-        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings))
+        rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}))
     hf.load_state_dict(llama_to_hf(state, c), strict=not c.tie_embeddings)
     return hf.eval()

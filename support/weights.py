@@ -10,6 +10,8 @@ them along the output dimension. GGUF files use llama.cpp's names for the Huggin
 build() makes the GPT that holds a state dict of our names; a model whose vocabulary is the 256 bytes (random test
 models) gets ismGPT's byte tokenizer and chat format, its embedding grown by the five chat tokens, as GPT-2 gets them.
 """
+import math
+
 import torch
 
 from data.tokenizer import SPECIAL_TOKENS, get_tokenizer
@@ -121,6 +123,14 @@ def build(config, state, path="the start"):
     if config.tie_embeddings:  # assign gave lm_head and wte one Parameter each: tie them again
         model.transformer.wte.weight = model.lm_head.weight
     return model.eval()
+
+
+def positive_number(value, key, path):
+    """value as a float if it is a finite number > 0, else UserError naming the key (a NaN or a negative RoPE base
+    or epsilon would otherwise surface as NaN logits at the first token)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{path}: {key} is {value!r}, not a finite number above 0")
+    return float(value)
 
 
 def chat_tokenizer(config, state, folder_or_file, vocab_source):
