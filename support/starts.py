@@ -42,9 +42,11 @@ class Start:
     checkpoint: dict = None
 
 
-def load_start(source, block_size=None, dropout=0.0, device="cpu"):
-    """-> Start for source (see the module docstring). The context is cut to block_size (None: the source's own;
-    it may not be longer), dropout is set. UserError (one line) when it cannot be had."""
+def load_start(source, block_size=None, dropout=0.0, device="cpu", dtype=torch.float32):
+    """-> Start for source (see the module docstring), its model in dtype on device. The context is cut to block_size
+    (None: the source's own; it may not be longer), dropout is set. A pretrained model's tensors are converted to
+    dtype as they are read, so that a load holds about one copy of the model in that dtype. UserError (one line)
+    when it cannot be had."""
     checkpoint_path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
     if os.path.isfile(checkpoint_path) and not source.endswith(".gguf"):
         start = _from_checkpoint(checkpoint_path, device)
@@ -52,13 +54,14 @@ def load_start(source, block_size=None, dropout=0.0, device="cpu"):
         path = smollm2_path() if source == SMOLLM2 else source
         if not os.path.isfile(path):
             raise UserError(f"--init_from={source}: no such file")
-        model, tok = from_gguf(path, tokenizer=source if source == SMOLLM2 else path)
+        model, tok = from_gguf(path, source if source == SMOLLM2 else path, dtype)
         start = Start(model, tok, f"{os.path.basename(path)} (GGUF, {model.num_params() / 1e6:.0f}M parameters)")
     elif source in GPT2_NAMES or os.path.isfile(os.path.join(source, "config.json")):
-        start = Start(*from_hugging_face(source))
+        start = Start(*from_hugging_face(source, dtype))
     else:
         raise UserError(f"--init_from={source}: not one of {START_HELP}")
-    start.model = fit_context(start.model, block_size or start.model.config.block_size, dropout).to(device)
+    start.model = fit_context(start.model, block_size or start.model.config.block_size, dropout)
+    start.model = start.model.to(device=device, dtype=dtype)
     return start
 
 
@@ -126,14 +129,13 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
     source = os.path.join(out_dir, ckpt) if init_from == "resume" else init_from
     if init_from == "resume" and not os.path.exists(source):
         load_checkpoint(source)  # the one-line "no checkpoint at ...: run python train.py first"
-    start = load_start(source, block_size or None, 0.0, device)
+    start = load_start(source, block_size or None, 0.0, device, getattr(torch, dtype))
     if start.mask not in MASKS:
         raise UserError(f"{source}: unknown mask {start.mask!r} (expected one of {', '.join(MASKS)})")
     if start.tok.vocab_size > start.model.config.vocab_size:
         raise UserError(f"{source}: tokenizer has {start.tok.vocab_size} tokens, model only "
                         f"{start.model.config.vocab_size}")
-    return ChatModel(start.model.to(getattr(torch, dtype)).eval(), start.tok, mask or start.mask, start.mask,
-                     start.what, start.checkpoint)
+    return ChatModel(start.model.eval(), start.tok, mask or start.mask, start.mask, start.what, start.checkpoint)
 
 
 @dataclass

@@ -1,16 +1,22 @@
-"""The Llama family as the papers' models are published, against transformers: Llama 3.2- and 3.1-style folders
-(Llama 3's RoPE scaling, tied and untied embeddings, grouped-query attention) and Qwen2.5-style ones, saved in bfloat16
+"""The loaders as the papers' models are published, against transformers: Llama 3.2- and 3.1-style folders (Llama
+3's RoPE scaling, tied and untied embeddings, grouped-query attention) and Qwen2.5-style ones, saved in bfloat16
 shards with an index, give transformers' float32 logits at lengths where the scaling matters, and the cached chat
-equals the no-cache one on them; other RoPE scalings are refused. Every model is built here (random, perturbed
-weights): nothing is downloaded."""
+equals the no-cache one on them; a load holds about one copy of the model in the dtype it runs in. Then files whose
+tensors a loader cannot compute are refused in one line naming the file and the problem: a tensor no parameter
+takes, integer tensors, tensors of another shape, an index that points elsewhere. Every model is built here (random,
+perturbed weights): nothing is downloaded."""
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from engine import ChatSession
@@ -19,8 +25,9 @@ from support.checkpoint import load_checkpoint, model_from_checkpoint, save_chec
 from support.errors import UserError
 from support.hf import to_transformers
 from support.starts import load_start
-from test_llama import hf_model, logits
+from test_llama import hf_model, logits, write_gguf
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = 320  # tokens: positions far past the small original context below, where Llama 3's scaling changes angles
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -126,6 +133,48 @@ def test_the_scaling_is_kept_by_a_checkpoint_and_older_checkpoints_still_load(fa
     assert GPT(GPTConfig(**older)).config.rope_scaling is None
 
 
+def test_a_file_own_lm_head_is_used_where_the_config_says_tied(tmp_path):
+    # transformers computes with the file's lm_head.weight even under tie_word_embeddings: true
+    published("llama3.1").save_pretrained(tmp_path)
+    edit_config(tmp_path, tie_word_embeddings=True)
+    model = load_start(str(tmp_path)).model
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    torch.testing.assert_close(logits(model, IDS)[..., :256], transformers_logits(tmp_path), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+MEMORY_PROBE = """
+import json, sys, torch
+from support.starts import load_start
+def status(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":")) * 1024
+load_start(sys.argv[1], dtype=torch.bfloat16)  # imports and one load first: what the measured load adds is its own
+dtype = getattr(torch, sys.argv[3])
+open("/proc/self/clear_refs", "w").write("5")  # the peak resident set starts again from the current one
+before = status("VmRSS")
+model = load_start(sys.argv[2], dtype=dtype).model
+print(json.dumps({"grew": status("VmHWM") - before, "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                  "copy": sum(p.numel() * p.element_size() for p in model.parameters())}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_load_holds_about_one_copy_of_the_model_in_its_dtype(dtype, tmp_path):
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure a peak")
+    published("llama3.1").save_pretrained(tmp_path / "small")
+    big = published("llama3.1", hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                    num_key_value_heads=4)  # 19M parameters: 38 MB in bfloat16, in 4 MB shards
+    big.save_pretrained(tmp_path / "big", max_shard_size="4MB")
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "small"), str(tmp_path / "big"), dtype],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    measured = json.loads(probe.stdout)
+    assert measured["dtypes"] == [f"torch.{dtype}"]
+    assert measured["grew"] < 1.3 * measured["copy"], measured
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 
 def refused(source, match, load=load_start):
@@ -144,3 +193,85 @@ def edit_config(folder, **changes):
     config = {**json.loads(open(path).read()), **changes}
     with open(path, "w") as f:
         json.dump({k: v for k, v in config.items() if v is not None}, f)
+
+
+def edit_tensors(path, change):
+    """Rewrite a safetensors file with change(tensors) applied to its dict of tensors."""
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.fixture
+def llama(tmp_path):
+    """A fresh folder of a small Llama (two layers, untied), one safetensors file."""
+    folder = tmp_path / "llama"
+    hf_model("llama").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("layers,match", [(1, "have no place in the model.*model.layers.1"),
+                                          (3, "no model.layers.2")])
+def test_a_layer_count_that_disagrees_with_the_tensors_is_refused(llama, layers, match):
+    edit_config(llama, num_hidden_layers=layers)
+    refused(llama, match)
+
+
+def test_a_tensor_no_parameter_takes_is_refused(llama):
+    edit_tensors(llama / "model.safetensors",
+                 lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}))
+    refused(llama, "have no place in the model.*o_proj.bias")
+
+
+def test_integer_tensors_are_refused(llama):
+    name = "model.layers.1.mlp.up_proj.weight"
+    edit_tensors(llama / "model.safetensors", lambda t: t.update({name: t[name].to(torch.int8)}))
+    refused(llama, f"{name} holds int8 numbers, not floating-point weights")
+
+
+def test_a_one_dimensional_embedding_is_refused(llama):
+    edit_tensors(llama / "model.safetensors", lambda t: t.update({"model.embed_tokens.weight": torch.zeros(256)}))
+    refused(llama, r"model.embed_tokens.weight has shape \[256\] where the config's sizes make \[256, 64\]")
+
+
+@pytest.mark.parametrize("weight_map,match", [
+    ([["model.norm.weight", "model-00001-of-00002.safetensors"]], "weight_map .* is missing, empty or not an object"),
+    (None, "weight_map .* is missing, empty or not an object"),
+    ("../other/model.safetensors", "names ../other/model.safetensors, a file outside the folder"),
+    ("/absolute", "a file outside the folder"),
+])
+def test_an_index_whose_weight_map_is_wrong_is_refused(weight_map, match, tmp_path):
+    folder = tmp_path / "sharded"
+    hf_model("llama").save_pretrained(folder, max_shard_size="100KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    if isinstance(weight_map, str):  # every tensor somewhere else, a copy of the folder there to be read
+        shutil.copytree(folder, tmp_path / "other")
+        target = str(tmp_path / "other" / "model.safetensors") if weight_map == "/absolute" else weight_map
+        hf_model("llama", seed=1).save_pretrained(tmp_path / "other")
+        weight_map = {name: target for name in index["weight_map"]}
+    index["weight_map"] = weight_map
+    (folder / "model.safetensors.index.json").write_text(json.dumps({k: v for k, v in index.items() if v}))
+    message = refused(folder, match)
+    assert "config.json" not in message
+
+
+# -------------------------------------------------------------------------------------------------- GGUF
+
+@pytest.mark.parametrize("metadata,match", [
+    ({"llama.block_count": 1}, "have no place in the model.*blk.1"),
+])
+def test_gguf_metadata_that_cannot_be_computed_is_refused(metadata, match, tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(hf_model("llama"), path, "F32", metadata=metadata)
+    refused(path, match)
+
+
+@pytest.mark.parametrize("tensors,match", [
+    ({"blk.0.attn_q.weight": np.zeros((50, 64), np.float32)}, r"blk.0.attn_q.weight has shape \[50, 64\]"),
+    ({"token_embd.weight": np.zeros(256, np.float32)}, r"token_embd.weight has shape \[256\]"),
+    ({"blk.1.attn_output.bias": np.zeros(64, np.float32)}, "have no place in the model.*blk.1.attn_output.bias"),
+])
+def test_gguf_tensors_that_cannot_be_computed_are_refused(tensors, match, tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(hf_model("llama"), path, "F32", tensors=tensors)
+    refused(path, match)
