@@ -22,7 +22,8 @@ from data.tokenizer import get_tokenizer
 from model import GPTConfig
 from support.errors import UserError
 from support.weights import (BYTE_VOCAB, GPT2_VOCAB, build, chat_tokenizer, checked, gpt2_from_hf, gpt2_to_hf,
-                             llama_from_hf, llama_to_hf, padded_vocab, positive_number, refuse_unread, with_chat_tokens)
+                             llama_from_hf, llama_to_hf, padded_vocab, positive_number, refuse_unread, whole_number,
+                             with_chat_tokens)
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -45,12 +46,7 @@ def from_hugging_face(source, dtype=torch.float32):
         if not isinstance(architectures, list) or LLAMA_ARCHITECTURES[model_type] not in architectures:
             raise UserError(f"{source}: architectures {architectures}; supported: "
                             f"{', '.join(LLAMA_ARCHITECTURES.values())}, GPT2LMHeadModel")
-        try:
-            model, tok = from_llama_folder(source, hf, dtype)
-        except KeyError as e:
-            raise UserError(f"{source}/config.json lacks {e}") from None
-        except (ValueError, TypeError) as e:  # GPTConfig refuses the shape (heads, widths), or a value is null
-            raise UserError(f"{source}/config.json: {str(e)[:160]}") from None
+        model, tok = from_llama_folder(source, hf, dtype)
         return model, tok, f"{LLAMA_ARCHITECTURES[model_type]} from {source} ({model.num_params() / 1e6:.0f}M " \
                            "parameters)"
     raise UserError(f"{source}: model_type {model_type!r} is not supported (llama, qwen2, gpt2)")
@@ -59,27 +55,39 @@ def from_hugging_face(source, dtype=torch.float32):
 # ------------------------------------------------------------------------------------------- the Llama family
 
 def llama_config(hf, path, has_lm_head):
-    """A Hugging Face LlamaConfig / Qwen2Config (its config.json as a dict) -> GPTConfig, or UserError naming what
-    would compute differently here. has_lm_head: the weights hold their own lm_head.weight, which transformers then
-    uses even where tie_word_embeddings says the embedding is shared."""
-    model_type = hf.get("model_type")
-    n_head = hf["num_attention_heads"]
+    """A Hugging Face LlamaConfig / Qwen2Config (its config.json as a dict, read from path) -> GPTConfig, or
+    UserError naming what would compute differently here. has_lm_head: the weights hold their own lm_head.weight,
+    which transformers then uses even where tie_word_embeddings says the embedding is shared."""
+    def size(key, default=None):  # null in config.json is transformers' default too
+        value = default if hf.get(key) is None else hf[key]
+        if value is None:
+            raise UserError(f"{path} lacks {key}")
+        return whole_number(value, key, path)
+
+    n_embd, n_head = size("hidden_size"), size("num_attention_heads")
+    n_kv_head = size("num_key_value_heads", n_head)
+    head_dim = n_embd // n_head if hf.get("head_dim") is None else size("head_dim")
+    if head_dim * n_head != n_embd or head_dim % 2:
+        raise UserError(f"{path}: hidden_size {n_embd} is not num_attention_heads {n_head} x head_dim {head_dim} "
+                        "with head_dim even: ismGPT's attention and RoPE need it to be")
+    if n_head % n_kv_head:
+        raise UserError(f"{path}: num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_kv_head}")
     unlike_ours = {
         "hidden_act": hf.get("hidden_act", "silu") != "silu",
-        "head_dim": hf.get("head_dim", hf["hidden_size"] // n_head) * n_head != hf["hidden_size"],
-        "attention_bias": model_type == "llama" and hf.get("attention_bias", False),
+        "attention_bias": hf.get("model_type") == "llama" and hf.get("attention_bias", False),
         "mlp_bias": hf.get("mlp_bias", False),
         "use_sliding_window": hf.get("use_sliding_window", False),
+        "layer_types": any(kind != "full_attention" for kind in hf.get("layer_types") or ()),
     }
     if any(unlike_ours.values()):
         raise UserError(f"{path}: {', '.join(k for k, v in unlike_ours.items() if v)} differs from what ismGPT's "
                         "Llama family computes (SiLU SwiGLU, RoPE, full attention, no biases but Qwen2's q/k/v)")
     theta, scaling = rope_settings(hf, path)
-    return GPTConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                     n_layer=hf["num_hidden_layers"], n_head=n_head, n_embd=hf["hidden_size"],
-                     bias=False, family="llama", n_kv_head=hf.get("num_key_value_heads") or n_head,
-                     mlp_hidden=hf["intermediate_size"], rope_theta=theta, rope_scaling=scaling,
-                     norm_eps=hf["rms_norm_eps"], qkv_bias=model_type == "qwen2",
+    return GPTConfig(block_size=size("max_position_embeddings"), vocab_size=size("vocab_size"),
+                     n_layer=size("num_hidden_layers"), n_head=n_head, n_embd=n_embd, bias=False, family="llama",
+                     n_kv_head=n_kv_head, mlp_hidden=size("intermediate_size"), rope_theta=theta, rope_scaling=scaling,
+                     norm_eps=positive_number(hf.get("rms_norm_eps"), "rms_norm_eps", path),
+                     qkv_bias=hf.get("model_type") == "qwen2",
                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)) and not has_lm_head)
 
 
@@ -110,11 +118,18 @@ def rope_settings(hf, path):
 def from_llama_folder(folder, hf, dtype=torch.float32):
     """A Hugging Face Llama / Qwen2 folder -> (GPT in dtype, tokenizer)."""
     tensors = FolderTensors(folder)
-    config = llama_config(hf, folder, "lm_head.weight" in tensors.files)
+    config = llama_config(hf, os.path.join(folder, "config.json"), "lm_head.weight" in tensors.files)
     state = llama_from_hf(tensors.get, config, dtype)
     refuse_unread(tensors.unread, folder)
-    config, state, tok = chat_tokenizer(config, state, folder, lambda: get_tokenizer(folder))
+    config, state, tok = chat_tokenizer(config, state, folder, lambda: _folder_tokenizer(folder, config))
     return build(config, state, folder), tok
+
+
+def _folder_tokenizer(folder, config):
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise UserError(f"{folder} has no tokenizer.json: a vocabulary of {config.vocab_size} tokens needs one (only "
+                        f"a model of the {BYTE_VOCAB} byte values gets ismGPT's byte tokenizer)")
+    return get_tokenizer(folder)
 
 
 class FolderTensors:
@@ -219,7 +234,7 @@ def _read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: brackets nested too deep to parse
         raise UserError(f"cannot read {path} ({type(e).__name__})") from None
     if not isinstance(value, dict):
         raise UserError(f"{path} is not a JSON object")

@@ -9,7 +9,8 @@ them along the output dimension. GGUF files use llama.cpp's names for the Huggin
 
 build() makes the GPT that holds a state dict of our names; a model whose vocabulary is the 256 bytes (random test
 models) gets ismGPT's byte tokenizer and chat format, its embedding grown by the five chat tokens, as GPT-2 gets them.
-Every loader holds a file to the same rules, written once here: each tensor holds floating-point numbers of the
+Every loader holds a file to the same rules, written once here: its sizes are positive whole numbers and its RoPE
+base and epsilon finite and positive (whole_number, positive_number); each tensor holds floating-point numbers of the
 shape the config gives it (checked); every parameter comes from the file and every tensor of the file is used
 (build, refuse_unread).
 """
@@ -161,6 +162,13 @@ def refuse_unread(unread, path):
         names = sorted(unread)
         raise UserError(f"{path}: {len(names)} tensors have no place in the model its config describes "
                         f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+
+
+def whole_number(value, key, path):
+    """value if it is a positive int (not a bool, not a float), else UserError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{path}: {key} is {value!r}, not a positive whole number")
+    return value
 
 
 def positive_number(value, key, path):

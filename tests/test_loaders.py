@@ -1,10 +1,9 @@
 """The loaders as the papers' models are published, against transformers: Llama 3.2- and 3.1-style folders (Llama
 3's RoPE scaling, tied and untied embeddings, grouped-query attention) and Qwen2.5-style ones, saved in bfloat16
 shards with an index, give transformers' float32 logits at lengths where the scaling matters, and the cached chat
-equals the no-cache one on them; a load holds about one copy of the model in the dtype it runs in. Then files whose
-tensors a loader cannot compute are refused in one line naming the file and the problem: a tensor no parameter
-takes, integer tensors, tensors of another shape, an index that points elsewhere. Every model is built here (random,
-perturbed weights): nothing is downloaded."""
+equals the no-cache one on them; a load holds about one copy of the model in the dtype it runs in. Then every file
+a loader cannot compute is refused in one line naming the file and the problem: folders and GGUF files whose config,
+metadata or tensors disagree. Every model is built here (random, perturbed weights): nothing is downloaded."""
 import json
 import os
 import re
@@ -211,6 +210,7 @@ def llama(tmp_path):
 
 
 @pytest.mark.parametrize("layers,match", [(1, "have no place in the model.*model.layers.1"),
+                                          (0, "num_hidden_layers is 0"), (-1, "num_hidden_layers is -1"),
                                           (3, "no model.layers.2")])
 def test_a_layer_count_that_disagrees_with_the_tensors_is_refused(llama, layers, match):
     edit_config(llama, num_hidden_layers=layers)
@@ -229,9 +229,29 @@ def test_integer_tensors_are_refused(llama):
     refused(llama, f"{name} holds int8 numbers, not floating-point weights")
 
 
+@pytest.mark.parametrize("changes,match", [
+    (dict(num_attention_heads=0), "num_attention_heads is 0"),
+    (dict(max_position_embeddings=128.0), "max_position_embeddings is 128.0, not a positive whole number"),
+    (dict(max_position_embeddings=0), "max_position_embeddings is 0"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": float("nan")}), "rope_theta is nan"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": -5.0}), "rope_theta is -5.0"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps is nan"),
+    (dict(rms_norm_eps=-1e-5), "rms_norm_eps is -1e-05"),
+    (dict(hidden_size=128), "hidden_size 128 is not num_attention_heads 4 x head_dim 16"),
+])
+def test_config_values_that_cannot_be_computed_are_refused_by_name(llama, changes, match):
+    edit_config(llama, **changes)
+    refused(llama, match)
+
+
 def test_a_one_dimensional_embedding_is_refused(llama):
     edit_tensors(llama / "model.safetensors", lambda t: t.update({"model.embed_tokens.weight": torch.zeros(256)}))
     refused(llama, r"model.embed_tokens.weight has shape \[256\] where the config's sizes make \[256, 64\]")
+
+
+def test_a_config_json_nested_too_deep_is_one_line(llama):
+    (llama / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(llama, "cannot read .*config.json")
 
 
 @pytest.mark.parametrize("weight_map,match", [
@@ -255,10 +275,22 @@ def test_an_index_whose_weight_map_is_wrong_is_refused(weight_map, match, tmp_pa
     assert "config.json" not in message
 
 
+def test_a_vocabulary_without_tokenizer_json_says_so(tmp_path):
+    hf_model("llama", vocab_size=300).save_pretrained(tmp_path)
+    refused(tmp_path, "has no tokenizer.json: a vocabulary of 300 tokens needs one")
+
+
 # -------------------------------------------------------------------------------------------------- GGUF
 
 @pytest.mark.parametrize("metadata,match", [
+    ({"llama.block_count": 0}, "llama.block_count is 0"),
     ({"llama.block_count": 1}, "have no place in the model.*blk.1"),
+    ({"llama.attention.head_count": 0}, "llama.attention.head_count is 0"),
+    ({"llama.context_length": None}, "lacks llama.context_length"),
+    ({"llama.rope.freq_base": float("nan")}, "llama.rope.freq_base is nan"),
+    ({"llama.rope.freq_base": -10000.0}, "llama.rope.freq_base is -10000.0"),
+    ({"llama.attention.layer_norm_rms_epsilon": float("nan")}, "layer_norm_rms_epsilon is nan"),
+    ({"llama.attention.layer_norm_rms_epsilon": -0.5}, "layer_norm_rms_epsilon is -0.5"),
 ])
 def test_gguf_metadata_that_cannot_be_computed_is_refused(metadata, match, tmp_path):
     path = tmp_path / "model.gguf"
@@ -270,8 +302,19 @@ def test_gguf_metadata_that_cannot_be_computed_is_refused(metadata, match, tmp_p
     ({"blk.0.attn_q.weight": np.zeros((50, 64), np.float32)}, r"blk.0.attn_q.weight has shape \[50, 64\]"),
     ({"token_embd.weight": np.zeros(256, np.float32)}, r"token_embd.weight has shape \[256\]"),
     ({"blk.1.attn_output.bias": np.zeros(64, np.float32)}, "have no place in the model.*blk.1.attn_output.bias"),
+    ({"rope_freqs.weight": np.ones(8, np.float32)}, "rope_freqs.weight .* is not supported"),
 ])
 def test_gguf_tensors_that_cannot_be_computed_are_refused(tensors, match, tmp_path):
     path = tmp_path / "model.gguf"
     write_gguf(hf_model("llama"), path, "F32", tensors=tensors)
     refused(path, match)
+
+
+def test_gguf_qkv_biases_are_applied_as_llama_cpp_does(tmp_path):
+    # a Qwen2 (q/k/v biases) written as a llama-architecture file: llama.cpp adds the biases it finds
+    qwen = hf_model("qwen2")
+    write_gguf(qwen, tmp_path / "model.gguf", "F32")
+    model = load_start(str(tmp_path / "model.gguf")).model
+    with torch.no_grad():
+        expected = qwen(IDS[:, :100]).logits
+    torch.testing.assert_close(logits(model, IDS[:, :100])[..., :256], expected, atol=1e-4, rtol=0)
