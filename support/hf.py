@@ -21,9 +21,9 @@ import torch
 from data.tokenizer import get_tokenizer
 from model import GPTConfig
 from support.errors import UserError
-from support.weights import (BYTE_VOCAB, GPT2_VOCAB, build, chat_tokenizer, checked, gpt2_from_hf, gpt2_to_hf,
-                             llama_from_hf, llama_to_hf, padded_vocab, positive_number, refuse_unread, whole_number,
-                             with_chat_tokens)
+from support.weights import (BYTE_VOCAB, GPT2_BUFFERS, GPT2_VOCAB, build, chat_tokenizer, checked, gpt2_from_hf,
+                             gpt2_to_hf, llama_from_hf, llama_to_hf, padded_vocab, positive_number, refuse_unread,
+                             whole_number, with_chat_tokens)
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -34,12 +34,12 @@ def from_hugging_face(source, dtype=torch.float32):
     """A GPT-2 name or a Hugging Face folder -> (GPT in dtype, tokenizer, what). The folder's config.json decides
     which loader reads it: transformers' GPT-2 loader would take a Llama config and return a random GPT-2."""
     if source in GPT2_NAMES and not os.path.isdir(source):
-        model, tok = from_gpt2(_hf_gpt2(source))
+        model, tok = from_gpt2(_hf_gpt2(source, dtype))
         return model, tok, f"GPT-2 {source} from Hugging Face"
     hf = _read_json(os.path.join(source, "config.json"))
     model_type = hf.get("model_type")
     if model_type == "gpt2":
-        model, tok = from_gpt2(_hf_gpt2(source))
+        model, tok = from_gpt2(_gpt2_folder(source, hf, dtype))
         return model, tok, f"GPT-2 from {source}"
     if model_type in LLAMA_ARCHITECTURES:
         architectures = hf.get("architectures") or [LLAMA_ARCHITECTURES[model_type]]
@@ -243,32 +243,66 @@ def _read_json(path):
 
 # ---------------------------------------------------------------------------------------------------------- GPT-2
 
-def _hf_gpt2(source):
-    """transformers' GPT2LMHeadModel for a hub name or a local folder; UserError, one line, when it cannot be had."""
+def _transformers_gpt2(source):
+    """transformers' GPT2LMHeadModel class, or UserError naming the package to install."""
     try:
         import transformers
         from transformers import GPT2LMHeadModel
     except ImportError:
         raise UserError(f"--init_from={source} needs the transformers package: pip install transformers") from None
     transformers.logging.set_verbosity_error()
+    return GPT2LMHeadModel
+
+
+def _hf_gpt2(name, dtype):
+    """transformers' GPT2LMHeadModel of a hub name, from the Hugging Face cache or downloaded; UserError, one line,
+    when it cannot be had."""
+    GPT2LMHeadModel = _transformers_gpt2(name)
     try:
-        return GPT2LMHeadModel.from_pretrained(source, local_files_only=True)
+        return GPT2LMHeadModel.from_pretrained(name, local_files_only=True, dtype=dtype)
     except OSError:
-        if os.path.isdir(source):
-            raise UserError(f"{source} holds no readable GPT-2 weights (config.json and model.safetensors or "
-                            "pytorch_model.bin, as save_pretrained writes them)") from None
+        pass
     fetch = (f"where there is network: python -c \"from transformers import GPT2LMHeadModel; "
-             f"GPT2LMHeadModel.from_pretrained('{source}').save_pretrained('{source}-local')\", copy that folder "
-             f"here and pass --init_from={source}-local; its tokenizer also needs tiktoken's GPT-2 vocabulary, "
+             f"GPT2LMHeadModel.from_pretrained('{name}').save_pretrained('{name}-local')\", copy that folder "
+             f"here and pass --init_from={name}-local; its tokenizer also needs tiktoken's GPT-2 vocabulary, "
              "downloaded once (python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\", or copy tiktoken's "
              "cache folder, TIKTOKEN_CACHE_DIR)")
     if not _hub_reachable():
-        raise UserError(f"GPT-2 {source} is not in the Hugging Face cache and huggingface.co cannot be reached: "
+        raise UserError(f"GPT-2 {name} is not in the Hugging Face cache and huggingface.co cannot be reached: "
                         f"download it {fetch}")
     try:
-        return GPT2LMHeadModel.from_pretrained(source)
+        return GPT2LMHeadModel.from_pretrained(name, dtype=dtype)
     except OSError as e:
-        raise UserError(f"could not download GPT-2 {source} ({str(e).splitlines()[0]}): download it {fetch}") from None
+        raise UserError(f"could not download GPT-2 {name} ({str(e).splitlines()[0]}): download it {fetch}") from None
+
+
+def _gpt2_folder(folder, hf, dtype):
+    """transformers' GPT2LMHeadModel of a folder, in dtype, refused unless every tensor of its files filled a
+    parameter and every parameter came from them: by itself transformers fills a missing parameter with random
+    numbers, skips a tensor it has no place for, and casts integers to float."""
+    GPT2LMHeadModel = _transformers_gpt2(folder)
+    path = os.path.join(folder, "config.json")
+    config = GPT2LMHeadModel.config_class.from_dict(hf)  # transformers' defaults for what config.json leaves out
+    sizes = {key: whole_number(getattr(config, key), key, path)
+             for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
+    if sizes["n_embd"] % sizes["n_head"]:
+        raise UserError(f"{path}: n_embd {sizes['n_embd']} is not a multiple of n_head {sizes['n_head']}")
+    tensors = FolderTensors(folder)  # unreadable files are refused here, before transformers reads them
+    integers = [name for name in tensors.files
+                if not name.endswith(GPT2_BUFFERS) and not tensors.read(name).is_floating_point()]
+    if integers:
+        raise UserError(f"{folder}: {integers[0]} holds integers, not floating-point weights (quantized folders "
+                        "are not supported)")
+    model, info = GPT2LMHeadModel.from_pretrained(folder, config=config, local_files_only=True, dtype=dtype,
+                                                  output_loading_info=True, ignore_mismatched_sizes=True)
+    shapes = [f"{name} {list(found)} where config.json makes {list(wanted)}"
+              for name, found, wanted in sorted(info["mismatched_keys"])]
+    unfit = [f"{what} {', '.join(names[:3])}" for what, names in (
+        ("missing", sorted(info["missing_keys"])), ("not used", sorted(info["unexpected_keys"])),
+        ("of another shape", shapes)) if names]
+    if unfit:
+        raise UserError(f"{folder}: its weights are not the GPT-2 its config.json describes ({'; '.join(unfit)})")
+    return model
 
 
 def _hub_reachable(timeout=5):
@@ -286,9 +320,9 @@ def _hub_reachable(timeout=5):
 
 def from_gpt2(hf_model):
     """Our GPT with every weight of a transformers GPT2LMHeadModel, by name (GPT-2's Conv1D layers store their
-    weights transposed), as nanoGPT's from_pretrained does. The embedding (tied with lm_head) grows by the
-    chat's special tokens, initialised to the mean embedding, and is padded to a multiple of VOCAB_MULTIPLE rows
-    that no token uses. -> (GPT, tokenizer)."""
+    weights transposed), as nanoGPT's from_pretrained does, in the model's dtype. The embedding (and lm_head, when
+    the model has one of its own) grows by the chat's special tokens, initialised to the mean row, and is padded to
+    a multiple of VOCAB_MULTIPLE rows that no token uses. -> (GPT, tokenizer)."""
     hf = hf_model.config
     unlike_ours = {"activation_function": hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"),
                    "layer_norm_epsilon": hf.layer_norm_epsilon != 1e-5,
@@ -304,11 +338,14 @@ def from_gpt2(hf_model):
         raise UserError(f"a GPT-2 with {hf.vocab_size} tokens: only GPT-2's BPE ({GPT2_VOCAB}) and the byte "
                         f"vocabulary ({BYTE_VOCAB}) have a tokenizer here")
     tok = get_tokenizer(tokenizers[hf.vocab_size])  # before building: offline, GPT-2's BPE is a one-line error
+    tied = hf_model.lm_head.weight is hf_model.transformer.wte.weight  # transformers unties it for a file's own
     config = GPTConfig(block_size=hf.n_positions, vocab_size=padded_vocab(hf.vocab_size), n_layer=hf.n_layer,
-                       n_head=hf.n_head, n_embd=hf.n_embd)
+                       n_head=hf.n_head, n_embd=hf.n_embd, tie_embeddings=tied)
     state = gpt2_from_hf(hf_model.state_dict())
-    state["lm_head.weight"] = with_chat_tokens(state["transformer.wte.weight"], config.vocab_size)  # tied
-    state["transformer.wte.weight"] = state["lm_head.weight"]
+    for name in ("lm_head.weight",) if tied else ("lm_head.weight", "transformer.wte.weight"):
+        state[name] = with_chat_tokens(state[name], config.vocab_size)
+    if tied:
+        state["transformer.wte.weight"] = state["lm_head.weight"]
     return build(config, state, "the GPT-2 weights"), tok
 
 
@@ -322,7 +359,8 @@ def to_transformers(model):
     c, state = model.config, {k: v.float() for k, v in model.state_dict().items()}
     if c.family == "gpt2":
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head))
+            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+            tie_word_embeddings=c.tie_embeddings))
         hf.load_state_dict(gpt2_to_hf(state))
         return hf.eval()
     config, architecture = (transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if c.qkv_bias else \

@@ -27,6 +27,7 @@ VOCAB_MULTIPLE = 64  # an embedding grown by the chat tokens is padded to a mult
 
 # GPT-2 (transformers' GPT2LMHeadModel): the same names; these matrices are stored (in, out).
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # older GPT-2 files hold the causal mask: not weights
 
 # ours -> Hugging Face Llama / Qwen2. A tuple: its tensors stacked, in this order, along the output dimension.
 LLAMA_TOP = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight",
@@ -108,7 +109,7 @@ def gpt2_from_hf(state):
     """Our state dict from transformers' GPT-2 one (the Conv1D matrices transposed; its causal-mask buffers left
     out)."""
     return {name: (t.t() if name.endswith(GPT2_CONV1D) else t) for name, t in state.items()
-            if not name.endswith((".attn.bias", ".attn.masked_bias"))}
+            if not name.endswith(GPT2_BUFFERS)}
 
 
 def gpt2_to_hf(state):

@@ -2,8 +2,9 @@
 3's RoPE scaling, tied and untied embeddings, grouped-query attention) and Qwen2.5-style ones, saved in bfloat16
 shards with an index, give transformers' float32 logits at lengths where the scaling matters, and the cached chat
 equals the no-cache one on them; a load holds about one copy of the model in the dtype it runs in. Then every file
-a loader cannot compute is refused in one line naming the file and the problem: folders and GGUF files whose config,
-metadata or tensors disagree. Every model is built here (random, perturbed weights): nothing is downloaded."""
+a loader cannot compute is refused in one line naming the file and the problem: folders, GPT-2 folders and GGUF
+files whose config, metadata or tensors disagree. Every model is built here (random, perturbed weights): nothing is
+downloaded."""
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from engine import ChatSession
 from model import GPT, GPTConfig
@@ -278,6 +279,53 @@ def test_an_index_whose_weight_map_is_wrong_is_refused(weight_map, match, tmp_pa
 def test_a_vocabulary_without_tokenizer_json_says_so(tmp_path):
     hf_model("llama", vocab_size=300).save_pretrained(tmp_path)
     refused(tmp_path, "has no tokenizer.json: a vocabulary of 300 tokens needs one")
+
+
+# ------------------------------------------------------------------------------------------------- GPT-2
+
+def gpt2(tmp_path, n_layer=2, **save):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=128, n_embd=32, n_layer=n_layer, n_head=2))
+    folder = tmp_path / "gpt2"
+    model.save_pretrained(folder, **save)
+    return folder
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda f: edit_tensors(f / "model.safetensors", lambda t: t.pop("transformer.h.1.mlp.c_fc.weight")),
+     "missing transformer.h.1.mlp.c_fc.weight"),
+    (lambda f: edit_tensors(f / "model.safetensors",
+                            lambda t: t.update({"transformer.h.5.mlp.c_fc.weight": torch.zeros(3)})),
+     "not used transformer.h.5.mlp.c_fc.weight"),
+    (lambda f: edit_config(f, n_layer=3), "missing transformer.h.2"),
+    (lambda f: edit_tensors(f / "model.safetensors",
+                            lambda t: t.update({"transformer.wte.weight": torch.zeros(256, 16)})),
+     "of another shape transformer.wte.weight"),
+    (lambda f: edit_tensors(f / "model.safetensors", lambda t: t.update({"transformer.wte.weight": torch.zeros(256)})),
+     "of another shape transformer.wte.weight"),
+    (lambda f: (f / "model.safetensors").write_bytes(b"\xff" * 64), "unreadable safetensors weights"),
+    (lambda f: edit_tensors(f / "model.safetensors", lambda t: t.update(
+        {"transformer.h.0.mlp.c_fc.weight": torch.ones(32, 128, dtype=torch.int8)})), "c_fc.weight holds integers"),
+    (lambda f: edit_config(f, n_head=0), "n_head is 0"),
+])
+def test_gpt2_folders_whose_weights_are_not_their_config_are_refused(damage, match, tmp_path):
+    folder = gpt2(tmp_path)
+    damage(folder)
+    refused(folder, match)
+
+
+def test_llama_weights_under_a_gpt2_config_are_refused(llama):
+    edit_config(llama, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_layer=2, n_embd=64, n_head=4)
+    refused(llama, "its weights are not the GPT-2 its config.json describes .*missing .*not used")
+
+
+def test_a_gpt2_folder_with_an_lm_head_of_its_own_gives_transformers_logits(tmp_path):
+    folder = gpt2(tmp_path)
+    edit_tensors(folder / "model.safetensors", lambda t: t.update({"lm_head.weight": torch.randn(256, 32)}))
+    model = load_start(str(folder)).model
+    with torch.no_grad():
+        expected = GPT2LMHeadModel.from_pretrained(folder).eval()(IDS[:, :100]).logits
+    torch.testing.assert_close(logits(model, IDS[:, :100])[..., :256], expected, atol=1e-4, rtol=0)
 
 
 # -------------------------------------------------------------------------------------------------- GGUF
