@@ -130,12 +130,28 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
     if init_from == "resume" and not os.path.exists(source):
         load_checkpoint(source)  # the one-line "no checkpoint at ...: run python train.py first"
     start = load_start(source, block_size or None, 0.0, device, getattr(torch, dtype))
+    check_cache_fits(start.model.config, source, device, getattr(torch, dtype))
     if start.mask not in MASKS:
         raise UserError(f"{source}: unknown mask {start.mask!r} (expected one of {', '.join(MASKS)})")
     if start.tok.vocab_size > start.model.config.vocab_size:
         raise UserError(f"{source}: tokenizer has {start.tok.vocab_size} tokens, model only "
                         f"{start.model.config.vocab_size}")
     return ChatModel(start.model.eval(), start.tok, mask or start.mask, start.mask, start.what, start.checkpoint)
+
+
+def check_cache_fits(config, source, device, dtype):
+    """UserError, naming --block_size, when the KV cache of the model's whole context (which a chat allocates at
+    once) is larger than the memory of the machine or the GPU: a published context of 131,072 tokens, or a file
+    claiming 2^40, would otherwise end in a failed allocation or the kernel's out-of-memory killer."""
+    per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim * dtype.itemsize  # keys and values
+    if torch.device(device).type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if per_token * config.block_size > memory:
+        raise UserError(f"{source}: a KV cache for its context of {config.block_size:,} tokens would take "
+                        f"{per_token * config.block_size / 2**30:,.0f} GiB, more than the {memory / 2**30:,.0f} GiB "
+                        f"here: pass a --block_size below {memory // per_token:,}")
 
 
 @dataclass

@@ -3,8 +3,8 @@
 shards with an index, give transformers' float32 logits at lengths where the scaling matters, and the cached chat
 equals the no-cache one on them; a load holds about one copy of the model in the dtype it runs in. Then every file
 a loader cannot compute is refused in one line naming the file and the problem: folders, GPT-2 folders and GGUF
-files whose config, metadata or tensors disagree. Every model is built here (random, perturbed weights): nothing is
-downloaded."""
+files whose config, metadata or tensors disagree, and contexts whose KV cache cannot be allocated. Every model is
+built here (random, perturbed weights): nothing is downloaded."""
 import json
 import os
 import re
@@ -24,7 +24,7 @@ from model import GPT, GPTConfig
 from support.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from support.errors import UserError
 from support.hf import to_transformers
-from support.starts import load_start
+from support.starts import load_chat_model, load_start
 from test_llama import hf_model, logits, write_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -281,6 +281,14 @@ def test_a_vocabulary_without_tokenizer_json_says_so(tmp_path):
     refused(tmp_path, "has no tokenizer.json: a vocabulary of 300 tokens needs one")
 
 
+@pytest.mark.parametrize("context", [2**40, 10**12])
+def test_a_context_whose_cache_cannot_be_allocated_names_block_size(llama, context):
+    edit_config(llama, max_position_embeddings=context)
+    refused(llama, r"KV cache for its context of [\d,]+ tokens would take .* pass a --block_size below",
+            load=lambda source: load_chat_model(init_from=source))
+    assert load_chat_model(init_from=str(llama), block_size=512).model.config.block_size == 512
+
+
 # ------------------------------------------------------------------------------------------------- GPT-2
 
 def gpt2(tmp_path, n_layer=2, **save):
@@ -366,3 +374,9 @@ def test_gguf_qkv_biases_are_applied_as_llama_cpp_does(tmp_path):
     with torch.no_grad():
         expected = qwen(IDS[:, :100]).logits
     torch.testing.assert_close(logits(model, IDS[:, :100])[..., :256], expected, atol=1e-4, rtol=0)
+
+
+def test_a_gguf_context_whose_cache_cannot_be_allocated_names_block_size(tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(hf_model("llama"), path, "F32", metadata={"llama.context_length": 2**40})
+    refused(path, "pass a --block_size below", load=lambda source: load_chat_model(init_from=source))
