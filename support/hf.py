@@ -143,7 +143,7 @@ class FolderTensors:
     def __init__(self, folder):
         self.folder = folder
         if _has_safetensors(folder):
-            self.files, self.bin = safetensors_files(folder), None
+            self.files, self.bin = _safetensors_files(folder), None
         else:
             self.bin = _read_bin(folder)
             self.files = dict.fromkeys(self.bin)
@@ -177,7 +177,7 @@ def _has_safetensors(folder):
                                                                         "model.safetensors"))
 
 
-def safetensors_files(folder):
+def _safetensors_files(folder):
     """name -> the safetensors file holding it, from the files' own headers. The files are model.safetensors, or
     the shards model.safetensors.index.json names, which must be inside the folder and hold what its weight_map
     says they hold."""
