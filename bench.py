@@ -694,11 +694,14 @@ def main(argv=None):
 
 
 def load_pretrained(cfg, device, results):
-    """pretrained.load_start for --init_from, timed, with the process's resident memory after it."""
-    t0 = time.perf_counter()
-    start = load_start(cfg.init_from, cfg.block_size or None, 0.0, device)
-    results["model"] = {"what": start.what, "load_s": time.perf_counter() - t0, "resident_gib": resident_gib(),
-                        "parameters": start.model.num_params(), "config": asdict(start.model.config)}
+    """pretrained.load_start for --init_from, timed, with the process's resident memory before and after it and its
+    peak while loading (host memory, wherever the model goes: a load reads the file on the host)."""
+    loaded, before, t0 = [], resident_gib(), time.perf_counter()
+    peak = peak_memory(lambda: loaded.append(load_start(cfg.init_from, cfg.block_size or None, 0.0, device)), "cpu")
+    start = loaded[0]
+    results["model"] = {"what": start.what, "load_s": time.perf_counter() - t0, "resident_before_gib": before,
+                        "peak_gib": peak, "resident_gib": resident_gib(), "parameters": start.model.num_params(),
+                        "config": asdict(start.model.config)}
     if not cfg.block_size:
         start.model = fit_context(start.model, min(PRETRAINED_CONTEXT, start.model.config.block_size))
     return start

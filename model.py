@@ -61,6 +61,10 @@ class GPTConfig:
     n_kv_head: int = 0  # key/value heads, n_head a multiple of it (grouped-query attention); 0: n_head
     mlp_hidden: int = 0  # MLP width; 0: 4 * n_embd (GPT-2)
     rope_theta: float = 10000.0  # RoPE base (family "llama")
+    # Llama 3's RoPE scaling (Hugging Face's rope_type "llama3"), a plain dict so that checkpoints store it as it is:
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
+    # None: plain RoPE.
+    rope_scaling: dict = None
     norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
     qkv_bias: bool = False  # biases on the q, k, v projections even without bias (Qwen2)
     tie_embeddings: bool = True  # lm_head shares the token embedding's weights
@@ -143,11 +147,28 @@ def norm(config):
 
 
 def rope_angles(positions, config):
-    """cos and sin of RoPE's rotation angles, position * theta^(-2i/head_dim) for each pair i, computed in float32
-    at the explicit positions: (..., T) -> two (..., 1, T, head_dim / 2) tensors that broadcast over heads."""
-    half = torch.arange(0, config.head_dim, 2, device=positions.device, dtype=torch.float32) / config.head_dim
-    angles = positions.float().unsqueeze(-1) * config.rope_theta ** -half
+    """cos and sin of RoPE's rotation angles, position * the pair's inverse frequency (rope_frequencies), computed
+    in float32 at the explicit positions: (..., T) -> two (..., 1, T, head_dim / 2) tensors that broadcast over
+    heads."""
+    angles = positions.float().unsqueeze(-1) * rope_frequencies(config, positions.device)
     return angles.cos().unsqueeze(-3), angles.sin().unsqueeze(-3)
+
+
+def rope_frequencies(config, device):
+    """The inverse frequency of each pair i of head dimensions, theta^(-2i/head_dim), Llama 3-scaled when the
+    config says so. Written in the operations Hugging Face's Llama uses, so that the angles are the same floats."""
+    exponents = torch.arange(0, config.head_dim, 2, device=device, dtype=torch.float32) / config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** exponents
+    if config.rope_scaling is None:
+        return inv_freq
+    scaling = config.rope_scaling
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    # Llama 3 stretches the long waves to reach a context factor times longer than the one it was pretrained with:
+    # a wave longer than original / low is slowed down by factor, one shorter than original / high kept as it is,
+    # and those between blend the two (smooth runs from 0 at the long end to 1 at the short end).
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((scaling["original_max_position_embeddings"] / wavelength - low) / (high - low)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
 def apply_rope(x, rope):

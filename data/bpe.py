@@ -9,7 +9,8 @@ Encoding a text:
 2. map each piece's UTF-8 bytes to GPT-2's printable stand-in characters (byte_to_char);
 3. merge: start from single characters (one not in the vocabulary is dropped, as Hugging Face's BPE does without
    an unknown token) and repeatedly merge the adjacent pair that comes first in the merges list, the leftmost one
-   among equals, until no pair of the list is left; each resulting symbol is a token.
+   among equals, until no pair of the list is left; each resulting symbol is a token. Under ignore_merges (Llama 3's
+   tokenizer) a piece that is a token of the vocabulary as a whole is that token, merges or not.
 Special tokens (<|im_start|>, <|im_end|>, ...) are never produced from text: a special token's string typed by a
 user splits into ordinary pieces at step 1, so nothing a user writes can close a turn or forge a role header.
 """
@@ -53,20 +54,24 @@ CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 class BPE:
     """tokens: the vocabulary, token id -> string in BYTE_TO_CHAR characters (special tokens as their text);
     merges: "left right" strings in priority order; stages: the pre-tokenizer's patterns; special: ids of the
-    special tokens; nfc: normalise text to Unicode NFC first (Qwen2's tokenizer does)."""
+    special tokens; nfc: normalise text to Unicode NFC first (Qwen2's tokenizer does); ignore_merges: a piece that
+    is a whole token skips the merges (Llama 3's does)."""
 
-    def __init__(self, tokens, merges, stages, special, nfc=False):
+    def __init__(self, tokens, merges, stages, special, nfc=False, ignore_merges=False):
         self.tokens = list(tokens)
         self.special = sorted(special)
         self.ids = {t: i for i, t in enumerate(self.tokens) if i not in set(self.special)}
         self.ranks = {tuple(m.split(" ", 1)): rank for rank, m in enumerate(merges)}
         self.stages = [regex.compile(p) for p in stages]
-        self.stage_patterns, self.merges, self.nfc = tuple(stages), list(merges), nfc
+        self.stage_patterns, self.merges, self.nfc, self.ignore_merges = tuple(stages), list(merges), nfc, ignore_merges
         self.cache = {}
 
     def fingerprint(self):
         """sha256 of everything that decides an encoding: the same fingerprint, the same ids for every text."""
-        blob = json.dumps([self.tokens, self.merges, self.stage_patterns, self.special, self.nfc])
+        settings = [self.tokens, self.merges, self.stage_patterns, self.special, self.nfc]
+        if self.ignore_merges:  # only when set: a tokenizer fingerprinted before the setting existed keeps its print
+            settings.append("ignore_merges")
+        blob = json.dumps(settings)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def pieces(self, text):
@@ -93,6 +98,8 @@ class BPE:
 
     def _merge(self, word):
         """Step 3 with a heap of candidate pairs (rank, position): O(n log n) for a piece of n characters."""
+        if self.ignore_merges and word in self.ids:
+            return [self.ids[word]]
         symbols = [c for c in word if c in self.ids]
         n = len(symbols)
         nxt, prev = list(range(1, n + 1)), list(range(-1, n - 1))
@@ -164,8 +171,25 @@ def from_gguf(path):
     tokens, merges, types = (field(f"tokenizer.ggml.{k}") for k in ("tokens", "merges", "token_type"))
     if tokens is None or merges is None or types is None:
         raise DataError(f"{path}: the tokenizer's tokens, merges or token types are missing")
+    if len(types) != len(tokens):
+        raise DataError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    check_merges(merges, tokens, f"{path}: tokenizer.ggml.merges")
     control = {i for i, kind in enumerate(types) if kind in (3, 4)}  # llama.cpp: 3 control, 4 user-defined
     return BPE(tokens, merges, GGUF_PRE_TOKENIZERS[pre], control), default_system_message(field("tokenizer.chat_template"))
+
+
+def check_merges(merges, vocabulary, where):
+    """DataError unless every merge is "left right", two tokens of the vocabulary whose concatenation is one too:
+    the rule Hugging Face's tokenizers library holds a tokenizer.json to. A merge that breaks it would never apply,
+    and the text would be split into more tokens than the model was trained on."""
+    known = set(vocabulary)
+    for rank, merge in enumerate(merges):
+        pair = merge.split(" ") if isinstance(merge, str) else merge  # tokenizer.json also spells one [left, right]
+        if not isinstance(pair, list) or len(pair) != 2 or \
+                not all(isinstance(t, str) and t and " " not in t for t in pair) or \
+                not {pair[0], pair[1], pair[0] + pair[1]} <= known:
+            raise DataError(f"{where}: merge {rank} ({str(merge)[:40]!r}) is not two tokens of the vocabulary "
+                            "that join into a third")
 
 
 @functools.lru_cache(maxsize=2)
@@ -207,11 +231,14 @@ def from_tokenizer_json(folder):
     for token, i in vocab.items():
         tokens[i] = token
     tokens = [t if t is not None else f"<unused {i}>" for i, t in enumerate(tokens)]
+    check_merges(model["merges"], model["vocab"], f"{path}: model.merges")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     config = os.path.join(folder, "tokenizer_config.json")
     template = _read_json(config).get("chat_template") if os.path.exists(config) else None
     template = template if isinstance(template, str) else None
-    return BPE(tokens, merges, stages, special, nfc=normalizer is not None), default_system_message(template)
+    encoder = BPE(tokens, merges, stages, special, nfc=normalizer is not None,
+                  ignore_merges=bool(model.get("ignore_merges")))
+    return encoder, default_system_message(template)
 
 
 def _pre_tokenizer_stages(spec, path):
@@ -238,5 +265,5 @@ def _read_json(path):
             return json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path} is missing") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: brackets nested too deep to parse
         raise DataError(f"cannot read {path} ({type(e).__name__})") from None

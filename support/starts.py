@@ -43,10 +43,11 @@ class Start:
     checkpoint: dict = None
 
 
-def load_start(source, block_size=None, dropout=0.0, device="cpu", adapter=""):
-    """-> Start for source (see the module docstring), with a PEFT adapter folder merged into its weights when one
-    is named. The context is cut to block_size (None: the source's own; it may not be longer), dropout is set.
-    UserError (one line) when it cannot be had."""
+def load_start(source, block_size=None, dropout=0.0, device="cpu", dtype=torch.float32, adapter=""):
+    """-> Start for source (see the module docstring), its model in dtype on device, with a PEFT adapter folder
+    merged into its weights when one is named. The context is cut to block_size (None: the source's own; it may
+    not be longer), dropout is set. A pretrained model's tensors are converted to dtype as they are read, so that a
+    load holds about one copy of the model in that dtype. UserError (one line) when it cannot be had."""
     checkpoint_path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
     if os.path.isfile(checkpoint_path) and not source.endswith(".gguf"):
         start = _from_checkpoint(checkpoint_path, device)
@@ -54,15 +55,16 @@ def load_start(source, block_size=None, dropout=0.0, device="cpu", adapter=""):
         path = smollm2_path() if source == SMOLLM2 else source
         if not os.path.isfile(path):
             raise UserError(f"--init_from={source}: no such file")
-        model, tok = from_gguf(path, tokenizer=source if source == SMOLLM2 else path)
+        model, tok = from_gguf(path, source if source == SMOLLM2 else path, dtype)
         start = Start(model, tok, f"{os.path.basename(path)} (GGUF, {model.num_params() / 1e6:.0f}M parameters)")
     elif source in GPT2_NAMES or os.path.isfile(os.path.join(source, "config.json")):
-        start = Start(*from_hugging_face(source))
+        start = Start(*from_hugging_face(source, dtype))
     else:
         raise UserError(f"--init_from={source}: not one of {START_HELP}")
     if adapter:
         start.model, start.what = merged(read_adapter(start.model, adapter)), f"{start.what} + the adapter {adapter}"
-    start.model = fit_context(start.model, block_size or start.model.config.block_size, dropout).to(device)
+    start.model = fit_context(start.model, block_size or start.model.config.block_size, dropout)
+    start.model = start.model.to(device=device, dtype=dtype)
     return start
 
 
@@ -93,7 +95,8 @@ def model_of_checkpoint(checkpoint, device, path):
     if not base:
         return model_from_checkpoint(checkpoint, device, path)
     args = checkpoint["model_args"]
-    start = load_start(base["init_from"], args["block_size"], args["dropout"], device, base.get("adapter") or "")
+    start = load_start(base["init_from"], args["block_size"], args["dropout"], device,
+                       adapter=base.get("adapter") or "")
     if base_fingerprint(start.model) != base.get("fingerprint"):
         raise UserError(f"{path}: its adapters were trained on {base['init_from']} as it was then, and those weights "
                         "have changed since: restore them, or train again")
@@ -158,14 +161,29 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
     source = os.path.join(out_dir, ckpt) if init_from == "resume" else init_from
     if init_from == "resume" and not os.path.exists(source):
         load_checkpoint(source)  # the one-line "no checkpoint at ...: run python train.py first"
-    start = load_start(source, block_size or None, 0.0, rt.device, adapter)
+    start = load_start(source, block_size or None, 0.0, rt.device, getattr(torch, rt.dtype), adapter)
+    check_cache_fits(start.model.config, source, rt.device, getattr(torch, rt.dtype))
     if start.mask not in MASKS:
         raise UserError(f"{source}: unknown mask {start.mask!r} (expected one of {', '.join(MASKS)})")
     if start.tok.vocab_size > start.model.config.vocab_size:
         raise UserError(f"{source}: tokenizer has {start.tok.vocab_size} tokens, model only "
                         f"{start.model.config.vocab_size}")
-    return ChatModel(start.model.to(getattr(torch, rt.dtype)).eval(), start.tok, mask or start.mask, start.mask,
-                     start.what, start.checkpoint, rt)
+    return ChatModel(start.model.eval(), start.tok, mask or start.mask, start.mask, start.what, start.checkpoint, rt)
+
+
+def check_cache_fits(config, source, device, dtype):
+    """UserError, naming --block_size, when the KV cache of the model's whole context (which a chat allocates at
+    once) is larger than the memory of the machine or the GPU: a published context of 131,072 tokens, or a file
+    claiming 2^40, would otherwise end in a failed allocation or the kernel's out-of-memory killer."""
+    per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim * dtype.itemsize  # keys and values
+    if torch.device(device).type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if per_token * config.block_size > memory:
+        raise UserError(f"{source}: a KV cache for its context of {config.block_size:,} tokens would take "
+                        f"{per_token * config.block_size / 2**30:,.0f} GiB, more than the {memory / 2**30:,.0f} GiB "
+                        f"here: pass a --block_size below {memory // per_token:,}")
 
 
 @dataclass

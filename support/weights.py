@@ -9,7 +9,13 @@ them along the output dimension. GGUF files use llama.cpp's names for the Huggin
 
 build() makes the GPT that holds a state dict of our names; a model whose vocabulary is the 256 bytes (random test
 models) gets ismGPT's byte tokenizer and chat format, its embedding grown by the five chat tokens, as GPT-2 gets them.
+Every loader holds a file to the same rules, written once here: its sizes are positive whole numbers and its RoPE
+base and epsilon finite and positive (whole_number, positive_number); each tensor holds floating-point numbers of the
+shape the config gives it (checked); every parameter comes from the file and every tensor of the file is used
+(build, refuse_unread).
 """
+import math
+
 import torch
 
 from data.tokenizer import SPECIAL_TOKENS, get_tokenizer
@@ -21,6 +27,7 @@ VOCAB_MULTIPLE = 64  # an embedding grown by the chat tokens is padded to a mult
 
 # GPT-2 (transformers' GPT2LMHeadModel): the same names; these matrices are stored (in, out).
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # older GPT-2 files hold the causal mask: not weights
 
 # ours -> Hugging Face Llama / Qwen2. A tuple: its tensors stacked, in this order, along the output dimension.
 LLAMA_TOP = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight",
@@ -64,14 +71,27 @@ def stacked_sizes(config, name):
     return [config.mlp_hidden, config.mlp_hidden]
 
 
-def llama_from_hf(get, config):
-    """Our state dict from Hugging Face Llama / Qwen2 tensors: get(hf_name) -> tensor. A tied lm_head is the
-    embedding itself."""
-    state = {ours: torch.cat([get(h) for h in hf]) if isinstance(hf, tuple) else get(hf)
-             for ours, hf in llama_names(config)}
+def llama_from_hf(get, config, dtype=torch.float32):
+    """Our state dict, in dtype, from Hugging Face Llama / Qwen2 tensors: get(hf_name, shape) -> that tensor as the
+    file holds it, which must have that shape (the one the config gives it). Each parameter is allocated once and
+    filled part by part (q, k and v one under the other, say), converted as it is copied in: no other copy of the
+    model, or of a layer, is ever made. A tied lm_head is the embedding itself."""
+    shapes = parameter_shapes(config)
+    state = {}
+    for ours, hf in llama_names(config):
+        state[ours] = torch.empty(shapes[ours], dtype=dtype)
+        parts, sizes = (hf, stacked_sizes(config, ours)) if isinstance(hf, tuple) else ((hf,), [shapes[ours][0]])
+        for part, rows in zip(parts, state[ours].split(sizes)):
+            rows.copy_(get(part, rows.shape))
     if config.tie_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
+
+
+def parameter_shapes(config):
+    """Our name -> the shape GPT(config) gives that parameter (a model on the meta device: nothing allocated)."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
 
 
 def llama_to_hf(state, config):
@@ -89,7 +109,7 @@ def gpt2_from_hf(state):
     """Our state dict from transformers' GPT-2 one (the Conv1D matrices transposed; its causal-mask buffers left
     out)."""
     return {name: (t.t() if name.endswith(GPT2_CONV1D) else t) for name, t in state.items()
-            if not name.endswith((".attn.bias", ".attn.masked_bias"))}
+            if not name.endswith(GPT2_BUFFERS)}
 
 
 def gpt2_to_hf(state):
@@ -109,18 +129,55 @@ def gguf_name(hf_name):
 # ---------------------------------------------------------------------------------- a GPT from named tensors
 
 def build(config, state, path="the start"):
-    """GPT(config) holding state's tensors (as float32), in eval mode; UserError when a tensor's shape is not the
-    config's. Built on the meta device and then given the tensors: no time spent on random weights."""
+    """GPT(config) holding state's tensors as they are (no copy, no cast), in eval mode; UserError when a parameter
+    is missing, left over or of another shape. Built on the meta device and then given the tensors: no time or
+    memory spent on random weights."""
     with torch.device("meta"):
         model = GPT(config)
     try:
-        model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+        model.load_state_dict(state, assign=True)
     except RuntimeError as e:
         raise UserError(f"{path}: its weights do not fit its own config ({str(e).splitlines()[-1].strip()[:120]})") \
             from None
     if config.tie_embeddings:  # assign gave lm_head and wte one Parameter each: tie them again
         model.transformer.wte.weight = model.lm_head.weight
     return model.eval()
+
+
+def checked(tensor, name, shape, path):
+    """tensor, if it holds floating-point numbers (an integer tensor would be quantized weights, or not weights at
+    all: cast to float it would compute something else) of the shape the config gives it; else UserError."""
+    if not tensor.is_floating_point():
+        raise UserError(f"{path}: {name} holds {str(tensor.dtype).removeprefix('torch.')} numbers, not floating-point "
+                        "weights (quantized folders are not supported)")
+    if tuple(tensor.shape) != tuple(shape):
+        raise UserError(f"{path}: {name} has shape {list(tensor.shape)} where the config's sizes make "
+                        f"{list(shape)}")
+    return tensor
+
+
+def refuse_unread(unread, path):
+    """UserError when a file holds tensors the model did not take: the config describes another model than the
+    weights (fewer layers, say), or the weights hold parts (biases, extra norms) this model has no place for."""
+    if unread:
+        names = sorted(unread)
+        raise UserError(f"{path}: {len(names)} tensors have no place in the model its config describes "
+                        f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+
+
+def whole_number(value, key, path):
+    """value if it is a positive int (not a bool, not a float), else UserError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{path}: {key} is {value!r}, not a positive whole number")
+    return value
+
+
+def positive_number(value, key, path):
+    """value as a float if it is a finite number > 0, else UserError naming the key (a NaN or a negative RoPE base
+    or epsilon would otherwise surface as NaN logits at the first token)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{path}: {key} is {value!r}, not a finite number above 0")
+    return float(value)
 
 
 def chat_tokenizer(config, state, folder_or_file, vocab_source):

@@ -117,49 +117,71 @@ def test_damaged_weights_are_one_line(tmp_path):
 # --------------------------------------------------------------------------------------------------------- GGUF
 
 def permute_like_llama_cpp(weight, n_head):
-    """What llama.cpp's converter does to q and k rows (written here from its convert_hf_to_gguf.py's rule)."""
+    """What llama.cpp's converter does to q and k rows and biases (written here from its convert_hf_to_gguf.py's
+    rule)."""
     w = weight.numpy()
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf, path, matrix_type):
-    """hf as a llama-architecture GGUF file, matrices stored as matrix_type, norms as F32."""
-    c = hf.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    writer.add_vocab_size(c.vocab_size)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    qtype = getattr(gguf.GGMLQuantizationType, matrix_type)
+GGUF_MODULES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+GGUF_FIXED = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+
+
+def gguf_tensors(hf):
+    """hf's tensors by llama.cpp's names, as float32 numpy arrays, q and k permuted as its converter does."""
+    c, out = hf.config, {}
     for name, tensor in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
-        fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}
-        if name in fixed:
-            gguf_name = fixed[name]
+        if name in GGUF_FIXED:
+            gguf_name = GGUF_FIXED[name]
         else:
             _, _, layer, rest = name.split(".", 3)
             module, kind = rest.rsplit(".", 1)
-            gguf_name = f"blk.{layer}.{names[module]}.{kind}"
+            gguf_name = f"blk.{layer}.{GGUF_MODULES[module]}.{kind}"
         array = tensor.float().numpy()
-        if "attn_q" in gguf_name:
-            array = permute_like_llama_cpp(tensor, c.num_attention_heads)
-        elif "attn_k" in gguf_name:
-            array = permute_like_llama_cpp(tensor, c.num_key_value_heads)
+        if ".attn_q." in gguf_name:
+            array = permute_like_llama_cpp(tensor.float(), c.num_attention_heads)
+        elif ".attn_k." in gguf_name:
+            array = permute_like_llama_cpp(tensor.float(), c.num_key_value_heads)
+        out[gguf_name] = array
+    return out
+
+
+def write_gguf(hf, path, matrix_type, metadata=None, tensors=None):
+    """hf as a llama-architecture GGUF file, matrices stored as matrix_type, norms and biases as F32. metadata and
+    tensors: keys and tensors to write instead of hf's or besides them (None: leave that one out)."""
+    c = hf.config
+    fields = {"llama.block_count": c.num_hidden_layers, "llama.context_length": c.max_position_embeddings,
+              "llama.embedding_length": c.hidden_size, "llama.feed_forward_length": c.intermediate_size,
+              "llama.attention.head_count": c.num_attention_heads,
+              "llama.attention.head_count_kv": c.num_key_value_heads,
+              "llama.rope.freq_base": float(c.rope_parameters["rope_theta"]),
+              "llama.attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
+              "llama.rope.dimension_count": c.hidden_size // c.num_attention_heads, "llama.vocab_size": c.vocab_size}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {**fields, **(metadata or {})}.items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif value is not None:  # an int: as wide as it needs, signed only when negative
+            kinds = gguf.GGUFValueType
+            kind = kinds.UINT64 if value >= 2**32 else kinds.INT32 if value < 0 else kinds.UINT32
+            writer.add_key_value(key, value, kind)
+    qtype = getattr(gguf.GGMLQuantizationType, matrix_type)
+    for name, array in {**gguf_tensors(hf), **(tensors or {})}.items():
+        if array is None:
+            continue
         if array.ndim == 2:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
-            writer.add_tensor(gguf_name, array)
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
