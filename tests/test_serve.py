@@ -14,6 +14,7 @@ import pytest
 
 from data.chat import render
 from engine import ChatSession
+from support.errors import DataError
 from support.flags import run
 from mask import MASKS, ROLE_LETTERS
 import serve
@@ -323,6 +324,45 @@ def test_errors_in_openai_shape_and_the_server_goes_on():
         want = reference("ism", [{"role": "system", "content": SYSTEM_TEXT}, USER[0]], 9)
     assert answer["model"] == "any" and answer["choices"][0]["message"]["content"] == want["reply"]
     assert len(log) == len(BAD_REQUESTS) + 7 and log[-1].startswith("127.0.0.1 POST /v1/chat/completions 200 prompt")
+
+
+OPENAI_CONVERSATION = [{"role": "developer", "content": SYSTEM_TEXT},
+                       {"role": "user", "content": [{"type": "text", "text": USERS[0]}, {"type": "text", "text": "ok"}]},
+                       {"role": "assistant", "content": [{"type": "text", "text": "fine"}]}]
+MALFORMED = {  # each refused with the same words by every reader of OpenAI messages
+    "image part": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+    "part without text": [{"role": "user", "content": [{"type": "text"}]}],
+    "no parts": [{"role": "user", "content": []}],
+    "tool role": [{"role": "tool", "content": "hi"}],
+    "not a message": [{"role": "user"}],
+}
+
+
+def test_one_reader_of_openai_messages_for_serve_prepare_and_script(out_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """The developer role and text parts, which a client may send, are what prepare.py and sample.py --script read
+    in a file: the same conversation is accepted alike, and the same malformed ones refused with the same words."""
+    from data.prepare import prepare
+    from test_sample import cli
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": OPENAI_CONVERSATION}) for _ in range(2)) + "\n")
+    prepare(str(tmp_path / "prepared"), input=str(chats), block_size=CONFIG.block_size)
+    read = json.loads((tmp_path / "prepared" / "train.jsonl").read_text())["messages"]
+    assert read == [{"role": "system", "content": SYSTEM_TEXT}, {"role": "user", "content": USERS[0] + "\nok"},
+                    {"role": "assistant", "content": "fine"}]
+    code, out, err = cli([f"--out_dir={out_dir}", f"--script={chats}", "--temperature=0", "--max_new_tokens=4"], "",
+                         monkeypatch, capsys)
+    assert code == 0 and json.loads(out.splitlines()[0])["user"] == USERS[0] + "\nok", err
+    with serving() as (port, _):
+        assert chat(port, OPENAI_CONVERSATION[:2], max_tokens=4)["choices"][0]["message"]["content"]
+        for name, messages in MALFORMED.items():
+            status, _, payload = request(port, body={"messages": messages})
+            served = json.loads(payload)["error"]["message"].removeprefix("messages: ")
+            chats.write_text(json.dumps({"messages": messages + [{"role": "assistant", "content": "a"}]}) + "\n")
+            code, out, err = cli([f"--out_dir={out_dir}", f"--script={chats}"], "", monkeypatch, capsys)
+            assert status == 400 and code == 2 and err == f"error: {chats}:1: {served}\n", name
+            with pytest.raises(DataError) as refused:
+                prepare(str(tmp_path / "refused"), input=str(chats), block_size=CONFIG.block_size)
+            assert str(refused.value) == f"{chats}:1: {served}", name
 
 
 def test_an_internal_error_is_a_500_or_an_error_event_and_its_traceback_is_logged(monkeypatch):
