@@ -3,6 +3,7 @@ the same text history), exact cross-request reuse, OpenAI's shapes for answers, 
 a client that disconnects mid-stream, and answers whose text does not re-encode to the sampled ids."""
 import http.client
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -548,6 +549,19 @@ def test_a_client_that_sends_nothing_or_too_little_is_dropped_after_the_timeout(
             client.sendall(too_long)  # and waits for the answer: the missing bytes never come
             assert client.recv(65536).startswith(b"HTTP/1.1 408 ")
         assert exchange(port, too_long).startswith(b"HTTP/1.1 400 ")  # the client said it has sent all
+
+
+@pytest.mark.parametrize("headers", [b"Content-Length: %d\r\nContent-Length: 500\r\n",  # which one is right?
+                                     b"Content-Length: %d\r\nContent-length: %d\r\n",  # even when they agree
+                                     b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n",  # not read here
+                                     b"Content-Length: +%d\r\n"])  # not digits only
+def test_a_body_whose_length_is_in_doubt_is_refused(headers):
+    body = json.dumps({"messages": USER, "max_tokens": 2}).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers % ((len(body),) * headers.count(b"%d"))
+    with serving() as (port, _):
+        answer = exchange(port, head + b"\r\n" + body)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "invalid_request_error"
 
 
 def test_the_timeout_does_not_limit_how_long_an_answer_takes():

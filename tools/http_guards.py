@@ -31,14 +31,16 @@ def check_origin(headers, loopback):
 
 
 def read_body(rfile, headers, timeout):
-    """The request's body, exactly its Content-Length bytes, or ApiError: 400 without a usable length or for a short
-    body, 413 for one over MAX_BODY (refused unread), 408 when it does not come within timeout seconds."""
-    try:
-        length = int(headers.get("Content-Length", ""))
-    except ValueError:
-        raise ApiError(400, "the request needs a Content-Length header") from None
-    if length < 0:  # reading -1 bytes would wait for the end of a connection the client keeps open
-        raise ApiError(400, f"Content-Length {length} is negative")
+    """The request's body, exactly its Content-Length bytes, or ApiError: 400 without one length in digits (two
+    Content-Length headers, or a Transfer-Encoding, which this server does not read, leave the body's end in
+    doubt) or for a short body, 413 for one over MAX_BODY (refused unread), 408 when it does not come within
+    timeout seconds."""
+    lengths = headers.get_all("Content-Length") or []
+    if "Transfer-Encoding" in headers:
+        raise ApiError(400, "Transfer-Encoding is not read here: send the body with one Content-Length header")
+    if len(lengths) != 1 or not re.fullmatch(r"[0-9]+", lengths[0].strip()):
+        raise ApiError(400, "the request needs one Content-Length header, in digits")
+    length = int(lengths[0])
     if length > MAX_BODY:  # refused unread
         raise ApiError(413, f"the body is {length} bytes, more than {MAX_BODY}")
     try:
