@@ -551,6 +551,53 @@ def test_a_client_that_sends_nothing_or_too_little_is_dropped_after_the_timeout(
         assert exchange(port, too_long).startswith(b"HTTP/1.1 400 ")  # the client said it has sent all
 
 
+def trickle(port, data, sent_at_once=b"", pause=0.02, limit=5.0):
+    """Send sent_at_once, then data a byte at a time, one byte every `pause` seconds (each read of the server gets
+    its byte long before --timeout) -> (seconds until the server answered or closed, what it sent)."""
+    begun = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as client:
+        client.sendall(sent_at_once)
+        for byte in data:
+            if select.select([client], [], [], pause)[0]:
+                break  # the server has answered or closed
+            try:
+                client.sendall(bytes([byte]))
+            except OSError:
+                break
+        received = b""
+        while select.select([client], [], [], limit)[0] and (piece := client.recv(65536)):
+            received += piece
+    return time.monotonic() - begun, received
+
+
+def test_a_client_that_sends_slowly_cannot_hold_a_connection_past_the_timeout():
+    body = json.dumps({"messages": USER, "max_tokens": 2, "padding": "x" * 200}).encode()  # 4 s, a byte at a time
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with serving(timeout=0.5) as (port, _):
+        seconds, answer = trickle(port, b"X-Padding: " + b"x" * 200, sent_at_once=head[:-2])  # headers never end
+        assert seconds < 2 and answer == b""  # closed, as http.server closes a request line or headers cut short
+        seconds, answer = trickle(port, body, sent_at_once=head)
+        assert seconds < 2 and answer.startswith(b"HTTP/1.1 408 "), answer
+        assert request(port, body=body)[0] == 200  # the same request sent at once
+
+
+def test_connections_beyond_the_limit_are_refused_at_once_and_served_again_once_they_close():
+    body = {"messages": USER, "max_tokens": 2}
+    with serving(connections=2, timeout=10) as (port, _):
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]  # sending nothing
+        begun = time.monotonic()
+        status, _, payload = request(port, body=body)
+        assert status == 503 and time.monotonic() - begun < 2
+        assert json.loads(payload)["error"]["message"] == "busy: 2 connections are open; retry later"
+        for client in held:
+            client.close()
+        for _ in range(100):  # the server frees a connection once it has read its end
+            if request(port, "GET", "/v1/models")[0] == 200:
+                break
+            time.sleep(0.05)
+        assert request(port, body=body)[0] == 200
+
+
 @pytest.mark.parametrize("headers", [b"Content-Length: %d\r\nContent-Length: 500\r\n",  # which one is right?
                                      b"Content-Length: %d\r\nContent-length: %d\r\n",  # even when they agree
                                      b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n",  # not read here
