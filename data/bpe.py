@@ -62,6 +62,7 @@ class BPE:
         self.ranks = {tuple(m.split(" ", 1)): rank for rank, m in enumerate(merges)}
         self.stages = [regex.compile(p) for p in stages]
         self.stage_patterns, self.merges, self.nfc = tuple(stages), list(merges), nfc
+        self.longest = max(map(len, self.ids), default=1)  # characters of the longest token: a bound on a merge
         self.cache = {}
 
     def fingerprint(self):
@@ -76,24 +77,32 @@ class BPE:
             pieces = [part for piece in pieces for part in _split_isolated(stage, piece)]
         return pieces
 
-    def encode(self, text):
+    def encode(self, text, limit=None):
+        """text -> ids; with a limit, None as soon as text is known to need more than limit ids. A piece is merged
+        only while its characters, at most self.longest to a token, may still fit: the work stays bounded by the
+        limit, not by the text (a message too long for the context is refused without encoding all of it)."""
         if self.nfc:
             import unicodedata
             text = unicodedata.normalize("NFC", text)
-        ids = []
+        ids, limit = [], float("inf") if limit is None else limit
         for piece in self.pieces(text):
             cached = self.cache.get(piece)
             if cached is None:
-                cached = self._merge("".join(BYTE_TO_CHAR[b] for b in piece.encode("utf-8")))
+                chars = [c for c in (BYTE_TO_CHAR[b] for b in piece.encode("utf-8")) if c in self.ids]
+                if len(ids) + len(chars) / self.longest > limit:
+                    return None
+                cached = self._merge(chars)
                 if len(self.cache) >= CACHE_WORDS:
                     self.cache.clear()
                 self.cache[piece] = cached
             ids += cached
+            if len(ids) > limit:
+                return None
         return ids
 
-    def _merge(self, word):
-        """Step 3 with a heap of candidate pairs (rank, position): O(n log n) for a piece of n characters."""
-        symbols = [c for c in word if c in self.ids]
+    def _merge(self, symbols):
+        """Step 3 with a heap of candidate pairs (rank, position) on a piece's characters (those in the vocabulary:
+        the others are dropped first): O(n log n) for n characters."""
         n = len(symbols)
         nxt, prev = list(range(1, n + 1)), list(range(-1, n - 1))
         heap = [(self.ranks[pair], i, *pair) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in self.ranks]

@@ -109,6 +109,37 @@ def render(messages, tok):
     return ids, roles
 
 
+class _OverBudget(Exception):
+    pass
+
+
+class _Budget:
+    """A tokenizer that encodes at most `left` ids of text in all, then raises _OverBudget (render_within)."""
+
+    def __init__(self, tok, left):
+        self.tok, self.left = tok, left
+
+    def encode(self, text):
+        ids = self.tok.encode(text, self.left)
+        if ids is None:
+            raise _OverBudget
+        self.left -= len(ids)
+        return ids
+
+    def __getattr__(self, name):  # the special tokens, the chat format: the tokenizer's own
+        return getattr(self.tok, name)
+
+
+def render_within(messages, tok, limit):
+    """render(messages, tok), or None as soon as their text is known to need more than limit tokens: a
+    conversation too long for the context is refused after encoding about limit tokens of it, never all of it (a
+    megabyte of text keeps a pure-Python BPE busy for many seconds)."""
+    try:
+        return render(messages, _Budget(tok, limit))
+    except _OverBudget:
+        return None
+
+
 def system_of(messages):
     """The system message's text of a conversation, or None."""
     return messages[0]["content"] if messages and messages[0]["role"] == "system" else None

@@ -366,6 +366,22 @@ def test_one_reader_of_openai_messages_for_serve_prepare_and_script(out_dir, tmp
             assert str(refused.value) == f"{chats}:1: {served}", name
 
 
+def test_a_conversation_too_long_for_the_context_is_refused_without_encoding_all_of_it(monkeypatch):
+    """Six clients sending a megabyte each once kept the tokenizer busy for a minute apiece, only to be refused:
+    now what cannot fit is refused after encoding at most about the context's worth of it."""
+    encoded = []  # the characters the tokenizer's encoder was given
+    encode_ordinary = TOK.enc.encode_ordinary
+    monkeypatch.setattr(TOK.enc, "encode_ordinary", lambda text: encoded.append(len(text)) or encode_ordinary(text))
+    one_long = [{"role": "user", "content": "x" * (MAX_BODY // 2)}]
+    many_short = [{"role": ("user", "assistant")[i % 2], "content": "y" * 100} for i in range(2001)]
+    with serving() as (port, _):
+        for messages in (one_long, many_short):
+            encoded.clear()
+            status, _, payload = request(port, body={"messages": messages})
+            assert status == 400 and json.loads(payload)["error"]["code"] == "context_length_exceeded", payload
+            assert sum(encoded) <= 2 * CONFIG.block_size, sum(encoded)
+
+
 def test_an_internal_error_is_a_500_or_an_error_event_and_its_traceback_is_logged(monkeypatch):
     def broken(self, *args, **kwargs):
         raise RuntimeError("the engine broke")

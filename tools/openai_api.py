@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data.chat import chat_messages, render, validate
+from data.chat import chat_messages, render, render_within, validate
 from engine import ChatSession, Sampling, TextStream
 from mask import ROLE_LETTERS
 from support.errors import DataError, ModelError, TurnError
@@ -135,7 +135,8 @@ def stop_strings(body):
 def parse_request(body, tok, block_size, cfg):
     """A decoded JSON body -> ChatRequest, or ApiError 400 saying which field is wrong. cfg (ServeConfig) gives the
     defaults. The conversation must leave room for at least one answer token and its <|end|>: turns are never
-    dropped to make room, because a stateless client decides its history."""
+    dropped to make room, because a stateless client decides its history; one that cannot fit is refused before
+    all of it is encoded (render_within)."""
     messages = request_messages(body.get("messages"))
     number = (int, float)
     field(body, "n", (int,), 1, lambda v: v == 1, "1: one answer per request")
@@ -143,8 +144,12 @@ def parse_request(body, tok, block_size, cfg):
     max_tokens = field(body, "max_completion_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
     if max_tokens is None:
         max_tokens = field(body, "max_tokens", (int,), cfg.max_tokens, lambda v: v >= 1, "an integer >= 1")
+    rendered = render_within(messages, tok, block_size - 2)
+    if rendered is None:
+        raise ApiError(400, f"the conversation needs more than block_size {block_size} tokens with one answer token "
+                            "and <|end|>: shorten it or leave out early turns", "messages", "context_length_exceeded")
+    ids, roles = rendered  # begins with the history's rendering: rendering is prefix-stable
     history_len = len(render(messages[:-1], tok)[0])
-    ids, roles = render(messages, tok)  # begins with the history's rendering: rendering is prefix-stable
     if len(ids) + 2 > block_size:
         raise ApiError(400, f"the conversation is {len(ids)} tokens; with one answer token and <|end|> it needs "
                             f"{len(ids) + 2}, more than block_size {block_size}: shorten it or leave out early "
