@@ -13,6 +13,7 @@ Encoding a text:
 Special tokens (<|im_start|>, <|im_end|>, ...) are never produced from text: a special token's string typed by a
 user splits into ordinary pieces at step 1, so nothing a user writes can close a turn or forge a role header.
 """
+import collections
 import functools
 import hashlib
 import heapq
@@ -62,7 +63,6 @@ class BPE:
         self.ranks = {tuple(m.split(" ", 1)): rank for rank, m in enumerate(merges)}
         self.stages = [regex.compile(p) for p in stages]
         self.stage_patterns, self.merges, self.nfc = tuple(stages), list(merges), nfc
-        self.longest = max(map(len, self.ids), default=1)  # characters of the longest token: a bound on a merge
         self.cache = {}
 
     def fingerprint(self):
@@ -79,8 +79,8 @@ class BPE:
 
     def encode(self, text, limit=None):
         """text -> ids; with a limit, None as soon as text is known to need more than limit ids. A piece is merged
-        only while its characters, at most self.longest to a token, may still fit: the work stays bounded by the
-        limit, not by the text (a message too long for the context is refused without encoding all of it)."""
+        only while it may still fit (needs_more): the work stays bounded by the limit, not by the text (a message too
+        long for the context is refused without encoding all of it)."""
         if self.nfc:
             import unicodedata
             text = unicodedata.normalize("NFC", text)
@@ -89,7 +89,7 @@ class BPE:
             cached = self.cache.get(piece)
             if cached is None:
                 chars = [c for c in (BYTE_TO_CHAR[b] for b in piece.encode("utf-8")) if c in self.ids]
-                if len(ids) + len(chars) / self.longest > limit:
+                if self.needs_more(chars, limit - len(ids)):
                     return None
                 cached = self._merge(chars)
                 if len(self.cache) >= CACHE_WORDS:
@@ -99,6 +99,24 @@ class BPE:
             if len(ids) > limit:
                 return None
         return ids
+
+    def needs_more(self, chars, left):
+        """Whether a piece of these characters needs more than `left` tokens, known without merging it: no token
+        it can become is longer than the vocabulary's longest made of its characters only, and only as many tokens
+        as there are of its rarest character can hold that one (a newline before a run of spaces: "\n" and 80
+        spaces is a token, no run of spaces alone is longer than 64)."""
+        if len(chars) <= left:
+            return False
+        counts = collections.Counter(chars)
+        rarest, seen = min(counts.items(), key=lambda item: item[1])
+        longest, longest_without = self._longest_of(frozenset(counts)), self._longest_of(frozenset(counts) - {rarest})
+        fewest = len(chars) / longest if len(chars) <= seen * longest else \
+            seen + (len(chars) - seen * longest) / longest_without
+        return fewest > left
+
+    @functools.lru_cache(maxsize=256)
+    def _longest_of(self, characters):
+        return max((len(token) for token in self.ids if characters.issuperset(token)), default=1)
 
     def _merge(self, symbols):
         """Step 3 with a heap of candidate pairs (rank, position) on a piece's characters (those in the vocabulary:

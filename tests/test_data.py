@@ -450,7 +450,8 @@ def test_an_encoding_with_a_limit_stops_once_past_it_without_the_work_of_the_who
     """A text that needs more tokens than a limit (a message too long for the context) is known to, after
     merging at most about the limit's worth of it: never the work of the whole text."""
     a = BYTE_TO_CHAR[ord("a")]
-    encoder = BPE([BYTE_TO_CHAR[b] for b in range(256)] + [a * 2, a * 4], [f"{a} {a}", f"{a * 2} {a * 2}"],
+    b = BYTE_TO_CHAR[ord("b")]
+    encoder = BPE([BYTE_TO_CHAR[b] for b in range(256)] + [a * 2, a * 4, b * 16], [f"{a} {a}", f"{a * 2} {a * 2}"],
                   [GPT2_PATTERN], [])
     merged = []  # the characters of every piece merged
     merge = encoder._merge
@@ -458,7 +459,9 @@ def test_an_encoding_with_a_limit_stops_once_past_it_without_the_work_of_the_who
     assert encoder.encode("a" * 12) == encoder.encode("a" * 12, limit=3) == [257] * 3
     assert encoder.encode("a" * 12, limit=2) is None
     merged.clear()
-    assert encoder.encode("a" * 1_000_000, limit=100) is None and merged == []  # 4 characters a token at most
+    assert encoder.encode("a" * 1_000_000, limit=100) is None and merged == []
+    assert encoder.encode("a" * 1000, limit=200) is None and merged == []  # 4 a's a token at most (not 16)
+    assert encoder.encode("b" + "a" * 1000, limit=200) is None and merged == []  # 16 characters in one token only
     words = " ".join(f"w{i}" for i in range(100_000))
     assert encoder.encode(words, limit=100) is None and sum(merged) < 500  # the first pieces past the limit only
     byte = get_tokenizer("byte")
