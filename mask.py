@@ -159,8 +159,6 @@ def picture(kind, roles):
 
 
 def main():
-    """Draw the three masks (causal, prefix, ism) of a small conversation: a system message, two queries and two
-    answers. Row i is a query token, column j a key token, # where i may attend to j."""
     # system (3 tokens), user (3), answer (2), user (3), answer (2): role codes only, no tokenizer needed
     roles = torch.tensor([SYSTEM] * 3 + [USER] * 3 + [ASSISTANT] * 2 + [USER] * 3 + [ASSISTANT] * 2)
     for kind in MASKS:
@@ -168,11 +166,12 @@ def main():
 
 
 if __name__ == "__main__":
-    import inspect
     import signal
     import sys
     if sys.argv[1:] in (["-h"], ["--help"]):
-        print(f"usage: python mask.py\n{inspect.cleandoc(main.__doc__)}")
+        print("usage: python mask.py\nDraw the three masks (causal, prefix, ism) of a small conversation: a system "
+              "message,\ntwo queries and two answers. Row i is a query token, column j a key token, # where i may "
+              "attend to j.")
         sys.exit(0)
     if sys.argv[1:]:
         print(f"error: python mask.py takes no arguments, not {sys.argv[1]!r} (--help says what it does)",
