@@ -327,8 +327,8 @@ def test_errors_in_openai_shape_and_the_server_goes_on():
     assert len(log) == len(BAD_REQUESTS) + 7 and log[-1].startswith("127.0.0.1 POST /v1/chat/completions 200 prompt")
 
 
-OPENAI_CONVERSATION = [{"role": "developer", "content": SYSTEM_TEXT},
-                       {"role": "user", "content": [{"type": "text", "text": USERS[0]}, {"type": "text", "text": "ok"}]},
+TEXT_PARTS = [{"type": "text", "text": USERS[0]}, {"type": "text", "text": "ok"}]
+OPENAI_CONVERSATION = [{"role": "developer", "content": SYSTEM_TEXT}, {"role": "user", "content": TEXT_PARTS},
                        {"role": "assistant", "content": [{"type": "text", "text": "fine"}]}]
 MALFORMED = {  # each refused with the same words by every reader of OpenAI messages
     "image part": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
@@ -339,7 +339,8 @@ MALFORMED = {  # each refused with the same words by every reader of OpenAI mess
 }
 
 
-def test_one_reader_of_openai_messages_for_serve_prepare_and_script(out_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_one_reader_of_openai_messages_for_serve_prepare_and_script(out_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                                    capsys):
     """The developer role and text parts, which a client may send, are what prepare.py and sample.py --script read
     in a file: the same conversation is accepted alike, and the same malformed ones refused with the same words."""
     from data.prepare import prepare
@@ -620,7 +621,8 @@ def test_connections_beyond_the_limit_are_refused_at_once_and_served_again_once_
                                      b"Content-Length: +%d\r\n"])  # not digits only
 def test_a_body_whose_length_is_in_doubt_is_refused(headers):
     body = json.dumps({"messages": USER, "max_tokens": 2}).encode()
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers % ((len(body),) * headers.count(b"%d"))
+    lengths = headers % ((len(body),) * headers.count(b"%d"))
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + lengths
     with serving() as (port, _):
         answer = exchange(port, head + b"\r\n" + body)
     assert answer.startswith(b"HTTP/1.1 400 "), answer
