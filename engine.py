@@ -471,6 +471,12 @@ def largest_difference(session):
 
 
 if __name__ == "__main__":
+    import inspect
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(f"usage: python engine.py\n{inspect.cleandoc(self_check.__doc__)}")
+        sys.exit(0)
     if sys.argv[1:]:
-        sys.exit(f"usage: python {sys.argv[0]}\n{self_check.__doc__}")
+        print(f"error: python engine.py takes no arguments, not {sys.argv[1]!r} (--help says what it does)",
+              file=sys.stderr)
+        sys.exit(2)
     self_check()

@@ -167,5 +167,15 @@ def main():
 
 if __name__ == "__main__":
     import signal
+    import sys
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print("usage: python mask.py\nDraw the three masks (causal, prefix, ism) of a small conversation: a system "
+              "message,\ntwo queries and two answers. Row i is a query token, column j a key token, # where i may "
+              "attend to j.")
+        sys.exit(0)
+    if sys.argv[1:]:
+        print(f"error: python mask.py takes no arguments, not {sys.argv[1]!r} (--help says what it does)",
+              file=sys.stderr)
+        sys.exit(2)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `python mask.py | head` ends quietly, as cat would
     main()

@@ -161,9 +161,24 @@ def chat(cfg, session, sampling, chat_model):
             console.say("(Ctrl-D or /quit exits)")
 
 
+# Fewer tokens of fine-tuning than the fine-tunes measured in experiments/README.md (100 steps, 50,500 tokens): 4
+# steps of config/finetune_smollm2.py (2,024 tokens) leave SmolLM2 answering a fourth turn under ISM with its third
+# answer, where under --mask=causal the same weights answer it.
+FEW_TOKENS = 50_000
+
+
+def barely_fine_tuned(chat_model):
+    """Whether the chat runs, under the mask they were fine-tuned with, weights that started from a pretrained
+    model (trained causally) and trained fewer than FEW_TOKENS tokens under another mask. A start that was itself an
+    ismGPT checkpoint counts as causal too: a checkpoint does not record its start's mask."""
+    checkpoint = chat_model.checkpoint or {}
+    return checkpoint.get("start", "scratch") != "scratch" and chat_model.mask == checkpoint["mask"] != "causal" \
+        and checkpoint.get("tokens", {}).get("tokens", 0) < FEW_TOKENS
+
+
 def greet(console, session, chat_model):
-    """The banner (interactive); piped, only a mask other than the model's is said, since that must not pass
-    unsaid."""
+    """The banner (interactive); piped, only what must not pass unsaid: a mask other than the model's, or weights
+    too briefly fine-tuned for their mask."""
     if console.interactive:
         cache = "no cache (reference path)" if session.cache is None else "KV cache"
         console.say(f"ismGPT chat | {chat_model.what} | mask {chat_model.mask_label} | block_size "
@@ -174,6 +189,11 @@ def greet(console, session, chat_model):
                         + " | ".join(example_prompts()))
     elif chat_model.mask != chat_model.trained_mask:
         console.say(f"note: mask {chat_model.mask_label}")
+    if barely_fine_tuned(chat_model):
+        checkpoint, mask = chat_model.checkpoint, chat_model.mask
+        console.say(f"note: these weights trained only {checkpoint.get('tokens', {}).get('tokens', 0):,} tokens under "
+                    f"{mask} after starting from {checkpoint['start']}: they may answer badly under {mask}; "
+                    "try --mask=causal")
 
 
 def command(console, session, text, show_stats):

@@ -26,7 +26,8 @@ Origin header, when sent, must be the server's own (http:// and the Host), which
 and other ports. Beyond loopback any Host is answered and only the Origin is checked. Refused requests get 403.
 
 One model answers one request at a time, in arrival order; up to --queue more wait, and beyond that a request is
-refused with 503. A client that disconnects stops its generation; one that only half-closes its connection after
+refused with 503. A client has --timeout seconds from connecting to send its whole request (a byte now and then
+does not stretch them), and at most --connections are held at once: one more is answered 503 at once. A client that disconnects stops its generation; one that only half-closes its connection after
 its request (`nc -N`) gets its answer. The API is tools/openai_api.py, the HTTP side tools/http_server.py and what
 guards its connections tools/http_guards.py.
 """
@@ -56,9 +57,11 @@ class ServeConfig(ModelFlags):
     max_tokens: int = setting(256, "longest answer, in tokens, when a request gives no max_tokens", min=1)
     sessions: int = setting(8, "conversations whose KV cache is kept (least recently used goes first)", min=1)
     queue: int = setting(16, "requests that may wait while one is answered; more get 503", min=0)
-    timeout: float = setting(30.0, "seconds a client may keep the server waiting to send its request or to take a "
-                                   "streamed answer; then 408, or the connection closed (generating is not limited)",
-                             min=1)
+    connections: int = setting(32, "connections held at once (reading a request, waiting in --queue or answered); "
+                                   "one more is answered 503 at once", min=1)
+    timeout: float = setting(30.0, "seconds a client has to send its whole request (headers and body), and may keep "
+                                   "the server waiting to take a streamed answer; then 408, or the connection closed "
+                                   "(generating is not limited)", min=1)
     no_cache: bool = setting(False, "reference path: recompute the whole context for every token, no KV cache")
 
 

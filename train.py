@@ -380,7 +380,7 @@ def wrapped(model, cfg, rt, log):
 
 
 def train(cfg, flags_given, rt):
-    log = (lambda *a: print(*a, flush=True)) if rt.is_master else (lambda *a: None)
+    log = flags.say if rt.is_master else (lambda *a: None)  # a closed stdout costs the messages, never the run
     run = start_run(cfg, flags_given, rt, log)
     cfg, state, stream, t_start, timer = run.cfg, run.state, run.stream, time.time(), StepTimer()
     with StopOnSignal() as stop, TrainingLog(cfg.out_dir, run.resumed_at if run.resumed else None,

@@ -14,6 +14,7 @@ Encoding a text:
 Special tokens (<|im_start|>, <|im_end|>, ...) are never produced from text: a special token's string typed by a
 user splits into ordinary pieces at step 1, so nothing a user writes can close a turn or forge a role header.
 """
+import collections
 import functools
 import hashlib
 import heapq
@@ -81,26 +82,54 @@ class BPE:
             pieces = [part for piece in pieces for part in _split_isolated(stage, piece)]
         return pieces
 
-    def encode(self, text):
+    def encode(self, text, limit=None):
+        """text -> ids; with a limit, None as soon as text is known to need more than limit ids. A piece is merged
+        only while it may still fit (needs_more): the work stays bounded by the limit, not by the text (a message too
+        long for the context is refused without encoding all of it)."""
         if self.nfc:
             import unicodedata
             text = unicodedata.normalize("NFC", text)
-        ids = []
+        ids, limit = [], float("inf") if limit is None else limit
         for piece in self.pieces(text):
             cached = self.cache.get(piece)
             if cached is None:
-                cached = self._merge("".join(BYTE_TO_CHAR[b] for b in piece.encode("utf-8")))
+                word = "".join(BYTE_TO_CHAR[b] for b in piece.encode("utf-8"))
+                chars = [c for c in word if c in self.ids]
+                if self.ignore_merges and word in self.ids:  # a piece that is a token is that token (Llama 3)
+                    cached = [self.ids[word]]
+                elif self.needs_more(chars, limit - len(ids)):
+                    return None
+                else:
+                    cached = self._merge(chars)
                 if len(self.cache) >= CACHE_WORDS:
                     self.cache.clear()
                 self.cache[piece] = cached
             ids += cached
+            if len(ids) > limit:
+                return None
         return ids
 
-    def _merge(self, word):
-        """Step 3 with a heap of candidate pairs (rank, position): O(n log n) for a piece of n characters."""
-        if self.ignore_merges and word in self.ids:
-            return [self.ids[word]]
-        symbols = [c for c in word if c in self.ids]
+    def needs_more(self, chars, left):
+        """Whether a piece of these characters needs more than `left` tokens, known without merging it: no token
+        it can become is longer than the vocabulary's longest made of its characters only, and only as many tokens
+        as there are of its rarest character can hold that one (a newline before a run of spaces: "\n" and 80
+        spaces is a token, no run of spaces alone is longer than 64)."""
+        if len(chars) <= left:
+            return False
+        counts = collections.Counter(chars)
+        rarest, seen = min(counts.items(), key=lambda item: item[1])
+        longest, longest_without = self._longest_of(frozenset(counts)), self._longest_of(frozenset(counts) - {rarest})
+        fewest = len(chars) / longest if len(chars) <= seen * longest else \
+            seen + (len(chars) - seen * longest) / longest_without
+        return fewest > left
+
+    @functools.lru_cache(maxsize=256)
+    def _longest_of(self, characters):
+        return max((len(token) for token in self.ids if characters.issuperset(token)), default=1)
+
+    def _merge(self, symbols):
+        """Step 3 with a heap of candidate pairs (rank, position) on a piece's characters (those in the vocabulary:
+        the others are dropped first): O(n log n) for n characters."""
         n = len(symbols)
         nxt, prev = list(range(1, n + 1)), list(range(-1, n - 1))
         heap = [(self.ranks[pair], i, *pair) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in self.ranks]

@@ -26,8 +26,9 @@ inference prompt. That is what lets the sampler reuse its KV cache across turns.
 line and text are encoded together, as the template's tokenization does; an answer is encoded on its own, as the
 model generates it after its header.)
 
-Input lines are OpenAI-style {"messages": [{"role": "user", "content": "hi"}, ...]} or ShareGPT-style
-{"conversations": [{"from": "human", "value": "hi"}, ...]}, told apart line by line; both read as the same messages.
+Input lines are OpenAI-style {"messages": [{"role": "user", "content": "hi"}, ...]}, read as serve.py reads a
+request's (chat_messages), or ShareGPT-style {"conversations": [{"from": "human", "value": "hi"}, ...]}, told
+apart line by line; both read as the same messages.
 """
 import json
 import sys
@@ -108,9 +109,70 @@ def render(messages, tok):
     return ids, roles
 
 
+class _OverBudget(Exception):
+    pass
+
+
+class _Budget:
+    """A tokenizer that encodes at most `left` ids of text in all, then raises _OverBudget (render_within)."""
+
+    def __init__(self, tok, left):
+        self.tok, self.left = tok, left
+
+    def encode(self, text):
+        ids = self.tok.encode(text, self.left)
+        if ids is None:
+            raise _OverBudget
+        self.left -= len(ids)
+        return ids
+
+    def __getattr__(self, name):  # the special tokens, the chat format: the tokenizer's own
+        return getattr(self.tok, name)
+
+
+def render_within(messages, tok, limit):
+    """render(messages, tok), or None as soon as their text is known to need more than limit tokens: a
+    conversation too long for the context is refused after encoding about limit tokens of it, never all of it (a
+    megabyte of text keeps a pure-Python BPE busy for many seconds)."""
+    try:
+        return render(messages, _Budget(tok, limit))
+    except _OverBudget:
+        return None
+
+
 def system_of(messages):
     """The system message's text of a conversation, or None."""
     return messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+
+
+# ------------------------------------------------------------------------------------------- OpenAI's messages
+
+def chat_messages(raw, where):
+    """OpenAI's messages, as a client sends serve.py and a JSONL line holds them, -> this module's: developer is
+    system, a list of text parts is their text, other fields are dropped; validate() checks the rest. One reader
+    for every entry point, so that what a client may send is what prepare.py and sample.py --script read."""
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f'{where}: "messages" must be a non-empty list')
+    messages = []
+    for number, message in enumerate(raw, 1):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f'{where}: message {number} is not an object with "role" and "content"')
+        role = "system" if message["role"] == "developer" else message["role"]
+        messages.append({"role": role, "content": text_of(message["content"], number, where)})
+    return messages
+
+
+def text_of(content, number, where):
+    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts (joined by
+    newlines). Other types are left to validate() to name."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise DataError(f"{where}: message {number}: only text content parts are supported")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -218,13 +280,14 @@ def json_value(raw, where):
 
 
 def _messages_of(record, where):
-    """The line's messages, in the OpenAI format: "messages" as they are, or ShareGPT's "conversations" mapped."""
+    """The line's messages, in this module's form: OpenAI's "messages" (chat_messages), or ShareGPT's
+    "conversations" mapped."""
     if not isinstance(record, dict) or not ("messages" in record or "conversations" in record):
         raise DataError(f'{where}: expected an object with a "messages" list (or ShareGPT\'s "conversations")')
     if "messages" in record and "conversations" in record:  # which one to train on would be a guess
         raise DataError(f'{where}: has both "messages" and "conversations": keep one')
     if "messages" in record:
-        return record["messages"]
+        return chat_messages(record["messages"], where)
     return _from_sharegpt(record["conversations"], where)
 
 

@@ -42,10 +42,16 @@ class Tokenizer:
         ids = [enc.encode_single_token(s) for s in SPECIAL_TOKENS]
         self.bos, self.system, self.user, self.assistant, self.end = ids
         self.special = ids
+        self.longest = max(map(len, enc.token_byte_values()))  # bytes of the longest token ("byte": 1)
 
-    def encode(self, text):
-        """Ordinary text only: special-token strings in the text become plain bytes."""
-        return self.enc.encode_ordinary(text)
+    def encode(self, text, limit=None):
+        """Ordinary text only: special-token strings in the text become plain bytes. With a limit, None when the
+        text needs more than limit ids, known without encoding it when its bytes, at most self.longest to a
+        token, are too many."""
+        if limit is not None and len(text.encode("utf-8")) > limit * self.longest:
+            return None
+        ids = self.enc.encode_ordinary(text)
+        return None if limit is not None and len(ids) > limit else ids
 
     def decode(self, ids):
         return self.enc.decode(ids)
@@ -76,9 +82,10 @@ class ChatMLTokenizer:
                             "are supported")
         self.im_start, self.end = found["<|im_start|>"], found["<|im_end|>"]
 
-    def encode(self, text):
-        """Ordinary text only: special-token strings in the text become plain tokens."""
-        return self.bpe.encode(text)
+    def encode(self, text, limit=None):
+        """Ordinary text only: special-token strings in the text become plain tokens. With a limit, None as soon as
+        the text is known to need more than limit ids (data/bpe.py stops there)."""
+        return self.bpe.encode(text, limit)
 
     def decode(self, ids):
         return self.bpe.decode(ids)

@@ -2,6 +2,7 @@
 Where the scripts compute: compute_init sets up threads, ranks, device, precision and attention in one call and
 returns them as one Runtime value; plus a description of the machine for reports, and the memory a model needs.
 """
+import math
 import os
 import platform
 import sys
@@ -13,8 +14,10 @@ import torch.distributed as dist
 
 from support.errors import UserError
 
-THREADS_HELP = ("torch CPU threads (0: torch's default, one per core). On a machine shared with other busy "
-                "processes, 1 is often much faster: each op otherwise waits for a descheduled thread")
+THREADS_HELP = ("torch CPU threads (0: auto: on a CPU, one per core, or on a machine busy with other work as many "
+                "as the load average leaves free cores, at least 1: torch's threads wait for each other on busy "
+                "cores)")
+TORCH_THREADS = torch.get_num_threads()  # torch's default, one per core: the most auto ever takes
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: cuda when available)"
 CHAT_DTYPE_HELP = "auto | float32 | bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)"
 DTYPES = ("auto", "float32", "bfloat16")
@@ -70,12 +73,12 @@ class Runtime:
         return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
-def compute_init(device="auto", dtype="auto", attention="auto", threads=0, training=False):
+def compute_init(device="auto", dtype="auto", attention="auto", threads=None, training=False):
     """Set up where a script computes, in one call: torch's CPU threads, the process group when torchrun started
     this process (nccl on CUDA, gloo on CPU), this rank's device, the precision and the attention backend.
     -> Runtime; UserError (one line) for what this machine cannot do. auto: CUDA when available, with TF32
     matmuls, bfloat16 (a training step's autocast, or a chat model's weights: half the memory traffic a decode step
-    is bound by) and, to train, FlexAttention; on a CPU float32 and SDPA."""
+    is bound by) and, to train, FlexAttention; on a CPU float32 and SDPA. threads: as set_threads takes them."""
     device = resolve_device(device)
     set_threads(threads, device)
     rank, local_rank, world_size = init_process_group(device) if training else (0, 0, 1)
@@ -121,26 +124,31 @@ def all_ranks_sum(values, device):
 
 
 def set_threads(n, device="cpu"):
-    """torch's intra-op CPU threads; 0 keeps torch's default. On a CPU device, one line on stderr when other work
-    already keeps the machine busy: torch's threads then wait for each other (measured here: a training step 1.6x
-    slower with two threads than with one beside one busy process)."""
-    if n:
-        torch.set_num_threads(n)
-    note = busy_machine_note(torch.get_num_threads())
-    if note and torch.device(resolve_device(device)).type == "cpu":
-        print(f"note: {note}", file=sys.stderr, flush=True)
+    """torch's intra-op CPU threads: n; 0 (auto): torch's default, one per core, or on a CPU device as many as
+    auto_threads leaves, with one line on stderr saying why when that is fewer; None leaves them as they are (a
+    caller that set them itself)."""
+    if n is None:
+        return
+    if n == 0 and torch.device(resolve_device(device)).type == "cpu":
+        n, note = auto_threads(TORCH_THREADS)
+        if note:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+    torch.set_num_threads(n or TORCH_THREADS)
 
 
-def busy_machine_note(threads):
-    """A sentence when the load average says that other processes leave fewer free cores than `threads`. Below a
-    load of 1 it stays quiet: the last minute's average still counts the command that ran just before."""
-    if threads < 2 or not hasattr(os, "getloadavg"):
-        return None
+def auto_threads(most):
+    """-> (threads, why or None): `most` threads (torch's default), or on a machine that other work keeps busy as
+    many as the 1-minute load average leaves free cores, at least 1: beside busy cores torch's threads wait for the
+    slowest (the README has the numbers). Below a load of 1 the machine counts as idle: the average still counts
+    the command that ran just before."""
+    if not hasattr(os, "getloadavg"):
+        return most, None
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    if load < 1 or threads + load <= cpus + 0.5:
-        return None
-    return (f"this machine is busy (load average {load:.1f} on {cpus} CPUs) and torch runs {threads} threads, which "
-            "then wait for each other: --threads=1 is likely faster")
+    threads = most if load < 1 else max(1, min(most, math.floor(cpus - load + 0.5)))
+    if threads == most:
+        return most, None
+    return threads, (f"{threads} torch thread(s), not {most}: the load average is {load:.1f} on {cpus} CPUs, and "
+                     f"torch's threads wait for each other on busy cores (--threads={most} takes them all anyway)")
 
 
 @contextmanager

@@ -189,6 +189,17 @@ def _say(line):
         pass
 
 
+def say(*parts, file=None):
+    """print(*parts) on stdout (or file), flushed, for a program whose work matters more than its messages (a
+    training run): output that cannot be written, a reader gone included (`train.py | tee log`, where a terminal's
+    Ctrl-C ends tee too), drops the message and points the stream at /dev/null, never ends the program."""
+    stream = file or sys.stdout
+    try:
+        print(*parts, file=stream, flush=True)
+    except OSError:
+        _silence(stream)
+
+
 def _silence(stream):
     """Point stream's file at /dev/null, so that Python's last flush at exit does not fail again (and print a
     traceback after all)."""

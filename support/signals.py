@@ -5,6 +5,9 @@ a consistent checkpoint; a second Ctrl-C aborts at once.
 import signal
 import sys
 
+from support.flags import say
+
+
 class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary, so the checkpoint it writes
     is a consistent one; a second Ctrl-C aborts at once."""
@@ -17,8 +20,8 @@ class StopOnSignal:
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        self.requested = True  # first: the message below may meet a closed pipe, and the save must not depend on it
+        say("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():

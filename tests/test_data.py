@@ -11,6 +11,7 @@ import pytest
 import tiktoken
 
 from data import synthetic
+from data.bpe import BPE, BYTE_TO_CHAR, GPT2_PATTERN
 from data.batching import collate, documents, epoch_rows, expansion_factor, pack
 from data.chat import fit_to_block, read_jsonl, render, render_answer, render_start, render_system, render_user, validate
 from support.errors import DataError
@@ -443,3 +444,29 @@ def test_prepare_has_the_defaults_of_its_command_line():
     for f in dataclasses.fields(PrepareConfig):
         if f.name not in ("input", "out_dir"):  # empty flag = None argument = the default folder / synthetic
             assert signature[f.name].default == f.default, f.name
+
+
+def test_an_encoding_with_a_limit_stops_once_past_it_without_the_work_of_the_whole_text(monkeypatch):
+    """A text that needs more tokens than a limit (a message too long for the context) is known to, after
+    merging at most about the limit's worth of it: never the work of the whole text."""
+    a = BYTE_TO_CHAR[ord("a")]
+    b = BYTE_TO_CHAR[ord("b")]
+    encoder = BPE([BYTE_TO_CHAR[b] for b in range(256)] + [a * 2, a * 4, b * 16], [f"{a} {a}", f"{a * 2} {a * 2}"],
+                  [GPT2_PATTERN], [])
+    merged = []  # the characters of every piece merged
+    merge = encoder._merge
+    monkeypatch.setattr(encoder, "_merge", lambda chars: merged.append(len(chars)) or merge(chars))
+    assert encoder.encode("a" * 12) == encoder.encode("a" * 12, limit=3) == [257] * 3
+    assert encoder.encode("a" * 12, limit=2) is None
+    merged.clear()
+    assert encoder.encode("a" * 1_000_000, limit=100) is None and merged == []
+    assert encoder.encode("a" * 1000, limit=200) is None and merged == []  # 4 a's a token at most (not 16)
+    assert encoder.encode("b" + "a" * 1000, limit=200) is None and merged == []  # 16 characters in one token only
+    words = " ".join(f"w{i}" for i in range(100_000))
+    assert encoder.encode(words, limit=100) is None and sum(merged) < 500  # the first pieces past the limit only
+    byte = get_tokenizer("byte")
+    encoded = []
+    encode_ordinary = byte.enc.encode_ordinary
+    monkeypatch.setattr(byte.enc, "encode_ordinary", lambda text: encoded.append(text) or encode_ordinary(text))
+    assert byte.encode("x" * 1_000_000, limit=100) is None and encoded == []  # a byte a token: known unencoded
+    assert byte.encode("caf\u00e9", limit=5) == byte.encode("caf\u00e9") and byte.encode("caf\u00e9", limit=4) is None

@@ -261,13 +261,33 @@ def test_compare_masks_writes_its_records_through_no_planted_link(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- first runs
 
-def test_a_busy_machine_is_named_with_the_fix(monkeypatch):
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert "--threads=1 is likely faster" in common.busy_machine_note(2)
-    assert common.busy_machine_note(1) is None  # one thread: nothing to wait for
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.8, 0.1, 0.1))
-    assert common.busy_machine_note(2) is None  # an idle machine just after a command
+@pytest.mark.parametrize("load,cpus,most,threads", [
+    (1.9, 2, 2, 1),  # one busy process on two cores: one thread
+    (8.7, 2, 2, 1),  # never fewer than one
+    (1.4, 4, 4, 3),  # what the load leaves free, rounded
+    (0.8, 2, 2, 2),  # an idle machine just after a command: all
+    (3.0, 8, 4, 4),  # never more than torch's default
+])
+def test_auto_threads_take_the_cores_the_load_leaves_free(monkeypatch, load, cpus, most, threads):
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 1.0, 1.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    chosen, why = common.auto_threads(most)
+    assert chosen == threads and (why is None) == (threads == most)
+    if why:
+        assert why.startswith(f"{threads} torch thread(s), not {most}: the load average is {load:.1f} on {cpus} CPUs")
+
+
+def test_threads_0_is_auto_on_a_cpu_and_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 1.0, 1.0))
+    monkeypatch.setattr(common, "TORCH_THREADS", 2)
+    before = torch.get_num_threads()
+    try:
+        common.set_threads(0, "cpu")
+        assert torch.get_num_threads() == 1 and capsys.readouterr().err.startswith("note: 1 torch thread(s), not 2")
+        common.set_threads(2, "cpu")  # asked for by number: taken, and nothing said
+        assert torch.get_num_threads() == 2 and capsys.readouterr().err == ""
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_model_of_the_synthetic_tasks_is_told_apart(finished):

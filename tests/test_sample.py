@@ -232,3 +232,20 @@ def test_a_reply_cut_by_max_new_tokens_or_a_full_context_says_so(out_dir, monkey
     code, out, err = cli([f"--out_dir={out_dir}", "--temperature=0", "--max_new_tokens=64"], "x" * 90 + "\n",
                          monkeypatch, capsys)  # 95 prompt tokens: 32 left for the reply in block_size 128
     assert code == 0 and err == "(cut: the context is full, block_size 128; /reset starts afresh)\n"
+
+
+@pytest.mark.parametrize("tokens, flag, warned", [(2_024, "", True), (2_024, "--mask=causal", False),
+                                                  (50_500, "", False)])
+def test_a_chat_of_weights_barely_fine_tuned_under_another_mask_suggests_causal(tmp_path, monkeypatch, capsys,
+                                                                               tokens, flag, warned):
+    """A pretrained (causal) model after a few steps under ISM still answers as a causal model, and badly under
+    ISM: the chat says so when it starts, until the run has trained as many tokens as the fine-tunes measured."""
+    save_checkpoint({"model": MODEL.state_dict(), "model_args": dataclasses.asdict(CONFIG), "config": {},
+                     "tokenizer": TOK.describe(), "mask": "ism", "iter_num": 4, "best_val_loss": 0.0,
+                     "start": "smollm2", "tokens": {"tokens": tokens, "answer_tokens": tokens // 6}},
+                    str(tmp_path / "ckpt.pt"))
+    code, out, err = cli([f"--out_dir={tmp_path}", "--temperature=0", "--max_new_tokens=2", *filter(None, [flag])],
+                         f"{USERS[0]}\n", monkeypatch, capsys)
+    note = (f"note: these weights trained only {tokens:,} tokens under ism after starting from smollm2: they may "
+            "answer badly under ism; try --mask=causal\n")
+    assert code == 0 and (note in err) == warned, err

@@ -3,6 +3,7 @@ the same text history), exact cross-request reuse, OpenAI's shapes for answers, 
 a client that disconnects mid-stream, and answers whose text does not re-encode to the sampled ids."""
 import http.client
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from data.chat import render
 from engine import ChatSession
+from support.errors import DataError
 from support.flags import run
 from mask import MASKS, ROLE_LETTERS
 import serve
@@ -325,6 +327,62 @@ def test_errors_in_openai_shape_and_the_server_goes_on():
     assert len(log) == len(BAD_REQUESTS) + 7 and log[-1].startswith("127.0.0.1 POST /v1/chat/completions 200 prompt")
 
 
+TEXT_PARTS = [{"type": "text", "text": USERS[0]}, {"type": "text", "text": "ok"}]
+OPENAI_CONVERSATION = [{"role": "developer", "content": SYSTEM_TEXT}, {"role": "user", "content": TEXT_PARTS},
+                       {"role": "assistant", "content": [{"type": "text", "text": "fine"}]}]
+MALFORMED = {  # each refused with the same words by every reader of OpenAI messages
+    "image part": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+    "part without text": [{"role": "user", "content": [{"type": "text"}]}],
+    "no parts": [{"role": "user", "content": []}],
+    "tool role": [{"role": "tool", "content": "hi"}],
+    "not a message": [{"role": "user"}],
+}
+
+
+def test_one_reader_of_openai_messages_for_serve_prepare_and_script(out_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                                    capsys):
+    """The developer role and text parts, which a client may send, are what prepare.py and sample.py --script read
+    in a file: the same conversation is accepted alike, and the same malformed ones refused with the same words."""
+    from data.prepare import prepare
+    from test_sample import cli
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": OPENAI_CONVERSATION}) for _ in range(2)) + "\n")
+    prepare(str(tmp_path / "prepared"), input=str(chats), block_size=CONFIG.block_size)
+    read = json.loads((tmp_path / "prepared" / "train.jsonl").read_text())["messages"]
+    assert read == [{"role": "system", "content": SYSTEM_TEXT}, {"role": "user", "content": USERS[0] + "\nok"},
+                    {"role": "assistant", "content": "fine"}]
+    code, out, err = cli([f"--out_dir={out_dir}", f"--script={chats}", "--temperature=0", "--max_new_tokens=4"], "",
+                         monkeypatch, capsys)
+    assert code == 0 and json.loads(out.splitlines()[0])["user"] == USERS[0] + "\nok", err
+    with serving() as (port, _):
+        assert chat(port, OPENAI_CONVERSATION[:2], max_tokens=4)["choices"][0]["message"]["content"]
+        for name, messages in MALFORMED.items():
+            status, _, payload = request(port, body={"messages": messages})
+            served = json.loads(payload)["error"]["message"].removeprefix("messages: ")
+            chats.write_text(json.dumps({"messages": messages + [{"role": "assistant", "content": "a"}]}) + "\n")
+            code, out, err = cli([f"--out_dir={out_dir}", f"--script={chats}"], "", monkeypatch, capsys)
+            assert status == 400 and code == 2 and err == f"error: {chats}:1: {served}\n", name
+            with pytest.raises(DataError) as refused:
+                prepare(str(tmp_path / "refused"), input=str(chats), block_size=CONFIG.block_size)
+            assert str(refused.value) == f"{chats}:1: {served}", name
+
+
+def test_a_conversation_too_long_for_the_context_is_refused_without_encoding_all_of_it(monkeypatch):
+    """Six clients sending a megabyte each once kept the tokenizer busy for a minute apiece, only to be refused:
+    now what cannot fit is refused after encoding at most about the context's worth of it."""
+    encoded = []  # the characters the tokenizer's encoder was given
+    encode_ordinary = TOK.enc.encode_ordinary
+    monkeypatch.setattr(TOK.enc, "encode_ordinary", lambda text: encoded.append(len(text)) or encode_ordinary(text))
+    one_long = [{"role": "user", "content": "x" * (MAX_BODY // 2)}]
+    many_short = [{"role": ("user", "assistant")[i % 2], "content": "y" * 100} for i in range(2001)]
+    with serving() as (port, _):
+        for messages in (one_long, many_short):
+            encoded.clear()
+            status, _, payload = request(port, body={"messages": messages})
+            assert status == 400 and json.loads(payload)["error"]["code"] == "context_length_exceeded", payload
+            assert sum(encoded) <= 2 * CONFIG.block_size, sum(encoded)
+
+
 def test_an_internal_error_is_a_500_or_an_error_event_and_its_traceback_is_logged(monkeypatch):
     def broken(self, *args, **kwargs):
         raise RuntimeError("the engine broke")
@@ -508,6 +566,67 @@ def test_a_client_that_sends_nothing_or_too_little_is_dropped_after_the_timeout(
             client.sendall(too_long)  # and waits for the answer: the missing bytes never come
             assert client.recv(65536).startswith(b"HTTP/1.1 408 ")
         assert exchange(port, too_long).startswith(b"HTTP/1.1 400 ")  # the client said it has sent all
+
+
+def trickle(port, data, sent_at_once=b"", pause=0.02, limit=5.0):
+    """Send sent_at_once, then data a byte at a time, one byte every `pause` seconds (each read of the server gets
+    its byte long before --timeout) -> (seconds until the server answered or closed, what it sent)."""
+    begun = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as client:
+        client.sendall(sent_at_once)
+        for byte in data:
+            if select.select([client], [], [], pause)[0]:
+                break  # the server has answered or closed
+            try:
+                client.sendall(bytes([byte]))
+            except OSError:
+                break
+        received = b""
+        while select.select([client], [], [], limit)[0] and (piece := client.recv(65536)):
+            received += piece
+    return time.monotonic() - begun, received
+
+
+def test_a_client_that_sends_slowly_cannot_hold_a_connection_past_the_timeout():
+    body = json.dumps({"messages": USER, "max_tokens": 2, "padding": "x" * 200}).encode()  # 4 s, a byte at a time
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with serving(timeout=0.5) as (port, _):
+        seconds, answer = trickle(port, b"X-Padding: " + b"x" * 200, sent_at_once=head[:-2])  # headers never end
+        assert seconds < 2 and answer == b""  # closed, as http.server closes a request line or headers cut short
+        seconds, answer = trickle(port, body, sent_at_once=head)
+        assert seconds < 2 and answer.startswith(b"HTTP/1.1 408 "), answer
+        assert request(port, body=body)[0] == 200  # the same request sent at once
+
+
+def test_connections_beyond_the_limit_are_refused_at_once_and_served_again_once_they_close():
+    body = {"messages": USER, "max_tokens": 2}
+    with serving(connections=2, timeout=10) as (port, _):
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]  # sending nothing
+        begun = time.monotonic()
+        status, _, payload = request(port, body=body)
+        assert status == 503 and time.monotonic() - begun < 2
+        assert json.loads(payload)["error"]["message"] == "busy: 2 connections are open; retry later"
+        for client in held:
+            client.close()
+        for _ in range(100):  # the server frees a connection once it has read its end
+            if request(port, "GET", "/v1/models")[0] == 200:
+                break
+            time.sleep(0.05)
+        assert request(port, body=body)[0] == 200
+
+
+@pytest.mark.parametrize("headers", [b"Content-Length: %d\r\nContent-Length: 500\r\n",  # which one is right?
+                                     b"Content-Length: %d\r\nContent-length: %d\r\n",  # even when they agree
+                                     b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n",  # not read here
+                                     b"Content-Length: +%d\r\n"])  # not digits only
+def test_a_body_whose_length_is_in_doubt_is_refused(headers):
+    body = json.dumps({"messages": USER, "max_tokens": 2}).encode()
+    lengths = headers % ((len(body),) * headers.count(b"%d"))
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + lengths
+    with serving() as (port, _):
+        answer = exchange(port, head + b"\r\n" + body)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "invalid_request_error"
 
 
 def test_the_timeout_does_not_limit_how_long_an_answer_takes():

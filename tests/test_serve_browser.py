@@ -91,3 +91,22 @@ def test_new_chat_during_a_reply_starts_a_clean_conversation(browser):
         want = reference("ism", messages[:1], 64)["reply"]
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == USERS[1]
     assert messages[1]["content"] == want
+
+
+def test_the_empty_mask_panel_says_what_will_appear_there(browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    with forward_hook(printable_answers), serving() as (port, _):
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait.until(lambda d: "mask ism" in d.find_element(By.ID, "model").text)
+        empty = browser.find_element(By.ID, "caption").text
+        browser.find_element(By.ID, "input").send_keys(USERS[0], Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant[data-done]")) == 1)
+        drawn = browser.find_element(By.ID, "caption").text
+        browser.find_element(By.ID, "new-chat").click()
+        again = browser.find_element(By.ID, "caption").text
+    assert "Send a message" in empty and "appears here" in empty and again == empty
+    assert drawn.endswith("computed this turn.")

@@ -221,6 +221,26 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] >= 3
 
 
+def test_ctrl_c_after_the_reader_of_its_output_died_still_saves_and_resumes(data_dir, tmp_path):
+    """`python train.py 2>&1 | tee log`: a terminal's Ctrl-C reaches tee and python together, and tee may die
+    first. Every message then meets a closed pipe; the run must still save, and resume."""
+    argv = [*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--log_interval=1", "--eval_interval=100000"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv, "--max_iters=100000"], cwd=ROOT,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):
+            break
+    proc.stdout.close()  # tee is gone: nobody reads stdout or stderr any more
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    saved = load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"]
+    assert saved >= 3
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv, f"--max_iters={saved + 1}",
+                              "--init_from=resume"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == saved + 1
+
+
 # ------------------------------------------------------------------------------------------------------ DDP
 
 DDP_WORKER = """

@@ -1,12 +1,15 @@
 """
-What guards the HTTP server's connections, each a small function the handler calls: only this machine's clients and
-the server's own page are answered (check_origin), a request body is read whole or refused (read_body), a client
-that went away is told from one that only half-closed its connection (end_closed).
+What guards the HTTP server's connections: only this machine's clients and the server's own page are answered (check_origin), a request body is read whole or refused (read_body), a client
+that went away is told from one that only half-closed its connection (end_closed), a request must come whole in
+time (RequestReader), a connection over the limit is refused at once (refuse_busy).
 """
+import io
+import json
 import os
 import re
 import select
 import socket
+import time
 
 from tools.openai_api import ApiError
 
@@ -31,23 +34,62 @@ def check_origin(headers, loopback):
 
 
 def read_body(rfile, headers, timeout):
-    """The request's body, exactly its Content-Length bytes, or ApiError: 400 without a usable length or for a short
-    body, 413 for one over MAX_BODY (refused unread), 408 when it does not come within timeout seconds."""
-    try:
-        length = int(headers.get("Content-Length", ""))
-    except ValueError:
-        raise ApiError(400, "the request needs a Content-Length header") from None
-    if length < 0:  # reading -1 bytes would wait for the end of a connection the client keeps open
-        raise ApiError(400, f"Content-Length {length} is negative")
+    """The request's body, exactly its Content-Length bytes, or ApiError: 400 without one length in digits (two
+    Content-Length headers, or a Transfer-Encoding, which this server does not read, leave the body's end in
+    doubt) or for a short body, 413 for one over MAX_BODY (refused unread), 408 when the request has not come whole
+    within timeout seconds of the connection (RequestReader)."""
+    lengths = headers.get_all("Content-Length") or []
+    if "Transfer-Encoding" in headers:
+        raise ApiError(400, "Transfer-Encoding is not read here: send the body with one Content-Length header")
+    if len(lengths) != 1 or not re.fullmatch(r"[0-9]+", lengths[0].strip()):
+        raise ApiError(400, "the request needs one Content-Length header, in digits")
+    length = int(lengths[0])
     if length > MAX_BODY:  # refused unread
         raise ApiError(413, f"the body is {length} bytes, more than {MAX_BODY}")
     try:
         body = rfile.read(length)
     except TimeoutError:
-        raise ApiError(408, f"the body did not come within {timeout:g} s") from None
+        raise ApiError(408, f"the request did not come whole within {timeout:g} s") from None
     if len(body) < length:
         raise ApiError(400, f"the body ended after {len(body)} bytes, short of its Content-Length {length}")
     return body
+
+
+class RequestReader(io.RawIOBase):
+    """A connection's reading side that gives the whole request, headers and body, `seconds` from the connection's
+    start: each read waits for what is left of them, so a client that sends a byte now and then, each read well
+    within the socket's timeout, still cannot hold a thread longer. TimeoutError after that. The socket keeps its
+    own timeout for everything else (a streamed answer's writes)."""
+
+    def __init__(self, connection, seconds):
+        self.connection, self.seconds = connection, seconds
+        self.deadline = time.monotonic() + seconds
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the request did not come whole within {self.seconds:g} s")
+        self.connection.settimeout(left)
+        try:
+            return self.connection.recv_into(buffer)
+        finally:
+            self.connection.settimeout(self.seconds)
+
+
+def refuse_busy(connection, connections):
+    """Answer a connection over the limit with 503 at once and without reading it (a client that cannot take even
+    that is not waited for); the caller closes it."""
+    body = json.dumps(ApiError(503, f"busy: {connections} connections are open; retry later").body()).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n")
+    connection.setblocking(False)
+    try:
+        connection.send(head.encode() + body)
+    except OSError:
+        pass
 
 
 def end_closed(connection):

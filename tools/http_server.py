@@ -3,10 +3,12 @@ The HTTP side of the server: one ThreadingHTTPServer whose handler routes POST /
 or server-sent events), GET /v1/models and GET / (the chat page, tools/chat.html) to tools.openai_api.ChatService,
 every request passing tools/http_guards.py's checks first. Every response closes its connection.
 """
+import io
 import ipaddress
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -14,7 +16,7 @@ from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from tools.http_guards import check_origin, end_closed, read_body
+from tools.http_guards import RequestReader, check_origin, end_closed, read_body, refuse_busy
 from tools.openai_api import ApiError, chunk, completion, delta, parse_json, parse_request, printable
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
@@ -65,11 +67,14 @@ class Handler(BaseHTTPRequestHandler):
         return ApiError(500, "internal error").body()
 
     def setup(self):
-        """Every read and write of the connection waits at most --timeout, so that a client sending nothing, or
-        less than its Content-Length, or not reading its stream, does not hold a thread forever. Generating never
-        touches the socket, so it is not limited."""
+        """The whole request, headers and body, must come within --timeout of the connection (RequestReader), and
+        every write waits at most --timeout, so that a client sending nothing, or less than its Content-Length, or
+        a byte now and then, or not reading its stream, does not hold a thread longer. Generating never touches the
+        socket, so it is not limited."""
         self.timeout = self.server.service.cfg.timeout  # StreamRequestHandler.setup puts it on the socket
         super().setup()
+        self.rfile.close()  # the socket's own file: replaced by one whose reads end at the request's deadline
+        self.rfile = io.BufferedReader(RequestReader(self.connection, self.timeout))
 
     def log_request(self, code="-", size="-"):
         """Silences http.server's own line: do_request logs one, with the token counts."""
@@ -177,12 +182,33 @@ def tokens_line(reply):
             f" completion {usage['completion_tokens']} {reply['finish_reason']}")
 
 
+class Server(ThreadingHTTPServer):
+    """A thread per connection, up to --connections at once (reading a request, waiting in line or answered): one
+    more is answered 503 at once and closed, never given a thread."""
+
+    def process_request(self, request, client_address):
+        if not self.open_connections.acquire(blocking=False):
+            refuse_busy(request, self.service.cfg.connections)
+            self.service.log(printable(f"{client_address[0]} refused: {self.service.cfg.connections} connections "
+                                       "are open"))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.open_connections.release()
+
+
 def make_server(service, host="127.0.0.1", port=0):
-    """A ThreadingHTTPServer answering with `service` (its handler threads end with the process); port 0 picks a
-    free port (server.server_address says which). Run it with serve_forever(), stop it with shutdown(). An address
-    beyond loopback (127.0.0.0/8, ::1) is warned of on stderr."""
-    server = ThreadingHTTPServer((host, port), Handler)
+    """A Server answering with `service` (its handler threads end with the process); port 0 picks a free port
+    (server.server_address says which). Run it with serve_forever(), stop it with shutdown(). An address beyond
+    loopback (127.0.0.0/8, ::1) is warned of on stderr."""
+    server = Server((host, port), Handler)
     server.service = service
+    server.open_connections = threading.BoundedSemaphore(service.cfg.connections)
     with open(PAGE, "rb") as f:
         server.page = f.read()
     server.loopback = ipaddress.ip_address(server.server_address[0]).is_loopback  # by address: localhost is too

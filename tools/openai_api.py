@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data.chat import render, validate
+from data.chat import chat_messages, render, render_within, validate
 from engine import ChatSession, Sampling, TextStream
 from mask import ROLE_LETTERS
 from support.errors import DataError, ModelError, TurnError
@@ -98,31 +98,11 @@ def holds_lone_surrogate(value):
     return False
 
 
-def text_of(content, number):
-    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts (joined by
-    newlines). Other types are left to data.chat.validate to name."""
-    if not isinstance(content, list):
-        return content
-    texts = []
-    for part in content:
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-            raise ApiError(400, f"message {number}: only text content parts are supported", "messages")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-def chat_messages(raw):
-    """OpenAI messages -> data.chat messages (developer is system; text parts joined; other fields dropped),
-    validated by data.chat's rules, ending with a user message."""
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, '"messages" must be a non-empty list', "messages")
-    messages = []
-    for number, message in enumerate(raw, 1):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ApiError(400, f'message {number} is not an object with "role" and "content"', "messages")
-        role = "system" if message["role"] == "developer" else message["role"]
-        messages.append({"role": role, "content": text_of(message["content"], number)})
+def request_messages(raw):
+    """A request's "messages" -> data.chat messages (data.chat.chat_messages: as a JSONL file holds them), validated
+    by data.chat's rules, ending with a user message; ApiError 400 otherwise."""
     try:
+        messages = chat_messages(raw, "messages")
         validate(messages, "messages", need_answer=False)  # an answer may be blank: a model may have said nothing
     except DataError as e:
         raise ApiError(400, str(e), "messages") from None
@@ -155,16 +135,21 @@ def stop_strings(body):
 def parse_request(body, tok, block_size, cfg):
     """A decoded JSON body -> ChatRequest, or ApiError 400 saying which field is wrong. cfg (ServeConfig) gives the
     defaults. The conversation must leave room for at least one answer token and its <|end|>: turns are never
-    dropped to make room, because a stateless client decides its history."""
-    messages = chat_messages(body.get("messages"))
+    dropped to make room, because a stateless client decides its history; one that cannot fit is refused before
+    all of it is encoded (render_within)."""
+    messages = request_messages(body.get("messages"))
     number = (int, float)
     field(body, "n", (int,), 1, lambda v: v == 1, "1: one answer per request")
     options = field(body, "stream_options", (dict,), {}, rule="an object")
     max_tokens = field(body, "max_completion_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
     if max_tokens is None:
         max_tokens = field(body, "max_tokens", (int,), cfg.max_tokens, lambda v: v >= 1, "an integer >= 1")
+    rendered = render_within(messages, tok, block_size - 2)
+    if rendered is None:
+        raise ApiError(400, f"the conversation needs more than block_size {block_size} tokens with one answer token "
+                            "and <|end|>: shorten it or leave out early turns", "messages", "context_length_exceeded")
+    ids, roles = rendered  # begins with the history's rendering: rendering is prefix-stable
     history_len = len(render(messages[:-1], tok)[0])
-    ids, roles = render(messages, tok)  # begins with the history's rendering: rendering is prefix-stable
     if len(ids) + 2 > block_size:
         raise ApiError(400, f"the conversation is {len(ids)} tokens; with one answer token and <|end|> it needs "
                             f"{len(ids) + 2}, more than block_size {block_size}: shorten it or leave out early "
