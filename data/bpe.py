@@ -31,7 +31,10 @@ DIGITS = r"\p{N}"
 QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 # GGUF files name their pre-tokenizer (tokenizer.ggml.pre); these are the ones whose stages are known here.
-GGUF_PRE_TOKENIZERS = {"gpt2": (GPT2_PATTERN,), "smollm": (DIGITS, GPT2_PATTERN), "qwen2": (QWEN2_PATTERN,)}
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+GGUF_PRE_TOKENIZERS = {"gpt2": (GPT2_PATTERN,), "smollm": (DIGITS, GPT2_PATTERN), "qwen2": (QWEN2_PATTERN,),
+                       "llama-bpe": (LLAMA3_PATTERN,)}
 CACHE_WORDS = 1 << 16  # encoded pieces kept (chat text repeats its words)
 
 
@@ -204,7 +207,8 @@ def from_gguf(path):
         raise DataError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     check_merges(merges, tokens, f"{path}: tokenizer.ggml.merges")
     control = {i for i, kind in enumerate(types) if kind in (3, 4)}  # llama.cpp: 3 control, 4 user-defined
-    return BPE(tokens, merges, GGUF_PRE_TOKENIZERS[pre], control), default_system_message(field("tokenizer.chat_template"))
+    bpe = BPE(tokens, merges, GGUF_PRE_TOKENIZERS[pre], control, ignore_merges=pre == "llama-bpe")  # as llama.cpp
+    return bpe, default_system_message(field("tokenizer.chat_template"))
 
 
 def check_merges(merges, vocabulary, where):

@@ -50,36 +50,58 @@ def plural(count, noun):
 # ---------------------------------------------------------------------------------------------------- rendering
 
 def render_start(first_role, tok):
-    """ismGPT: <|bos|>, in the role of the conversation's first segment (SYSTEM or USER). ChatML: nothing."""
+    """ismGPT: <|bos|>, Llama 3: <|begin_of_text|>, in the role of the conversation's first segment (SYSTEM or USER).
+    ChatML: nothing."""
     if tok.chat_format == "chatml":
         return [], []
     return [tok.bos], [first_role]
 
 
-def render_system(text, tok):
+def opened(role, text, tok):
+    """A message of `role` in a pretrained chat format, up to the token that closes it: ChatML <|im_start|>role\\ntext,
+    Llama 3 <|start_header_id|>role<|end_header_id|>\\n\\ntext (its template trims the text). The header's last
+    text is encoded with the message's, as a chat template's tokenization does."""
     if tok.chat_format == "chatml":
-        ids = [tok.im_start] + tok.encode("system\n" + text) + [tok.end] + tok.encode("\n")
-    else:
+        return [tok.im_start] + tok.encode(f"{role}\n{text}")
+    return [tok.header] + tok.encode(role) + [tok.header_end] + tok.encode("\n\n" + text.strip())
+
+
+def newline_after(tok):
+    """ChatML closes a message with <|im_end|> and a newline; in the prompt the newline after an answer's
+    <|im_end|> opens the next user segment (the model never samples it)."""
+    return tok.encode("\n") if tok.chat_format == "chatml" else []
+
+
+def render_system(text, tok):
+    if tok.chat_format == "ismgpt":
         ids = [tok.system] + tok.encode(text) + [tok.end]
+    else:
+        ids = opened("system", text, tok) + [tok.end] + newline_after(tok)
     return ids, [SYSTEM] * len(ids)
 
 
 def render_user(text, tok, after_answer=False):
     """The prompt of a turn, all USER: the header that opens the answer ends the query. ismGPT: <|user|> text
-    <|end|> <|assistant|>. ChatML: [\\n after an answer] <|im_start|>user\\ntext<|im_end|>\\n<|im_start|>assistant\\n."""
-    if tok.chat_format == "chatml":
-        ids = (tok.encode("\n") if after_answer else []) + [tok.im_start] + tok.encode("user\n" + text) + \
-            [tok.end] + tok.encode("\n") + [tok.im_start] + tok.encode("assistant\n")
-    else:
+    <|end|> <|assistant|>. ChatML: [\\n after an answer] <|im_start|>user\\ntext<|im_end|>\\n<|im_start|>assistant\\n.
+    Llama 3: <|start_header_id|>user<|end_header_id|>\\n\\ntext<|eot_id|><|start_header_id|>assistant<|end_header_id|>
+    \\n\\n."""
+    if tok.chat_format == "ismgpt":
         ids = [tok.user] + tok.encode(text) + [tok.end, tok.assistant]
+    else:
+        ids = (newline_after(tok) if after_answer else []) + opened("user", text, tok) + [tok.end] + \
+            newline_after(tok) + opened("assistant", "", tok)
     return ids, [USER] * len(ids)
 
 
 def render_answer(content, tok):
-    """Answer content + its closing token (<|end|> or <|im_end|>: tok.end), all ASSISTANT. content is the answer
-    text, or the token ids a sampler generated (without the closing token): re-encoding decoded text need not give
-    back the same ids under BPE."""
-    ids = (tok.encode(content) if isinstance(content, str) else list(content)) + [tok.end]
+    """Answer content + its closing token (<|end|>, <|im_end|> or <|eot_id|>: tok.end), all ASSISTANT. content is
+    the answer text, or the token ids a sampler generated (without the closing token): re-encoding decoded text
+    need not give back the same ids under BPE."""
+    if isinstance(content, str):
+        ids = tok.encode(content.strip() if tok.chat_format == "llama3" else content)  # Llama 3's template trims it
+    else:
+        ids = list(content)
+    ids = ids + [tok.end]
     return ids, [ASSISTANT] * len(ids)
 
 

