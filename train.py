@@ -54,7 +54,7 @@ from support.flags import setting
 from support.resume import RunState, check_fresh_start, make_checkpoint, resumed_state, starting_point
 from support.run_files import RunLock, TrainingLog
 from support.lora import write_adapter
-from support.sharding import full_state, load_optimizer_state, shard
+from support.sharding import full_state, load_optimizer_state, shard, start_on_rank0
 from support.signals import StopOnSignal
 from support.starts import START_HELP, new_model_config
 
@@ -183,7 +183,10 @@ def start_and_data(cfg, rt, log):
     """Where the run starts, then its data: -> (cfg, model, checkpoint to resume or None, a new LoRA run's base or
     None, meta, train, val). The start decides the tokenizer (data train.py prepares itself uses it); cfg comes
     back saying what was used."""
-    model, checkpoint, tokenizer, base = starting_point(cfg, rt.device, log, rows_per_step(cfg, rt))
+    def start():
+        return starting_point(cfg, rt.device, log, rows_per_step(cfg, rt))
+    sharded = cfg.fsdp and rt.world_size > 1 and cfg.init_from != "scratch"  # a scratch model is cheap on every rank
+    model, checkpoint, tokenizer, base = start_on_rank0(start, rt) if sharded else start()
     if tokenizer is not None and tokenizer["name"] != cfg.tokenizer:
         cfg = replace(cfg, tokenizer=tokenizer["name"])
     if not cfg.data_dir:
@@ -205,7 +208,8 @@ def start_and_data(cfg, rt, log):
     if model.config.vocab_size < meta["vocab_size"]:
         raise UserError(f"the model has {model.config.vocab_size} tokens, {cfg.data_dir} uses {meta['vocab_size']}: "
                         "pass the --data_dir it was trained on")
-    return cfg, model.to(rt.device).train(), checkpoint, base, meta, train_split, val_split
+    return cfg, (model if model.lm_head.weight.is_meta else model.to(rt.device)).train(), checkpoint, base, meta, \
+        train_split, val_split
 
 
 # ---------------------------------------------------------------------------------------------- the run itself

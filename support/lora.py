@@ -41,9 +41,14 @@ def with_lora(model, rank, alpha, targets, dropout=0.0):
             module.lora_A.to_empty(device=module.weight.device), module.lora_B.to_empty(device=module.weight.device)
             module.reset_lora()
             module.lora_A.to(module.weight.dtype), module.lora_B.to(module.weight.dtype)
-    for name, param in adapted.named_parameters():
+    return freeze_base(adapted).train(model.training)
+
+
+def freeze_base(model):
+    """Only the adapters train."""
+    for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
-    return adapted.train(model.training)
+    return model
 
 
 def merged(model):
