@@ -106,7 +106,7 @@ def replay(session, conversations, history="gold", max_new_tokens=64):
                 budget = min(max_new_tokens, len(session.tok.encode(gold)) + 8)
             result = session.turn(user, max_new_tokens=budget, temperature=0.0)
             finished = result["stopped"] == "end"
-            records.append({"conversation": number, "turn": turn, "family": family, "gold": gold,
+            records.append({"conversation": number, "turn": turn, "family": family, "user": user, "gold": gold,
                             "reply": result["reply"], "correct": finished and score(result["reply"], gold),
                             "finished": finished, "dropped_turns": result["dropped_turns"]})
             if history == "gold":

@@ -61,7 +61,8 @@ import support.quiet_interrupt  # noqa: E402,F401  (first: a Ctrl-C while torch 
 from support import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
 from data.batching import answer_target_count, epoch_rows  # noqa: E402
 from data.store import load_meta, load_split  # noqa: E402
-from data.synthetic import family_label, percent  # noqa: E402
+from data.synthetic import percent  # noqa: E402
+from experiments.mask_tables import report, summarise, summarise_start  # noqa: E402
 from support.errors import UserError  # noqa: E402
 from support.flags import setting  # noqa: E402
 from mask import MASKS  # noqa: E402
@@ -98,6 +99,8 @@ class CompareConfig:
                                   "turn (real conversations) | none: train only", choices=("exact", "loss", "none"))
     prefix_answers: bool = setting(False, "also train prefix on as many answer tokens as causal and ISM (runs "
                                           "prefix-answers-sS; needs an existing --data_dir)")
+    replies: int = setting(0, "show the greedy replies of every mask's first-seed run (and of the start) to the first "
+                              "this many held-out conversations, side by side", min=0)
     save_every: int = setting(50, "each run saves its checkpoint every this many steps (a stopped experiment "
                                   "resumes its run from the last one)", min=1)
     json: bool = setting(False, "print one JSON object instead of markdown tables")
@@ -294,152 +297,28 @@ def scored(cfg, model_argv, folder, stamp, say):
     argv = model_argv + [f"--device={cfg.device}", f"--history={cfg.history}",
                          f"--max_conversations={cfg.max_conversations}", f"--max_new_tokens={cfg.max_new_tokens}",
                          f"--threads={cfg.threads}", f"--replay={cfg.score == 'exact'}", "--json"]
+    result = evaluated(argv, folder, stamp, say)
+    return {k: v for k, v in result.items() if k != "records"}
+
+
+def scored_records(argv, folder, say):
+    return evaluated(argv, folder, [], say)["records"]
+
+
+def evaluated(argv, folder, stamp, say):
+    """python eval.py argv's JSON result, kept in folder/eval.json and reused when argv and the model's stamp
+    match."""
     key = {"argv": argv, "model": stamp}
     cached = read_json(os.path.join(folder, "eval.json"))
     if cached and cached.get("key") == key:
         return cached["result"]
     output, seconds = run_script("eval.py", argv, None, f"scoring {folder}")
     result = json.loads(output)
-    del result["records"]
     write_json(os.path.join(folder, "eval.json"), {"key": key, "result": result})
     exact = f", exact match {percent(result['overall']['accuracy'])}%" if result["replayed"] else ""
     say(f"{os.path.basename(folder)}: evaluated in {seconds:.0f}s{exact}, held-out answer loss "
         f"{result['val_loss']:.4f}")
     return result
-
-
-# ------------------------------------------------------------------------------------------------------ summary
-
-def mean_std(values):
-    """-> (mean, sample std or None for one value); None values are left out, (None, None) if none is left."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def fmt_mean_std(pair, scale=100.0, digits=1):
-    mean, std = pair
-    if mean is None:
-        return "-"
-    text = f"{scale * mean:,.{digits}f}"
-    return text if std is None else f"{text} ± {scale * std:,.{digits}f}"
-
-
-def summarise(runs, masks, seeds):
-    """runs {(mask, seed): {"eval", "train"}} -> mean/std tables (JSON-able), accuracy as fractions."""
-    def acc(kind, table, row):
-        return [runs[kind, s]["eval"][table].get(row, {}).get("accuracy") for s in seeds]
-
-    first = runs[masks[0], seeds[0]]["eval"]
-    rows = {"by_family": list(dict.fromkeys(r for m in masks for s in seeds for r in runs[m, s]["eval"]["by_family"])),
-            "by_turn": list(first["by_turn"])}  # the same conversations for every run: the same turn rows
-    summary = {}
-    for table, names in rows.items():
-        summary[table] = {}
-        for row in names:
-            entry = {m: mean_std(acc(m, table, row)) for m in masks}
-            entry["n"] = first[table].get(row, {}).get("n")
-            if "ism" in masks and "causal" in masks:  # paired by seed: the same initial weights and conversations
-                diffs = [None if i is None or c is None else i - c
-                         for i, c in zip(acc("ism", table, row), acc("causal", table, row))]
-                entry["ism-causal"] = mean_std(diffs)
-            summary[table][row] = entry
-    overall = {m: mean_std([runs[m, s]["eval"]["overall"]["accuracy"] for s in seeds]) for m in masks}
-    cost = {}
-    for m in masks:
-        ev = [runs[m, s]["eval"] for s in seeds]
-        tr = [runs[m, s]["train"] for s in seeds]
-        cost[m] = {"val_loss": mean_std([e["val_loss"] for e in ev]), "exact_match": overall[m],
-                   "tokens": mean_std([e["trained_tokens"] for e in ev]),
-                   "answer_tokens": mean_std([e["trained_answer_tokens"] for e in ev]),
-                   "wall_seconds": mean_std([t.get("wall_seconds") for t in tr]),
-                   "step_seconds": mean_std([t.get("step_seconds") for t in tr]),
-                   "eval_seconds": mean_std([e["seconds"]["val_loss"] + e["seconds"]["chat"] for e in ev])}
-    return {"overall": overall, "cost": cost, **summary}
-
-
-def start_line(settings):
-    if settings["pretrain_iters"]:
-        return (f"start: per seed, a causal model pretrained from scratch for {settings['pretrain_iters']} steps "
-                "(train.py's defaults); every mask fine-tuned from those same weights")
-    if settings["init_from"]:
-        return f"start: every run fine-tuned from {settings['init_from']}"
-    return "start: from scratch"
-
-
-def shape_of(result):
-    """The trained models' shape, as their evaluation read it (a start brings its own, whatever --n_layer says)."""
-    m = result["runs"][0]["eval"]["model_args"]
-    family = "Llama-family " if m.get("family") == "llama" else ""
-    return f"{family}{m['n_layer']} layers x {m['n_embd']} wide ({m['n_head']} heads), block_size {m['block_size']}"
-
-
-def report(result):
-    s, c = result["summary"], result["settings"]
-    masks = c["masks"]
-    paired = "ism" in masks and "causal" in masks
-    lines = [f"# ismGPT quality: {' vs '.join(masks)}, {len(c['seeds'])} seed(s) ({', '.join(map(str, c['seeds']))})",
-             f"budget: {shape_of(result)}, {c['max_iters']} optimizer steps of {c['train_batch_size']} rows x "
-             f"{c['block_size']} tokens, the same seeds for every mask (the same initial weights from scratch; from a "
-             f"start, the same data order); data {result['runs'][0]['eval']['data_dir']}"
-             + (f"; train.py {c['train_args']}" if c["train_args"] else ""),
-             start_line(c),
-             f"eval: {c['conversations']} held-out conversations, greedy through ChatSession (KV cache), "
-             f"{c['history_note']}; exact match % as mean ± std over seeds",
-             f"machine: {c['machine']}, device {c['device']}; the whole experiment took {c['total_seconds'] / 60:.1f} "
-             "min (runs found already trained or evaluated cost nothing)",
-             f"command: {c['command']}", ""]
-    head = "| {} | answers | " + " | ".join(masks) + (" | ism - causal (paired) |" if paired else " |")
-    rule = "|---|---|" + "---|" * (len(masks) + paired)
-
-    def table(name, label, rows):
-        out = [head.format(label), rule]
-        for row, entry in rows.items():
-            cells = [fmt_mean_std(entry[m]) for m in masks] + ([fmt_mean_std(entry["ism-causal"])] if paired else [])
-            out.append(f"| {name(row)} | {entry['n']} | " + " | ".join(cells) + " |")
-        return out
-
-    lines += table(family_label, "family (exact match %)", s["by_family"])
-    overall = {"n": result["runs"][0]["eval"]["overall"]["n"], **s["overall"]}
-    if paired:
-        by_seed = {(r["mask"], r["seed"]): r["eval"]["overall"]["accuracy"] for r in result["runs"]}
-        diffs = [by_seed["ism", seed] - by_seed["causal", seed] for seed in c["seeds"]]
-        overall["ism-causal"] = mean_std(diffs)
-    lines += table(lambda r: "**overall**", "family (exact match %)", {"overall": overall})[2:]
-    lines += [""] + table(str, "turn (exact match %)", s["by_turn"])
-    lines += ["", "| mask | held-out answer loss | exact match % | tokens trained | answer tokens trained | "
-                  "train wall s | in steps s | eval s |", "|---|---|---|---|---|---|---|---|"]
-    for m in masks:
-        k = s["cost"][m]
-        lines.append(f"| {m} | {fmt_mean_std(k['val_loss'], 1, 4)} | {fmt_mean_std(k['exact_match'])} | "
-                     f"{fmt_mean_std(k['tokens'], 1, 0)} | {fmt_mean_std(k['answer_tokens'], 1, 0)} | "
-                     f"{fmt_mean_std(k['wall_seconds'], 1, 0)} | {fmt_mean_std(k['step_seconds'], 1, 0)} | "
-                     f"{fmt_mean_std(k['eval_seconds'], 1, 0)} |")
-    lines.append("\nsame optimizer steps for every mask: prefix trains on triplet-expanded samples (one per answer, "
-                 "with its whole history), so the same tokens hold fewer answers; answer tokens trained say how many.")
-    if result.get("start"):
-        lines += ["", start_table(result["start"], masks)]
-    return "\n".join(lines)
-
-
-def start_table(start, masks):
-    """The start before any fine-tuning, under every mask."""
-    families = list(start[masks[0]]["by_family"])
-    lines = [f"before fine-tuning: {start[masks[0]]['model']} as it is, under each mask ({start[masks[0]]['n']} "
-             "answers; exact match % and share of replies that never ended)", "",
-             "| mask | held-out answer loss | exact match % | replies that never ended % | "
-             + " | ".join(f"{family_label(f)} %" for f in families) + " |",
-             "|---|---|---|---|" + "---|" * len(families)]
-    for m in masks:
-        s = start[m]
-        lines.append(f"| {m} | {fmt_mean_std(s['val_loss'], 1, 4)} | {fmt_mean_std(s['exact_match'])} | "
-                     f"{fmt_mean_std(s['unfinished'])} | "
-                     + " | ".join(fmt_mean_std(s["by_family"][f]) for f in families) + " |")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------- main
@@ -472,22 +351,26 @@ def compare(cfg, masks, seeds, argv):
                 **{k: getattr(cfg, k) for k in ("max_iters", "n_layer", "n_head", "n_embd", "block_size",
                                                 "train_batch_size", "train_args", "max_new_tokens", "pretrain_iters",
                                                 "init_from", "score")}}
-    return {"settings": settings, "summary": summarise(runs, names, seeds), "runs": out_runs,
-            "start": summarise_start(before) if starts else None}
+    return {"settings": settings, "summary": summarise(runs, names, seeds, cfg.score), "runs": out_runs,
+            "start": summarise_start(before) if starts else None,
+            "replies": side_by_side(cfg, names, seeds[0], starts, first["data_dir"], say) if cfg.replies else None}
 
 
-def summarise_start(before):
-    """{mask: [eval results of each start]} -> {mask: {val_loss, exact_match, by_family}}, mean ± std over starts."""
-    out = {}
-    for kind, results in before.items():
-        families = list(dict.fromkeys(f for r in results for f in r["by_family"]))
-        out[kind] = {"val_loss": mean_std([r["val_loss"] for r in results]),
-                     "exact_match": mean_std([r["overall"]["accuracy"] for r in results]),
-                     "unfinished": mean_std([r["unfinished_replies"] / max(r["overall"]["n"], 1) for r in results]),
-                     "by_family": {f: mean_std([r["by_family"].get(f, {}).get("accuracy") for r in results])
-                                   for f in families},
-                     "model": results[0]["model"], "n": results[0]["overall"]["n"]}
-    return out
+def side_by_side(cfg, names, seed, starts, data_dir, say):
+    """{model: {"seed", "records"}}: greedy replies of each name's run of `seed` (and of the first start, under
+    causal) to the first cfg.replies held-out conversations, the gold answers kept in the history."""
+    models = {name: [f"--out_dir={os.path.join(cfg.out_dir, f'{name}-s{seed}')}", f"--data_dir={cfg.data_dir}"]
+              for name in names}
+    if starts:
+        models["start (causal)"] = [f"--init_from={starts[0]}", "--mask=causal", f"--data_dir={data_dir}"]
+    replies = {}
+    for model, argv in models.items():
+        folder = os.path.join(cfg.out_dir, f"replies-{model.split()[0]}-s{seed}")
+        os.makedirs(folder, exist_ok=True)
+        argv += [f"--device={cfg.device}", "--history=gold", f"--max_conversations={cfg.replies}",
+                 f"--max_new_tokens={cfg.max_new_tokens}", f"--threads={cfg.threads}", "--json"]
+        replies[model] = {"seed": seed, "records": scored_records(argv, folder, say)}
+    return replies
 
 
 def with_absolute_paths(cfg):

@@ -12,6 +12,7 @@ import transformers
 
 from data.prepare import prepare
 from experiments import compare_masks as cm
+from experiments import mask_tables
 from support.flags import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,9 +27,9 @@ def test_step_seconds_reads_the_train_log():
 
 
 def test_mean_std():
-    assert cm.mean_std([0.5, 0.7, None]) == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)))
-    assert cm.mean_std([0.5]) == (0.5, None)
-    assert cm.mean_std([None]) == (None, None)
+    assert mask_tables.mean_std([0.5, 0.7, None]) == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)))
+    assert mask_tables.mean_std([0.5]) == (0.5, None)
+    assert mask_tables.mean_std([None]) == (None, None)
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +181,29 @@ def test_score_none_trains_only(compared, capsys):
     out_dir, _, argv = compared
     cm.main([a for a in argv] + ["--score=none"])
     assert "trained 2 runs in" in capsys.readouterr().out
+
+
+def test_the_paired_interval_is_students_t():
+    mean, std, low, high = mask_tables.paired([0.01, 0.02, 0.03])
+    assert (mean, std) == (pytest.approx(0.02), pytest.approx(0.01))
+    assert (low, high) == (pytest.approx(0.02 - 4.303 * 0.01 / math.sqrt(3)), pytest.approx(0.02 + 4.303 * 0.01 / 3 ** 0.5))
+    assert mask_tables.paired([0.5]) == (0.5, None, None, None)
+
+
+def test_real_conversations_are_scored_by_loss_per_turn_with_replies_side_by_side(compared, capsys):
+    out_dir, _, argv = compared
+    result = cm.main(argv + ["--score=loss", "--replies=1", "--json"])
+    capsys.readouterr()
+    runs = {(r["mask"], r["seed"]): r["eval"] for r in result["runs"]}
+    assert all(not e["replayed"] for e in runs.values())
+    turns = result["summary"]["loss_by_turn"]
+    for turn, row in turns.items():  # one seed: the mean is the run's own per-turn loss, the paired one their difference
+        assert row["causal"][0] == runs["causal", 7]["val_loss_by_turn"][turn]["loss"]
+        assert row["ism-causal"][0] == pytest.approx(runs["ism", 7]["val_loss_by_turn"][turn]["loss"]
+                                                     - runs["causal", 7]["val_loss_by_turn"][turn]["loss"])
+    replies = result["replies"]
+    assert set(replies) == {"causal", "ism", "start (causal)"}
+    assert len({len(r["records"]) for r in replies.values()}) == 1 and replies["ism"]["records"]
+    text = mask_tables.report(result)
+    assert "| turn (held-out answer loss) | answer tokens | causal | ism | ism - causal (paired) |" in text
+    assert "greedy replies to the first held-out conversations" in text and "exact match" not in text.split("\n")[3]
