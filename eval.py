@@ -95,7 +95,7 @@ def replay(session, conversations, history="gold", max_new_tokens=64):
     """Replay each conversation through session (ChatSession's API: reset(system), turn(user, max_new_tokens,
     temperature) -> {"reply", "stopped", "dropped_turns", ...}), scoring each greedy reply; with history="gold",
     session.replace_answer(gold) puts the gold answer in its place. -> one record per answered turn: {conversation,
-    turn, family, correct, reply, gold}."""
+    turn, family, user, correct, reply, gold, finished, dropped_turns}."""
     records = []
     for number, conversation in enumerate(conversations):
         system, turns = turns_of(conversation)
