@@ -10,14 +10,29 @@ describes.
 Refused in one line: Llama 3's RoPE scaling, which llama.cpp's converter stores as per-frequency factors
 (rope_freqs.weight) without the settings they came from (load the Hugging Face folder instead, which has them), any
 other RoPE scaling, partial RoPE, experts and other tensor types.
+
+Converting takes seconds (gguf-py reads the metadata of a 49,152-token vocabulary in about 3 s, then dequantizes
+every tensor), so a conversion is kept in the user's cache ($XDG_CACHE_HOME/ismgpt, else ~/.cache/ismgpt) as one
+safetensors file per file, tokenizer name and dtype: the model's config, its tokenizer's tables and its weights,
+memory-mapped on later loads. The file is keyed by the GGUF file's size, modification time and a hash of its first
+4 MiB (the header), and carries a CRC-32 of everything it holds: one that does not match, or does not read, is
+converted again and replaced (written beside it, then renamed over it); a cache that cannot be written is skipped.
 """
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import zlib
+
 import numpy as np
 import torch
 
 from data import bpe
-from data.tokenizer import get_tokenizer
+from data.tokenizer import ChatTokenizer, get_tokenizer
 from model import GPTConfig
 from support.errors import UserError
+from support.lora import atomic
 from support.weights import (build, chat_tokenizer, checked, gguf_name, llama_from_hf, positive_number,
                              refuse_unread, whole_number)
 
@@ -63,7 +78,20 @@ def gguf_config(reader, path):
 
 def from_gguf(path, tokenizer=None, dtype=torch.float32):
     """A llama-architecture GGUF file -> (GPT in dtype, its tokenizer: get_tokenizer(tokenizer or path)); the
-    packaged SmolLM2's tokenizer is called smollm2, so that a checkpoint trained from it names no local path)."""
+    packaged SmolLM2's tokenizer is called smollm2, so that a checkpoint trained from it names no local path), from
+    the cache when it holds this file's conversion, else converted and cached."""
+    cache, key = cache_path(path, tokenizer, dtype), source_key(path)
+    try:
+        return read_cache(cache, key, path)
+    except Exception:  # noqa: BLE001  (missing, damaged, stale or another version's: any of them is converted again)
+        pass
+    model, tok = convert(path, tokenizer, dtype)
+    write_cache(cache, key, os.path.abspath(path), model, tok)
+    return model, tok
+
+
+def convert(path, tokenizer, dtype):
+    """The GGUF file read and dequantized -> (GPT in dtype, its tokenizer)."""
     reader = bpe.open_gguf(path)
     config = gguf_config(reader, path)
     tensors = {t.name: t for t in reader.tensors}
@@ -102,3 +130,96 @@ def unpermute(weight, n_head):
     Hugging Face's (first half, second half) RoPE pairing to interleaved pairs (0, 1), (2, 3), ..."""
     rows = weight.shape[0]
     return weight.view(n_head, rows // n_head // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+# ---------------------------------------------------------------------------------------- the conversion cache
+
+CACHE_FORMAT = "ismgpt gguf conversion 1"
+HEADER_BYTES = 4 << 20
+
+
+def cache_path(path, tokenizer, dtype):
+    """One cache file per GGUF file (by its absolute path), tokenizer name and dtype."""
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ismgpt")
+    name = hashlib.blake2b(f"{os.path.abspath(path)}\0{tokenizer}".encode(), digest_size=8).hexdigest()
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(root, f"{stem}-{name}-{str(dtype).removeprefix('torch.')}.safetensors")
+
+
+def source_key(path):
+    """What identifies the GGUF file's contents without reading all of them: size, modification time, header hash."""
+    stat = os.stat(path)
+    with open(path, "rb") as f:
+        header = hashlib.blake2b(f.read(HEADER_BYTES), digest_size=16).hexdigest()
+    return f"{CACHE_FORMAT}; {stat.st_size}; {stat.st_mtime_ns}; {header}"
+
+
+def checksum(config_json, tok_json, state):
+    """CRC-32 of the config, the tokenizer's tables and every tensor's bytes, in name order."""
+    crc = zlib.crc32(tok_json.encode(), zlib.crc32(config_json.encode()))
+    for name in sorted(state):
+        crc = zlib.crc32(state[name].contiguous().view(torch.uint8).numpy(), crc)
+    return str(crc)
+
+
+def tokenizer_tables(tok):
+    """What rebuilds the tokenizer without the GGUF file: its name (ismGPT's byte tokenizer) or its BPE's tables."""
+    if not isinstance(tok, ChatTokenizer):
+        return {"name": tok.name}
+    b = tok.bpe
+    return {"name": tok.name, "default_system": tok.default_system, "tokens": b.tokens, "merges": b.merges,
+            "stages": b.stage_patterns, "special": b.special, "nfc": b.nfc, "ignore_merges": b.ignore_merges}
+
+
+def tokenizer_from_tables(t):
+    if "tokens" not in t:
+        return get_tokenizer(t["name"])
+    return ChatTokenizer(t["name"], bpe.BPE(t["tokens"], t["merges"], t["stages"], t["special"], t["nfc"],
+                                              t["ignore_merges"]), t["default_system"])
+
+
+def write_cache(cache, key, source, model, tok):
+    """The conversion into the cache, atomically; a note on stderr says where, or why it could not be written."""
+    from safetensors.torch import save_file
+    state = {name: t for name, t in model.state_dict().items()
+             if not (name == "lm_head.weight" and model.config.tie_embeddings)}  # one copy of a tied matrix
+    config_json, tok_json = json.dumps(dataclasses.asdict(model.config)), json.dumps(tokenizer_tables(tok))
+    metadata = {"key": key, "source": source, "config": config_json, "tokenizer": tok_json,
+                "crc32": checksum(config_json, tok_json, state)}
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        forget_orphans(os.path.dirname(cache))
+        atomic(cache, lambda tmp: save_file(state, tmp, metadata))
+    except Exception as e:  # noqa: BLE001  (a full disk, a read-only home: the model is loaded all the same)
+        print(f"note: could not keep the converted weights in {cache} ({getattr(e, 'strerror', None) or e}): every "
+              "load converts the file again", file=sys.stderr)
+        return
+    print(f"note: converted once into {cache} ({os.path.getsize(cache) / 2**20:,.0f} MiB); later loads map it",
+          file=sys.stderr)
+
+
+def forget_orphans(folder):
+    """Delete the conversions whose GGUF file is gone (a deleted download, a test's temporary file)."""
+    from safetensors import safe_open
+    for name in os.listdir(folder):
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                source = f.metadata()["source"]
+            if not os.path.exists(source):
+                os.remove(os.path.join(folder, name))
+        except Exception:  # noqa: BLE001  (not a conversion of ours: not ours to delete)
+            pass
+
+
+def read_cache(cache, key, path):
+    """-> (GPT, tokenizer) from the cache file, its weights memory-mapped; an exception when it is missing, stale
+    (another key) or damaged (its CRC-32)."""
+    from safetensors import safe_open
+    with safe_open(cache, framework="pt") as f:
+        metadata, state = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    if metadata["key"] != key or checksum(metadata["config"], metadata["tokenizer"], state) != metadata["crc32"]:
+        raise ValueError(f"{cache} is stale or damaged")
+    config = GPTConfig(**json.loads(metadata["config"]))
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return build(config, state, path), tokenizer_from_tables(json.loads(metadata["tokenizer"]))

