@@ -19,9 +19,9 @@ A turn (ChatSession.generate) has four phases:
 4. close      whatever stopped the answer (<|end|>, the budget, Ctrl-C, a closed connection), the history gets
               the answer and its <|end|>, so the conversation stays well-formed; the cache holds a prefix of it.
 
-As in gpt-fast, the model-facing step is one small function (feed); a StaticDecoder feeds one answer token in
-fixed shapes so that torch.compile can make it one CUDA graph. The engine is token-level: text enters as render()'s
-ids and roles and leaves through TextStream. Each turn's facts are one Turn record (session.last). The session owns
+As in gpt-fast, the model-facing step is one small function (feed); a StaticDecoder feeds one answer token reading
+no Python value that changes per step, so that torch.compile compiles it once (one CUDA graph on CUDA). The engine
+is token-level: text enters as render()'s ids and roles and leaves through TextStream. Each turn's facts are one Turn record (session.last). The session owns
 its state: every change to its conversation and its cache is one of its methods (a turn, reset, set_history for a
 stateless client's conversation, replace_answer for teacher forcing). `python engine.py` is a self-check: a random
 model, three turns per mask, the tokens each turn prefills and reuses, and the largest logit difference against
@@ -130,35 +130,46 @@ def static_decoder(decode, model, cache):
 
 
 class StaticDecoder:
-    """One answer token fed in fixed shapes: the token and its position live in two preallocated tensors, the K/V
-    are written at that position of the preallocated cache, and attention runs over the cache's whole capacity with
-    every slot after the position masked out (an answer token's row, the same under every mask). Nothing depends
-    on Python values that change from step to step, so torch.compile(mode="reduce-overhead") captures the step as
-    one CUDA graph and replays it: no per-kernel launch cost, which bounds the decode of a small model on a GPU.
+    """One answer token fed with nothing read from Python values that change from step to step: the token and its
+    position live in two preallocated tensors, and its K/V are written at that position of the preallocated cache.
+    On CUDA attention runs over the cache's whole capacity, every slot after the position masked out (an answer
+    token's row, the same under every mask), so that the shapes are fixed and torch.compile(mode="reduce-overhead")
+    captures the step as one CUDA graph and replays it: no per-kernel launch cost, which bounds the decode of a small
+    model on a GPU. On a CPU there is no graph to capture and reading the whole capacity would cost more than it
+    saves (SmolLM2's 8,192 slots are 377 MB of keys and values a token), so the step attends over the filled slots
+    only, their count a dynamic shape: compiled once, Inductor fuses the small operations between the matmuls.
     compile=False runs the same step eagerly (the tests check it equals feed)."""
 
     def __init__(self, model, cache, compile=True):
         self.model, self.cache = model, cache
         device = cache.keys[0].device
+        self.whole_capacity = device.type == "cuda"
         self.idx = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.arange(cache.capacity, device=device)
+        if self.whole_capacity:  # a masked slot is still read, its value times a zero weight: it must be finite
+            for buffer in (*cache.keys, *cache.values):
+                buffer.zero_()
         self.step = self._step
         if compile:
             if device.type == "cuda":  # buffers a graph replay reads or updates in place: fixed addresses
                 for buffer in (*cache.keys, *cache.values, self.idx, self.position):
                     torch._dynamo.mark_static_address(buffer, guard=False)
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            self.step = torch.compile(self._step, mode=mode, fullgraph=True)
+            self.step = torch.compile(self._step, mode="reduce-overhead" if self.whole_capacity else None,
+                                      dynamic=not self.whole_capacity, fullgraph=True)
 
-    def _step(self, idx, position):
-        slots = torch.arange(self.cache.capacity, device=position.device)
-        mask = (slots <= position).unsqueeze(0)  # (1, capacity): this token and every one before it
+    def _step(self, idx, position, slots=None):
+        """slots: the cache slots attended over, the filled ones (CPU); None: the whole capacity (CUDA)."""
+        if slots is None:
+            slots = torch.arange(self.cache.capacity, device=position.device)
+        mask = (slots <= position).unsqueeze(0)  # (1, slots): this token and every one before it
         return self.model(idx, mask, position, kv_cache=self.cache, last_only=True)[0][0, -1]
 
     def __call__(self, token, position):
         self.idx.fill_(token)  # in place: no new tensor, no host-to-device copy of a new one
         self.position.fill_(position)
-        return self.step(self.idx, self.position).clone()  # a graph replay reuses its output buffer
+        filled = () if self.whole_capacity else (self.slots[:position + 1],)
+        return self.step(self.idx, self.position, *filled).clone()  # a graph replay reuses its output buffer
 
 
 def reusable_prefix(kind, cached_ids, cached_roles, ids, roles):

@@ -331,16 +331,22 @@ def test_seeded_sampling_repeats():
 # ---------------------------------------------------------------------------------------------- the static step
 
 @pytest.mark.parametrize("kind", MASKS)
-def test_static_decode_step_equals_the_eager_step(kind):
-    """The fixed-shape step (whole-capacity attention, K/V written at a position tensor) against the eager one:
-    the same greedy transcript and the same logits at every step, over turns that reuse the cache."""
+@pytest.mark.parametrize("width", ["filled", "capacity"])
+def test_static_decode_step_equals_the_eager_step(kind, width):
+    """The static step (K/V written at a position tensor; attention over the filled slots as on a CPU, or over the
+    whole capacity with the rest masked out as on CUDA) against the eager one: the same greedy transcript and the
+    same logits at every step, over turns that reuse the cache."""
     steps, transcripts = {}, {}
     for decode in ("eager", "static"):
         session = ChatSession(MODEL, TOK, kind, system=SYSTEM_TEXT, decode=decode)
         logits, handle = [], None
         if decode == "static":  # record the static step's logits where it returns them
             step = session.static.step
-            session.static.step = lambda idx, pos: logits.append(step(idx, pos)) or logits[-1]
+            session.static.step = lambda *args: logits.append(step(*args)) or logits[-1]
+            if width == "capacity":  # what it does on CUDA, where unfilled slots are zeros (they are read)
+                session.static.whole_capacity = True
+                for buffer in (*session.cache.keys, *session.cache.values):
+                    buffer.zero_()
         else:
             handle = MODEL.register_forward_hook(lambda m, args, out: logits.append(out[0][0, -1].clone())
                                                  if args[0].shape[1] == 1 else None)
@@ -353,14 +359,28 @@ def test_static_decode_step_equals_the_eager_step(kind):
     torch.testing.assert_close(steps["static"], steps["eager"], atol=1e-4, rtol=1e-4)
 
 
+def test_unfilled_cache_slots_are_never_read_on_a_cpu():
+    """The cache is allocated empty (its memory taken only as it fills): filled with NaN, it must give the
+    transcript of a cache filled with zeros, eager and static step alike."""
+    replies = {}
+    for fill in (0.0, float("nan")):
+        for decode in ("eager", "static"):
+            session = ChatSession(MODEL, TOK, "ism", decode=decode)
+            for buffer in (*session.cache.keys, *session.cache.values):
+                buffer.fill_(fill)
+            replies[fill, decode] = [session.turn(u, max_new_tokens=9)["reply"] for u in USERS[:2]]
+    assert len(set(map(tuple, replies.values()))) == 1
+
+
 def test_static_step_captures_as_one_graph():
     """torch.compile(fullgraph=True) traces the whole step (no graph break, nothing read from Python values that
-    change per step) and gives the eager transcript. The aot_eager backend checks the capture without Inductor's
-    code generation (~25 s on a CPU); the CUDA-graph version runs in test_gpu.py."""
+    change per step; the count of filled slots a dynamic shape) and gives the eager transcript. The aot_eager
+    backend checks the capture without Inductor's code generation (~25 s on a CPU); the CUDA-graph version runs in
+    test_gpu.py."""
     eager = ChatSession(MODEL, TOK, "ism")
     want = [eager.turn(u, max_new_tokens=9)["reply"] for u in USERS[:2]]
     session = ChatSession(MODEL, TOK, "ism", decode="static")
-    session.static.step = torch.compile(session.static._step, backend="aot_eager", fullgraph=True)
+    session.static.step = torch.compile(session.static._step, backend="aot_eager", dynamic=True, fullgraph=True)
     assert [session.turn(u, max_new_tokens=9)["reply"] for u in USERS[:2]] == want
     assert_cache_is_exact(session)
 

@@ -63,6 +63,8 @@ def run_chat(model, kind, ids, roles, reprefill_each_turn):
     """Logits of every position as the chat path computes them. Returns (logits, reference) where the reference
     for each chunk [s, e) is a full forward over tokens [0, e) with no cache at all."""
     cache = KVCache(model.config)
+    for buffer in (*cache.keys, *cache.values):  # allocated empty; zeros show which slots a chunk writes
+        buffer.zero_()
     got, want = torch.zeros(len(ids), model.config.vocab_size), torch.zeros(len(ids), model.config.vocab_size)
     with torch.no_grad():
         for s, e in chat_chunks(roles.tolist()):
