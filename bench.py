@@ -23,6 +23,11 @@ Tables (markdown; --json prints the same numbers as one JSON object instead):
 3. decode: ChatSession decode tokens/s with the KV cache (eager; with --compile also the compiled static-shape step)
    and without (the no-cache path) at growing context, the KV cache's size, and transformers' generate()
    with its own cache as the peer.
+4. peers (--init_from on a CPU; not run by default): decode tokens/s at 256 tokens of context and prefill tokens/s
+   of 511 tokens, at 1 and 2 threads, for the float32 weights (eager, and with --compile the compiled static
+   step), their int8 and int4 decode copies (quantize.py) and transformers; each decode beside its ceiling here:
+   the streaming rate of a float32 matrix-vector product over the bytes one step reads. Then the peak memory of a
+   2,000-token prefill and the time of a second load (a GGUF start maps its cached conversion).
 
 Models have random weights (the numbers are costs, not quality), so the bench needs no checkpoint, unless
 --init_from names a pretrained one (smollm2, a GGUF file, a Hugging Face folder, a checkpoint): then the costs are
@@ -68,10 +73,11 @@ from support.flags import setting
 from loss import batch_mask, train_step
 from mask import MASKS
 from model import GPT, GPTConfig, KVCache
+from quantize import QuantizedLinear, quantize
 from support.hf import to_transformers
 from support.starts import START_HELP, fit_context, load_start, new_model_config
 
-SECTIONS = ("train", "chat", "decode")
+SECTIONS = ("train", "chat", "decode", "peers")
 PRETRAINED_CONTEXT = 2048  # a pretrained start's default block_size here: a chat of more than 1,500 tokens
 OPTIMIZER = dict(weight_decay=0.1, learning_rate=6e-3, betas=(0.9, 0.99))  # train.py's defaults
 
@@ -81,7 +87,8 @@ class BenchConfig:
     init_from: str = setting("", f"measure a pretrained model ({START_HELP}) at its own shape; empty: a random model "
                                  "of the shape flags below")
     device: str = setting("cpu", DEVICE_HELP)
-    sections: str = setting("train,chat,decode", "comma-separated subset of train,chat,decode")
+    sections: str = setting("train,chat,decode", "comma-separated subset of train,chat,decode,peers (peers: a "
+                                                  "pretrained start on the CPU, float32 against int8/int4 decode)")
     repeats: int = setting(5, "timed rounds per measurement (the median is reported)", min=1)
     warmup: int = setting(1, "untimed rounds before them", min=0)
     threads: int = setting(0, THREADS_HELP, min=0)
@@ -683,6 +690,166 @@ def decode_tables(r, notes):
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------------------- 4. peers
+
+PEER_THREADS = (1, 2)
+PEER_DECODE_CONTEXT = 256  # tokens before the first decoded one (prompt + answer so far)
+PEER_PREFILL = 511  # tokens of one prefill, timed to the first token
+PEER_LONG_PREFILL = 2000  # tokens of the prefill whose peak memory is measured
+LLAMA_CPP_NOTE = ("llama.cpp (llama-cpp-python) is not a row: its binding builds from source in ~27 minutes here "
+                  "and is not a dependency; compare with its own llama-bench on the same GGUF file")
+
+
+def stream_rate(repeats=5):
+    """Bytes per second that a float32 matrix-vector product streams from memory at torch's current thread count:
+    what bounds a one-token decode step, which reads every weight once. A 256 MiB matrix, far beyond any cache."""
+    matrix, vector = torch.randn(16384, 4096), torch.randn(4096)
+    best = min(interleaved({"mv": lambda: matrix @ vector}, repeats, 1)["mv"])
+    return matrix.nbytes / best
+
+
+def decode_bytes(model):
+    """Bytes of weights one decode step reads: every Linear's as the step uses them (a QuantizedLinear's int8 or
+    int4 copy and its scales, not the float weights it keeps for prefills); norms and one embedding row are left
+    out (under 0.1%)."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    kept = {id(m.linear) for m in quantized}
+    floats = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in kept]
+    return sum(m.weight_q.nbytes + m.scales.nbytes for m in quantized) + sum(m.weight.nbytes for m in floats)
+
+
+def peer_models(cfg, model):
+    """{name: model} of the peers' table: float32 as loaded, and its int8 and int4 decode copies."""
+    models = {"float32": model}
+    for mode in ("int8", "int4"):
+        models[mode] = quantize(copy.deepcopy(model), mode)
+    return models
+
+
+def peer_lengths(config):
+    """(decode context, prefill tokens, long prefill tokens): the PEER_ lengths, or what a smaller context holds."""
+    return (min(PEER_DECODE_CONTEXT, config.block_size // 2), min(PEER_PREFILL, config.block_size // 2),
+            min(PEER_LONG_PREFILL, config.block_size - 2))
+
+
+def peer_fns(cfg, tok, models, hf):
+    """{name: (decode tok/s fn, prefill tok/s fn)} for every variant: ours (eager; float32 compiled with --compile)
+    and transformers' generate() on the same weights."""
+    context, prefill, _ = peer_lengths(models["float32"].config)
+    decode_text, prefill_text = prompt_of(tok, context - cfg.new_tokens), prompt_of(tok, prefill)
+    fixed = fixed_length(cfg.new_tokens)
+    sessions = {name: ChatSession(m, tok, "ism") for name, m in models.items()}
+    if cfg.compile:
+        sessions["float32 compiled"] = ChatSession(models["float32"], tok, "ism", decode="compiled")
+
+    def ours(session):
+        def decode():
+            session.reset()
+            return session.turn(decode_text, **fixed)["decode_tokens_per_s"]
+
+        def prefill():
+            session.reset()
+            result = session.turn(prefill_text, max_new_tokens=1)
+            return result["prefill_tokens"] / (result["ttft_ms"] / 1e3)
+        return decode, prefill
+    fns = {name: ours(s) for name, s in sessions.items()}
+    if hf:
+        fns["transformers"] = hf_decode_prefill(hf, tok, decode_text, prefill_text, cfg.new_tokens)
+    return fns
+
+
+def hf_decode_prefill(hf, tok, decode_text, prefill_text, n):
+    """transformers' generate() on the same prompts: (decode tok/s over the tokens after the first, prefill tok/s
+    of the prompt to its first token)."""
+    def run(text, new_tokens):
+        ids = torch.tensor([render([{"role": "user", "content": text}], tok)[0]])
+        clock, t0 = TokenClock(), time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, use_cache=True, streamer=clock)
+        return ids.shape[1], t0, clock.times  # the streamer's first put is the prompt; then one per token
+
+    def decode():
+        _, _, times = run(decode_text, n)
+        return (n - 1) / (times[-1] - times[1])
+
+    def prefill():
+        tokens, t0, times = run(prefill_text, 1)
+        return tokens / (times[1] - t0)
+    return decode, prefill
+
+
+def peers_section(cfg, rt, tok, model, hf):
+    """Decode and prefill tokens/s of every variant at 1 and 2 threads, interleaved, beside the ceiling a decode
+    step has here (the streaming rate over the bytes it reads); then a prefill's peak memory and a second load."""
+    if rt.device_type != "cpu":
+        raise UserError("--sections=peers measures the CPU's kernels (int8/int4 decode): run it with --device=cpu")
+    prefill_memory = long_prefill_peak(tok, model.float())  # before the quantized copies exist
+    models = peer_models(cfg, model)
+    fns = peer_fns(cfg, tok, models, hf)
+    rows, threads_before = [], torch.get_num_threads()
+    for threads in PEER_THREADS:
+        torch.set_num_threads(threads)
+        rate = stream_rate()
+        log(f"peers: {threads} thread(s), {len(fns)} variants x {cfg.warmup + cfg.repeats} rounds")
+        decode = rounds({name: d for name, (d, _) in fns.items()}, cfg.repeats, cfg.warmup)
+        prefill = rounds({name: p for name, (_, p) in fns.items()}, cfg.repeats, cfg.warmup)
+        for name in fns:
+            weights = decode_bytes(models.get(name.split()[0], model)) if name != "transformers" else None
+            rows.append({"threads": threads, "variant": name, "decode": median(decode[name]),
+                         "prefill": median(prefill[name]), "bytes_per_token": weights, "stream_gb_s": rate / 1e9,
+                         "ceiling": rate / weights if weights else None})
+    torch.set_num_threads(threads_before)
+    return {"rows": rows, "lengths": peer_lengths(model.config), "resident_before_prefill_gib": prefill_memory[0], "prefill_peak_gib": prefill_memory[1],
+            "weights_gib": sum(p.nbytes for p in model.parameters()) / 2**30, "second_load_s": second_load(cfg)}
+
+
+def long_prefill_peak(tok, model):
+    """-> (the process's resident GiB before, its peak over one float32 prefill of PEER_LONG_PREFILL tokens): the
+    difference is what the prefill itself takes (activations, the KV cache); the bench holds more than one copy of
+    the weights, a chat one."""
+    session = ChatSession(model, tok, "ism")
+    text = prompt_of(tok, peer_lengths(model.config)[2])
+    before = resident_gib()
+    return before, peak_memory(lambda: session.turn(text, max_new_tokens=1), "cpu")
+
+
+def second_load(cfg):
+    """Seconds to load --init_from again, as a chat script does (a GGUF start maps its cached conversion); None
+    for a random model."""
+    if not cfg.init_from:
+        return None
+    t0 = time.perf_counter()
+    load_start(cfg.init_from, cfg.block_size or None, 0.0, "cpu")
+    return time.perf_counter() - t0
+
+
+def peers_tables(r, notes):
+    headers = ["threads", "variant", "decode tok/s", "of its ceiling", "vs float32", "prefill tok/s",
+               "bytes/token (MB)", "ceiling tok/s"]
+    rows = []
+    for x in r["rows"]:
+        base = next(y for y in r["rows"] if y["threads"] == x["threads"] and y["variant"] == "float32")
+        share = f"{x['decode'] / x['ceiling']:.0%}" if x["ceiling"] else "-"
+        mb = fmt(x["bytes_per_token"] / 1e6, 0) if x["bytes_per_token"] else "-"
+        rows.append([x["threads"], x["variant"], fmt(x["decode"]), share, f"{x['decode'] / base['decode']:.2f}x",
+                     fmt(x["prefill"], 0), mb, fmt(x["ceiling"])])
+    prefill_gib = r["prefill_peak_gib"] - r["resident_before_prefill_gib"]
+    rates = ", ".join(f"{x['stream_gb_s']:.1f} GB/s at {x['threads']} thread(s)" for x in r["rows"]
+                      if x["variant"] == "float32")
+    context, prefill, long_prefill = r["lengths"]
+    load = "-" if r["second_load_s"] is None else f"{r['second_load_s']:.2f} s"
+    out = [f"### Peers (ISM session, greedy; decode at {context} tokens of context, prefill of {prefill} tokens to "
+           "the first token; ceiling = streaming rate / bytes a decode step reads)",
+           table(headers, rows), "", f"- streaming rate of a float32 matrix-vector product: {rates}",
+           f"- a {long_prefill}-token prefill (float32) raised the peak resident memory {fmt(prefill_gib, 2)} GiB "
+           f"over the {fmt(r['resident_before_prefill_gib'], 2)} GiB resident before it (memory the process freed "
+           f"earlier is reused first, so this is a floor; the weights are {fmt(r['weights_gib'], 2)} GiB a copy)",
+           f"- a second load of the start: {load}"]
+    out += [f"- note: {n}" for n in notes]
+    return "\n".join(out)
+
+
 # -------------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -733,7 +900,7 @@ def run_bench(cfg, sections, device):
     if "train" in sections:
         results["train"] = train_section(cfg, device, start)
         say(train_tables(results["train"]))
-    if "chat" in sections or "decode" in sections:
+    if {"chat", "decode", "peers"} & set(sections):
         rt = compute_init(device, cfg.dtype)
         tok = start.tok if start else get_tokenizer("byte")
         model = chat_model(cfg, tok, rt, start)
@@ -750,6 +917,9 @@ def run_bench(cfg, sections, device):
         if "decode" in sections:
             results["decode"] = decode_section(cfg, rt, tok, model, hf)
             say(decode_tables(results["decode"], [hf_note]))
+        if "peers" in sections:
+            results["peers"] = peers_section(cfg, rt, tok, model, hf)
+            say(peers_tables(results["peers"], [hf_note, LLAMA_CPP_NOTE]))
     if cfg.json:
         print(json.dumps(results, indent=1))
     return results

@@ -20,12 +20,12 @@ A turn (ChatSession.generate) has four phases:
               the answer and its <|end|>, so the conversation stays well-formed; the cache holds a prefix of it.
 
 As in gpt-fast, the model-facing step is one small function (feed); a StaticDecoder feeds one answer token reading
-no Python value that changes per step, so that torch.compile compiles it once (one CUDA graph on CUDA). The engine
-is token-level: text enters as render()'s ids and roles and leaves through TextStream. Each turn's facts are one Turn record (session.last). The session owns
-its state: every change to its conversation and its cache is one of its methods (a turn, reset, set_history for a
-stateless client's conversation, replace_answer for teacher forcing). `python engine.py` is a self-check: a random
-model, three turns per mask, the tokens each turn prefills and reuses, and the largest logit difference against
-recomputing without the cache.
+no Python value that changes per step, so that torch.compile compiles it once (one CUDA graph on CUDA). The
+engine is token-level: text enters as render()'s ids and roles and leaves through TextStream. Each turn's facts are
+one Turn record (session.last). The session owns its state: every change to its conversation and its cache is
+one of its methods (a turn, reset, set_history for a stateless client's conversation, replace_answer for teacher
+forcing). `python engine.py` is a self-check: a random model, three turns per mask, the tokens each turn prefills
+and reuses, and the largest logit difference against recomputing without the cache.
 """
 import codecs
 import copy

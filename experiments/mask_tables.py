@@ -145,7 +145,8 @@ def header(result):
              f"start: every run fine-tuned from {c['init_from']}" if c["init_from"] else "start: from scratch")
     scored = (f"greedy through ChatSession (KV cache), {c['history_note']}; exact match % and the held-out answer "
               "loss" if c["score"] == "exact" else "the held-out answer loss (mean over answer tokens)")
-    return [f"# ismGPT quality: {' vs '.join(c['masks'])}, {len(c['seeds'])} seed(s) ({', '.join(map(str, c['seeds']))})",
+    seeds = ", ".join(map(str, c["seeds"]))
+    return [f"# ismGPT quality: {' vs '.join(c['masks'])}, {len(c['seeds'])} seed(s) ({seeds})",
             f"budget: {shape}, {c['max_iters']} optimizer steps of {c['train_batch_size']} rows x {c['block_size']} "
             "tokens (prefix-answers: as many answer tokens as causal and ISM), the same seeds for every mask (the "
             "same initial weights from scratch; from a start, the same data order); data "

@@ -220,3 +220,36 @@ def test_quick_with_a_pretrained_start_measures_it_against_its_peer(tmp_path):
     assert results["chat"]["summary"]["ism_prefill_equals_new_tokens"]
     assert {s["mask"] for s in results["train"]["steps"]} == {"causal", "ism", "prefix"}
     assert all(s["peak_gib"] is None or s["peak_gib"] > 0 for s in results["train"]["steps"])
+
+
+def linear_weights(c, vocab_size):
+    """(weights, output channels) of every Linear a decode step reads, from transformers' config: q, k, v, o, gate,
+    up and down per block, then the output layer over vocab_size (the model's: the file's vocabulary padded)."""
+    width, kv = c.hidden_size, c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    shapes = [(width, width), (kv, width), (kv, width), (width, width), (c.intermediate_size, width),
+              (c.intermediate_size, width), (width, c.intermediate_size)] * c.num_hidden_layers
+    shapes.append((vocab_size, width))
+    return sum(o * i for o, i in shapes), sum(o for o, _ in shapes)
+
+
+def test_peers_rows_and_the_bytes_a_decode_step_reads(tmp_path):
+    """--sections=peers on a small Llama start: every variant at 1 and 2 threads, and the bytes per token behind
+    each ceiling equal to a count from the config (float32: 4 bytes a weight; int8: 1, and a bfloat16 scale per
+    output channel)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    results, text = run_main(["--quick", "--sections=peers", f"--init_from={tmp_path / 'llama'}"])
+    rows = results["peers"]["rows"]
+    assert [(r["threads"], r["variant"]) for r in rows] == [
+        (t, v) for t in (1, 2) for v in ("float32", "int8", "int4", "transformers")]
+    assert all(r["decode"] > 0 and r["prefill"] > 0 for r in rows)
+    weights, channels = linear_weights(config, results["model"]["config"]["vocab_size"])
+    by_variant = {r["variant"]: r["bytes_per_token"] for r in rows}
+    assert by_variant["float32"] == 4 * weights and by_variant["int8"] == weights + 2 * channels
+    assert by_variant["float32"] / 8 < by_variant["int4"] < by_variant["int8"]
+    assert results["peers"]["second_load_s"] > 0 and "### Peers" in text
