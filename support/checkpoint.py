@@ -37,6 +37,19 @@ def save_checkpoint(checkpoint, path):
         raise
 
 
+def atomic(path, write):
+    """write(tmp) into a temporary file beside path, then rename it over path: a crash leaves the old file (an
+    adapter's files, a GGUF conversion; checkpoints add a sync and a one-line error, above)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

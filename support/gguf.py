@@ -32,7 +32,7 @@ from data import bpe
 from data.tokenizer import ChatTokenizer, get_tokenizer
 from model import GPTConfig
 from support.errors import UserError
-from support.lora import atomic
+from support.checkpoint import atomic
 from support.weights import (build, chat_tokenizer, checked, gguf_name, llama_from_hf, positive_number,
                              refuse_unread, whole_number)
 

@@ -9,12 +9,12 @@ line naming it.
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import replace
 
 import torch
 
 from model import GPT, LORA_TARGETS, Linear
+from support.checkpoint import atomic
 from support.errors import UserError
 from support.weights import lora_names
 
@@ -101,19 +101,12 @@ def write_adapter(state, config, folder, base_name=None):
               "base_model_name_or_path": base_name, "inference_mode": True}
     os.makedirs(folder, exist_ok=True)
     atomic(os.path.join(folder, ADAPTER_WEIGHTS), lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    atomic(os.path.join(folder, ADAPTER_CONFIG), lambda path: open(path, "w").write(json.dumps(config, indent=1)))
+    atomic(os.path.join(folder, ADAPTER_CONFIG), lambda path: write_json(path, config))
 
 
-def atomic(path, write):
-    """write(tmp) into a temporary file beside path, then rename it over path: a crash leaves the old file."""
-    fd, tmp = tempfile.mkstemp(prefix=".adapter-", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def read_adapter(model, folder):
