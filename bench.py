@@ -718,7 +718,7 @@ def decode_bytes(model):
     return sum(m.weight_q.nbytes + m.scales.nbytes for m in quantized) + sum(m.weight.nbytes for m in floats)
 
 
-def peer_models(cfg, model):
+def peer_models(model):
     """{name: model} of the peers' table: float32 as loaded, and its int8 and int4 decode copies."""
     models = {"float32": model}
     for mode in ("int8", "int4"):
@@ -785,7 +785,7 @@ def peers_section(cfg, rt, tok, model, hf):
     if rt.device_type != "cpu":
         raise UserError("--sections=peers measures the CPU's kernels (int8/int4 decode): run it with --device=cpu")
     prefill_memory = long_prefill_peak(tok, model.float())  # before the quantized copies exist
-    models = peer_models(cfg, model)
+    models = peer_models(model)
     fns = peer_fns(cfg, tok, models, hf)
     rows, threads_before = [], torch.get_num_threads()
     for threads in PEER_THREADS:
