@@ -306,15 +306,18 @@ def scored_records(argv, folder, say):
 
 
 def evaluated(argv, folder, stamp, say):
-    """python eval.py argv's JSON result, kept in folder/eval.json and reused when argv and the model's stamp
-    match."""
-    key = {"argv": argv, "model": stamp}
-    cached = read_json(os.path.join(folder, "eval.json"))
-    if cached and cached.get("key") == key:
-        return cached["result"]
+    """python eval.py argv's JSON result, kept in folder/eval.json beside the results of other settings (another
+    --max_conversations, say) and reused when argv and the model's stamp match."""
+    key, path = {"argv": argv, "model": stamp}, os.path.join(folder, "eval.json")
+    cached = read_json(path) or {}
+    kept = cached.get("evaluations", [cached] if "key" in cached else [])  # or one result, as written before
+    kept = [e for e in kept if e["key"]["model"] == stamp]  # another model's results: stale
+    found = [e["result"] for e in kept if e["key"] == key]
+    if found:
+        return found[0]
     output, seconds = run_script("eval.py", argv, None, f"scoring {folder}")
     result = json.loads(output)
-    write_json(os.path.join(folder, "eval.json"), {"key": key, "result": result})
+    write_json(path, {"evaluations": kept + [{"key": key, "result": result}]})
     exact = f", exact match {percent(result['overall']['accuracy'])}%" if result["replayed"] else ""
     say(f"{os.path.basename(folder)}: evaluated in {seconds:.0f}s{exact}, held-out answer loss "
         f"{result['val_loss']:.4f}")

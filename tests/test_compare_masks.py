@@ -207,3 +207,24 @@ def test_real_conversations_are_scored_by_loss_per_turn_with_replies_side_by_sid
     text = mask_tables.report(result)
     assert "| turn (held-out answer loss) | answer tokens | causal | ism | ism - causal (paired) |" in text
     assert "greedy replies to the first held-out conversations" in text and "exact match" not in text.split("\n")[3]
+
+
+def test_evaluations_of_other_settings_are_kept_beside_each_other(tmp_path, monkeypatch):
+    """Scoring a run with another --max_conversations keeps the first result: going back to the first settings
+    scores nothing again; a new model (another stamp) drops both. A folder's eval.json of one result, as written
+    before, is still read."""
+    scored = []
+
+    def eval_py(script, argv, *rest):  # what python eval.py --json prints, naming the settings it was given
+        scored.append(argv)
+        return json.dumps({"settings": argv[0], "val_loss": 1.0, "replayed": False}), 0.0
+    monkeypatch.setattr(cm, "run_script", eval_py)
+    cm.write_json(str(tmp_path / "eval.json"), {"key": {"argv": ["old"], "model": [1]}, "result": {"settings": "old"}})
+
+    def result(settings, stamp):
+        return cm.evaluated([settings], str(tmp_path), stamp, lambda text: None)["settings"]
+    assert result("old", [1]) == "old" and not scored
+    assert result("all", [1]) == "all" and result("first 60", [1]) == "first 60" and len(scored) == 2
+    assert result("all", [1]) == "all" and result("old", [1]) == "old" and len(scored) == 2
+    assert result("all", [2]) == "all" and len(scored) == 3  # a new checkpoint: scored again
+    assert result("old", [2]) == "old" and len(scored) == 4
