@@ -146,9 +146,11 @@ def header(result):
     scored = (f"greedy through ChatSession (KV cache), {c['history_note']}; exact match % and the held-out answer "
               "loss" if c["score"] == "exact" else "the held-out answer loss (mean over answer tokens)")
     seeds = ", ".join(map(str, c["seeds"]))
+    equal_answers = (" (prefix-answers: as many answer tokens as causal and ISM)" if "prefix-answers" in c["masks"]
+                     else "")
     return [f"# ismGPT quality: {' vs '.join(c['masks'])}, {len(c['seeds'])} seed(s) ({seeds})",
             f"budget: {shape}, {c['max_iters']} optimizer steps of {c['train_batch_size']} rows x {c['block_size']} "
-            "tokens (prefix-answers: as many answer tokens as causal and ISM), the same seeds for every mask (the "
+            f"tokens{equal_answers}, the same seeds for every mask (the "
             "same initial weights from scratch; from a start, the same data order); data "
             f"{result['runs'][0]['eval']['data_dir']}" + (f"; train.py {c['train_args']}" if c["train_args"] else ""),
             start,
@@ -188,8 +190,9 @@ def cost_table(masks, s):
         lines.append(f"| {m} | {fmt_mean_std(k['val_loss'], 1, 4)} | {fmt_mean_std(k['tokens'], 1, 0)} | "
                      f"{fmt_mean_std(k['answer_tokens'], 1, 0)} | {fmt_mean_std(k['wall_seconds'], 1, 0)} | "
                      f"{fmt_mean_std(k['step_seconds'], 1, 0)} | {fmt_mean_std(k['eval_seconds'], 1, 0)} |")
-    lines.append("\nprefix trains on triplet-expanded samples (one per answer, with its whole history): the same tokens "
-                 "hold fewer answers; answer tokens trained say how many.")
+    if "prefix" in masks:
+        lines.append("\nprefix trains on triplet-expanded samples (one per answer, with its whole history): the same "
+                     "tokens hold fewer answers; answer tokens trained say how many.")
     return lines
 
 
@@ -197,9 +200,9 @@ def start_table(start, masks):
     """The start before any fine-tuning, under every mask: the held-out answer loss by turn (and exact match)."""
     turns = list(start[masks[0]]["loss_by_turn"])
     first = start[masks[0]]
+    exact = f"; exact match % of {first['n']} answers and the share of replies that never ended"
     lines = [f"before fine-tuning: {first['model']} as it is, under each mask (held-out answer loss by turn"
-             + (f"; exact match % of {first['n']} answers and the share of replies that never ended" if first["replayed"]
-                else "") + ")", "",
+             + (exact if first["replayed"] else "") + ")", "",
              "| mask | held-out answer loss | " + " | ".join(f"turn {t}" for t in turns)
              + (" | exact match % | never ended % |" if first["replayed"] else " |"),
              "|---|---|" + "---|" * (len(turns) + 2 * first["replayed"])]
@@ -219,7 +222,8 @@ def replies_table(replies):
              "kept in the history):", "", "| turn | user | gold | " + " | ".join(names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     for k, record in enumerate(replies[names[0]]["records"]):
-        cells = [short(record["user"]), short(record["gold"])] + [short(replies[n]["records"][k]["reply"]) for n in names]
+        cells = [short(record["user"]), short(record["gold"])]
+        cells += [short(replies[n]["records"][k]["reply"]) for n in names]
         lines.append(f"| {record['conversation'] + 1}.{record['turn']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
