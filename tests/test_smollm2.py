@@ -233,32 +233,43 @@ def test_a_second_load_maps_the_cached_conversion(smol, own_cache, capsys, monke
     assert second.model.lm_head.weight is second.model.transformer.wte.weight
 
 
-def test_a_damaged_or_stale_cache_is_converted_again(smol, own_cache):
-    load_start("smollm2")
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    """A small random Llama as a GGUF file (the cache's checks do not need SmolLM2's 538 MB)."""
+    from test_llama import hf_model, write_gguf
+    path = tmp_path / "tiny.gguf"
+    write_gguf(hf_model("llama"), path, "Q8_0")
+    return str(path)
+
+
+def test_a_damaged_or_stale_cache_is_converted_again(tiny_gguf, own_cache):
+    fresh_model, fresh_tok = gguf.convert(tiny_gguf, tiny_gguf, torch.float32)  # no cache involved
+    load_start(tiny_gguf)
     cache = next(own_cache.iterdir())
-    path, key = smollm2_path(), gguf.source_key(smollm2_path())
+    key = gguf.source_key(tiny_gguf)
     good = cache.read_bytes()
     flipped = bytearray(good)
-    flipped[len(good) // 2] ^= 1  # one bit of one weight
+    flipped[-len(good) // 4] ^= 1  # one bit of one weight
     for damaged in (bytes(flipped), good[:len(good) // 2], b"\0" * 16, good.replace(b"rope_theta", b"rope_thetb")):
         cache.write_bytes(damaged)
         with pytest.raises(Exception):
-            gguf.read_cache(str(cache), key, path)
+            gguf.read_cache(str(cache), key, tiny_gguf)
     with pytest.raises(ValueError, match="stale or damaged"):
         cache.write_bytes(good)
-        gguf.read_cache(str(cache), key.replace("; ", "; 1", 1), path)  # another size: the file changed
+        gguf.read_cache(str(cache), key.replace("; ", "; 1", 1), tiny_gguf)  # another size: the file changed
     cache.write_bytes(bytes(flipped))
-    again = load_start("smollm2")  # converted and written anew
-    assert torch.equal(last_logits(again.model, again.tok), last_logits(smol.model, smol.tok))
-    gguf.read_cache(str(cache), key, path)  # whole again
+    again = load_start(tiny_gguf)  # converted and written anew
+    assert torch.equal(last_logits(again.model, again.tok), last_logits(fresh_model, fresh_tok))
+    gguf.read_cache(str(cache), key, tiny_gguf)  # whole again
 
 
-def test_a_cache_that_cannot_be_written_is_skipped(smol, tmp_path, monkeypatch, capsys):
+def test_a_cache_that_cannot_be_written_is_skipped(tiny_gguf, tmp_path, monkeypatch, capsys):
+    fresh_model, fresh_tok = gguf.convert(tiny_gguf, tiny_gguf, torch.float32)
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
-    model = load_start("smollm2").model
+    model = load_start(tiny_gguf).model
     assert "could not keep the converted weights" in capsys.readouterr().err
-    assert torch.equal(last_logits(model, smol.tok), last_logits(smol.model, smol.tok))
+    assert torch.equal(last_logits(model, fresh_tok), last_logits(fresh_model, fresh_tok))
 
 
 def test_the_conversions_of_files_that_are_gone_are_deleted(own_cache, tmp_path):
