@@ -784,7 +784,8 @@ def peers_section(cfg, rt, tok, model, hf):
     step has here (the streaming rate over the bytes it reads); then a prefill's peak memory and a second load."""
     if rt.device_type != "cpu":
         raise UserError("--sections=peers measures the CPU's kernels (int8/int4 decode): run it with --device=cpu")
-    prefill_memory = long_prefill_peak(tok, model.float())  # before the quantized copies exist
+    model = copy.deepcopy(model).float()  # the table is float32's (the chat model may be in --dtype)
+    prefill_memory = long_prefill_peak(tok, model)  # before the quantized copies exist
     models = peer_models(model)
     fns = peer_fns(cfg, tok, models, hf)
     rows, threads_before = [], torch.get_num_threads()

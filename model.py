@@ -99,8 +99,8 @@ class KVCache:
     values[layer], each (batch_size, n_kv_head, block_size, head_dim): only the key/value heads, so grouped-query
     attention's saving is the cache's too. One tensor per layer and kind, not views of a larger one, so that a
     compiled step writes into them in place (a write into a view of a graph's input makes the compiler copy the
-    whole base back). Allocated empty: a slot is written before any chunk attends to it, and the memory of slots
-    never written is never taken (SmolLM2's 8,192 slots are 360 MiB in float32).
+    whole base back). Allocated empty: a chunk attends only to the slots written before it and by it, so a slot
+    never written is never read (engine.StaticDecoder's whole-capacity step on CUDA zero-fills the cache first).
 
     Memory: 2 (k and v) * n_layer * batch_size * block_size * n_kv_head * head_dim elements, e.g. 2 * 4 * 1 * 512 *
     128 * 4 bytes = 2 MiB for the default model in fp32; bytes_per_token says what one token costs. Writing a chunk

@@ -275,11 +275,19 @@ def start_of(cfg, seed, say):
     return train_run(f"pretrain-s{seed}", run_dir, pretrain_argv(cfg, seed, run_dir), say)[0]
 
 
+def model_stamp(path):
+    """What tells a model file apart from the one scored before it: size and modification time ([] for a start
+    that is no file, such as smollm2)."""
+    if not os.path.exists(path):
+        return []
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def eval_run(cfg, run_dir, say):
     """python eval.py on one run, reusing run_dir/eval.json when the checkpoint and the evaluation settings match."""
-    ckpt = os.stat(os.path.join(run_dir, "ckpt.pt"))
     return scored(cfg, [f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}"], run_dir,
-                  [ckpt.st_size, ckpt.st_mtime_ns], say)
+                  model_stamp(os.path.join(run_dir, "ckpt.pt")), say)
 
 
 def eval_start(cfg, start, kind, data_dir, say):
@@ -287,8 +295,8 @@ def eval_start(cfg, start, kind, data_dir, say):
     name = os.path.basename(os.path.normpath(start))
     folder = os.path.join(cfg.out_dir, f"start-{name}-{kind}")
     os.makedirs(folder, exist_ok=True)
-    stamp = [os.stat(start).st_mtime_ns] if os.path.exists(start) else []
-    return scored(cfg, [f"--init_from={start}", f"--mask={kind}", f"--data_dir={data_dir}"], folder, stamp, say)
+    return scored(cfg, [f"--init_from={start}", f"--mask={kind}", f"--data_dir={data_dir}"], folder,
+                  model_stamp(start), say)
 
 
 def scored(cfg, model_argv, folder, stamp, say):
@@ -301,8 +309,8 @@ def scored(cfg, model_argv, folder, stamp, say):
     return {k: v for k, v in result.items() if k != "records"}
 
 
-def scored_records(argv, folder, say):
-    return evaluated(argv, folder, [], say)["records"]
+def scored_records(argv, folder, stamp, say):
+    return evaluated(argv, folder, stamp, say)["records"]
 
 
 def evaluated(argv, folder, stamp, say):
@@ -364,15 +372,17 @@ def side_by_side(cfg, names, seed, starts, data_dir, say):
     causal) to the first cfg.replies held-out conversations, the gold answers kept in the history."""
     models = {name: [f"--out_dir={os.path.join(cfg.out_dir, f'{name}-s{seed}')}", f"--data_dir={cfg.data_dir}"]
               for name in names}
+    stamps = {name: model_stamp(os.path.join(cfg.out_dir, f"{name}-s{seed}", "ckpt.pt")) for name in names}
     if starts:
         models["start (causal)"] = [f"--init_from={starts[0]}", "--mask=causal", f"--data_dir={data_dir}"]
+        stamps["start (causal)"] = model_stamp(starts[0])
     replies = {}
     for model, argv in models.items():
         folder = os.path.join(cfg.out_dir, f"replies-{model.split()[0]}-s{seed}")
         os.makedirs(folder, exist_ok=True)
         argv += [f"--device={cfg.device}", "--history=gold", f"--max_conversations={cfg.replies}",
                  f"--max_new_tokens={cfg.max_new_tokens}", f"--threads={cfg.threads}", "--json"]
-        replies[model] = {"seed": seed, "records": scored_records(argv, folder, say)}
+        replies[model] = {"seed": seed, "records": scored_records(argv, folder, stamps[model], say)}
     return replies
 
 

@@ -8,7 +8,11 @@ import math
 
 from data.synthetic import family_label
 
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# Student's t two-sided 95% quantiles by degrees of freedom; past 30, df 30's value (a slightly wider interval)
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045, 30: 2.042}
 # table -> (the field of a cell in eval.py's result, how it is shown: scale and digits)
 METRICS = {"by_family": ("accuracy", 100.0, 1), "by_turn": ("accuracy", 100.0, 1), "loss_by_turn": ("loss", 1.0, 3)}
 
@@ -30,7 +34,7 @@ def paired(diffs):
     n = len([d for d in diffs if d is not None])
     if std is None:
         return mean, None, None, None
-    half = T_95.get(n - 1, 1.96) * std / math.sqrt(n)
+    half = T_95[min(n - 1, 30)] * std / math.sqrt(n)
     return mean, std, mean - half, mean + half
 
 

@@ -12,6 +12,7 @@ import torch
 from support.errors import UserError
 from model import GPT, GPTConfig
 
+TEMPORARY_PREFIX = ".tmp-"  # atomic()'s files before they are renamed
 REQUIRED_KEYS = {"model", "model_args", "tokenizer", "mask"}
 
 
@@ -40,7 +41,7 @@ def save_checkpoint(checkpoint, path):
 def atomic(path, write):
     """write(tmp) into a temporary file beside path, then rename it over path: a crash leaves the old file (an
     adapter's files, a GGUF conversion; checkpoints add a sync and a one-line error, above)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
+    fd, tmp = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=os.path.dirname(path) or ".")
     os.close(fd)
     try:
         write(tmp)

@@ -15,14 +15,16 @@ Converting takes seconds (gguf-py reads the metadata of a 49,152-token vocabular
 every tensor), so a conversion is kept in the user's cache ($XDG_CACHE_HOME/ismgpt, else ~/.cache/ismgpt) as one
 safetensors file per file, tokenizer name and dtype: the model's config, its tokenizer's tables and its weights,
 memory-mapped on later loads. The file is keyed by the GGUF file's size, modification time and a hash of its first
-4 MiB (the header), and carries a CRC-32 of everything it holds: one that does not match, or does not read, is
+4 MiB (the header) and by a hash of the converting code, and carries a CRC-32 of everything it holds: one that does not match, or does not read, is
 converted again and replaced (written beside it, then renamed over it); a cache that cannot be written is skipped.
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -32,7 +34,7 @@ from data import bpe
 from data.tokenizer import ChatTokenizer, get_tokenizer
 from model import GPTConfig
 from support.errors import UserError
-from support.checkpoint import atomic
+from support.checkpoint import TEMPORARY_PREFIX, atomic
 from support.weights import (build, chat_tokenizer, checked, gguf_name, llama_from_hf, positive_number,
                              refuse_unread, whole_number)
 
@@ -135,6 +137,7 @@ def unpermute(weight, n_head):
 # ---------------------------------------------------------------------------------------- the conversion cache
 
 CACHE_FORMAT = "ismgpt gguf conversion 1"
+CONVERTER_MODULES = ("support.gguf", "support.weights", "data.bpe", "data.tokenizer", "model")
 HEADER_BYTES = 4 << 20
 
 
@@ -147,11 +150,23 @@ def cache_path(path, tokenizer, dtype):
 
 
 def source_key(path):
-    """What identifies the GGUF file's contents without reading all of them: size, modification time, header hash."""
+    """What identifies the GGUF file's contents without reading all of them (size, modification time, header hash)
+    and the code that converts them (converter_hash)."""
     stat = os.stat(path)
     with open(path, "rb") as f:
         header = hashlib.blake2b(f.read(HEADER_BYTES), digest_size=16).hexdigest()
-    return f"{CACHE_FORMAT}; {stat.st_size}; {stat.st_mtime_ns}; {header}"
+    return f"{CACHE_FORMAT}; {stat.st_size}; {stat.st_mtime_ns}; {header}; {converter_hash()}"
+
+
+@functools.cache
+def converter_hash():
+    """A hash of the source of every module a conversion runs (this one, the weight names, the tokenizers, the
+    model's config): a conversion cached by other code is converted again, never trusted."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in CONVERTER_MODULES:  # all imported by this one
+        with open(sys.modules[name].__file__, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
 
 
 def checksum(config_json, tok_json, state):
@@ -199,9 +214,14 @@ def write_cache(cache, key, source, model, tok):
 
 
 def forget_orphans(folder):
-    """Delete the conversions whose GGUF file is gone (a deleted download, a test's temporary file)."""
+    """Delete the conversions whose GGUF file is gone (a deleted download, a test's temporary file), and the
+    temporary files of writes killed midway an hour or more ago."""
     from safetensors import safe_open
     for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.startswith(TEMPORARY_PREFIX) and time.time() - os.path.getmtime(path) > 3600:
+            os.remove(path)
+            continue
         try:
             with safe_open(os.path.join(folder, name), framework="pt") as f:
                 source = f.metadata()["source"]

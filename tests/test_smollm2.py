@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -223,9 +224,10 @@ def test_a_second_load_maps_the_cached_conversion(smol, own_cache, capsys, monke
     first = load_start("smollm2")
     files = list(own_cache.iterdir())
     assert len(files) == 1 and f"converted once into {files[0]}" in capsys.readouterr().err
+    fresh_model, fresh_tok = gguf.convert(smollm2_path(), "smollm2", torch.float32)  # no cache involved
     monkeypatch.setattr(gguf, "convert", lambda *args: pytest.fail("converted again"))
     second = load_start("smollm2")
-    assert torch.equal(last_logits(second.model, second.tok), last_logits(smol.model, smol.tok))
+    assert torch.equal(last_logits(second.model, second.tok), last_logits(fresh_model, fresh_tok))
     assert second.tok.describe() == smol.tok.describe() and second.tok.name == "smollm2"
     assert second.model.config == smol.model.config == first.model.config
     if os.path.exists("/proc/self/maps"):
@@ -282,3 +284,26 @@ def test_the_conversions_of_files_that_are_gone_are_deleted(own_cache, tmp_path)
     load_start(str(tmp_path / "b.gguf"))  # a conversion: the cache is tidied before it is written
     (new,) = set(own_cache.iterdir()) - kept
     assert set(own_cache.iterdir()) == {new} and new.name.startswith("b-")
+
+
+def test_a_conversion_by_other_code_is_converted_again(tiny_gguf, own_cache, monkeypatch):
+    load_start(tiny_gguf)
+    (cache,) = own_cache.iterdir()
+    gguf.converter_hash.cache_clear()
+    monkeypatch.setattr(gguf, "CONVERTER_MODULES", ("support.gguf",))  # as if the other modules had changed
+    converted = []
+    convert = gguf.convert
+    monkeypatch.setattr(gguf, "convert", lambda *args: converted.append(args) or convert(*args))
+    load_start(tiny_gguf)
+    gguf.converter_hash.cache_clear()
+    assert len(converted) == 1 and list(own_cache.iterdir()) == [cache]  # rewritten in its place
+
+
+def test_temporary_files_of_killed_writes_are_deleted_after_an_hour(tiny_gguf, own_cache):
+    own_cache.mkdir(parents=True)
+    old, recent = own_cache / ".tmp-old", own_cache / ".tmp-recent"
+    for path in (old, recent):
+        path.write_bytes(b"half a conversion")
+    os.utime(old, (time.time() - 7200,) * 2)
+    load_start(tiny_gguf)  # a conversion: the folder is tidied before it is written
+    assert not old.exists() and recent.exists()
