@@ -801,7 +801,8 @@ def peers_section(cfg, rt, tok, model, hf):
                          "prefill": median(prefill[name]), "bytes_per_token": weights, "stream_gb_s": rate / 1e9,
                          "ceiling": rate / weights if weights else None})
     torch.set_num_threads(threads_before)
-    return {"rows": rows, "lengths": peer_lengths(model.config), "resident_before_prefill_gib": prefill_memory[0], "prefill_peak_gib": prefill_memory[1],
+    return {"rows": rows, "lengths": peer_lengths(model.config), "resident_before_prefill_gib": prefill_memory[0],
+            "prefill_peak_gib": prefill_memory[1],
             "weights_gib": sum(p.nbytes for p in model.parameters()) / 2**30, "second_load_s": second_load(cfg)}
 
 

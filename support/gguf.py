@@ -14,9 +14,10 @@ other RoPE scaling, partial RoPE, experts and other tensor types.
 Converting takes seconds (gguf-py reads the metadata of a 49,152-token vocabulary in about 3 s, then dequantizes
 every tensor), so a conversion is kept in the user's cache ($XDG_CACHE_HOME/ismgpt, else ~/.cache/ismgpt) as one
 safetensors file per file, tokenizer name and dtype: the model's config, its tokenizer's tables and its weights,
-memory-mapped on later loads. The file is keyed by the GGUF file's size, modification time and a hash of its first
-4 MiB (the header) and by a hash of the converting code, and carries a CRC-32 of everything it holds: one that does not match, or does not read, is
-converted again and replaced (written beside it, then renamed over it); a cache that cannot be written is skipped.
+memory-mapped on later loads. The file is keyed by the GGUF file's size, modification time and a hash of its first 4
+MiB (the header) and by a hash of the converting code, and carries a CRC-32 of everything it holds: one that does
+not match, or does not read, is converted again and replaced (written beside it, then renamed over it); a cache that
+cannot be written is skipped.
 """
 import dataclasses
 import functools
