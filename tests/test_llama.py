@@ -35,6 +35,12 @@ def hf_model(kind="llama", tie=False, seed=0, **overrides):
     return model.eval()
 
 
+def llama_folder(folder, **overrides):
+    """hf_model("llama", **overrides) saved as transformers saves a model -> the folder, as a string."""
+    hf_model("llama", **overrides).save_pretrained(folder)
+    return str(folder)
+
+
 def logits(model, ids, positions=None):
     roles = torch.full((ids.shape[1],), USER)
     with torch.no_grad():

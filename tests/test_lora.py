@@ -13,23 +13,14 @@ from model import LORA_TARGETS
 from support.errors import UserError
 from support.lora import merged, read_adapter, with_lora, write_adapter
 from support.starts import load_start
+from test_llama import llama_folder
 
 transformers.logging.set_verbosity_error()
-SHAPE = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, rope_theta=5000.0)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A small random Llama folder, every parameter perturbed."""
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False))
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    folder = str(tmp_path_factory.mktemp("base") / "llama")
-    hf.save_pretrained(folder)
-    return folder
+    return llama_folder(tmp_path_factory.mktemp("base") / "llama", hidden_size=32, intermediate_size=48,
+                        max_position_embeddings=64)
 
 
 def ours_logits(model, ids):

@@ -16,6 +16,7 @@ from data.prepare import prepare
 from mask import USER, make_mask
 from support.checkpoint import load_checkpoint
 from support.starts import load_chat_model, load_start
+from test_llama import llama_folder
 
 transformers.logging.set_verbosity_error()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,16 +30,7 @@ IDS = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(5))
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A small random Llama folder (byte vocabulary), every parameter perturbed."""
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False))
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    folder = str(tmp_path_factory.mktemp("base") / "llama")
-    hf.save_pretrained(folder)
-    return folder
+    return llama_folder(tmp_path_factory.mktemp("base") / "llama", hidden_size=32, intermediate_size=48)
 
 
 @pytest.fixture(scope="module")
