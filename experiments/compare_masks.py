@@ -50,7 +50,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 
@@ -63,6 +62,7 @@ from data.batching import answer_target_count, epoch_rows  # noqa: E402
 from data.store import load_meta, load_split  # noqa: E402
 from data.synthetic import percent  # noqa: E402
 from experiments.mask_tables import report, summarise, summarise_start  # noqa: E402
+from support.checkpoint import atomic  # noqa: E402
 from support.errors import UserError  # noqa: E402
 from support.flags import setting  # noqa: E402
 from mask import MASKS  # noqa: E402
@@ -210,14 +210,10 @@ def read_json(path):
 
 def write_json(path, obj):
     """Atomically, through a temporary file of its own (mkstemp never follows a planted link)."""
-    fd, tmp = tempfile.mkstemp(prefix=".json-", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write(tmp):
+        with open(tmp, "w") as f:
             json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    atomic(path, write)
 
 
 def run_script(script, argv, log_path, what, append=False):
