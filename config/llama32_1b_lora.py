@@ -2,7 +2,7 @@
 # on one GPU. The rank, alpha and targets are the paper's; the rows, steps and learning rate are this file's.
 # Where there is network, once: huggingface-cli download meta-llama/Llama-3.2-1B-Instruct --local-dir
 # Llama-3.2-1B-Instruct; then the data in its tokens and chat format:
-#   python data/prepare.py --input=chitchat --tokenizer=Llama-3.2-1B-Instruct --block_size=2048
+#   python prepare.py --input=chitchat --tokenizer=Llama-3.2-1B-Instruct --block_size=2048
 #   python train.py config/llama32_1b_lora.py
 #   python sample.py --out_dir=out-llama32-1b-lora         # the base named in the checkpoint, with the adapters
 # out-llama32-1b-lora/adapter/ is the adapter in PEFT's format (PeftModel.from_pretrained on the same base).

@@ -3,7 +3,7 @@
 # bfloat16, gradients reduced in float32), and activation checkpointing keeps long rows in memory.
 # Where there is network, once: huggingface-cli download meta-llama/Meta-Llama-3-8B-Instruct --local-dir
 # Meta-Llama-3-8B-Instruct; the data in its tokens:
-#   python data/prepare.py --input=chitchat --tokenizer=Meta-Llama-3-8B-Instruct --block_size=4096
+#   python prepare.py --input=chitchat --tokenizer=Meta-Llama-3-8B-Instruct --block_size=4096
 #   torchrun --standalone --nproc_per_node=8 train.py config/llama3_8b_fsdp.py
 # Several nodes: torchrun's own --nnodes, --node_rank and --rdzv_endpoint, nothing else. The memory plan train.py
 # prints at the start, for these settings: see the README.

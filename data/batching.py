@@ -18,7 +18,7 @@ import bisect
 import numpy as np
 import torch
 
-from support.errors import DataError
+from cli.errors import DataError
 from mask import ASSISTANT, check_kind
 
 NO_TARGET = -1

@@ -24,7 +24,7 @@ import re as stdlib_re
 
 import regex  # tiktoken's dependency: \p{L} / \p{N} classes, as the tokenizers library's patterns use
 
-from support.errors import DataError
+from cli.errors import DataError
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 DIGITS = r"\p{N}"

@@ -33,7 +33,7 @@ apart line by line; both read as the same messages.
 import json
 import sys
 
-from support.errors import DataError, reason
+from cli.errors import DataError, reason
 from mask import ASSISTANT, SYSTEM, USER
 
 ROLE_CODES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}

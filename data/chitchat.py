@@ -2,8 +2,8 @@
 The BYU Chit-Chat Challenge corpus (pip package chitchat-dataset, MIT licence): real people chatting in pairs,
 turned into training conversations.
 
-    python data/prepare.py --input=chitchat                # the installed package's dataset.json -> data/chitchat/
-    python data/prepare.py --input=PATH/dataset.json       # any file of its format
+    python prepare.py --input=chitchat                # the installed package's dataset.json -> data/chitchat/
+    python prepare.py --input=PATH/dataset.json       # any file of its format
 
 The file is one JSON object keyed by conversation id, each {"prompt": topic (sometimes missing), "start",
 "ratings", "messages": [[{"text", "timestamp", "sender"}, ...], ...]}, an inner list being one turn: consecutive
@@ -29,7 +29,7 @@ from collections import Counter
 from itertools import groupby
 
 from data.chat import json_value, plural, shorten, validate
-from support.errors import DataError, reason
+from cli.errors import DataError, reason
 
 NAME = "chitchat"  # --input=chitchat: the installed package's file (a file called chitchat is ./chitchat)
 # What reading a file counts, besides its conversations and those converted: see read().

@@ -1,10 +1,10 @@
 """
 Prepare a dataset: conversations -> token ids, roles and offsets as .npy files, plus meta.json.
 
-    python data/prepare.py                                 # the synthetic default dataset -> data/synthetic/
-    python data/prepare.py --input=chats.jsonl             # your own JSONL -> data/chats/
-    python data/prepare.py --input=chitchat                # real chats: the BYU Chit-Chat corpus -> data/chitchat/
-    python data/prepare.py --help                          # every flag with its default
+    python prepare.py                                 # the synthetic default dataset -> data/synthetic/
+    python prepare.py --input=chats.jsonl             # your own JSONL -> data/chats/
+    python prepare.py --input=chitchat                # real chats: the BYU Chit-Chat corpus -> data/chitchat/
+    python prepare.py --help                          # every flag with its default
 
 Writes into out_dir, per split (train, val): {split}_ids.npy (uint16, or int32 for vocabularies of 65536 tokens
 and more), {split}_roles.npy (uint8), {split}_offsets.npy (int64, conversation i is [offsets[i], offsets[i+1])),
@@ -29,20 +29,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
+
+from cli import flags
+from cli.errors import DataError, UserError, reason
+from cli.flags import setting
+from data import chitchat, synthetic
+from data.batching import expansion_factor
+from data.chat import fit_to_block, plural, read_jsonl, render, write_jsonl
+from data.store import ARRAYS, SPLITS, Split, array_name, array_path
+from data.tokenizer import get_tokenizer
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import numpy as np  # noqa: E402
-
-from support import flags  # noqa: E402
-from support.errors import UserError  # noqa: E402
-from support.flags import setting  # noqa: E402
-from data import chitchat, synthetic  # noqa: E402
-from data.batching import expansion_factor  # noqa: E402
-from data.chat import fit_to_block, plural, read_jsonl, render, write_jsonl  # noqa: E402
-from support.errors import DataError, reason  # noqa: E402
-from data.store import ARRAYS, SPLITS, Split, array_name, array_path  # noqa: E402
-from data.tokenizer import get_tokenizer  # noqa: E402
 
 
 # The shortest conversation, <|bos|> <|user|> x <|end|> <|assistant|> y <|end|>, is 7 tokens: a smaller block holds
@@ -55,7 +53,7 @@ MAX_SIZES = {"n_train": 10**7, "n_val": 10**7, "max_turns": 1000, "block_size": 
 
 @dataclass
 class PrepareConfig:
-    """The flags of python data/prepare.py (prepare() has the same defaults, a test checks)."""
+    """The flags of python prepare.py (prepare() has the same defaults, a test checks)."""
     input: str = setting("", "JSONL, one {\"messages\": [...]} or ShareGPT {\"conversations\": [...]} per line; "
                              "chitchat: the BYU Chit-Chat corpus of real two-person chats (pip install "
                              "chitchat-dataset), or a file of its format (one JSON object of conversations keyed by "
@@ -311,7 +309,7 @@ def move_in(work, out_dir):
             os.replace(os.path.join(work, name), os.path.join(out_dir, name))
     except OSError as e:
         raise DataError(f"cannot move the prepared files into {out_dir} ({reason(e)}): it is incomplete now; run "
-                        "python data/prepare.py again") from None
+                        "python prepare.py again") from None
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -353,7 +351,3 @@ def main(argv):
         return 1
     print(summary(meta, config.out_dir, time.time() - t0))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

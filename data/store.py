@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from support.errors import DataError, reason
+from cli.errors import DataError, reason
 from data.tokenizer import TOKENIZERS, can_build
 from mask import ASSISTANT, SYSTEM
 
@@ -35,7 +35,7 @@ def array_path(data_dir, split, field):
 
 def damaged(path, problem):
     """The error for a prepared file that is not what prepare.py writes: preparing again is the fix."""
-    return DataError(f"{path}: {problem}; run python data/prepare.py again")
+    return DataError(f"{path}: {problem}; run python prepare.py again")
 
 
 def load_meta(data_dir, block_size=None):
@@ -43,14 +43,14 @@ def load_meta(data_dir, block_size=None):
     conversation fits in it. prepare.py writes meta.json last, so a folder without one is incomplete: never
     prepared, or interrupted."""
     if not os.path.exists(data_dir):
-        raise DataError(f"no data at {data_dir}: prepare it with python data/prepare.py --out_dir={data_dir} (or "
+        raise DataError(f"no data at {data_dir}: prepare it with python prepare.py --out_dir={data_dir} (or "
                         "check the path)")
     path = os.path.join(data_dir, "meta.json")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise DataError(f"no prepared data in {data_dir} (missing meta.json): run python data/prepare.py") from None
+        raise DataError(f"no prepared data in {data_dir} (missing meta.json): run python prepare.py") from None
     except (ValueError, RecursionError):  # bad JSON or bad UTF-8 (both ValueErrors), or absurd nesting
         raise damaged(path, "not JSON") from None
     except OSError as e:
@@ -62,7 +62,7 @@ def load_meta(data_dir, block_size=None):
     if block_size is not None and block_size < longest:
         raise DataError(f"--block_size={block_size} is shorter than the longest conversation in {data_dir} "
                         f"({longest} tokens): pass --block_size={longest} or more, or prepare the data with "
-                        f"python data/prepare.py --block_size={block_size}")
+                        f"python prepare.py --block_size={block_size}")
     return meta
 
 

@@ -18,7 +18,7 @@ import os
 import tiktoken
 
 from data import bpe
-from support.errors import DataError
+from cli.errors import DataError
 
 SPECIAL_TOKENS = ("<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SMOLLM2 = "smollm2"

@@ -32,7 +32,7 @@ one start instead (smollm2, a Hugging Face folder, a GGUF file, a GPT-2 name, or
 own shape wins over --n_layer etc. Every start is also scored as it is under every mask (`python eval.py
 --init_from=START --mask=M`): what switching the mask costs a model trained causally, before any fine-tuning.
 
-Real conversations (--data_dir=data/chitchat-smollm2, from python data/prepare.py --input=chitchat
+Real conversations (--data_dir=data/chitchat-smollm2, from python prepare.py --input=chitchat
 --tokenizer=smollm2) have no one right answer: --score=loss scores the held-out answer loss only, overall and by the
 answer's turn in its conversation. --prefix_answers adds prefix runs trained on as many answer tokens as causal and
 ISM (more steps: triplet-expanded rows hold fewer answers), beside the prefix runs at equal tokens.
@@ -55,16 +55,16 @@ from dataclasses import dataclass, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import support.quiet_interrupt  # noqa: E402,F401  (first: a Ctrl-C while torch imports ends quietly)
+import cli.quiet_interrupt  # noqa: E402,F401  (first: a Ctrl-C while torch imports ends quietly)
 
-from support import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
+from cli import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
 from data.batching import answer_target_count, epoch_rows  # noqa: E402
 from data.store import load_meta, load_split  # noqa: E402
 from data.synthetic import percent  # noqa: E402
 from experiments.mask_tables import report, summarise, summarise_start  # noqa: E402
 from support.checkpoint import atomic  # noqa: E402
-from support.errors import UserError  # noqa: E402
-from support.flags import setting  # noqa: E402
+from cli.errors import UserError  # noqa: E402
+from cli.flags import setting  # noqa: E402
 from mask import MASKS  # noqa: E402
 
 

@@ -17,7 +17,7 @@ step() {  # step SECONDS COMMAND...: run it, time-boxed, into the log
 }
 { nvidia-smi --query-gpu=name,memory.total --format=csv; git rev-parse --short HEAD; } 2>&1 | tee "$out/log.txt"
 step 180 python -m pytest -q tests/test_gpu.py tests/test_train.py -k "cuda or gpu or compiled"
-step 60 python data/prepare.py --block_size=1024 --max_turns=32 --n_train=20000 --out_dir=data/synthetic-1024
+step 60 python prepare.py --block_size=1024 --max_turns=32 --n_train=20000 --out_dir=data/synthetic-1024
 step 240 python bench.py config/gpt2_small.py --device=cuda --compile --repeats=10 --chat_repeats=5 \
     --plot="$out/ttft_gpu.png"
 step 90 python bench.py --device=cuda --compile --sections=decode --repeats=10

@@ -3,7 +3,7 @@
 # of 100 steps on ONE 400-step schedule (--lr_decay_iters=400; each stage resumes the last one exactly), the
 # held-out answer loss by turn scored after every stage (the first 60 held-out conversations; all 205 at 400).
 #
-#     python data/prepare.py --input=chitchat --tokenizer=smollm2 --block_size=512
+#     python prepare.py --input=chitchat --tokenizer=smollm2 --block_size=512
 #     bash experiments/learning_curve.sh causal 1 2 & bash experiments/learning_curve.sh ism 1 2 &
 #
 # Each stage is an ordinary `python train.py ... --init_from=resume --max_iters=N`, so the checkpoints at 100, 200

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from support import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
-from support.errors import UserError  # noqa: E402
-from support.flags import setting  # noqa: E402
+from cli import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
+from cli.errors import UserError  # noqa: E402
+from cli.flags import setting  # noqa: E402
 
 
 @dataclass

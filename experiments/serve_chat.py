@@ -28,16 +28,16 @@ from dataclasses import asdict, dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import support.quiet_interrupt  # noqa: E402,F401  (first: a Ctrl-C while torch imports ends quietly)
+import cli.quiet_interrupt  # noqa: E402,F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import torch  # noqa: E402  (after the path: run as a script, the repository root is not on it)
 
-from support import flags  # noqa: E402
+from cli import flags  # noqa: E402
 from support.checkpoint import save_checkpoint  # noqa: E402
 from support.compute import machine  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
-from support.errors import UserError  # noqa: E402
-from support.flags import setting  # noqa: E402
+from cli.errors import UserError  # noqa: E402
+from cli.flags import setting  # noqa: E402
 from mask import MASKS  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 

@@ -9,7 +9,7 @@ import tempfile
 
 import torch
 
-from support.errors import UserError
+from cli.errors import UserError
 from model import GPT, GPTConfig
 
 TEMPORARY_PREFIX = ".tmp-"  # atomic()'s files before they are renamed

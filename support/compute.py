@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from support.errors import UserError
+from cli.errors import UserError
 
 THREADS_HELP = ("torch CPU threads (0: auto: on a CPU, one per core, or on a machine busy with other work as many "
                 "as the load average leaves free cores, at least 1: torch's threads wait for each other on busy "

@@ -34,7 +34,7 @@ import torch
 from data import bpe
 from data.tokenizer import ChatTokenizer, get_tokenizer
 from model import GPTConfig
-from support.errors import UserError
+from cli.errors import UserError
 from support.checkpoint import TEMPORARY_PREFIX, atomic
 from support.weights import (build, chat_tokenizer, checked, gguf_name, llama_from_hf, positive_number,
                              refuse_unread, whole_number)

@@ -20,7 +20,7 @@ import torch
 
 from data.tokenizer import get_tokenizer
 from model import GPTConfig
-from support.errors import UserError
+from cli.errors import UserError
 from support.weights import (BYTE_VOCAB, GPT2_BUFFERS, GPT2_VOCAB, build, chat_tokenizer, checked, gpt2_from_hf,
                              gpt2_to_hf, llama_from_hf, llama_to_hf, padded_vocab, positive_number, refuse_unread,
                              whole_number, with_chat_tokens)

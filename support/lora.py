@@ -15,7 +15,7 @@ import torch
 
 from model import GPT, LORA_TARGETS, Linear
 from support.checkpoint import atomic
-from support.errors import UserError
+from cli.errors import UserError
 from support.weights import lora_names
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

@@ -10,7 +10,7 @@ import torch
 
 from data.tokenizer import tokenizer_from_description
 from support.checkpoint import load_checkpoint
-from support.errors import DataError, UserError
+from cli.errors import DataError, UserError
 from support.run_files import RUN_FILES
 from support.lora import base_fingerprint, with_lora
 from support.starts import load_start, model_of_checkpoint

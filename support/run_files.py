@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 
-from support.errors import UserError
+from cli.errors import UserError
 
 RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl")  # what a new run writes, so what it must not silently replace
 

@@ -10,7 +10,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from model import GPT
-from support.errors import UserError
+from cli.errors import UserError
 from support.lora import freeze_base
 
 

@@ -5,7 +5,7 @@ a consistent checkpoint; a second Ctrl-C aborts at once.
 import signal
 import sys
 
-from support.flags import say
+from cli.flags import say
 
 
 class StopOnSignal:

@@ -19,11 +19,11 @@ import torch
 from data.tokenizer import SMOLLM2, smollm2_path, tokenizer_from_description
 from mask import MASKS
 from model import GPT, GPTConfig
-from quantize import MODES as QUANTIZE_MODES, quantize as quantized
+from support.quantize import MODES as QUANTIZE_MODES, quantize as quantized
 from support.checkpoint import load_checkpoint, model_from_checkpoint
 from support.compute import CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, THREADS_HELP, Runtime, compute_init
-from support.errors import DataError, UserError
-from support.flags import setting
+from cli.errors import DataError, UserError
+from cli.flags import setting
 from support.gguf import from_gguf
 from support.lora import base_fingerprint, merged, read_adapter, with_lora
 from support.hf import GPT2_NAMES, from_hugging_face
@@ -158,7 +158,7 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
     """The model a chat runs on, on rt's device in rt's dtype. init_from: "resume" (out_dir/ckpt, written by
     train.py) or any start of load_start (smollm2, a .gguf file, a Hugging Face folder, a GPT-2 name, a checkpoint
     path). mask: "" for the one it was trained with (causal for a pretrained model). block_size: 0 for the model's
-    own context, else a shorter one (the KV cache's capacity). quantize: the decode step's weights (quantize.py).
+    own context, else a shorter one (the KV cache's capacity). quantize: the decode step's weights (support/quantize.py).
     UserError (one line) when it cannot be had."""
     if quantize != "none" and rt.device_type != "cpu":
         raise UserError(f"--quantize={quantize} runs torch's CPU kernels: on {rt.device} use --quantize=none "
@@ -213,7 +213,7 @@ class ModelFlags:
                                "adapter_model.safetensors) on the model, merged into its weights")
     quantize: str = setting("none", "the one-token decode step's weights on a CPU: none | int8 (per channel) | int4 "
                                     "(groups of 32; the output layer int8); prefills keep the --dtype weights "
-                                    "(quantize.py)", choices=QUANTIZE_MODES)
+                                    "(support/quantize.py)", choices=QUANTIZE_MODES)
 
     def load(self):
         """-> ChatModel: the model these flags choose, set up where they say (compute_init: threads, device,

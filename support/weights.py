@@ -21,7 +21,7 @@ import torch
 
 from data.tokenizer import SPECIAL_TOKENS, get_tokenizer
 from model import GPT, GPTConfig
-from support.errors import UserError
+from cli.errors import UserError
 
 BYTE_VOCAB, GPT2_VOCAB = 256, 50257  # a GPT-2's vocabulary: our byte tokenizer's bytes, or GPT-2's BPE
 VOCAB_MULTIPLE = 64  # an embedding grown by the chat tokens is padded to a multiple of this: faster matmuls

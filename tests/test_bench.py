@@ -17,8 +17,8 @@ from data.chat import render
 from data.prepare import prepare
 from data.store import load_split
 from data.tokenizer import get_tokenizer
-from support.errors import UserError
-from support.flags import run
+from cli.errors import UserError
+from cli.flags import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = get_tokenizer("byte")

@@ -9,7 +9,7 @@ import torch
 from support import checkpoint
 from support.checkpoint import load_checkpoint, save_checkpoint
 from support.run_files import RunLock
-from support.errors import UserError
+from cli.errors import UserError
 
 
 def ckpt(value):

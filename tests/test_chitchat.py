@@ -1,4 +1,4 @@
-"""Tests for the Chit-Chat corpus as input (data/chitchat.py, python data/prepare.py --input=chitchat): who is the
+"""Tests for the Chit-Chat corpus as input (data/chitchat.py, python prepare.py --input=chitchat): who is the
 user, what is joined, kept and dropped, cuts at turn boundaries, a split by conversation id, one-line errors, and the
 real file of the installed package. Expectations are written out by hand from the format's rules."""
 import importlib.util
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from data import chitchat
-from support.errors import DataError
+from cli.errors import DataError
 from data.prepare import default_out_dir, main as prepare_main, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,7 +197,7 @@ def test_malformed_files_are_one_line_naming_the_file(tmp_path, problem):
 
 def test_a_malformed_file_is_one_line_from_the_command_line(tmp_path):
     path = write_corpus(tmp_path / "dataset.json", {"c1": {"messages": "hello"}})
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), f"--input={path}",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), f"--input={path}",
                              f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f'error: {path}: conversation \'c1\': not an object with a "messages" list '
@@ -209,7 +209,7 @@ def test_a_malformed_file_is_one_line_from_the_command_line(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("chitchat_dataset") is None, reason="pip install chitchat-dataset")
 def test_the_installed_corpus_prepares_into_thousands_of_chats(tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "--input=chitchat",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--input=chitchat",
                              "--tokenizer=byte", "--block_size=512", f"--out_dir={out}"], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr

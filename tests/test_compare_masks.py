@@ -13,7 +13,7 @@ import transformers
 from data.prepare import prepare
 from experiments import compare_masks as cm
 from experiments import mask_tables
-from support.flags import run
+from cli.flags import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=128", "--train_batch_size=2", "--max_iters=2"]

@@ -14,7 +14,7 @@ from data import synthetic
 from data.bpe import BPE, BYTE_TO_CHAR, GPT2_PATTERN
 from data.batching import collate, documents, epoch_rows, expansion_factor, pack
 from data.chat import fit_to_block, read_jsonl, render, render_answer, render_start, render_system, render_user, validate
-from support.errors import DataError
+from cli.errors import DataError
 from data.prepare import PrepareConfig, main as prepare_main, prepare
 from data.store import Split, load_meta, load_split
 from data.tokenizer import SPECIAL_TOKENS, get_tokenizer, tokenizer_from_description
@@ -435,7 +435,7 @@ def test_prepare_cli_errors_are_one_line(tmp_path, capsys):
     assert prepare_main([f"--input={tmp_path / 'missing.jsonl'}", f"--out_dir={tmp_path}"]) == 1
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 3 and "missing.jsonl" in errors[2]
-    with pytest.raises(DataError, match="run python data/prepare.py"):
+    with pytest.raises(DataError, match="run python prepare.py"):
         load_split(str(tmp_path), "train")
 
 

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from support.errors import DataError
+from cli.errors import DataError
 from data.prepare import prepare
 from data.store import load_meta, load_split
 
@@ -34,7 +34,7 @@ def edit_meta(folder, change):
 
 def assert_one_line_naming(error, path):
     message = str(error.value)
-    assert str(path) in message and "python data/prepare.py" in message
+    assert str(path) in message and "python prepare.py" in message
     assert "\n" not in message
 
 

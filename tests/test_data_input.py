@@ -9,7 +9,7 @@ import pytest
 
 from data.chat import read_jsonl
 
-from support.errors import DataError
+from cli.errors import DataError
 from data.prepare import prepare
 from data.store import load_split
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from support.errors import DataError
+from cli.errors import DataError
 from data.prepare import PrepareConfig, check_settings, main as prepare_main, prepare
 from data.store import load_meta
 from data.store import load_split
@@ -27,8 +27,8 @@ def write_chats(path, lines):
 
 
 def run_cli(*args):
-    """python data/prepare.py args -> (exit status, stderr lines)."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), *args], capture_output=True,
+    """python prepare.py args -> (exit status, stderr lines)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *args], capture_output=True,
                             text=True, timeout=120)
     return result.returncode, result.stderr.splitlines()
 
@@ -232,7 +232,7 @@ def test_an_interrupted_move_leaves_a_folder_that_reads_as_incomplete(prepared_o
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real_replace(source, target)
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(DataError, match="python data/prepare.py"):
+    with pytest.raises(DataError, match="python prepare.py"):
         prepare(str(out), input=other)
     monkeypatch.undo()
     with pytest.raises(DataError, match="missing meta.json"):

@@ -7,7 +7,7 @@ import torch
 from data.chat import render
 from data.tokenizer import get_tokenizer
 from engine import ChatSession, Sampling, TextStream, reusable_prefix, sample_token
-from support.errors import ModelError, TurnError, UserError
+from cli.errors import ModelError, TurnError, UserError
 from mask import ASSISTANT, MASKS, SYSTEM, USER, make_mask
 from model import GPT, GPTConfig, KVCache
 

@@ -14,8 +14,8 @@ import train
 from data.chat import read_jsonl, render
 from data.prepare import prepare
 from data.tokenizer import get_tokenizer
-from support.errors import UserError
-from support.flags import run
+from cli.errors import UserError
+from cli.flags import run
 from mask import ASSISTANT, MASKS, make_mask
 from model import GPT, GPTConfig
 from engine import ChatSession

@@ -15,7 +15,7 @@ import train
 from support.checkpoint import load_checkpoint
 from data.prepare import prepare
 from support.starts import ChatModel
-from support.errors import UserError
+from cli.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--block_size=128", "--n_layer=2", "--n_head=2", "--n_embd=32", "--log_interval=2",

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from support import flags
-from support.errors import UserError
+from cli import flags
+from cli.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = "/dev/full"  # every write to it fails with ENOSPC, as on a full disk
@@ -158,7 +158,7 @@ def test_run_turns_ctrl_c_and_a_closed_pipe_into_quiet_exits(capsys):
 
 def run_writing(body, stdout=None, stderr=subprocess.PIPE):
     """python -c 'flags.run(main)' with main's body, stdout and stderr as given -> the finished process."""
-    code = f"import sys\nfrom support import flags\ndef main():\n    {body}\nflags.run(main)\n"
+    code = f"import sys\nfrom cli import flags\ndef main():\n    {body}\nflags.run(main)\n"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=stdout, stderr=stderr, timeout=60)
 
 

@@ -16,8 +16,8 @@ from support.hf import from_gpt2 as from_hugging_face
 from support.weights import VOCAB_MULTIPLE
 from data.prepare import prepare
 from data.tokenizer import SPECIAL_TOKENS
-from support import flags
-from support.errors import UserError
+from cli import flags
+from cli.errors import UserError
 from mask import ASSISTANT, MASKS, USER, make_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

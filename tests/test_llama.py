@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 import train
 from data.prepare import prepare
-from support.errors import UserError
+from cli.errors import UserError
 from mask import USER, make_mask
 from support.starts import load_start
 
@@ -263,7 +263,7 @@ def test_the_default_system_message_is_read_off_chat_templates():
 
 
 def test_a_tokenizer_whose_file_has_moved_says_so(tmp_path):
-    from support.errors import DataError
+    from cli.errors import DataError
     from data.tokenizer import get_tokenizer
     with pytest.raises(DataError, match="is not there any more"):
         get_tokenizer(str(tmp_path / "gone.gguf"))

@@ -26,7 +26,7 @@ from data.bpe import BYTE_TO_CHAR, QWEN2_PATTERN, from_tokenizer_json
 from engine import ChatSession
 from model import GPT, GPTConfig
 from support.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from support.errors import UserError
+from cli.errors import UserError
 from support.hf import to_transformers
 from support.starts import load_chat_model, load_start
 from test_llama import hf_model, logits, write_gguf

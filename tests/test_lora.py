@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from mask import USER, make_mask
 from model import LORA_TARGETS
-from support.errors import UserError
+from cli.errors import UserError
 from support.lora import merged, read_adapter, with_lora, write_adapter
 from support.starts import load_start
 from test_llama import llama_folder

@@ -9,7 +9,7 @@ import os
 import pytest
 
 import bench
-from support.errors import UserError
+from cli.errors import UserError
 from experiments import plot_training
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")

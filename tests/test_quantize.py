@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from engine import ChatSession, feed
 from mask import ASSISTANT
 from model import GPT, GPTConfig, KVCache
-from quantize import GROUP_SIZE, QuantizedLinear, quantize
-from support.errors import UserError
+from support.quantize import GROUP_SIZE, QuantizedLinear, quantize
+from cli.errors import UserError
 from support.starts import load_chat_model
 
 

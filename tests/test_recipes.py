@@ -24,7 +24,7 @@ SHAPES = {  # each recipe's architecture, tiny
     "llama3_8b_fsdp": (*LLAMA, dict(tie_word_embeddings=False, **LLAMA3)),
     "qwen25_lora": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
 }
-WORKER = "import sys\nsys.path.insert(0, {root!r})\nfrom support import flags\nimport train\n" \
+WORKER = "import sys\nsys.path.insert(0, {root!r})\nfrom cli import flags\nimport train\n" \
          "flags.run(lambda: train.main(sys.argv[1:]))\n"
 
 

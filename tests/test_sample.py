@@ -14,7 +14,7 @@ import sample
 from support.checkpoint import save_checkpoint
 from engine import ChatSession
 from support.starts import load_chat_model
-from support.flags import run
+from cli.flags import run
 from model import GPT
 from test_engine import CONFIG, MODEL, SYSTEM_TEXT, TOK, USERS
 

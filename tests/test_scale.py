@@ -20,7 +20,7 @@ from test_llama import llama_folder
 
 transformers.logging.set_verbosity_error()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = "import sys\nsys.path.insert(0, {root!r})\nfrom support import flags\nimport train\n" \
+WORKER = "import sys\nsys.path.insert(0, {root!r})\nfrom cli import flags\nimport train\n" \
          "flags.run(lambda: train.main(sys.argv[1:]))\n"
 RUN = ["--device=cpu", "--block_size=128", "--batch_size=1", "--eval_interval=100", "--eval_iters=1",
        "--log_interval=1", "--warmup_iters=0", "--learning_rate=3e-3", "--min_lr=3e-3"]

@@ -15,8 +15,8 @@ import pytest
 
 from data.chat import render
 from engine import ChatSession
-from support.errors import DataError
-from support.flags import run
+from cli.errors import DataError
+from cli.flags import run
 from mask import MASKS, ROLE_LETTERS
 import serve
 from serve import ServeConfig

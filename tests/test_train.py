@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support import flags
+from cli import flags
 import train
 from support.checkpoint import load_checkpoint, model_from_checkpoint
 from data.batching import RowStream, answer_target_count, batches_of, collate, epoch_rows, token_count
 from data.prepare import prepare
 from data.store import Split, load_split
-from support.errors import UserError
+from cli.errors import UserError
 from mask import ASSISTANT, USER
 from support.compute import Runtime
 from loss import answer_loss_sum, answer_loss_totals, batch_mask, estimate_val_loss
@@ -247,7 +247,7 @@ DDP_WORKER = """
 import os, sys
 sys.path.insert(0, {root!r})
 import torch
-from support import flags
+from cli import flags
 import train
 model = train.main(sys.argv[1:])
 torch.save(model.state_dict(), os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
@@ -422,7 +422,7 @@ def test_resume_on_other_data_is_refused(trained, small_data_dir):
 
 def test_a_missing_data_dir_is_an_error_not_a_synthetic_stand_in(tmp_path):
     typo = tmp_path / "data" / "chatz"
-    with pytest.raises(UserError, match=f"no data at {typo}: prepare it with python data/prepare.py --out_dir={typo}"):
+    with pytest.raises(UserError, match=f"no data at {typo}: prepare it with python prepare.py --out_dir={typo}"):
         train.main(TINY + [f"--data_dir={typo}", f"--out_dir={tmp_path / 'out'}"])
     assert not typo.exists()
 
@@ -478,7 +478,7 @@ def test_ctrl_c_while_importing_prints_no_traceback():
 TORCHRUN_WORKER = """
 import sys
 sys.path.insert(0, {root!r})
-from support import flags
+from cli import flags
 import train
 flags.run(lambda: train.main(sys.argv[1:]))
 """

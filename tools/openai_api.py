@@ -17,7 +17,7 @@ import torch
 from data.chat import chat_messages, render, render_within, validate
 from engine import ChatSession, Sampling, TextStream
 from mask import ROLE_LETTERS
-from support.errors import DataError, ModelError, TurnError
+from cli.errors import DataError, ModelError, TurnError
 
 MODEL_NAME = "ismgpt"
 MAX_STOPS = 4  # as OpenAI

@@ -16,7 +16,7 @@ import signal
 import sys
 import tokenize
 
-from support.errors import UserError
+from cli.errors import UserError
 
 _BOUNDS = {"min": (lambda v, b: v >= b, "at least"), "max": (lambda v, b: v <= b, "at most"),
            "above": (lambda v, b: v > b, "above"), "below": (lambda v, b: v < b, "below")}

@@ -1,0 +1,7 @@
+"""Prepare a dataset: conversations -> token ids and roles in data/NAME/ (see data/prepare.py, or --help)."""
+import sys
+
+from data.prepare import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
