@@ -1,2 +1,2 @@
-"""The command line, below everything else: --key=value flags with --help, and one-line errors. Imports nothing
-of the repository, so data/, support/ and the scripts can all lean on it."""
+"""The command line: --key=value flags with --help, one-line errors, the Ctrl-C prologue. Imports
+nothing of the repository, so that everything else can lean on it."""

@@ -1,10 +1,8 @@
 """
-Command-line settings, nanoGPT style: every setting is a field of a dataclass, overridden as --key=value.
-
-Unlike nanoGPT's exec'd configurator, `--help` lists every flag with its default, values are converted by the
-field's type (`--learning_rate=1` is a float, `--max_iters=2e3` an int) and checked against the field's allowed
-values and range, and a config file holds plain `key = value` lines read with ast.literal_eval, never executed.
-Mistakes raise UserError, which `run` prints as one line (no traceback) before exiting with status 2.
+Command-line settings, nanoGPT style: every setting is a dataclass field, overridden as --key=value.
+Unlike nanoGPT's exec'd configurator, --help lists every flag with its default; values convert by
+the field's type (--learning_rate=1 is a float, --max_iters=2e3 an int) and are checked against the
+allowed values and ranges; a config file holds `key = value` lines read by ast.literal_eval.
 """
 import ast
 import dataclasses
@@ -20,38 +18,34 @@ from cli.errors import UserError
 
 _BOUNDS = {"min": (lambda v, b: v >= b, "at least"), "max": (lambda v, b: v <= b, "at most"),
            "above": (lambda v, b: v > b, "above"), "below": (lambda v, b: v < b, "below")}
+_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True),
+          **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
 def setting(default, help, choices=None, **bounds):
-    """A config dataclass field with its --help text and what it allows:
-    `max_iters: int = setting(1400, "optimizer steps", min=0)`, `mask: str = setting("ism", "...", choices=MASKS)`.
+    """A field with its --help text and what it allows: `steps: int = setting(100, "...", min=0)`.
     Bounds: min and max (inclusive), above and below (exclusive)."""
     assert set(bounds) <= set(_BOUNDS), bounds
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
+                                                        "bounds": bounds})
 
 
 def _convert(text, kind, key):
+    if kind is bool and text.lower() in _WORDS:
+        return _WORDS[text.lower()]
     try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
         value = float(text) if kind in (int, float) else kind(text)
-        if kind in (int, float) and not math.isfinite(value):
-            raise ValueError  # nan and inf pass every range check, then train to NaN
-        if kind is int:
-            if value != int(value):
-                raise ValueError
-            return int(value)
-        return value
+        # nan and inf pass every range check, then train to NaN
+        if kind is bool or kind in (int, float) and not math.isfinite(value) or \
+                kind is int and value != int(value):
+            raise ValueError
     except ValueError:
         raise UserError(f"--{key}={text}: expected {kind.__name__}") from None
+    return int(value) if kind is int else value
 
 
 def _value(text, defaults, field):
-    """The typed, checked value of --key=text for a field of the dataclass `defaults` (typed as its default)."""
+    """The typed, checked value of --key=text for a field of the dataclass `defaults`."""
     key = field.name
     value = _convert(text, type(getattr(defaults, key)), key)
     choices = field.metadata.get("choices")
@@ -66,7 +60,7 @@ def _value(text, defaults, field):
 
 
 def _read_config_file(path):
-    """`key = value` lines (Python literals), # comments allowed; a UTF-8 BOM (Windows editors) is not text."""
+    """`key = value` lines (Python literals), # comments allowed, a UTF-8 BOM skipped."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
@@ -85,15 +79,16 @@ def _read_config_file(path):
                 raise ValueError
             settings[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError, MemoryError, RecursionError):
-            raise UserError(f"{path}:{n}: expected key = value (a Python literal), got {line!r}") from None
+            raise UserError(f"{path}:{n}: expected key = value (a Python literal), got "
+                            f"{line!r}") from None
     return settings
 
 
 def _without_comment(line):
-    """line up to its # comment: Python's tokenizer tells a comment from a # inside a string ("use # signs")."""
+    """line up to its # comment: Python's tokenizer tells a comment from "use # signs"."""
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(line).readline))
-    except (tokenize.TokenError, SyntaxError):  # an unclosed string or bracket: literal_eval refuses the line
+    except (tokenize.TokenError, SyntaxError):  # an unclosed string: literal_eval refuses the line
         return line
     comments = [token for token in tokens if token.type == tokenize.COMMENT]
     return line[:comments[0].start[1]] if comments else line
@@ -108,9 +103,9 @@ def usage(defaults, doc):
 
 
 def parse(defaults, argv, doc="", shared_files=False):
-    """Return a copy of the dataclass `defaults` with config-file values, then --key=value flags, applied.
-    shared_files=True: a config file may hold settings of another script too (bench.py reads train.py's files);
-    its keys this script does not know are skipped instead of refused."""
+    """A copy of the dataclass `defaults` with config files' values, then --key=value flags,
+    applied. shared_files: a file may hold another script's settings (bench.py reads train.py's),
+    so keys this script does not know are skipped, not refused."""
     fields = {f.name: f for f in dataclasses.fields(defaults)}
     settings = {}
     for arg in argv:
@@ -119,20 +114,17 @@ def parse(defaults, argv, doc="", shared_files=False):
             sys.exit(0)
         if not arg.startswith("--"):
             for key, value in _read_config_file(arg).items():
-                if key not in fields and shared_files:
-                    continue
-                if key not in fields:
+                if key not in fields and not shared_files:
                     _unknown(key, fields, f"{arg}: ")
-                settings[key] = _value(str(value), defaults, fields[key])
+                if key in fields:
+                    settings[key] = _value(str(value), defaults, fields[key])
             continue
         key, sep, text = arg[2:].partition("=")
         if key not in fields:
             _unknown(key, fields)
-        if not sep:
-            if type(getattr(defaults, key)) is not bool:
-                raise UserError(f"--{key} needs a value: --{key}=VALUE")
-            text = "true"
-        settings[key] = _value(text, defaults, fields[key])
+        if not sep and type(getattr(defaults, key)) is not bool:
+            raise UserError(f"--{key} needs a value: --{key}=VALUE")
+        settings[key] = _value(text if sep else "true", defaults, fields[key])
     return dataclasses.replace(defaults, **settings)
 
 
@@ -143,8 +135,8 @@ def _unknown(key, fields, where=""):
 
 
 class OutputError(OSError):
-    """Writing stdout or stderr failed (a full disk, an I/O error): the environment's doing, not a bug's. Still an
-    OSError to code that catches those around its writes (warnings drops a warning that stderr cannot take)."""
+    """Writing stdout or stderr failed (a full disk): the environment's doing, not a bug's. An
+    OSError still, for code that catches those around its writes (warnings drops a warning)."""
 
     def __init__(self, name, stream, error):
         super().__init__(error.errno, error.strerror)
@@ -155,8 +147,8 @@ class OutputError(OSError):
 
 
 class _Watched:
-    """stdout or stderr, whose failed writes raise OutputError: that is how run() tells them from an OSError of the
-    program's own files, a bug to show with its traceback. A closed pipe stays a BrokenPipeError."""
+    """stdout or stderr, whose failed writes raise OutputError, so that run() tells them from an
+    OSError of the program's own files (a bug). A closed pipe stays a BrokenPipeError."""
 
     def __init__(self, stream, name):
         self._stream, self._name = stream, name
@@ -175,34 +167,24 @@ class _Watched:
         except OSError as e:
             raise OutputError(self._name, self._stream, e) from e
 
-    def __getattr__(self, name):  # the rest (isatty, fileno, reconfigure, encoding, ...) is the stream's own
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the stream's own
         return getattr(self._stream, name)
 
 
-def _say(line):
-    """line on stderr, in one write (ranks sharing a terminal never interleave their lines), if stderr still
-    takes it."""
-    try:
-        sys.stderr.write(line)
-        sys.stderr.flush()
-    except OSError:
-        pass
-
-
 def say(*parts, file=None):
-    """print(*parts) on stdout (or file), flushed, for a program whose work matters more than its messages (a
-    training run): output that cannot be written, a reader gone included (`train.py | tee log`, where a terminal's
-    Ctrl-C ends tee too), drops the message and points the stream at /dev/null, never ends the program."""
+    """print(*parts) on stdout (or file) in one write (ranks sharing a terminal never interleave),
+    flushed. Output that cannot be written, a reader gone included (`train.py | tee log`), drops the
+    message and points the stream at /dev/null: a training run's messages never end it."""
     stream = file or sys.stdout
     try:
-        print(*parts, file=stream, flush=True)
-    except OSError:
+        stream.write(" ".join(map(str, parts)) + "\n")
+        stream.flush()
+    except (AttributeError, OSError):  # AttributeError: no stream (None)
         _silence(stream)
 
 
 def _silence(stream):
-    """Point stream's file at /dev/null, so that Python's last flush at exit does not fail again (and print a
-    traceback after all)."""
+    """Point stream's file at /dev/null, so that Python's flush at exit does not fail again."""
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError):  # None, or not a file: nothing to flush at exit
@@ -211,10 +193,10 @@ def _silence(stream):
 
 
 def run(main):
-    """Call main() the way a script's user expects: a UserError is one line on stderr and exit status 2; Ctrl-C
-    exits with 130 and no traceback; a closed pipe (`python sample.py | head -1`) ends the output quietly; output
-    that cannot be written (`> /dev/full`) is one line on stderr (if it takes one) and exit status 1."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
+    """Call main() as a script's user expects: a UserError is one line on stderr and exit status 2;
+    Ctrl-C exits 130 without a traceback; a closed pipe (`| head -1`) ends the output quietly;
+    output that cannot be written (`> /dev/full`) is one line on stderr and exit status 1."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C: KeyboardInterrupt
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = (None if stream is None else _Watched(stream, name)
                               for stream, name in zip(streams, ("stdout", "stderr")))
@@ -222,19 +204,18 @@ def run(main):
         main()
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
-                stream.flush()  # here, where a failure is caught, not in Python's own flush at exit
+                stream.flush()  # here, where a failure is caught, not in Python's flush at exit
     except UserError as e:
-        _say(f"error: {e}\n")
+        say(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        _say("\n")
+        say(file=sys.stderr)
         sys.exit(130)
     except OutputError as e:
-        _say(f"error: {e}\n")
+        say(f"error: {e}", file=sys.stderr)
         _silence(e.stream)
         sys.exit(1)
-    except BrokenPipeError:
-        # The reader went away (`| head`).
+    except BrokenPipeError:  # the reader went away (`| head`)
         _silence(sys.__stdout__)
         sys.exit(1)
     finally:

@@ -1,8 +1,7 @@
 """
-Imported first by every script, before torch (which takes seconds to import): a Ctrl-C in that time ends the program
-quietly, as the default signal action does, instead of with a KeyboardInterrupt traceback. flags.run gives Ctrl-C
-back to Python (a KeyboardInterrupt) once main() runs. Only when one of this repository's scripts is the program:
-a test that imports a script keeps its own handler.
+Imported first by every script, before torch (seconds to import): a Ctrl-C meanwhile ends the
+program quietly, not with a traceback, until flags.run makes it a KeyboardInterrupt. Only when one
+of this repository's scripts is the program: a test that imports a script keeps its own handler.
 """
 import os
 import signal

@@ -1,5 +1,6 @@
 """
-What the idea at the repository's root leans on but is not the idea: flags, one-line errors, where a model runs
-(device, precision, threads, ranks), checkpoint files and a training run's bookkeeping, and the loaders of
-pretrained models. A reader of mask.py, model.py, engine.py and train.py never needs to open these.
+How the scripts do what they say: where a model computes (compute); pretrained models in (starts,
+hf, gguf, weights, lora) and quantized decoding (quantize); checkpoint files and a training run's
+bookkeeping (checkpoint, run_files, resume, signals, sharding). train.py says when each of these
+happens, these files how. Flags, one-line errors and the Ctrl-C prologue are in cli/.
 """

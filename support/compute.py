@@ -1,6 +1,6 @@
 """
-Where the scripts compute: compute_init sets up threads, ranks, device, precision and attention in one call and
-returns them as one Runtime value; plus a description of the machine for reports, and the memory a model needs.
+Where the scripts compute: compute_init sets up threads, ranks, device, precision and attention in
+one call (-> Runtime); plus a description of the machine, and the memory a model needs to train.
 """
 import math
 import os
@@ -14,13 +14,16 @@ import torch.distributed as dist
 
 from cli.errors import UserError
 
-THREADS_HELP = ("torch CPU threads (0: auto: on a CPU, one per core, or on a machine busy with other work as many "
-                "as the load average leaves free cores, at least 1: torch's threads wait for each other on busy "
-                "cores)")
+THREADS_HELP = ("torch CPU threads (0: auto: one per core, or on a busy CPU as many as the load "
+                "average leaves free, at least 1)")
 TORCH_THREADS = torch.get_num_threads()  # torch's default, one per core: the most auto ever takes
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: cuda when available)"
 CHAT_DTYPE_HELP = "auto | float32 | bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)"
 DTYPES = ("auto", "float32", "bfloat16")
+
+
+def is_cuda(device):
+    return torch.device(device).type == "cuda"
 
 
 def resolve_device(name):
@@ -31,21 +34,20 @@ def resolve_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device={name}: not a device (try cpu, cuda, cuda:1, auto)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device={name}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={name}: CUDA is not available here; use --device=cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device={name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
-                        f"cuda:{torch.cuda.device_count() - 1}")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device={name}: only cpu and cuda are supported")
+        raise UserError(f"--device={name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return name
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a script computes: device ("cpu", "cuda:0"); dtype, a training step's autocast ("float32":
-    none) or a chat model's weights; the attention backend ("sdpa": dense mask, any device; "flex": FlexAttention's
-    BlockMask, CUDA); and this process's rank among world_size (torchrun), with its local_rank on its node."""
+    """Where and how a script computes. dtype: a training step's autocast or a chat model's
+    weights; attention: "sdpa" (dense mask, any device) or "flex" (BlockMask, CUDA)."""
     device: str = "cpu"
     dtype: str = "float32"
     attention: str = "sdpa"
@@ -74,48 +76,40 @@ class Runtime:
 
 
 def compute_init(device="auto", dtype="auto", attention="auto", threads=None, training=False):
-    """Set up where a script computes, in one call: torch's CPU threads, the process group when torchrun started
-    this process (nccl on CUDA, gloo on CPU), this rank's device, the precision and the attention backend.
-    -> Runtime; UserError (one line) for what this machine cannot do. auto: CUDA when available, with TF32
-    matmuls, bfloat16 (a training step's autocast, or a chat model's weights: half the memory traffic a decode step
-    is bound by) and, to train, FlexAttention; on a CPU float32 and SDPA. threads: as set_threads takes them."""
+    """Threads, torchrun's process group, device, precision, attention -> Runtime, or UserError.
+    auto on CUDA: TF32, bfloat16 (half a decode step's memory traffic), Flex to train; on CPU:
+    float32 and SDPA."""
     device = resolve_device(device)
     set_threads(threads, device)
     rank, local_rank, world_size = init_process_group(device) if training else (0, 0, 1)
-    if torch.device(device).type == "cuda":
+    if is_cuda(device):
         device = f"cuda:{local_rank}" if device == "cuda" else device
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if dtype == "auto":
-        dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        dtype = "bfloat16" if is_cuda(device) and torch.cuda.is_bf16_supported() else "float32"
     if attention == "auto":
-        attention = "flex" if training and torch.device(device).type == "cuda" else "sdpa"
-    rt = Runtime(device, dtype, attention, rank, local_rank, world_size)
-    if training:
-        check_training(rt)
-    return rt
-
-
-def check_training(rt):
-    if rt.dtype == "bfloat16" and rt.device_type == "cpu":
-        raise UserError("--dtype=bfloat16 autocasts on CUDA only: use --dtype=float32 (or auto) on CPU")
-    if rt.attention == "flex" and rt.device_type == "cpu":
-        raise UserError("--attention=flex cannot train on CPU (FlexAttention has no CPU backward): use "
-                        "--attention=sdpa (or auto)")
+        attention = "flex" if training and is_cuda(device) else "sdpa"
+    if training and not is_cuda(device) and dtype == "bfloat16":
+        raise UserError("--dtype=bfloat16 autocasts on CUDA only: use --dtype=float32 (or auto) "
+                        "on CPU")
+    if training and not is_cuda(device) and attention == "flex":
+        raise UserError("--attention=flex cannot train on CPU (FlexAttention has no CPU backward): "
+                        "use --attention=sdpa (or auto)")
+    return Runtime(device, dtype, attention, rank, local_rank, world_size)
 
 
 def init_process_group(device):
-    """-> (rank, local_rank, world_size): a process group (nccl on CUDA, gloo on CPU) when torchrun launched this
-    process (it sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous address), else (0, 0, 1)."""
+    """-> (rank, local_rank, world_size), in torchrun's process group when it launched us."""
     if "RANK" not in os.environ:
         return 0, 0, 1
-    dist.init_process_group(backend="nccl" if torch.device(device).type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if is_cuda(device) else "gloo")
     return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
 
 
 def all_ranks_sum(values, device):
-    """Element-wise sum of a list of numbers over the ranks (the list itself in a single process)."""
+    """Element-wise sum of a list of numbers over the ranks (the list itself in one process)."""
     if not dist.is_initialized():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -124,9 +118,7 @@ def all_ranks_sum(values, device):
 
 
 def set_threads(n, device="cpu"):
-    """torch's intra-op CPU threads: n; 0 (auto): torch's default, one per core, or on a CPU device as many as
-    auto_threads leaves, with one line on stderr saying why when that is fewer; None leaves them as they are (a
-    caller that set them itself)."""
+    """torch's CPU threads: n; 0: auto_threads on a CPU, else all; None: left as they are."""
     if n is None:
         return
     if n == 0 and torch.device(resolve_device(device)).type == "cpu":
@@ -137,23 +129,23 @@ def set_threads(n, device="cpu"):
 
 
 def auto_threads(most):
-    """-> (threads, why or None): `most` threads (torch's default), or on a machine that other work keeps busy as
-    many as the 1-minute load average leaves free cores, at least 1: beside busy cores torch's threads wait for the
-    slowest (the README has the numbers). Below a load of 1 the machine counts as idle: the average still counts
-    the command that ran just before."""
+    """-> (threads, why or None): `most`, or on a busy machine as many as the 1-minute load average
+    leaves free, at least 1: beside busy cores torch's threads wait for the slowest. A load below 1
+    counts as idle (it still counts the command just before)."""
     if not hasattr(os, "getloadavg"):
         return most, None
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     threads = most if load < 1 else max(1, min(most, math.floor(cpus - load + 0.5)))
     if threads == most:
         return most, None
-    return threads, (f"{threads} torch thread(s), not {most}: the load average is {load:.1f} on {cpus} CPUs, and "
-                     f"torch's threads wait for each other on busy cores (--threads={most} takes them all anyway)")
+    return threads, (f"{threads} torch thread(s), not {most}: the load average is {load:.1f} on "
+                     f"{cpus} CPUs, and torch's threads wait for each other on busy cores "
+                     f"(--threads={most} takes them all anyway)")
 
 
 @contextmanager
 def cpu_threads(n, device="cpu"):
-    """Run the block with n torch threads on a CPU device (0 or a GPU device: unchanged), then restore."""
+    """Run the block with n torch threads on a CPU device (0 or a GPU: unchanged), then restore."""
     before = torch.get_num_threads()
     if n and torch.device(device).type == "cpu":
         torch.set_num_threads(n)
@@ -163,21 +155,26 @@ def cpu_threads(n, device="cpu"):
         torch.set_num_threads(before)
 
 
+def _proc(path, key):
+    """The value of a `key: value` line of a /proc file, or None."""
+    try:
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), None)
+    except OSError:
+        return None
+
+
 def machine(device):
-    """{device, name, torch, threads, cpus, python, load_average}: what a timing or a score was measured on."""
-    if torch.device(device).type == "cuda":
+    """{device, name, torch, threads, cpus, python, load_average}: what a result was measured on."""
+    if is_cuda(device):
         name = torch.cuda.get_device_name(torch.device(device))
     else:
-        name = platform.processor() or "unknown CPU"
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    info = {"device": str(device), "name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "python": platform.python_version()}
-    if hasattr(os, "getloadavg"):
-        info["load_average"] = round(os.getloadavg()[0], 2)  # > cpus: other work shares the machine, timings noisy
+        name = _proc("/proc/cpuinfo", "model name") or platform.processor() or "unknown CPU"
+    info = {"device": str(device), "name": name, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "python": platform.python_version()}
+    if hasattr(os, "getloadavg"):  # above cpus: other work shares the machine
+        info["load_average"] = round(os.getloadavg()[0], 2)
     return info
 
 
@@ -186,42 +183,41 @@ def parameter_count(config):
     h, kv, m = config.n_embd, config.n_kv_head * config.head_dim, config.mlp_hidden
     per_layer = h * (h + 2 * kv) + h * h + h * m * (3 if config.family == "llama" else 2)
     embeddings = config.vocab_size * h * (1 if config.tie_embeddings else 2)
-    return config.n_layer * per_layer + embeddings + (config.block_size * h if config.family == "gpt2" else 0)
+    positions = config.block_size * h if config.family == "gpt2" else 0
+    return config.n_layer * per_layer + embeddings + positions
 
 
-def memory_plan(config, trainable, rows, block_size, shards=1, compute_bytes=4, checkpointing=False):
-    """Bytes one rank needs to train, by kind: weights (float32, 1/shards of them under FSDP), gradients and
-    AdamW's two moments (float32, of the `trainable` parameters, sharded alike), and the activations a backward
-    pass keeps for `rows` rows of block_size tokens (compute_bytes per value: 2 in bfloat16): per layer and
-    token, the block's input, both norms' in/outputs, q/k/v, attention's output and the MLP's three widths (only
-    the block's input with activation checkpointing, plus one block recomputed)."""
+def memory_plan(config, trainable, rows, block_size, shards=1, compute_bytes=4,
+                checkpointing=False):
+    """Bytes one rank needs to train: float32 weights, gradients and AdamW's moments (of `trainable`
+    parameters, 1/shards each under FSDP), and the activations of `rows` x block_size tokens kept
+    for backward: per layer and token the block's input, the norms' ins and outs, q/k/v, attention's
+    output, the MLP's three widths (checkpointing: the blocks' inputs and one block's worth)."""
     h, kv, m = config.n_embd, config.n_kv_head * config.head_dim, config.mlp_hidden
     per_token_layer = (6 * h + 2 * kv + 3 * m) * compute_bytes
-    tokens = rows * block_size
-    layers = (config.n_layer * h * compute_bytes + per_token_layer) if checkpointing else \
-        config.n_layer * per_token_layer
+    if checkpointing:
+        layers = config.n_layer * h * compute_bytes + per_token_layer
+    else:
+        layers = config.n_layer * per_token_layer
     plan = {"weights": 4 * parameter_count(config) // shards, "gradients": 4 * trainable // shards,
-            "optimizer": 8 * trainable // shards, "activations": tokens * layers}
+            "optimizer": 8 * trainable // shards, "activations": rows * block_size * layers}
     return {**plan, "total": sum(plan.values())}
 
 
 def check_fits(config, batch_size, block_size, device):
-    """UserError, before anything is allocated, when a model of this shape cannot train in this machine's memory
-    (memory_plan, every parameter trained)."""
-    plan = memory_plan(config, parameter_count(config), batch_size, block_size)
+    """UserError, before anything is allocated, when training cannot fit in the free memory."""
+    need = memory_plan(config, parameter_count(config), batch_size, block_size)["total"]
     have = available_memory(device)
-    if have is not None and plan["total"] > have:
-        raise UserError(f"this model ({parameter_count(config) / 1e6:,.0f}M parameters) and batch ({batch_size} x "
-                        f"{block_size} tokens) need about {plan['total'] / 2**30:,.1f} GiB to train; {device} has "
-                        f"{have / 2**30:,.1f} GiB free: make --n_layer, --n_embd, --batch_size or --block_size smaller")
+    if have is not None and need > have:
+        raise UserError(f"this model ({parameter_count(config) / 1e6:,.0f}M parameters) and "
+                        f"batch ({batch_size} x {block_size} tokens) need about "
+                        f"{need / 2**30:,.1f} GiB to train; {device} has {have / 2**30:,.1f} GiB "
+                        "free: make --n_layer, --n_embd, --batch_size or --block_size smaller")
 
 
 def available_memory(device):
     """Bytes free on device (MemAvailable on a CPU), or None when it cannot be told."""
-    if torch.device(device).type == "cuda":
+    if is_cuda(device):
         return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
+    kb = (_proc("/proc/meminfo", "MemAvailable:") or "").split()
+    return int(kb[0]) * 1024 if kb and kb[0].isdigit() else None

@@ -1,7 +1,4 @@
-"""
-Stopping a training run cleanly on Ctrl-C (SIGINT) or SIGTERM: the loop stops at the next step boundary and saves
-a consistent checkpoint; a second Ctrl-C aborts at once.
-"""
+"""Stopping a training run cleanly on Ctrl-C or SIGTERM."""
 import signal
 import sys
 
@@ -9,8 +6,8 @@ from cli.flags import say
 
 
 class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary, so the checkpoint it writes
-    is a consistent one; a second Ctrl-C aborts at once."""
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary, so that the
+    checkpoint it writes is a consistent one; a second Ctrl-C aborts at once."""
 
     def __enter__(self):
         self.requested = False
@@ -20,8 +17,9 @@ class StopOnSignal:
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True  # first: the message below may meet a closed pipe, and the save must not depend on it
-        say("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        self.requested = True  # first: the message may meet a closed pipe; the save must not care
+        say("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)",
+            file=sys.stderr)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():

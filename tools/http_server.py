@@ -1,7 +1,7 @@
 """
-The HTTP side of the server: one ThreadingHTTPServer whose handler routes POST /v1/chat/completions (a whole answer,
-or server-sent events), GET /v1/models and GET / (the chat page, tools/chat.html) to tools.openai_api.ChatService,
-every request passing tools/http_guards.py's checks first. Every response closes its connection.
+The HTTP side of the server: a ThreadingHTTPServer whose handler routes POST /v1/chat/completions
+(a whole answer, or server-sent events), GET /v1/models and GET / (the chat page, tools/chat.html)
+to tools.openai_api.ChatService, each request passing tools/http_guards.py's checks first.
 """
 import io
 import ipaddress
@@ -17,15 +17,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from tools.http_guards import RequestReader, check_origin, end_closed, read_body, refuse_busy
-from tools.openai_api import ApiError, chunk, completion, delta, parse_json, parse_request, printable
+from tools.openai_api import (ApiError, chunk, completion, delta, parse_json, parse_request,
+                              printable)
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 
 
 class Handler(BaseHTTPRequestHandler):
-    """One HTTP request. Every response closes its connection: a stream ends where the connection does."""
-    protocol_version = "HTTP/1.1"  # answers Expect: 100-continue (curl's larger bodies); connections still close
-    client_gone = (ConnectionError, TimeoutError)  # a failed write, or --timeout spent waiting on the client
+    """One HTTP request. Every response closes its connection: a stream ends where it does."""
+    protocol_version = "HTTP/1.1"  # answers Expect: 100-continue (curl's larger bodies)
+    client_gone = (ConnectionError, TimeoutError)  # a failed write, or --timeout spent waiting
     routes = {"/": {"GET": "page"}, "/v1/models": {"GET": "models"},
               "/v1/chat/completions": {"POST": "chat_completions"}}
 
@@ -51,41 +52,42 @@ class Handler(BaseHTTPRequestHandler):
         try:
             check_origin(self.headers, self.server.loopback)
             if methods is None:
-                raise ApiError(404, f"no such path: {path} (POST /v1/chat/completions, GET /v1/models, GET /)")
+                raise ApiError(404, f"no such path: {path} (POST /v1/chat/completions, GET "
+                                    "/v1/models, GET /)")
             if self.command not in methods:
-                raise ApiError(405, f"{self.command} is not allowed on {path}: use {', '.join(methods)}")
+                raise ApiError(405, f"{self.command} is not allowed on {path}: use "
+                                    f"{', '.join(methods)}")
             getattr(self, methods[self.command])()
         except ApiError as e:
             self.summary = f" ({e.message})"
             self.send_json(e.status, e.body(), allow=", ".join(methods) if e.status == 405 else "")
 
     def internal_error(self):
-        """An unexpected exception, a bug and not the request's fault: its traceback goes to the log (escaped, line
-        by line), the request's line says so. -> the error for the client."""
+        """An unexpected exception, a bug and not the request's fault: its traceback goes to the
+        log (escaped, line by line), the request's line says so. -> the error for the client."""
         self.summary += " (internal error)"
         self.server.service.log("\n".join(map(printable, traceback.format_exc().splitlines())))
         return ApiError(500, "internal error").body()
 
     def setup(self):
-        """The whole request, headers and body, must come within --timeout of the connection (RequestReader), and
-        every write waits at most --timeout, so that a client sending nothing, or less than its Content-Length, or
-        a byte now and then, or not reading its stream, does not hold a thread longer. Generating never touches the
-        socket, so it is not limited."""
-        self.timeout = self.server.service.cfg.timeout  # StreamRequestHandler.setup puts it on the socket
+        """The whole request must come within --timeout of the connection (RequestReader), and
+        every write waits at most --timeout, so that a client sending nothing, or too little, or a
+        byte now and then, or not reading its stream, does not hold a thread longer. Generating
+        never touches the socket, so it is not limited."""
+        self.timeout = self.server.service.cfg.timeout  # setup() puts it on the socket
         super().setup()
-        self.rfile.close()  # the socket's own file: replaced by one whose reads end at the request's deadline
+        self.rfile.close()  # replaced by a file whose reads end at the request's deadline
         self.rfile = io.BufferedReader(RequestReader(self.connection, self.timeout))
 
     def log_request(self, code="-", size="-"):
         """Silences http.server's own line: do_request logs one, with the token counts."""
 
     def log_message(self, format, *args):
-        """http.server's own lines (a malformed request line, a timeout) go to the same log, escaped alike."""
+        """http.server's own lines (a malformed request line, a timeout), escaped alike."""
         self.log_line(format % args)
 
     def log_line(self, text):
-        """One line of the log, from the client's address on; the request line and whatever else the client sent
-        in it are escaped."""
+        """One line of the log, from the client's address on, with what the client sent escaped."""
         self.server.service.log(printable(f"{self.client_address[0]} {text}"))
 
     def send_head(self, status, content_type, length=None, allow=""):
@@ -117,7 +119,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def chat_completions(self):
         service = self.server.service
-        request = parse_request(parse_json(read_body(self.rfile, self.headers, self.timeout)), service.tok, service.block_size, service.cfg)
+        body = parse_json(read_body(self.rfile, self.headers, self.timeout))
+        request = parse_request(body, service.tok, service.block_size, service.cfg)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         with service.line:
             if request.stream:
@@ -126,13 +129,13 @@ class Handler(BaseHTTPRequestHandler):
                 self.whole_reply(request, response_id, created)
 
     def whole_reply(self, request, response_id, created):
-        """The answer as one chat.completion once it is complete. A client gone meanwhile should stop the
-        generation, as a stream's failed write does, but a closed connection reads the same as a half-closed one
-        (`nc -N`, shutdown(SHUT_WR) after the request), whose client still waits for the answer: only a write
-        tells them apart. So once the client's end reads as closed, an interim "100 Continue" response is written,
-        which HTTP/1.1 clients read past (RFC 9110, 15.2): a half-closed client takes it and gets its answer, a
-        closed socket answers with a reset, which the next look raises (ConnectionResetError), and the generation
-        stops. HTTP/1.0 has no interim responses: there a closed end is taken for a half-close."""
+        """The answer as one chat.completion once complete. A client gone meanwhile should stop the
+        generation, but a closed connection reads the same as a half-closed one (`nc -N`), whose
+        client still waits: only a write tells them apart. So once the client's end reads as
+        closed, an interim "100 Continue" is written, which HTTP/1.1 clients read past (RFC 9110,
+        15.2): a half-closed client takes it and gets its answer; a closed socket answers with a
+        reset, which the next look raises (ConnectionResetError), and the generation stops.
+        HTTP/1.0 has no interim responses: there a closed end is taken for a half-close."""
         probed = self.request_version != "HTTP/1.1"
         with closing(self.server.service.answer(request)) as events:
             for event, value in events:
@@ -145,24 +148,25 @@ class Handler(BaseHTTPRequestHandler):
                     probed = True
 
     def stream_reply(self, request, response_id, created):
-        """Server-sent events: the role (sent with the first token, with the prefill's facts), the content, the
-        finish_reason with the turn's facts, the usage when asked for, and [DONE]. A failed write (the client
-        gone) leaves the loop, and closing the answer stops the generation. An internal error, once the 200 is
-        sent, is an error event before the [DONE]."""
+        """Server-sent events: the role (with the first token and the prefill's facts), the
+        content, the finish_reason with the turn's facts, the usage when asked for, and [DONE]. A
+        failed write (the client gone) leaves the loop, and closing the answer stops the
+        generation. An internal error, once the 200 is sent, is an error event before [DONE]."""
         self.send_head(200, "text/event-stream")
+
+        def send(choices, **extra):
+            self.send_event(chunk(request, response_id, created, choices, **extra))
         try:
             with closing(self.server.service.answer(request)) as events:
                 for event, value in events:
                     if event == "prefilled":
-                        self.send_event(chunk(request, response_id, created,
-                                              delta({"role": "assistant", "content": ""}), ismgpt=value))
+                        send(delta({"role": "assistant", "content": ""}), ismgpt=value)
                     elif event == "text":
-                        self.send_event(chunk(request, response_id, created, delta({"content": value})))
+                        send(delta({"content": value}))
                     else:
-                        self.send_event(chunk(request, response_id, created, delta({}, value["finish_reason"]),
-                                              ismgpt=value["ismgpt"]))
+                        send(delta({}, value["finish_reason"]), ismgpt=value["ismgpt"])
                         if request.include_usage:
-                            self.send_event(chunk(request, response_id, created, [], usage=value["usage"]))
+                            send([], usage=value["usage"])
                         self.summary = tokens_line(value)
         except self.client_gone:
             raise  # nobody to tell: do_request logs it
@@ -174,23 +178,23 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"data: [DONE]\n\n")
 
 
-
 def tokens_line(reply):
     """A request's tokens, for its log line."""
     usage = reply["usage"]
-    return (f" prompt {usage['prompt_tokens']} cached {usage['prompt_tokens_details']['cached_tokens']}"
-            f" completion {usage['completion_tokens']} {reply['finish_reason']}")
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    return (f" prompt {usage['prompt_tokens']} cached {cached} completion "
+            f"{usage['completion_tokens']} {reply['finish_reason']}")
 
 
 class Server(ThreadingHTTPServer):
-    """A thread per connection, up to --connections at once (reading a request, waiting in line or answered): one
+    """A thread per connection, up to --connections at once (reading, waiting or answered): one
     more is answered 503 at once and closed, never given a thread."""
 
     def process_request(self, request, client_address):
         if not self.open_connections.acquire(blocking=False):
             refuse_busy(request, self.service.cfg.connections)
-            self.service.log(printable(f"{client_address[0]} refused: {self.service.cfg.connections} connections "
-                                       "are open"))
+            self.service.log(printable(f"{client_address[0]} refused: "
+                                       f"{self.service.cfg.connections} connections are open"))
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
@@ -203,16 +207,18 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(service, host="127.0.0.1", port=0):
-    """A Server answering with `service` (its handler threads end with the process); port 0 picks a free port
-    (server.server_address says which). Run it with serve_forever(), stop it with shutdown(). An address beyond
-    loopback (127.0.0.0/8, ::1) is warned of on stderr."""
+    """A Server answering with `service`; port 0 picks a free port (server.server_address says
+    which). Run it with serve_forever(), stop it with shutdown(). An address beyond loopback
+    (127.0.0.0/8, ::1) is warned of on stderr."""
     server = Server((host, port), Handler)
     server.service = service
     server.open_connections = threading.BoundedSemaphore(service.cfg.connections)
     with open(PAGE, "rb") as f:
         server.page = f.read()
-    server.loopback = ipaddress.ip_address(server.server_address[0]).is_loopback  # by address: localhost is too
+    address = ipaddress.ip_address(server.server_address[0])
+    server.loopback = address.is_loopback  # by address: localhost is too
     if not server.loopback:
-        print(f"warning: listening on {host}:{server.server_address[1]}, beyond this machine: the API has no "
-              "authentication and is reachable from other machines", file=sys.stderr, flush=True)
+        print(f"warning: listening on {host}:{server.server_address[1]}, beyond this machine: the "
+              "API has no authentication and is reachable from other machines", file=sys.stderr,
+              flush=True)
     return server

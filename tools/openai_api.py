@@ -1,8 +1,9 @@
 """
-OpenAI's Chat Completions API on the chat engine: a request's JSON checked into a ChatRequest (messages, sampling,
-stop strings, streaming), and ChatService, which answers it on the cached conversation (engine.ChatSession) whose
-rows stay exact for the longest part of it, one request at a time. The HTTP side is tools/http_server.py.
+OpenAI's Chat Completions API on the chat engine: a request's JSON checked into a ChatRequest, and
+ChatService, which answers it on the cached conversation (engine.ChatSession) whose rows stay exact
+for the longest part of it, one request at a time. The HTTP side is tools/http_server.py.
 """
+import functools
 import json
 import random
 import re
@@ -21,11 +22,11 @@ from cli.errors import DataError, ModelError, TurnError
 
 MODEL_NAME = "ismgpt"
 MAX_STOPS = 4  # as OpenAI
-LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str only from JSON's "\ud800" escape without its pair
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str only from JSON's "\ud800" escape alone
 
 
 class ApiError(Exception):
-    """A request refused, answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+    """A request refused, answered as OpenAI does: {"error": {message, type, param, code}}."""
 
     def __init__(self, status, message, param=None, code=None):
         super().__init__(message)
@@ -33,17 +34,18 @@ class ApiError(Exception):
 
     def body(self):
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": kind, "param": self.param,
+                          "code": self.code}}
 
 
 @dataclass
 class ChatRequest:
-    """A checked chat request: messages in data.chat's form (the last one the user's), their rendering, and how
-    to answer."""
+    """A checked request: messages in data.chat's form (the last the user's), their rendering up
+    to the header that opens the answer, and how to answer."""
     messages: list
-    ids: list  # render(messages): the history and the new prompt, up to the <|assistant|> that opens the answer
+    ids: list
     roles: list
-    history_len: int  # how many of them render the history, messages[:-1]
+    history_len: int  # how many of ids render the history, messages[:-1]
     model: str
     stream: bool
     include_usage: bool
@@ -71,21 +73,20 @@ def parse_json(body):
         raise ApiError(400, "the body must be a JSON object")
     for name, item in value.items():
         if holds_lone_surrogate([name, item]):
-            raise ApiError(400, f'"{printable(name)}" is not valid Unicode text: it holds a lone surrogate (a '
-                                '"\\ud800" escape without its pair)', printable(name))
+            raise ApiError(400, f'"{printable(name)}" is not valid Unicode text: it holds a lone '
+                                'surrogate (a "\\ud800" escape without its pair)', printable(name))
     return value
 
 
 def printable(text):
-    """text with every character a terminal could act on (control and format characters, line breaks, lone
-    surrogates) written as its Python escape (\\x1b, \\u202e): what a client sent is shown in errors and in the
-    log, never obeyed by the operator's terminal."""
+    """text with every character a terminal could act on (control, format, line breaks) written as
+    its Python escape (\\x1b): what a client sent is shown in errors and logs, never obeyed."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def holds_lone_surrogate(value):
-    """Whether a decoded JSON value has a string, or a key, with a lone surrogate: that is no Unicode text, which
-    no answer (UTF-8), log or tokenizer can encode. A loop, not recursion: JSON may nest deeper than Python."""
+    """Whether a decoded JSON value has a string or key with a lone surrogate, which no answer,
+    log or tokenizer can encode. A loop, not recursion: JSON may nest deeper than Python."""
     pending = [value]
     while pending:
         value = pending.pop()
@@ -98,26 +99,14 @@ def holds_lone_surrogate(value):
     return False
 
 
-def request_messages(raw):
-    """A request's "messages" -> data.chat messages (data.chat.chat_messages: as a JSONL file holds them), validated
-    by data.chat's rules, ending with a user message; ApiError 400 otherwise."""
-    try:
-        messages = chat_messages(raw, "messages")
-        validate(messages, "messages", need_answer=False)  # an answer may be blank: a model may have said nothing
-    except DataError as e:
-        raise ApiError(400, str(e), "messages") from None
-    if messages[-1]["role"] != "user":
-        raise ApiError(400, f"the last message is {messages[-1]['role']!r}: it must be the user's, to answer",
-                       "messages")
-    return messages
-
-
 def field(body, name, kinds, default, check=None, rule=""):
-    """body[name] if it has one of the JSON types `kinds` (and passes check), default if absent or null."""
+    """body[name] if it has one of the JSON types `kinds` (and passes check), default if absent or
+    null, else ApiError 400."""
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds) or (check and not check(value)):
+    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds) or \
+            (check and not check(value)):
         raise ApiError(400, f'"{name}" must be {rule}', name)
     return value
 
@@ -127,63 +116,67 @@ def stop_strings(body):
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stops, list) and 1 <= len(stops) <= MAX_STOPS and all(isinstance(s, str) and s for s in stops)):
-        raise ApiError(400, f'"stop" must be a non-empty string or a list of 1 to {MAX_STOPS} of them', "stop")
+    if not (isinstance(stops, list) and 1 <= len(stops) <= MAX_STOPS and
+            all(isinstance(s, str) and s for s in stops)):
+        raise ApiError(400, f'"stop" must be a non-empty string or a list of 1 to {MAX_STOPS} of '
+                            'them', "stop")
     return tuple(stops)
 
 
 def parse_request(body, tok, block_size, cfg):
-    """A decoded JSON body -> ChatRequest, or ApiError 400 saying which field is wrong. cfg (ServeConfig) gives the
-    defaults. The conversation must leave room for at least one answer token and its <|end|>: turns are never
-    dropped to make room, because a stateless client decides its history; one that cannot fit is refused before
-    all of it is encoded (render_within)."""
-    messages = request_messages(body.get("messages"))
-    number = (int, float)
-    field(body, "n", (int,), 1, lambda v: v == 1, "1: one answer per request")
-    options = field(body, "stream_options", (dict,), {}, rule="an object")
-    max_tokens = field(body, "max_completion_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
+    """A decoded JSON body -> ChatRequest, or ApiError 400 naming the field; cfg (ServeConfig)
+    gives the defaults. The conversation must leave room for one answer token and its <|end|>:
+    a stateless client decides its history, so turns are never dropped, and one that cannot fit
+    is refused before all of it is encoded (render_within)."""
+    try:
+        messages = chat_messages(body.get("messages"), "messages")
+        validate(messages, "messages", need_answer=False)  # a model may have answered nothing
+    except DataError as e:
+        raise ApiError(400, str(e), "messages") from None
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, f"the last message is {messages[-1]['role']!r}: it must be the "
+                            "user's, to answer", "messages")
+    number, get = (int, float), functools.partial(field, body)
+    get("n", (int,), 1, lambda v: v == 1, "1: one answer per request")
+    options = get("stream_options", (dict,), {}, rule="an object")
+    max_tokens = get("max_completion_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
     if max_tokens is None:
-        max_tokens = field(body, "max_tokens", (int,), cfg.max_tokens, lambda v: v >= 1, "an integer >= 1")
+        max_tokens = get("max_tokens", (int,), cfg.max_tokens, lambda v: v >= 1, "an integer >= 1")
     rendered = render_within(messages, tok, block_size - 2)
-    if rendered is None:
-        raise ApiError(400, f"the conversation needs more than block_size {block_size} tokens with one answer token "
-                            "and <|end|>: shorten it or leave out early turns", "messages", "context_length_exceeded")
+    if rendered is None or len(rendered[0]) + 2 > block_size:
+        needs = "" if rendered is None else f"{len(rendered[0]) + 2} tokens, "
+        raise ApiError(400, f"with one answer token and <|end|> the conversation needs {needs}more "
+                            f"than block_size {block_size}: shorten it or leave out early turns",
+                       "messages", "context_length_exceeded")
     ids, roles = rendered  # begins with the history's rendering: rendering is prefix-stable
-    history_len = len(render(messages[:-1], tok)[0])
-    if len(ids) + 2 > block_size:
-        raise ApiError(400, f"the conversation is {len(ids)} tokens; with one answer token and <|end|> it needs "
-                            f"{len(ids) + 2}, more than block_size {block_size}: shorten it or leave out early "
-                            "turns", "messages", "context_length_exceeded")
     return ChatRequest(
-        messages=messages, ids=ids, roles=roles, history_len=history_len,
-        model=field(body, "model", (str,), MODEL_NAME, rule="a string"),
-        stream=field(body, "stream", (bool,), False, rule="true or false"),
+        messages=messages, ids=ids, roles=roles, history_len=len(render(messages[:-1], tok)[0]),
+        model=get("model", (str,), MODEL_NAME, rule="a string"),
+        stream=get("stream", (bool,), False, rule="true or false"),
         include_usage=field(options, "include_usage", (bool,), False, rule="true or false"),
         max_tokens=max_tokens,
-        temperature=field(body, "temperature", number, cfg.temperature, lambda v: 0 <= v <= 2, "between 0 and 2"),
-        top_p=field(body, "top_p", number, cfg.top_p, lambda v: 0 < v <= 1, "above 0 and at most 1"),
-        top_k=field(body, "top_k", (int,), cfg.top_k, lambda v: v >= 0, "an integer >= 0 (0: all tokens)"),
-        seed=field(body, "seed", (int,), None, lambda v: -2**63 <= v < 2**64, "a 64-bit integer"),
+        temperature=get("temperature", number, cfg.temperature, lambda v: 0 <= v <= 2,
+                        "between 0 and 2"),
+        top_p=get("top_p", number, cfg.top_p, lambda v: 0 < v <= 1, "above 0 and at most 1"),
+        top_k=get("top_k", (int,), cfg.top_k, lambda v: v >= 0, "an integer >= 0 (0: all tokens)"),
+        seed=get("seed", (int,), None, lambda v: -2**63 <= v < 2**64, "a 64-bit integer"),
         stop=stop_strings(body),
     )
 
 
-# ----------------------------------------------------------------------------------------------------- answering
-
 class Line:
-    """The requests for the one model: served one at a time, in arrival order (a plain Lock wakes its waiters in
-    any order), with at most `queue` waiting behind the one being served; one more is refused with 503."""
+    """The requests for the one model, served one at a time in arrival order (a plain Lock wakes
+    its waiters in any order), with at most `queue` waiting; one more is refused with 503."""
 
     def __init__(self, queue):
-        self.queue = queue
-        self.changed = threading.Condition()
-        self.next_ticket = 0
-        self.serving = 0
+        self.queue, self.changed = queue, threading.Condition()
+        self.next_ticket = self.serving = 0
 
     def __enter__(self):
         with self.changed:
-            if self.next_ticket - self.serving > self.queue:  # the one being served and those waiting
-                raise ApiError(503, f"busy: one request is being answered and {self.queue} are waiting; retry later")
+            if self.next_ticket - self.serving > self.queue:  # the one served and those waiting
+                raise ApiError(503, f"busy: one request is being answered and {self.queue} are "
+                                    "waiting; retry later")
             ticket = self.next_ticket
             self.next_ticket += 1
             self.changed.wait_for(lambda: self.serving == ticket)
@@ -201,62 +194,60 @@ def cut_at_stop(text, stops):
 
 
 def unsure_tail(text, stops):
-    """Length of the longest end of text that could be the start of a stop string: a stream holds it back until
-    the next characters show whether the stop string follows."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
-               default=0)
+    """Length of the longest end of text that could begin a stop string: a stream holds it back
+    until the next characters tell."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:n])), default=0)
 
 
 class ChatService:
-    """The model, the cached conversations (ChatSession objects, least recently used first) and the line of
-    requests. answer() runs a checked request on the session whose cache keeps the most of it. cfg (ServeConfig)
-    gives --sessions, --queue, --no_cache and the sampling defaults."""
+    """The model, the cached conversations (ChatSessions, least recently used first) and the line
+    of requests. cfg (ServeConfig) gives --sessions, --queue, --no_cache and sampling defaults."""
 
     def __init__(self, model, tok, kind, cfg, log=None, about=None):
         self.model, self.tok, self.kind, self.cfg = model, tok, kind, cfg
-        self.about = about or {}  # what /v1/models says of the model beside its mask: what it is, its training
+        self.about = about or {}  # what /v1/models says of the model beside its mask
         self.block_size = model.config.block_size
         self.sessions = OrderedDict()  # number -> ChatSession
         self.line = Line(cfg.queue)
-        self.seeds = random.Random()  # seeds of the requests that bring none; itself seeded by the OS
+        self.seeds = random.Random()  # seeds of the requests that bring none; seeded by the OS
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def session_for(self, request):
-        """The session whose cache keeps the most rows for the request's history (what set_history will keep);
-        when none keeps any, a new one while under --sessions, else the least recently used."""
+        """The session whose cache keeps the most rows of the request's history (not the longest
+        common prefix: an ISM query token's row depends on the rest of its segment too); when
+        none keeps any, a new one while under --sessions, else the least recently used."""
         history = request.ids[:request.history_len], request.roles[:request.history_len]
-        # Not the longest common prefix: an ISM query token's row depends on the rest of its segment too, so two
-        # conversations whose message goes on differently share none of its rows (reusable_prefix says why).
         kept = {number: s.reusable_rows(*history) for number, s in self.sessions.items()}
         best = max(kept, key=kept.get, default=None)
         if best is None or kept[best] == 0:
             if len(self.sessions) < self.cfg.sessions:
-                # reply_reserve=1: parse_request checked that the prompt, one answer token and <|end|> fit, so
-                # generate() never drops the turns the client sent
+                # reply_reserve=1: parse_request checked that the prompt, one answer token and
+                # <|end|> fit, so generate() never drops the turns the client sent
                 best = len(self.sessions)
-                self.sessions[best] = ChatSession(self.model, self.tok, self.kind, use_cache=not self.cfg.no_cache,
-                                                  reply_reserve=1)
+                self.sessions[best] = ChatSession(self.model, self.tok, self.kind, reply_reserve=1,
+                                                  use_cache=not self.cfg.no_cache)
             else:
                 best = next(iter(self.sessions))
         self.sessions.move_to_end(best)
         return self.sessions[best]
 
     def answer(self, request):
-        """Generate the answer to a checked request (call it holding the line). Yields ("prefilled", facts) when
-        the first token is sampled, ("text", piece) with the answer in whole characters (a stop string and what
-        follows it never shown), and last ("done", {text, finish_reason, usage, ismgpt}). Closing the iterator
-        early (a client gone) stops the generation: the session closes the answer and stays consistent."""
+        """Generate the answer to a checked request (holding the line). Yields ("prefilled", facts)
+        once the first token is sampled, ("text", piece) in whole characters (a stop string and
+        what follows never shown), and ("done", {text, finish_reason, usage, ismgpt}). Closing it
+        early (a client gone) stops the generation; the session stays consistent."""
         try:
             session = self.session_for(request)
-            session.set_history(request.messages[:-1])  # keeps exactly the cached rows that stay exact
+            session.set_history(request.messages[:-1])  # keeps exactly the rows that stay exact
             seed = request.seed if request.seed is not None else self.seeds.getrandbits(63)
             sampling = Sampling(request.temperature, request.top_k or None, request.top_p,
                                 torch.Generator().manual_seed(seed))
             tokens = session.generate(request.messages[-1]["content"], request.max_tokens, sampling)
             yield from self._events(session, request, tokens)
-        except TurnError as e:  # a case parse_request's checks cannot see that the engine can: the request's fault
+        except TurnError as e:  # what parse_request cannot see and the engine can: the request's
             raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
-        except ModelError as e:  # the model's own fault (non-finite logits): a 500 that says so
+        except ModelError as e:  # the model's own fault (non-finite logits)
             raise ApiError(500, str(e)) from None
 
     def _events(self, session, request, tokens):
@@ -268,7 +259,7 @@ class ChatService:
                 if token != self.tok.end:
                     text, stopped = cut_at_stop(text + stream.push(token), request.stop)
                 if stopped:
-                    break  # closing the tokens closes the answer; the session keeps what was sampled
+                    break  # closing the tokens closes the answer, keeping what was sampled
                 sure = len(text) - unsure_tail(text, request.stop)
                 if sure > shown:
                     yield "text", text[shown:sure]
@@ -277,7 +268,7 @@ class ChatService:
             text, stopped = cut_at_stop(text + stream.flush(), request.stop)
         if len(text) > shown:
             yield "text", text[shown:]
-        finish = "stop" if stopped or session.last.stopped == "end" else "length"  # length: max_tokens or context
+        finish = "stop" if stopped or session.last.stopped == "end" else "length"  # or context
         yield "done", {"text": text, "finish_reason": finish, "usage": self.usage(session, request),
                        "ismgpt": self.facts(session)}
 
@@ -289,31 +280,32 @@ class ChatService:
                 "prompt_tokens_details": {"cached_tokens": session.last.reused_tokens}}
 
     def facts(self, session):
-        """What the page shows of a turn, from the engine's record of it: the cost of its prefill and decode, and
-        one role letter (S, U, A) per token of the conversation so far, from which it draws the mask."""
+        """What the page shows of a turn: its prefill and decode, and a role letter per token of
+        the conversation so far, from which it draws the mask."""
         turn = session.last
-        return {"mask": self.kind, "prefill_tokens": turn.prefill_tokens, "reused_tokens": turn.reused_tokens,
-                "ttft_ms": turn.ttft_ms, "decode_tokens_per_s": turn.decode_tokens_per_s,
+        return {"mask": self.kind, "prefill_tokens": turn.prefill_tokens,
+                "reused_tokens": turn.reused_tokens, "ttft_ms": turn.ttft_ms,
+                "decode_tokens_per_s": turn.decode_tokens_per_s,
                 "roles": "".join(ROLE_LETTERS[r] for r in session.roles)}
 
     def models(self):
-        return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "ismgpt",
-                                            "mask": self.kind, "block_size": self.block_size, **self.about}]}
+        return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0,
+                                            "owned_by": "ismgpt", "mask": self.kind,
+                                            "block_size": self.block_size, **self.about}]}
 
-
-# ---------------------------------------------------------------------------------------------------- responses
 
 def completion(request, reply, response_id, created):
-    return {"id": response_id, "object": "chat.completion", "created": created, "model": request.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply["text"]}, "logprobs": None,
-                         "finish_reason": reply["finish_reason"]}],
+    message = {"role": "assistant", "content": reply["text"]}
+    return {"id": response_id, "object": "chat.completion", "created": created,
+            "model": request.model, "choices": [{"index": 0, "message": message, "logprobs": None,
+                                                 "finish_reason": reply["finish_reason"]}],
             "usage": reply["usage"], "ismgpt": reply["ismgpt"]}
 
 
 def chunk(request, response_id, created, choices, **extra):
-    """One chat.completion.chunk; with include_usage every chunk has "usage", null in all but the last."""
-    body = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": request.model,
-            "choices": choices}
+    """One chat.completion.chunk; with include_usage every chunk has "usage", null but the last."""
+    body = {"id": response_id, "object": "chat.completion.chunk", "created": created,
+            "model": request.model, "choices": choices}
     if request.include_usage:
         body["usage"] = None
     return {**body, **extra}
