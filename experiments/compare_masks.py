@@ -1,47 +1,37 @@
 r"""
 Does ISM answer better? Train every mask with every seed, score each model, and summarise.
 
-    python experiments/compare_masks.py                    # causal, ISM and prefix x seeds 1, 2, 3 (~30 min, 2 CPUs)
-    python experiments/compare_masks.py --device=cuda --max_iters=5000 --n_layer=6 --n_head=6 --n_embd=384 \
-        --train_batch_size=32 --out_dir=out/compare-gpu              # the larger version, on a GPU
+    python experiments/compare_masks.py             # causal, ISM and prefix x seeds 1, 2, 3
+    python experiments/compare_masks.py --max_iters=5000 --n_layer=6 --n_head=6 --n_embd=384 \
+        --train_batch_size=32 --device=cuda --out_dir=out/compare-gpu      # larger, on a GPU
     python experiments/compare_masks.py --pretrain_iters=600 --max_iters=300 \
-        --train_args='--learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20' --out_dir=out/compare-warm
-                                    # the papers' protocol: pretrain causally, then fine-tune under each mask
-    python experiments/compare_masks.py --init_from=smollm2 --seeds=1,2 --max_iters=100 --train_batch_size=1 \
-        --train_args='--learning_rate=1e-4 --min_lr=1e-5 --warmup_iters=5' --max_conversations=60 --threads=1 \
-        --out_dir=out/compare-smollm2      # from SmolLM2-135M-Instruct, sized for 2 CPU cores (about 2 hours)
-    python experiments/compare_masks.py --init_from=gpt2 --data_dir=data/synthetic-gpt2 config/finetune_gpt2.py
-                                    # the same from pretrained GPT-2 (a GPU; data prepared with --tokenizer=gpt2)
+        --train_args='--learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20' \
+        --out_dir=out/compare-warm   # the papers' protocol: pretrain causally, fine-tune each mask
+    python experiments/compare_masks.py --init_from=smollm2 --seeds=1,2 --max_iters=100 \
+        --train_batch_size=1 --train_args='--learning_rate=1e-4 --min_lr=1e-5 --warmup_iters=5' \
+        --max_conversations=60 --threads=1 --out_dir=out/compare-smollm2  # SmolLM2, for 2 CPUs
+    python experiments/compare_masks.py --init_from=gpt2 --data_dir=data/synthetic-gpt2 \
+        config/finetune_gpt2.py   # from GPT-2 (a GPU; data prepared with --tokenizer=gpt2)
 
-Each run is `python train.py --mask=M --seed=S --out_dir=OUT_DIR/M-sS --max_iters=N ...` (exactly the user's
-training; its log goes to train.log in that folder), then `python eval.py --out_dir=OUT_DIR/M-sS --json` (exactly the
-user's scoring: held-out answer loss, and exact match of greedy replies through the chat path). The tables give mean
-± std over seeds of exact match per family and per turn index, the paired ISM - causal difference, the held-out
-answer loss and the training cost (tokens processed and answer tokens trained, read from the checkpoint; wall time
-of the training process and its time in optimizer steps, read from the train log).
+Each run is `python train.py --mask=M --seed=S --out_dir=OUT_DIR/M-sS --max_iters=N ...` (its log
+in train.log there), then `python eval.py --out_dir=OUT_DIR/M-sS --json`: the user's own training
+and scoring. The tables give mean ± std over seeds of exact match per family and per turn, the
+paired ISM - causal difference, the held-out answer loss, and the cost (tokens and answer tokens
+trained; wall time and time in optimizer steps, read from the train log). Every mask gets the same
+model, seeds (so initial weights) and steps: rows are equally full, so prefix, whose samples are
+triplet-expanded, trains on fewer answers (the table says how many; --prefix_answers adds prefix
+runs given as many answer tokens).
 
-Same model size, seeds (so the same initial weights) and optimizer steps for every mask: rows of block_size tokens
-are equally full, so every mask processes about the same tokens, and prefix, whose samples are triplet-expanded,
-trains on fewer answers in those tokens (the table says how many). Default budget: 2 layers x 128 wide (0.5M
-parameters), 900 steps of 8 rows x 512 tokens (~1.5 epochs of the synthetic data for causal/ISM).
-
-Warm starts: the papers (ISM, MAS) fine-tune causally pretrained models. --pretrain_iters=N first trains, for each
-seed, a causal model from scratch for N steps (OUT_DIR/pretrain-sS), then fine-tunes every mask from those same
-weights (train.py --init_from=OUT_DIR/pretrain-sS) for max_iters steps; --init_from=START fine-tunes every run from
-one start instead (smollm2, a Hugging Face folder, a GGUF file, a GPT-2 name, or an ismGPT checkpoint). A start's
-own shape wins over --n_layer etc. Every start is also scored as it is under every mask (`python eval.py
---init_from=START --mask=M`): what switching the mask costs a model trained causally, before any fine-tuning.
-
+Starts: the papers (ISM, MAS) fine-tune causally pretrained models. --pretrain_iters=N first trains
+a causal model from scratch per seed (OUT_DIR/pretrain-sS) and fine-tunes every mask from it;
+--init_from=START fine-tunes every run from one start (its shape wins over --n_layer etc.). A start
+is also scored as it is under every mask: what switching the mask costs before fine-tuning.
 Real conversations (--data_dir=data/chitchat-smollm2, from python prepare.py --input=chitchat
---tokenizer=smollm2) have no one right answer: --score=loss scores the held-out answer loss only, overall and by the
-answer's turn in its conversation. --prefix_answers adds prefix runs trained on as many answer tokens as causal and
-ISM (more steps: triplet-expanded rows hold fewer answers), beside the prefix runs at equal tokens.
+--tokenizer=smollm2) have no one right answer: --score=loss scores the held-out loss by turn only.
 
-Resuming: a run whose folder holds a finished ckpt.pt trained with the same train.py flags (run.json records them)
-is not trained again, and its evaluation (eval.json) is reused when the evaluation settings match too. Every run
-saves its checkpoint every --save_every steps, and a run found unfinished with the same flags goes on from its
-last checkpoint (train.py --init_from=resume): a stopped experiment loses at most that many steps of one run.
---score=none trains only; the same command with a --score scores what was trained.
+Resuming: a finished run with the same train.py flags (run.json) is reused, and its evaluation
+(eval.json) too when the settings match; an unfinished one goes on from its last checkpoint (saved
+every --save_every steps). --score=none trains only; the same command with --score scores it.
 """
 import json
 import math
@@ -53,56 +43,56 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import cli.quiet_interrupt  # noqa: E402,F401  (first: a Ctrl-C while torch imports ends quietly)
+# run as a script, the repository root is not on sys.path: put it first
+sys.path.insert(0, ROOT := os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa
+import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
-from cli import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
-from data.batching import answer_target_count, epoch_rows  # noqa: E402
-from data.store import load_meta, load_split  # noqa: E402
-from data.synthetic import percent  # noqa: E402
-from experiments.mask_tables import report, summarise, summarise_start  # noqa: E402
-from support.checkpoint import atomic  # noqa: E402
-from cli.errors import UserError  # noqa: E402
-from cli.flags import setting  # noqa: E402
-from mask import MASKS  # noqa: E402
+from cli import flags
+from cli.errors import UserError
+from cli.flags import setting
+from data.batching import answer_target_count, epoch_rows
+from data.store import load_meta, load_split
+from data.synthetic import percent
+from experiments.mask_tables import report, summarise, summarise_start
+from mask import MASKS
+from support.checkpoint import atomic
 
 
 @dataclass
 class CompareConfig:
     out_dir: str = setting("out/compare", "one folder per run, <mask>-s<seed>")
-    data_dir: str = setting("", "prepared data; empty: the synthetic dataset in the model's tokens (train.py prepares "
-                                "it when missing)")
+    data_dir: str = setting("", "prepared data (empty: the synthetic data in the model's tokens)")
     device: str = setting("auto", "auto | cpu | cuda, for training and scoring")
-    threads: int = setting(0, "torch CPU threads of every training and scoring process (0: torch's default)", min=0)
+    threads: int = setting(0, "torch CPU threads of each training and scoring (0: torch's)", min=0)
     masks: str = setting("causal,ism,prefix", "masks to train, comma-separated")
     seeds: str = setting("1,2,3", "seeds, comma-separated (the same for every mask)")
     max_iters: int = setting(900, "optimizer steps per run", min=1)
-    n_layer: int = setting(2, "transformer blocks (2: shallow, where in-query attention should matter)", min=1)
+    n_layer: int = setting(2, "transformer blocks (shallow: in-query attention matters)", min=1)
     n_head: int = setting(4, "attention heads", min=1)
     n_embd: int = setting(128, "embedding width", min=1)
     block_size: int = setting(512, "tokens per training row", min=1)
     train_batch_size: int = setting(8, "rows per optimizer step", min=1)
     train_args: str = setting("", "more train.py flags for every run, e.g. '--learning_rate=1e-3'")
-    pretrain_iters: int = setting(0, "per seed, first pretrain a causal model from scratch for this many steps (with "
-                                     "train.py's defaults), then fine-tune every mask from it; 0: no pretraining",
-                                  min=0)
-    init_from: str = setting("", "fine-tune every run from this start (train.py --init_from: smollm2, gpt2, a folder, "
-                                 "a .gguf, a ckpt.pt); empty: from scratch, or from the pretrained model of "
-                                 "--pretrain_iters. The start itself is scored under every mask too")
-    history: str = setting("gold", "gold | own: what eval.py keeps in the conversation after a scored turn",
-                           choices=("gold", "own"))
+    pretrain_iters: int = setting(0, "per seed, first pretrain a causal model from scratch for "
+                                  "this many steps (train.py's defaults), then fine-tune every "
+                                  "mask from it; 0: no pretraining", min=0)
+    init_from: str = setting("", "fine-tune every run from this start (train.py --init_from: "
+                             "smollm2, gpt2, a folder, a .gguf, a ckpt.pt), also scored under "
+                             "every mask; empty: from scratch, or from --pretrain_iters' model")
+    history: str = setting("gold", "gold | own: what eval.py keeps in the conversation after a "
+                           "scored turn", choices=("gold", "own"))
     max_conversations: int = setting(0, "held-out conversations replayed per run (0: all)", min=0)
     max_new_tokens: int = setting(64, "longest reply when scoring", min=1)
-    score: str = setting("exact", "exact: held-out answer loss and exact match of greedy replies (tasks with one right "
-                                  "answer, the synthetic data) | loss: the held-out answer loss only, overall and by "
-                                  "turn (real conversations) | none: train only", choices=("exact", "loss", "none"))
-    prefix_answers: bool = setting(False, "also train prefix on as many answer tokens as causal and ISM (runs "
-                                          "prefix-answers-sS; needs an existing --data_dir)")
-    replies: int = setting(0, "show the greedy replies of every mask's first-seed run (and of the start) to the first "
-                              "this many held-out conversations, side by side", min=0)
-    save_every: int = setting(50, "each run saves its checkpoint every this many steps (a stopped experiment "
-                                  "resumes its run from the last one)", min=1)
+    score: str = setting("exact", "exact: held-out answer loss and exact match of greedy replies "
+                         "(tasks with one right answer) | loss: the held-out answer loss only, "
+                         "overall and by turn (real conversations) | none: train only",
+                         choices=("exact", "loss", "none"))
+    prefix_answers: bool = setting(False, "also train prefix on as many answer tokens as causal "
+                                   "and ISM (runs prefix-answers-sS; needs an existing --data_dir)")
+    replies: int = setting(0, "show the greedy replies of every mask's first-seed run (and of the "
+                           "start) to the first this many held-out conversations", min=0)
+    save_every: int = setting(50, "checkpoint every this many steps (a stopped run resumes there)",
+                              min=1)
     json: bool = setting(False, "print one JSON object instead of markdown tables")
 
 
@@ -113,7 +103,8 @@ def parse_list(text, key, kind):
     try:
         return [kind(t) for t in items]
     except ValueError:
-        raise UserError(f"--{key}={text}: expected comma-separated {kind.__name__} values") from None
+        raise UserError(f"--{key}={text}: expected comma-separated {kind.__name__} values") \
+            from None
 
 
 def check_config(cfg):
@@ -125,39 +116,41 @@ def check_config(cfg):
             raise UserError(f"--masks: unknown mask {kind!r} (choose from {', '.join(MASKS)})")
     if len(set(masks)) < len(masks) or len(set(seeds)) < len(seeds):
         raise UserError("--masks and --seeds must not repeat an entry")
-    if cfg.prefix_answers:
-        load_meta(cfg.data_dir or "data/synthetic", cfg.block_size)  # the data whose answers are counted, there now
+    if cfg.prefix_answers:  # the data whose answers are counted: there now, or one line
+        load_meta(cfg.data_dir or "data/synthetic", cfg.block_size)
     try:
         extra = shlex.split(cfg.train_args)
     except ValueError as e:
         raise UserError(f"--train_args: {e}") from None
     ours = {a.split("=", 1)[0] for a in train_argv(replace(cfg, train_args=""), "ism", 0, "")}
-    for arg in extra:
-        if arg.split("=", 1)[0] in ours | {"--overwrite"}:
-            raise UserError(f"--train_args: {arg.split('=', 1)[0]} is set by the experiment itself; pass it to "
+    for key in (arg.split("=", 1)[0] for arg in extra):
+        if key in ours | {"--overwrite"}:
+            raise UserError(f"--train_args: {key} is set by the experiment itself; pass it to "
                             "compare_masks.py (see --help)")
     return masks, seeds
 
 
-# ------------------------------------------------------------------------------------------------------ one run
+# ------------------------------------------------------------------------------------- one run
 
 def run_argv(cfg, kind, seed, run_dir, iters, start):
-    return [f"--mask={kind}", f"--seed={seed}", f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}",
-            f"--device={cfg.device}", f"--max_iters={iters}", f"--n_layer={cfg.n_layer}", f"--n_head={cfg.n_head}",
-            f"--n_embd={cfg.n_embd}", f"--block_size={cfg.block_size}", f"--batch_size={cfg.train_batch_size}",
-            f"--eval_interval={min(iters, cfg.save_every)}", "--eval_iters=1",
-            f"--log_interval={max(1, min(20, iters // 10))}", f"--init_from={start}", f"--threads={cfg.threads}"]
+    values = dict(mask=kind, seed=seed, out_dir=run_dir, data_dir=cfg.data_dir, device=cfg.device,
+                  max_iters=iters, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                  block_size=cfg.block_size, batch_size=cfg.train_batch_size,
+                  eval_interval=min(iters, cfg.save_every), eval_iters=1,
+                  log_interval=max(1, min(20, iters // 10)), init_from=start, threads=cfg.threads)
+    return [f"--{key}={value}" for key, value in values.items()]
 
 
 def train_argv(cfg, kind, seed, run_dir, start="scratch", iters=None):
-    """The train.py flags of one run, of max_iters steps unless iters says (also the record that says whether a
-    finished run can be reused)."""
-    return run_argv(cfg, kind, seed, run_dir, iters or cfg.max_iters, start) + shlex.split(cfg.train_args)
+    """The train.py flags of one run of max_iters steps unless iters says (also the record that
+    says whether a finished run can be reused)."""
+    iters = iters or cfg.max_iters
+    return run_argv(cfg, kind, seed, run_dir, iters, start) + shlex.split(cfg.train_args)
 
 
 def run_specs(cfg, masks):
-    """-> [(run name, mask, optimizer steps)]: every mask for max_iters steps, and with --prefix_answers prefix again
-    for as many answer tokens as causal and ISM."""
+    """-> [(run name, mask, optimizer steps)]: every mask for max_iters steps, and with
+    --prefix_answers prefix again for as many answer tokens as causal and ISM."""
     specs = [(kind, kind, cfg.max_iters) for kind in masks]
     if cfg.prefix_answers:
         specs.append(("prefix-answers", "prefix", equal_answer_iters(cfg)))
@@ -165,9 +158,9 @@ def run_specs(cfg, masks):
 
 
 def equal_answer_iters(cfg):
-    """The steps in which prefix trains on as many answer tokens as causal and ISM do in max_iters: rows of the same
-    size hold fewer answers under prefix (one per triplet-expanded sample). From the answer targets per row of the
-    training data's first epoch, packed as train.py packs it."""
+    """The steps in which prefix trains on as many answer tokens as causal and ISM in max_iters:
+    rows of the same size hold fewer answers under prefix (one per triplet-expanded sample). From
+    the answer targets per row of the training data's first epoch, packed as train.py packs it."""
     split = load_split(cfg.data_dir, "train")
     per_row = {}
     for kind in ("causal", "prefix"):
@@ -176,19 +169,14 @@ def equal_answer_iters(cfg):
     return math.ceil(cfg.max_iters * per_row["causal"] / per_row["prefix"])
 
 
-def pretrain_argv(cfg, seed, run_dir):
-    """A causal run from scratch of pretrain_iters steps with train.py's own optimizer settings."""
-    return run_argv(cfg, "causal", seed, run_dir, cfg.pretrain_iters, "scratch")
-
-
 _LOG_LINE = re.compile(r"^(?:iter (\d+)/\d+: .*?([\d.]+)ms/iter|resuming .* at iter (\d+) )", re.M)
 
 
 def step_seconds(log):
-    """Time spent in optimizer steps, from train.py's `iter N/M: ... X ms/iter` lines (each the mean over the steps
-    since the previous line, or since the step a `resuming ... at iter N` line went on from); None if the log has
-    none. Steps a stopped run did after its last checkpoint, done again after resuming, count twice: they took
-    time twice."""
+    """Time in optimizer steps, from train.py's `iter N/M: ... X ms/iter` lines (each the mean over
+    the steps since the previous line, or since the step a `resuming ... at iter N` line went on
+    from); None if there are none. Steps done again after resuming count twice: they took time
+    twice."""
     total, last, found = 0.0, 0, False
     for match in _LOG_LINE.finditer(log):
         if match.group(3) is not None:
@@ -217,26 +205,27 @@ def write_json(path, obj):
 
 
 def run_script(script, argv, log_path, what, append=False):
-    """Run `python script argv` from the repository root; stdout to log_path (after what it holds, with append), or
-    returned (log_path None). -> (the output: stdout, or all of log_path, seconds). A failure is a UserError naming
-    its last line and the log."""
+    """`python script argv` from the repository root, its output into log_path (after what it
+    holds, with append) or returned (log_path None) -> (stdout, or all of log_path; seconds). A
+    failure is a UserError naming its last line and the log."""
     t0 = time.time()
     with open(log_path or os.devnull, "a" if append else "w") as log:
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, text=True,
-                              stdout=log if log_path else subprocess.PIPE,
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
+                              text=True, stdout=log if log_path else subprocess.PIPE,
                               stderr=subprocess.STDOUT if log_path else subprocess.PIPE)
     seconds = time.time() - t0
     output = open(log_path).read() if log_path else proc.stdout
     if proc.returncode != 0:
         text = (output if log_path else proc.stderr).strip()
         last = text.splitlines()[-1] if text else "(no output)"
-        raise UserError(f"{what} failed (exit {proc.returncode}): {last}" + (f" (log: {log_path})" if log_path else ""))
+        where = f" (log: {log_path})" if log_path else ""
+        raise UserError(f"{what} failed (exit {proc.returncode}): {last}{where}")
     return output, seconds
 
 
 def train_run(name, run_dir, argv, say):
-    """Train one run unless its folder holds a finished one with the same flags; an unfinished one with the same
-    flags goes on from its last checkpoint. -> (run_dir, run.json dict)."""
+    """Train one run unless its folder holds a finished one with the same flags; an unfinished
+    one with the same flags goes on from its last checkpoint. -> (run_dir, run.json dict)."""
     path = os.path.join(run_dir, "run.json")
     record = read_json(path) or {}
     same = record.get("argv") == argv and os.path.exists(os.path.join(run_dir, "ckpt.pt"))
@@ -245,15 +234,16 @@ def train_run(name, run_dir, argv, say):
         return run_dir, record
     os.makedirs(run_dir, exist_ok=True)
     earlier = record.get("wall_seconds", 0) if same else 0
-    write_json(path, {"argv": argv, "finished": False, "wall_seconds": earlier})  # before ckpt.pt is overwritten
+    # written before ckpt.pt is overwritten
+    write_json(path, {"argv": argv, "finished": False, "wall_seconds": earlier})
     if same:
         launch = [a for a in argv if not a.startswith("--init_from=")] + ["--init_from=resume"]
         say(f"{name}: unfinished: python train.py {' '.join(launch)}")
     else:
         launch = argv + ["--overwrite"]
         say(f"{name}: python train.py {' '.join(argv)}")
-    log, seconds = run_script("train.py", launch, os.path.join(run_dir, "train.log"), f"training {name}",
-                              append=same)
+    log, seconds = run_script("train.py", launch, os.path.join(run_dir, "train.log"),
+                              f"training {name}", append=same)
     record = {"argv": argv, "finished": True, "wall_seconds": round(earlier + seconds, 2),
               "step_seconds": step_seconds(log)}
     write_json(path, record)
@@ -262,59 +252,57 @@ def train_run(name, run_dir, argv, say):
 
 
 def start_of(cfg, seed, say):
-    """train.py --init_from of the seed's runs: scratch, --init_from, or the seed's pretrained causal model."""
+    """train.py --init_from of the seed's runs: scratch, --init_from, or the seed's pretrained
+    causal model."""
     if cfg.init_from:
         return cfg.init_from
     if not cfg.pretrain_iters:
         return "scratch"
     run_dir = os.path.join(cfg.out_dir, f"pretrain-s{seed}")
-    return train_run(f"pretrain-s{seed}", run_dir, pretrain_argv(cfg, seed, run_dir), say)[0]
+    # train.py's own optimizer settings: no --train_args
+    argv = run_argv(cfg, "causal", seed, run_dir, cfg.pretrain_iters, "scratch")
+    return train_run(f"pretrain-s{seed}", run_dir, argv, say)[0]
 
 
 def model_stamp(path):
-    """What tells a model file apart from the one scored before it: size and modification time ([] for a start
-    that is no file, such as smollm2)."""
+    """What tells a model file from the one scored before it: size and modification time ([] for
+    a start that is no file, such as smollm2)."""
     if not os.path.exists(path):
         return []
     stat = os.stat(path)
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def eval_run(cfg, run_dir, say):
-    """python eval.py on one run, reusing run_dir/eval.json when the checkpoint and the evaluation settings match."""
+def scored(cfg, model_argv, folder, stamp, say):
+    """eval.py's JSON result (records left out) for model_argv, reused from folder/eval.json when
+    the model (stamp) and the evaluation settings match."""
+    argv = model_argv + [f"--device={cfg.device}", f"--history={cfg.history}",
+                         f"--max_conversations={cfg.max_conversations}",
+                         f"--max_new_tokens={cfg.max_new_tokens}", f"--threads={cfg.threads}",
+                         f"--replay={cfg.score == 'exact'}", "--json"]
+    result = evaluated(argv, folder, stamp, say)
+    return {k: v for k, v in result.items() if k != "records"}
+
+
+def run_scored(cfg, run_dir, say):
     return scored(cfg, [f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}"], run_dir,
                   model_stamp(os.path.join(run_dir, "ckpt.pt")), say)
 
 
-def eval_start(cfg, start, kind, data_dir, say):
-    """python eval.py on a start as it is, under mask kind, cached in OUT_DIR/start-<name>-<mask>."""
-    name = os.path.basename(os.path.normpath(start))
-    folder = os.path.join(cfg.out_dir, f"start-{name}-{kind}")
+def start_scored(cfg, start, kind, data_dir, say):
+    """A start as it is, under mask kind, scored in OUT_DIR/start-<name>-<mask>."""
+    folder = os.path.join(cfg.out_dir, f"start-{os.path.basename(os.path.normpath(start))}-{kind}")
     os.makedirs(folder, exist_ok=True)
     return scored(cfg, [f"--init_from={start}", f"--mask={kind}", f"--data_dir={data_dir}"], folder,
                   model_stamp(start), say)
 
 
-def scored(cfg, model_argv, folder, stamp, say):
-    """eval.py's JSON result (records left out) for model_argv, reused from folder/eval.json when the model
-    (stamp) and the evaluation settings match."""
-    argv = model_argv + [f"--device={cfg.device}", f"--history={cfg.history}",
-                         f"--max_conversations={cfg.max_conversations}", f"--max_new_tokens={cfg.max_new_tokens}",
-                         f"--threads={cfg.threads}", f"--replay={cfg.score == 'exact'}", "--json"]
-    result = evaluated(argv, folder, stamp, say)
-    return {k: v for k, v in result.items() if k != "records"}
-
-
-def scored_records(argv, folder, stamp, say):
-    return evaluated(argv, folder, stamp, say)["records"]
-
-
 def evaluated(argv, folder, stamp, say):
-    """python eval.py argv's JSON result, kept in folder/eval.json beside the results of other settings (another
-    --max_conversations, say) and reused when argv and the model's stamp match."""
+    """python eval.py argv's JSON result, kept in folder/eval.json beside the results of other
+    settings (another --max_conversations, say) and reused when argv and the model's stamp match."""
     key, path = {"argv": argv, "model": stamp}, os.path.join(folder, "eval.json")
     cached = read_json(path) or {}
-    kept = cached.get("evaluations", [cached] if "key" in cached else [])  # or one result, as written before
+    kept = cached.get("evaluations", [cached] if "key" in cached else [])  # or an older one result
     kept = [e for e in kept if e["key"]["model"] == stamp]  # another model's results: stale
     found = [e["result"] for e in kept if e["key"] == key]
     if found:
@@ -328,67 +316,72 @@ def evaluated(argv, folder, stamp, say):
     return result
 
 
-# --------------------------------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------------- main
 
 def compare(cfg, masks, seeds, argv):
     say = (lambda text: print(f"[compare] {text}", file=sys.stderr, flush=True))
-    t0 = time.time()
+    t0, command = time.time(), "python experiments/compare_masks.py " + shlex.join(argv)
     specs = run_specs(cfg, masks)
     names = [name for name, _, _ in specs]
     runs, starts = {}, []
-    for seed in seeds:  # seed-major: an interrupted experiment already has whole seeds of every mask
+    for seed in seeds:  # seed-major: a stopped experiment already has whole seeds of every mask
         start = start_of(cfg, seed, say)
         starts += [start] if start != "scratch" and start not in starts else []
         for name, kind, iters in specs:
             run_dir = os.path.join(cfg.out_dir, f"{name}-s{seed}")
-            run_dir, train_record = train_run(f"{name}-s{seed}", run_dir,
-                                              train_argv(cfg, kind, seed, run_dir, start, iters), say)
-            runs[name, seed] = {"train": train_record,
-                                "eval": None if cfg.score == "none" else eval_run(cfg, run_dir, say)}
+            argv = train_argv(cfg, kind, seed, run_dir, start, iters)
+            run_dir, record = train_run(f"{name}-s{seed}", run_dir, argv, say)
+            scores = None if cfg.score == "none" else run_scored(cfg, run_dir, say)
+            runs[name, seed] = {"train": record, "eval": scores}
     out_runs = [{"mask": m, "seed": s, **runs[m, s]} for s in seeds for m in names]
     if cfg.score == "none":
-        return {"settings": {"command": "python experiments/compare_masks.py " + shlex.join(argv)}, "runs": out_runs}
+        return {"settings": {"command": command}, "runs": out_runs}
     first = runs[names[0], seeds[0]]["eval"]
-    # each start as it is, under every mask: what switching the mask costs before any fine-tuning
-    before = {kind: [eval_start(cfg, start, kind, first["data_dir"], say) for start in starts] for kind in masks}
+    # each start as it is, under every mask: what switching the mask costs before fine-tuning
+    before = {kind: [start_scored(cfg, start, kind, first["data_dir"], say) for start in starts]
+              for kind in masks}
     settings = {"masks": names, "seeds": seeds, "data_dir": cfg.data_dir, "history": cfg.history,
                 "history_note": first["history_note"], "conversations": first["conversations"],
-                "total_seconds": round(time.time() - t0, 1), "machine": first["machine"], "device": first["device"],
-                "command": "python experiments/compare_masks.py " + shlex.join(argv),
-                **{k: getattr(cfg, k) for k in ("max_iters", "n_layer", "n_head", "n_embd", "block_size",
-                                                "train_batch_size", "train_args", "max_new_tokens", "pretrain_iters",
-                                                "init_from", "score")}}
-    return {"settings": settings, "summary": summarise(runs, names, seeds, cfg.score), "runs": out_runs,
-            "start": summarise_start(before) if starts else None,
-            "replies": side_by_side(cfg, names, seeds[0], starts, first["data_dir"], say) if cfg.replies else None}
+                "total_seconds": round(time.time() - t0, 1), "machine": first["machine"],
+                "device": first["device"], "command": command,
+                **{k: getattr(cfg, k) for k in (
+                    "max_iters", "n_layer", "n_head", "n_embd", "block_size", "train_batch_size",
+                    "train_args", "max_new_tokens", "pretrain_iters", "init_from", "score")}}
+    replies = cfg.replies and side_by_side(cfg, names, seeds[0], starts, first["data_dir"], say)
+    return {"settings": settings, "summary": summarise(runs, names, seeds, cfg.score),
+            "runs": out_runs, "start": summarise_start(before) if starts else None,
+            "replies": replies or None}
 
 
 def side_by_side(cfg, names, seed, starts, data_dir, say):
-    """{model: {"seed", "records"}}: greedy replies of each name's run of `seed` (and of the first start, under
-    causal) to the first cfg.replies held-out conversations, the gold answers kept in the history."""
-    models = {name: [f"--out_dir={os.path.join(cfg.out_dir, f'{name}-s{seed}')}", f"--data_dir={cfg.data_dir}"]
-              for name in names}
-    stamps = {name: model_stamp(os.path.join(cfg.out_dir, f"{name}-s{seed}", "ckpt.pt")) for name in names}
+    """{model: {"seed", "records"}}: greedy replies of each name's run of `seed` (and of the first
+    start, under causal) to the first cfg.replies held-out conversations, gold history kept."""
+    models = {}
+    for name in names:
+        run_dir = os.path.join(cfg.out_dir, f"{name}-s{seed}")
+        models[name] = ([f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}"],
+                        model_stamp(os.path.join(run_dir, "ckpt.pt")))
     if starts:
-        models["start (causal)"] = [f"--init_from={starts[0]}", "--mask=causal", f"--data_dir={data_dir}"]
-        stamps["start (causal)"] = model_stamp(starts[0])
+        models["start (causal)"] = ([f"--init_from={starts[0]}", "--mask=causal",
+                                     f"--data_dir={data_dir}"], model_stamp(starts[0]))
     replies = {}
-    for model, argv in models.items():
+    for model, (argv, stamp) in models.items():
         folder = os.path.join(cfg.out_dir, f"replies-{model.split()[0]}-s{seed}")
         os.makedirs(folder, exist_ok=True)
         argv += [f"--device={cfg.device}", "--history=gold", f"--max_conversations={cfg.replies}",
                  f"--max_new_tokens={cfg.max_new_tokens}", f"--threads={cfg.threads}", "--json"]
-        replies[model] = {"seed": seed, "records": scored_records(argv, folder, stamps[model], say)}
+        replies[model] = {"seed": seed, "records": evaluated(argv, folder, stamp, say)["records"]}
     return replies
 
 
 def with_absolute_paths(cfg):
-    """train.py and eval.py run from the repository root: the folders and files named relative to where this was
-    started become absolute, so that they name the same files there, and a finished run is recognised whatever
-    spelling named its folder (its record holds the flags it was trained with)."""
-    start = os.path.abspath(cfg.init_from) if cfg.init_from and os.path.exists(cfg.init_from) else cfg.init_from
-    return replace(cfg, out_dir=os.path.abspath(cfg.out_dir), data_dir=cfg.data_dir and os.path.abspath(cfg.data_dir),
-                   init_from=start)
+    """train.py and eval.py run from the repository root: folders and files named relative to
+    where this started become absolute, so that they name the same files there and a finished run
+    is recognised whatever spelling named its folder."""
+    start = cfg.init_from
+    start = os.path.abspath(start) if start and os.path.exists(start) else start
+    return replace(cfg, out_dir=os.path.abspath(cfg.out_dir), init_from=start,
+                   data_dir=cfg.data_dir and os.path.abspath(cfg.data_dir))
 
 
 def main(argv=None):
@@ -399,8 +392,8 @@ def main(argv=None):
     if cfg.json:
         print(json.dumps(result))
     elif cfg.score == "none":
-        print(f"trained {len(result['runs'])} runs in {cfg.out_dir}: score them with the same command and "
-              "--score=exact or --score=loss")
+        print(f"trained {len(result['runs'])} runs in {cfg.out_dir}: score them with the same "
+              "command and --score=exact or --score=loss")
     else:
         print(report(result))
     return result

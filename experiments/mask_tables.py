@@ -1,24 +1,26 @@
 """
-The tables of experiments/compare_masks.py: every run's scores summarised over seeds (mean ± sample std), the
-paired ISM - causal difference per seed with its 95% t-interval (the runs of one seed share their start, data order
-and held-out answers, so the difference is paired), the cost of each mask, the start under each mask, and greedy
-replies side by side.
+The tables of experiments/compare_masks.py: every run's scores summarised over seeds (mean ± sample
+std), the paired ISM - causal difference per seed with its 95% t-interval (the runs of one seed
+share their start, data order and held-out answers), each mask's cost, the start under each mask,
+and greedy replies side by side.
 """
 import math
 
 from data.synthetic import family_label
 
-# Student's t two-sided 95% quantiles by degrees of freedom; past 30, df 30's value (a slightly wider interval)
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-        29: 2.045, 30: 2.042}
+# Student's t two-sided 95% quantiles by degrees of freedom; past 30, df 30's (a wider interval)
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
+        18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060,
+        26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
 # table -> (the field of a cell in eval.py's result, how it is shown: scale and digits)
-METRICS = {"by_family": ("accuracy", 100.0, 1), "by_turn": ("accuracy", 100.0, 1), "loss_by_turn": ("loss", 1.0, 3)}
+METRICS = {"by_family": ("accuracy", 100.0, 1), "by_turn": ("accuracy", 100.0, 1),
+           "loss_by_turn": ("loss", 1.0, 3)}
 
 
 def mean_std(values):
-    """-> (mean, sample std or None for one value); None values are left out, (None, None) if none is left."""
+    """-> (mean, sample std or None for one value); None values are left out, (None, None) if
+    none is left."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
@@ -29,11 +31,12 @@ def mean_std(values):
 
 
 def paired(diffs):
-    """Per-seed differences -> (mean, std, 95% t-interval low, high) (the interval None for fewer than 2 seeds)."""
+    """Per-seed differences -> (mean, std, 95% t-interval low, high); the interval None for fewer
+    than 2 seeds."""
     mean, std = mean_std(diffs)
-    n = len([d for d in diffs if d is not None])
     if std is None:
         return mean, None, None, None
+    n = len([d for d in diffs if d is not None])
     half = T_95[min(n - 1, 30)] * std / math.sqrt(n)
     return mean, std, mean - half, mean + half
 
@@ -49,35 +52,40 @@ def fmt_mean_std(pair, scale=100.0, digits=1):
 def fmt_paired(stats, scale, digits):
     mean, _, low, high = stats
     text = fmt_mean_std(stats, scale, digits)
-    return text if low is None else f"{text} [{scale * low:+,.{digits}f}, {scale * high:+,.{digits}f}]"
+    if low is None:
+        return text
+    return f"{text} [{scale * low:+,.{digits}f}, {scale * high:+,.{digits}f}]"
+
+
+def rows_of(result, table):
+    """{row: cell} of one of eval.py's tables (by_family, by_turn, or the loss by turn)."""
+    return result["val_loss_by_turn"] if table == "loss_by_turn" else result[table]
 
 
 def cell(result, table, row):
     """One run's value in a table row (eval.py's JSON), or None."""
-    source = result["val_loss_by_turn"] if table == "loss_by_turn" else result[table]
-    return source.get(row, {}).get(METRICS[table][0])
+    return rows_of(result, table).get(row, {}).get(METRICS[table][0])
 
 
 def summarise(runs, names, seeds, score):
-    """runs {(name, seed): {"eval", "train"}} -> the tables (JSON-able): loss by turn, and with score "exact" the
-    exact match by family and by turn; each row {name: (mean, std), "n", "ism-causal": paired stats}."""
-    first = runs[names[0], seeds[0]]["eval"]
-    tables = ["loss_by_turn"] + (["by_family", "by_turn"] if score == "exact" else [])
+    """runs {(name, seed): {"eval", "train"}} -> the tables (JSON-able): loss by turn, and with
+    score "exact" the exact match by family and by turn; each row {name: (mean, std), "n",
+    "ism-causal": paired stats}."""
     summary = {}
-    for table in tables:
-        source = first["val_loss_by_turn"] if table == "loss_by_turn" else first[table]
-        rows = list(dict.fromkeys(r for m in names for s in seeds for r in
-                                  (runs[m, s]["eval"]["val_loss_by_turn"] if table == "loss_by_turn"
-                                   else runs[m, s]["eval"][table])))
-        summary[table] = {row: entry(runs, names, seeds, table, row, source.get(row, {}).get("n")) for row in rows}
-    summary["overall"] = {m: {"loss": mean_std([runs[m, s]["eval"]["val_loss"] for s in seeds]),
-                              "exact": mean_std([runs[m, s]["eval"]["overall"]["accuracy"] for s in seeds])}
-                          for m in names}
+    for table in ["loss_by_turn"] + (["by_family", "by_turn"] if score == "exact" else []):
+        counts = rows_of(runs[names[0], seeds[0]]["eval"], table)  # the first run's counts
+        rows = dict.fromkeys(r for m in names for s in seeds
+                             for r in rows_of(runs[m, s]["eval"], table))
+        summary[table] = {row: entry(runs, names, seeds, table, row, counts.get(row, {}).get("n"))
+                          for row in rows}
+    measures = {"loss": lambda e: e["val_loss"], "exact": lambda e: e["overall"]["accuracy"]}
+    values = {m: {k: [f(runs[m, s]["eval"]) for s in seeds] for k, f in measures.items()}
+              for m in names}
+    summary["overall"] = {m: {k: mean_std(v) for k, v in values[m].items()} for m in names}
     if "ism" in names and "causal" in names:
-        summary["overall"]["ism-causal"] = {
-            kind: paired([value(runs["ism", s]["eval"]) - value(runs["causal", s]["eval"])
-                          if value(runs["ism", s]["eval"]) is not None else None for s in seeds])
-            for kind, value in (("loss", lambda e: e["val_loss"]), ("exact", lambda e: e["overall"]["accuracy"]))}
+        ism, causal = values["ism"], values["causal"]
+        summary["overall"]["ism-causal"] = {k: ism_minus_causal(ism[k], causal[k])
+                                            for k in measures}
     summary["cost"] = {m: cost(runs, m, seeds) for m in names}
     return summary
 
@@ -86,10 +94,14 @@ def entry(runs, names, seeds, table, row, n):
     values = {m: [cell(runs[m, s]["eval"], table, row) for s in seeds] for m in names}
     out = {m: mean_std(values[m]) for m in names}
     out["n"] = n
-    if "ism" in names and "causal" in names:  # paired by seed: the same start, data order and answers
-        out["ism-causal"] = paired([None if i is None or c is None else i - c
-                                    for i, c in zip(values["ism"], values["causal"])])
+    if "ism" in names and "causal" in names:
+        out["ism-causal"] = ism_minus_causal(values["ism"], values["causal"])
     return out
+
+
+def ism_minus_causal(ism, causal):
+    """Paired by seed (the same start, data order and answers): the stats of the differences."""
+    return paired([None if i is None or c is None else i - c for i, c in zip(ism, causal)])
 
 
 def cost(runs, name, seeds):
@@ -103,23 +115,27 @@ def cost(runs, name, seeds):
 
 
 def summarise_start(before):
-    """{mask: [eval results of each start]} -> {mask: {val_loss, exact_match, by_family, loss_by_turn}}, mean ± std
-    over starts."""
+    """{mask: [eval results of each start]} -> {mask: {val_loss, exact_match, by_family,
+    loss_by_turn, ...}}, mean ± std over starts."""
     out = {}
     for kind, results in before.items():
-        families = list(dict.fromkeys(f for r in results for f in r["by_family"]))
-        turns = list(dict.fromkeys(t for r in results for t in r["val_loss_by_turn"]))
-        out[kind] = {"val_loss": mean_std([r["val_loss"] for r in results]),
-                     "exact_match": mean_std([r["overall"]["accuracy"] for r in results]),
-                     "unfinished": mean_std([r["unfinished_replies"] / max(r["overall"]["n"], 1) for r in results]),
-                     "by_family": {f: mean_std([r["by_family"].get(f, {}).get("accuracy") for r in results])
-                                   for f in families},
-                     "loss_by_turn": {t: mean_std([cell(r, "loss_by_turn", t) for r in results]) for t in turns},
-                     "model": results[0]["model"], "n": results[0]["overall"]["n"], "replayed": results[0]["replayed"]}
+        families = dict.fromkeys(f for r in results for f in r["by_family"])
+        turns = dict.fromkeys(t for r in results for t in r["val_loss_by_turn"])
+        out[kind] = {
+            "val_loss": mean_std([r["val_loss"] for r in results]),
+            "exact_match": mean_std([r["overall"]["accuracy"] for r in results]),
+            "unfinished": mean_std([r["unfinished_replies"] / max(r["overall"]["n"], 1)
+                                    for r in results]),
+            "by_family": {f: mean_std([cell(r, "by_family", f) for r in results])
+                          for f in families},
+            "loss_by_turn": {t: mean_std([cell(r, "loss_by_turn", t) for r in results])
+                             for t in turns},
+            "model": results[0]["model"], "n": results[0]["overall"]["n"],
+            "replayed": results[0]["replayed"]}
     return out
 
 
-# ------------------------------------------------------------------------------------------------------ markdown
+# ---------------------------------------------------------------------------------- markdown
 
 def report(result):
     s, c = result["summary"], result["settings"]
@@ -143,40 +159,49 @@ def header(result):
     c = result["settings"]
     m = result["runs"][0]["eval"]["model_args"]
     family = "Llama-family " if m.get("family") == "llama" else ""
-    shape = f"{family}{m['n_layer']} layers x {m['n_embd']} wide ({m['n_head']} heads), block_size {m['block_size']}"
-    start = (f"start: per seed, a causal model pretrained from scratch for {c['pretrain_iters']} steps (train.py's "
-             "defaults); every mask fine-tuned from those same weights" if c["pretrain_iters"] else
-             f"start: every run fine-tuned from {c['init_from']}" if c["init_from"] else "start: from scratch")
-    scored = (f"greedy through ChatSession (KV cache), {c['history_note']}; exact match % and the held-out answer "
-              "loss" if c["score"] == "exact" else "the held-out answer loss (mean over answer tokens)")
-    seeds = ", ".join(map(str, c["seeds"]))
-    equal_answers = (" (prefix-answers: as many answer tokens as causal and ISM)" if "prefix-answers" in c["masks"]
-                     else "")
-    return [f"# ismGPT quality: {' vs '.join(c['masks'])}, {len(c['seeds'])} seed(s) ({seeds})",
-            f"budget: {shape}, {c['max_iters']} optimizer steps of {c['train_batch_size']} rows x {c['block_size']} "
-            f"tokens{equal_answers}, the same seeds for every mask (the "
-            "same initial weights from scratch; from a start, the same data order); data "
-            f"{result['runs'][0]['eval']['data_dir']}" + (f"; train.py {c['train_args']}" if c["train_args"] else ""),
+    shape = (f"{family}{m['n_layer']} layers x {m['n_embd']} wide ({m['n_head']} heads), "
+             f"block_size {m['block_size']}")
+    start = (f"start: per seed, a causal model pretrained from scratch for {c['pretrain_iters']} "
+             "steps (train.py's defaults); every mask fine-tuned from those same weights"
+             if c["pretrain_iters"] else f"start: every run fine-tuned from {c['init_from']}"
+             if c["init_from"] else "start: from scratch")
+    scored = (f"greedy through ChatSession (KV cache), {c['history_note']}; exact match % and the "
+              "held-out answer loss" if c["score"] == "exact"
+              else "the held-out answer loss (mean over answer tokens)")
+    equal = (" (prefix-answers: as many answer tokens as causal and ISM)"
+             if "prefix-answers" in c["masks"] else "")
+    train_args = f"; train.py {c['train_args']}" if c["train_args"] else ""
+    return [f"# ismGPT quality: {' vs '.join(c['masks'])}, {len(c['seeds'])} seed(s) "
+            f"({', '.join(map(str, c['seeds']))})",
+            f"budget: {shape}, {c['max_iters']} optimizer steps of {c['train_batch_size']} rows x "
+            f"{c['block_size']} tokens{equal}, the same seeds for every mask (the same initial "
+            "weights from scratch; from a start, the same data order); data "
+            f"{result['runs'][0]['eval']['data_dir']}{train_args}",
             start,
-            f"eval: {c['conversations']} held-out conversations, {scored}, as mean ± std over seeds; ism - causal "
-            "paired by seed, with its 95% t-interval in brackets",
-            f"machine: {c['machine']}, device {c['device']}; the whole experiment took {c['total_seconds'] / 60:.1f} "
-            "min (runs found already trained or evaluated cost nothing)",
+            f"eval: {c['conversations']} held-out conversations, {scored}, as mean ± std over "
+            "seeds; ism - causal paired by seed, with its 95% t-interval in brackets",
+            f"machine: {c['machine']}, device {c['device']}; the whole experiment took "
+            f"{c['total_seconds'] / 60:.1f} min (runs found already trained or evaluated cost "
+            "nothing)",
             f"command: {c['command']}"]
 
 
 def table(masks, rows, label, kind, name, overall=None):
-    """A markdown table of rows (summarise's entries), the paired column when ISM and causal are both there;
-    overall: (summary["overall"], "loss" or "exact", n) adds its row."""
+    """A markdown table of rows (summarise's entries), the paired column when ISM and causal are
+    both there; overall: (summary["overall"], "loss" or "exact", n) adds its row."""
     _, scale, digits = METRICS[kind]
     paired_column = "ism" in masks and "causal" in masks
     count = "answer tokens" if kind == "loss_by_turn" else "answers"
-    out = [f"| {label} | {count} | " + " | ".join(masks) + (" | ism - causal (paired) |" if paired_column else " |"),
+    out = [f"| {label} | {count} | " + " | ".join(masks)
+           + (" | ism - causal (paired) |" if paired_column else " |"),
            "|---|---|" + "---|" * (len(masks) + paired_column)]
-    for row, values in list(rows.items()) + ([("**overall**", overall_values(overall, masks))] if overall else []):
+    rows = [(name(row), values) for row, values in rows.items()]
+    if overall:
+        rows.append(("**overall**", overall_values(overall, masks)))
+    for shown, values in rows:
         cells = [fmt_mean_std(values[m], scale, digits) for m in masks]
         cells += [fmt_paired(values["ism-causal"], scale, digits)] if paired_column else []
-        out.append(f"| {name(row) if row != '**overall**' else row} | {values['n']} | " + " | ".join(cells) + " |")
+        out.append(f"| {shown} | {values['n']} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -187,32 +212,36 @@ def overall_values(overall, masks):
 
 
 def cost_table(masks, s):
-    lines = ["| mask | held-out answer loss | tokens trained | answer tokens trained | train wall s | in steps s | "
-             "eval s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| mask | held-out answer loss | tokens trained | answer tokens trained | "
+             "train wall s | in steps s | eval s |", "|---|---|---|---|---|---|---|"]
     for m in masks:
         k = s["cost"][m]
-        lines.append(f"| {m} | {fmt_mean_std(k['val_loss'], 1, 4)} | {fmt_mean_std(k['tokens'], 1, 0)} | "
-                     f"{fmt_mean_std(k['answer_tokens'], 1, 0)} | {fmt_mean_std(k['wall_seconds'], 1, 0)} | "
-                     f"{fmt_mean_std(k['step_seconds'], 1, 0)} | {fmt_mean_std(k['eval_seconds'], 1, 0)} |")
+        cells = [fmt_mean_std(k["val_loss"], 1, 4)] + [
+            fmt_mean_std(k[key], 1, 0)
+            for key in ("tokens", "answer_tokens", "wall_seconds", "step_seconds", "eval_seconds")]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if "prefix" in masks:
-        lines.append("\nprefix trains on triplet-expanded samples (one per answer, with its whole history): the same "
-                     "tokens hold fewer answers; answer tokens trained say how many.")
+        lines.append("\nprefix trains on triplet-expanded samples (one per answer, with its whole "
+                     "history): the same tokens hold fewer answers; answer tokens trained say how "
+                     "many.")
     return lines
 
 
 def start_table(start, masks):
-    """The start before any fine-tuning, under every mask: the held-out answer loss by turn (and exact match)."""
+    """The start before any fine-tuning, under every mask: the held-out answer loss by turn (and
+    exact match)."""
     turns = list(start[masks[0]]["loss_by_turn"])
     first = start[masks[0]]
     exact = f"; exact match % of {first['n']} answers and the share of replies that never ended"
-    lines = [f"before fine-tuning: {first['model']} as it is, under each mask (held-out answer loss by turn"
-             + (exact if first["replayed"] else "") + ")", "",
+    lines = [f"before fine-tuning: {first['model']} as it is, under each mask (held-out answer "
+             "loss by turn" + (exact if first["replayed"] else "") + ")", "",
              "| mask | held-out answer loss | " + " | ".join(f"turn {t}" for t in turns)
              + (" | exact match % | never ended % |" if first["replayed"] else " |"),
              "|---|---|" + "---|" * (len(turns) + 2 * first["replayed"])]
     for m in masks:
         s = start[m]
-        cells = [fmt_mean_std(s["val_loss"], 1, 4)] + [fmt_mean_std(s["loss_by_turn"][t], 1, 3) for t in turns]
+        cells = [fmt_mean_std(s["val_loss"], 1, 4)]
+        cells += [fmt_mean_std(s["loss_by_turn"][t], 1, 3) for t in turns]
         if first["replayed"]:
             cells += [fmt_mean_std(s["exact_match"]), fmt_mean_std(s["unfinished"])]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -220,15 +249,18 @@ def start_table(start, masks):
 
 
 def replies_table(replies):
-    """Greedy replies to the same held-out turns (the gold history before each), one column per model."""
+    """Greedy replies to the same held-out turns (the gold history before each), a column per
+    model."""
     names = list(replies)
-    lines = [f"greedy replies to the first held-out conversations (seed {replies[names[0]]['seed']}; the gold answers "
-             "kept in the history):", "", "| turn | user | gold | " + " | ".join(names) + " |",
+    lines = ["greedy replies to the first held-out conversations (seed "
+             f"{replies[names[0]]['seed']}; the gold answers kept in the history):", "",
+             "| turn | user | gold | " + " | ".join(names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     for k, record in enumerate(replies[names[0]]["records"]):
         cells = [short(record["user"]), short(record["gold"])]
         cells += [short(replies[n]["records"][k]["reply"]) for n in names]
-        lines.append(f"| {record['conversation'] + 1}.{record['turn']} | " + " | ".join(cells) + " |")
+        turn = f"{record['conversation'] + 1}.{record['turn']}"
+        lines.append(f"| {turn} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """
-Plot training runs from the log.jsonl that train.py writes into each out_dir: training loss and held-out answer loss
-against the optimizer step, one colour per run.
+Plot training runs from the log.jsonl train.py writes into each out_dir: training loss and held-out
+answer loss against the optimizer step, a colour per run.
 
     python experiments/plot_training.py out out-causal            # -> training.png
     python experiments/plot_training.py --png=loss.png out         # somewhere else
@@ -12,12 +12,11 @@ import os
 import sys
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from cli import flags  # noqa: E402  (after the path: run as a script, the repository root is not on it)
-from cli.errors import UserError  # noqa: E402
-from cli.flags import setting  # noqa: E402
+# run as a script, the repository root is not on sys.path: put it first
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E402
+from cli import flags
+from cli.errors import UserError
+from cli.flags import setting
 
 
 @dataclass
@@ -32,7 +31,8 @@ def read_log(out_dir):
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}): is {out_dir} a train.py out_dir?") from None
+        raise UserError(f"cannot read {path} ({e.strerror}): is {out_dir} a train.py out_dir?") \
+            from None
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text: was it written by train.py?") from None
     records = [_record(line, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
@@ -40,7 +40,8 @@ def read_log(out_dir):
 
 
 def _record(line, where):
-    """One log line as train.py writes it: an object whose "loss" or "val_loss", and "iter", are numbers."""
+    """One log line as train.py writes it: an object whose "loss" or "val_loss", and "iter", are
+    numbers."""
     try:
         record = json.loads(line)
     except (ValueError, RecursionError):  # bad JSON or a number too long for int()
@@ -49,7 +50,8 @@ def _record(line, where):
         raise UserError(f"{where}: not a JSON object: was it written by train.py?")
     for key in ("loss", "val_loss"):
         if key in record and not (_is_number(record[key]) and _is_number(record.get("iter"))):
-            raise UserError(f'{where}: "{key}" and "iter" must be numbers: was it written by train.py?')
+            raise UserError(f'{where}: "{key}" and "iter" must be numbers: was it written by '
+                            'train.py?')
     return record
 
 
@@ -58,10 +60,14 @@ def _is_number(value):
 
 
 def picture_path(png):
-    """-> (the file to write, its format): png in the format its extension names; without one, png + ".png" in
-    PNG, the name matplotlib would give it (named here, so that main says which file it wrote)."""
+    """-> (the file to write, its format): png in the format its extension names; without one,
+    png + ".png" in PNG, the name matplotlib would give it (named here, so main can say it)."""
     extension = os.path.splitext(png)[1][1:]
     return (png, extension.lower()) if extension else (png.rstrip(".") + ".png", "png")
+
+
+def series(records, key):
+    return [r["iter"] for r in records], [r[key] for r in records]
 
 
 def main(argv=None):
@@ -80,14 +86,12 @@ def main(argv=None):
     path, picture_format = picture_path(cfg.png)
     fig, ax = plt.subplots(figsize=(7, 4))
     if picture_format not in fig.canvas.get_supported_filetypes():
-        raise UserError(f"--png={cfg.png}: matplotlib cannot write .{picture_format} files (try .png, .svg or .pdf)")
+        raise UserError(f"--png={cfg.png}: matplotlib cannot write .{picture_format} files (try "
+                        ".png, .svg or .pdf)")
     for k, (name, (steps, evals)) in enumerate(runs.items()):
-        colour = f"C{k}"
-        ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], color=colour, alpha=0.35, lw=1)
-        ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", color=colour, ms=3,
-                label=f"{name} (held-out)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("answer loss (faint: training batches)")
+        ax.plot(*series(steps, "loss"), color=f"C{k}", alpha=0.35, lw=1)
+        ax.plot(*series(evals, "val_loss"), "o-", color=f"C{k}", ms=3, label=f"{name} (held-out)")
+    ax.set(xlabel="optimizer step", ylabel="answer loss (faint: training batches)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

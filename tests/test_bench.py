@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import bench
+from benchmarks import training
 from data.batching import documents, epoch_rows, expansion_factor
 from data.chat import render
 from data.prepare import prepare
@@ -72,7 +73,7 @@ def test_tables_are_well_formed(quick):
 def test_epoch_tokens_match_the_documents(quick, tmp_path):
     results, _, _ = quick
     # the same small dataset the quick run prepared, rebuilt here
-    prepare(str(tmp_path), block_size=Q["block_size"], seed=1337, **bench.QUICK_DATA)
+    prepare(str(tmp_path), block_size=Q["block_size"], seed=1337, **training.QUICK_DATA)
     split = load_split(str(tmp_path), "train")
     conversation_tokens = int(split.offsets[-1])
     epoch = {e["mask"]: e for e in results["train"]["epoch"]}
@@ -182,7 +183,7 @@ def test_quick_uses_the_data_dir_it_is_given(tmp_path):
     data_dir = str(tmp_path / "mine")
     prepare(data_dir, block_size=Q["block_size"], n_train=7, n_val=2, seed=5)
     cfg, _ = bench.parse_config(["--quick", f"--data_dir={data_dir}"])
-    _, split, tmp = bench.bench_data(cfg, TOK)
+    _, split, tmp = training.bench_data(cfg, TOK)
     assert tmp is None and int(split.offsets[-1]) == int(load_split(data_dir, "train").offsets[-1])
 
 

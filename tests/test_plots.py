@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-import bench
+from benchmarks.chat import plot_ttft
 from cli.errors import UserError
 from experiments import plot_training
 
@@ -80,7 +80,7 @@ def test_a_log_line_it_cannot_plot_is_one_line_and_nothing_is_written(tmp_path, 
 def test_bench_plot_note_names_the_file_it_wrote(tmp_path, given):
     turns = [{"turn": n, "ism": {"ttft_ms": 1.0 + n}, "causal": {"ttft_ms": 2.0 + n}} for n in (1, 2, 3)]
     before = set(os.listdir(tmp_path))
-    note = bench.plot_ttft({"turns": turns}, str(tmp_path / given), "cpu")
+    note = plot_ttft({"turns": turns}, str(tmp_path / given), "cpu")
     [written] = new_files(tmp_path, before)
     assert written == (given if "." in given else given + ".png")
     assert note == f"TTFT plot written to {tmp_path / written}"

@@ -1,0 +1,1 @@
+"""The sections of bench.py, a module each, and what they share (common.py, models.py)."""

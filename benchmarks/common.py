@@ -1,0 +1,114 @@
+"""What the sections share: interleaved timing, memory peaks, fixed-length answers, markdown."""
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+from data.chat import render
+
+
+def log(*args):
+    print("bench:", *args, file=sys.stderr, flush=True)
+
+
+def rotated(items, shift):
+    """items from shift on, then the rest: no variant always goes first."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
+
+
+def rounds(fns, repeats, warmup):
+    """{name: fn} -> {name: [fn()'s value in each kept round]}. Each round calls every fn once, in a
+    rotating order, so a shared machine's changing load and cache effects hit every variant alike;
+    the first `warmup` rounds are dropped."""
+    values = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name in rotated(list(fns), round_):
+            value = fns[name]()
+            if round_ >= warmup:
+                values[name].append(value)
+    return values
+
+
+def interleaved(fns, repeats, warmup, device="cpu"):
+    """{name: fn} -> {name: [seconds of each call]}, in rounds as above (synchronized on CUDA)."""
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        def call():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            return time.perf_counter() - t0
+        return call
+    return rounds({name: timed(fn) for name, fn in fns.items()}, repeats, warmup)
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def peak_memory(step, device):
+    """GiB at the peak of one more step: on CUDA what torch allocated (weights, optimizer state,
+    activations); on a CPU the process's peak resident set (VmHWM, reset before the step; None where
+    /proc cannot tell), which counts everything else the process holds too."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set size to the current one
+        reset = True
+    except OSError:
+        reset = False
+    step()  # run either way: a caller may need what it does (load_pretrained does)
+    return resident_gib("VmHWM") if reset else None
+
+
+def resident_gib(field="VmRSS"):
+    """The process's resident memory (VmRSS) or its peak (VmHWM) in GiB; None without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**20
+    except (OSError, StopIteration):
+        return None
+
+
+def fixed_length(n):
+    """Sampling keywords for a greedy answer of exactly n tokens (<|end|> held back until then)."""
+    return {"max_new_tokens": n, "temperature": 0.0, "min_new_tokens": n}
+
+
+def prompt_of(tok, tokens):
+    """A user message of synthetic-style digits and letters whose rendered conversation is `tokens`
+    long (exact with the byte tokenizer; at most that with another)."""
+    rng = random.Random(tokens)
+    text = " ".join(rng.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(tokens))
+    while len(prompt_ids(tok, text)) > tokens:
+        text = text[:-1].rstrip()
+    return text
+
+
+def prompt_ids(tok, text):
+    """The ids of a conversation of one user message, up to the answer."""
+    return render([{"role": "user", "content": text}], tok)[0]
+
+
+def table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def fmt(x, digits=1):
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def with_notes(lines, notes):
+    return "\n".join(lines + [f"- note: {n}" for n in notes])
