@@ -9,7 +9,8 @@
 # Each stage is an ordinary `python train.py ... --init_from=resume --max_iters=N`, so the checkpoints at 100, 200
 # and 300 steps are the states of one uninterrupted 400-step run; a stopped script goes on where it stopped
 # (a stage finished already is skipped; an interrupted one resumes from its last save, every 50 steps).
-# Results: OUT/<mask>-s<seed>/eval-<steps>.json (eval.py --json), eval-400-all.json.
+# Results: OUT/<mask>-s<seed>/eval-<steps>.json (eval.py --json), eval-400-all.json, and the start as it is
+# under the mask, OUT/start-<mask>/eval-0.json; python experiments/curve_report.py tabulates and plots them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MASK=$1; shift
@@ -17,6 +18,12 @@ OUT=${OUT:-out/chitchat-curve}
 DATA=${DATA:-data/chitchat-smollm2}
 STEPS=${STEPS:-"100 200 300 400"}
 LAST=${STEPS##* }
+mkdir -p "$OUT/start-$MASK"
+if [ ! -f "$OUT/start-$MASK/eval-0.json" ]; then
+    OMP_NUM_THREADS=1 python eval.py --init_from=smollm2 --mask="$MASK" --data_dir="$DATA" --replay=false \
+        --max_conversations=60 --threads=1 --json > "$OUT/start-$MASK/eval-0.tmp"
+    mv "$OUT/start-$MASK/eval-0.tmp" "$OUT/start-$MASK/eval-0.json"
+fi
 for SEED in "$@"; do
     RUN=$OUT/$MASK-s$SEED
     mkdir -p "$RUN"

@@ -1,0 +1,167 @@
+"""
+The learning curve of experiments/learning_curve.sh as tables and a plot: the held-out answer loss
+of each mask after every stage (mean ± std over seeds), overall and by turn (1, 2-4, 5+), and the
+paired ISM - causal difference per seed with its 95% Student's t interval.
+
+    python experiments/curve_report.py --out_dir=out/chitchat-curve --png=assets/learning_curve.png
+
+Reads OUT/<mask>-s<seed>/eval-<steps>.json (the first 60 held-out conversations), OUT/start-<mask>/
+eval-0.json (the start as it is: step 0) and OUT/<mask>-s<seed>/eval-<last>-all.json (all of them).
+"""
+import glob
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import flags  # noqa: E402  (run as a script, the repository root is not on the path)
+from cli.errors import UserError  # noqa: E402
+from cli.flags import setting  # noqa: E402
+from experiments.mask_tables import mean_std, paired  # noqa: E402
+
+GROUPS = {"overall": None, "turn 1": ("1",), "turns 2-4": ("2", "3", "4"),
+          "turns 5+": ("5", "6", "7", "8+")}
+MASKS = ("causal", "ism")
+
+
+@dataclass
+class CurveConfig:
+    out_dir: str = setting("out/chitchat-curve", "the folder learning_curve.sh wrote")
+    png: str = setting("", "also draw the curves into this PNG (needs matplotlib)")
+
+
+def group_loss(result, turns):
+    """The held-out answer loss over the answer tokens of some turn buckets (None: all of them)."""
+    if turns is None:
+        return result["val_loss"]
+    cells = [result["val_loss_by_turn"][t] for t in turns if t in result["val_loss_by_turn"]]
+    return sum(c["loss"] * c["n"] for c in cells) / sum(c["n"] for c in cells)
+
+
+def read_runs(out_dir):
+    """-> {mask: {seed: {steps or "all": eval.py's result}}}; the start's eval-0.json is every
+    seed's step 0."""
+    runs = {}
+    for path in glob.glob(os.path.join(out_dir, "*-s*", "eval-*.json")):
+        name = os.path.relpath(path, out_dir)
+        found = re.fullmatch(r"(\w+)-s(\d+)/eval-(\d+)(-all)?\.json", name)
+        if found and found.group(1) in MASKS:
+            key = int(found.group(3)) if not found.group(4) else "all"
+            with open(path) as f:
+                seeds = runs.setdefault(found.group(1), {})
+                seeds.setdefault(int(found.group(2)), {})[key] = json.load(f)
+    if not runs:
+        raise UserError(f"no eval-N.json under {out_dir}: run experiments/learning_curve.sh first")
+    for kind, seeds in runs.items():
+        start = os.path.join(out_dir, f"start-{kind}", "eval-0.json")
+        if os.path.exists(start):
+            with open(start) as f:
+                result = json.load(f)
+            for evals in seeds.values():
+                evals[0] = result
+    return runs
+
+
+def fmt(stats):
+    """(mean, std[, low, high]) -> "mean ± std [low, high]", the parts there are."""
+    mean, std = stats[:2]
+    text = f"{mean:+.3f}" if len(stats) > 2 else f"{mean:.3f}"
+    text += f" ± {std:.3f}" if std is not None else ""
+    return text + (f" [{stats[2]:+.3f}, {stats[3]:+.3f}]" if len(stats) > 2 and stats[2] is not None
+                   else "")
+
+
+def common_seeds(runs, key):
+    return [s for s in sorted(set.intersection(*[set(v) for v in runs.values()]))
+            if all(key in runs[m][s] for m in MASKS)]
+
+
+def rows(runs, key, groups):
+    """Table rows for one evaluation (steps, or "all"): each mask, then the paired difference."""
+    seeds = common_seeds(runs, key)
+    loss = {m: {g: [group_loss(runs[m][s][key], t) for s in seeds] for g, t in groups.items()}
+            for m in MASKS}
+    out = [[m] + [fmt(mean_std(loss[m][g])) for g in groups] for m in MASKS]
+    diffs = [fmt(paired([i - c for i, c in zip(loss["ism"][g], loss["causal"][g])]))
+             for g in groups]
+    return len(seeds), out + [["ism - causal"] + diffs]
+
+
+def curve_table(runs):
+    """Markdown: after each stage, each mask's loss overall and by turn group, and the paired
+    ISM - causal difference."""
+    steps = sorted({n for seeds in runs.values() for e in seeds.values() for n in e if n != "all"})
+    lines = ["| steps | seeds | | " + " | ".join(GROUPS) + " |",
+             "|---|---|---|" + "---|" * len(GROUPS)]
+    for n in steps:
+        count, table = rows(runs, n, GROUPS)
+        if count:
+            lines += [f"| {n} | {count} | " + " | ".join(row) + " |" for row in table]
+    return "\n".join(lines)
+
+
+def all_table(runs):
+    """Markdown: the last stage scored on every held-out conversation, by turn."""
+    seeds = common_seeds(runs, "all")
+    if not seeds:
+        return "(no eval-N-all.json yet)"
+    by_turn = runs["causal"][seeds[0]]["all"]["val_loss_by_turn"]
+    groups = {**{t: (t,) for t in by_turn}, "**overall**": None}
+    count, table = rows(runs, "all", groups)
+    lines = [f"| turn | answer tokens | causal | ism | ism - causal (paired, {count} seeds) |",
+             "|---|---|---|---|---|"]
+    for k, (name, turns) in enumerate(groups.items()):
+        n = sum(by_turn[t]["n"] for t in (turns or by_turn))
+        lines.append(f"| {name} | {n} | " + " | ".join(row[k + 1] for row in table) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs, png):
+    """Top row: each mask's loss against the steps, one panel per turn group (seeds thin, their mean
+    bold). Bottom row: ISM - causal per seed from the first stage on (step 0 is in the table)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, len(GROUPS), figsize=(4 * len(GROUPS), 6), sharex=True)
+    for col, (name, turns) in enumerate(GROUPS.items()):
+        curves = {m: {s: dict((n, group_loss(r, turns)) for n, r in e.items() if n != "all")
+                      for s, e in runs[m].items()} for m in MASKS}
+        for kind, colour in zip(MASKS, ("tab:blue", "tab:red")):
+            for points in curves[kind].values():
+                axes[0, col].plot(*zip(*sorted(points.items())), color=colour, alpha=0.3, lw=1)
+            steps = sorted(set.intersection(*[set(p) for p in curves[kind].values()]))
+            mean = [sum(p[n] for p in curves[kind].values()) / len(curves[kind]) for n in steps]
+            axes[0, col].plot(steps, mean, color=colour, lw=2, marker="o", label=kind)
+        for seed, ism in curves["ism"].items():
+            causal = curves["causal"].get(seed, {})
+            steps = sorted(n for n in set(ism) & set(causal) if n > 0)
+            axes[1, col].plot(steps, [ism[n] - causal[n] for n in steps], marker="o",
+                              label=f"seed {seed}")
+        axes[1, col].axhline(0, color="gray", lw=1)
+        axes[0, col].set_title(name)
+        axes[1, col].set_xlabel("optimizer steps")
+    axes[0, 0].set_ylabel("held-out answer loss (nats)")
+    axes[1, 0].set_ylabel("ISM - causal (nats)")
+    axes[0, 0].legend()
+    axes[1, 0].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+
+
+def main(argv=None):
+    cfg = flags.parse(CurveConfig(), sys.argv[1:] if argv is None else argv, __doc__)
+    runs = read_runs(cfg.out_dir)
+    missing = [m for m in MASKS if m not in runs]
+    if missing:
+        raise UserError(f"{cfg.out_dir} has no {' or '.join(missing)} runs yet")
+    print("First 60 held-out conversations, after each stage:\n\n" + curve_table(runs))
+    print("\nEvery held-out conversation, after the last stage:\n\n" + all_table(runs))
+    if cfg.png:
+        plot(runs, cfg.png)
+        print(f"\nwrote {cfg.png}")
+
+
+if __name__ == "__main__":
+    flags.run(main)
