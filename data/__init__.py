@@ -1,1 +1,1 @@
-"""Conversations in, token ids and per-token roles out: tokenizer, chat format, datasets, prepared folders, batching."""
+"""Conversations in, token ids and roles out: tokenizers, chat format, datasets, batching."""

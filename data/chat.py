@@ -1,34 +1,18 @@
 """
 The chat format: conversations as JSON messages, rendered to token ids plus one role per token.
+A tokenizer brings its format: ismGPT's own (byte and gpt2 tokenizers), or ChatML (SmolLM2,
+Qwen2, with the model's default system message when there is none) or Llama 3's:
 
-A tokenizer comes with its chat format (tok.chat_format). ismGPT's own, for the byte and gpt2 tokenizers:
+    <|bos|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> answer <|end|> ...
+    <|im_start|>system\ntext<|im_end|>\n<|im_start|>user\ntext<|im_end|>\n<|im_start|>assistant\n
 
-    <|bos|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> answer <|end|> <|user|> ...
+Roles follow the attention segments: <|bos|> is the first segment's; a system or user message is
+its role; the header that opens the answer is USER (the last prompt text); the answer and its
+closing token are ASSISTANT. ChatML's newline after an answer begins the next user segment.
 
-ChatML, for pretrained chat models (SmolLM2, Qwen2), as their chat templates write it, with the model's default
-system message when a conversation has none:
-
-    <|im_start|>system\ntext<|im_end|>\n<|im_start|>user\ntext<|im_end|>\n<|im_start|>assistant\nanswer<|im_end|>
-    \n<|im_start|>user\n...
-
-Roles (mask.py's codes) follow the attention segments, not the text:
-- <|bos|> belongs to the first segment (SYSTEM if there is a system message, else USER);
-- a system or user message's header, text and closing token(s) carry its role;
-- the header that opens the answer (<|assistant|>, or <|im_start|>assistant\n) is USER: it is the last prompt text
-  the model reads before answering, so it belongs to the query segment;
-- an answer's text and its closing token (<|end|>, or <|im_end|>) are ASSISTANT. In ChatML the newline after an
-  answer's <|im_end|> begins the next user segment: the model never samples it.
-
-render() is the concatenation of small pieces (render_start, render_system, render_user, render_answer) that the
-sampler calls one at a time. A piece never depends on what comes after it, so rendering is prefix-stable by
-construction: render(history + [user message]) begins with render(history), ids and roles, and is exactly the
-inference prompt. That is what lets the sampler reuse its KV cache across turns. (In ChatML a message's role
-line and text are encoded together, as the template's tokenization does; an answer is encoded on its own, as the
-model generates it after its header.)
-
-Input lines are OpenAI-style {"messages": [{"role": "user", "content": "hi"}, ...]}, read as serve.py reads a
-request's (chat_messages), or ShareGPT-style {"conversations": [{"from": "human", "value": "hi"}, ...]}, told
-apart line by line; both read as the same messages.
+render() joins pieces that never depend on what follows, so render(history + [user message])
+begins with render(history) and is exactly the prompt: the chat reuses its KV cache across turns.
+Lines read: OpenAI's {"messages": [...]} or ShareGPT's {"conversations": [...]}.
 """
 import json
 import sys
@@ -37,9 +21,8 @@ from cli.errors import DataError, reason
 from mask import ASSISTANT, SYSTEM, USER
 
 ROLE_CODES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-# ShareGPT's speaker names ("from") -> roles. Exports use human/gpt; some also write the OpenAI names, or chatgpt.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "system": "system"}
+                  "chatgpt": "assistant", "system": "system"}  # ShareGPT's "from" -> role
 
 
 def plural(count, noun):
@@ -47,28 +30,23 @@ def plural(count, noun):
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-# ---------------------------------------------------------------------------------------------------- rendering
+# ------------------------------------------------------------------------------------- rendering
 
 def render_start(first_role, tok):
-    """ismGPT: <|bos|>, Llama 3: <|begin_of_text|>, in the role of the conversation's first segment (SYSTEM or USER).
-    ChatML: nothing."""
-    if tok.chat_format == "chatml":
-        return [], []
-    return [tok.bos], [first_role]
+    """<|bos|> (Llama 3: <|begin_of_text|>) in the first segment's role; ChatML: nothing."""
+    return ([], []) if tok.chat_format == "chatml" else ([tok.bos], [first_role])
 
 
 def opened(role, text, tok):
-    """A message of `role` in a pretrained chat format, up to the token that closes it: ChatML <|im_start|>role\\ntext,
-    Llama 3 <|start_header_id|>role<|end_header_id|>\\n\\ntext (its template trims the text). The header's last
-    text is encoded with the message's, as a chat template's tokenization does."""
+    """A message in a pretrained format, up to its closing token: ChatML <|im_start|>role\\ntext,
+    Llama 3 <|start_header_id|>role<|end_header_id|>\\n\\ntext (trimmed). The header's last text
+    is encoded with the message's, as the chat templates tokenize it."""
     if tok.chat_format == "chatml":
         return [tok.im_start] + tok.encode(f"{role}\n{text}")
     return [tok.header] + tok.encode(role) + [tok.header_end] + tok.encode("\n\n" + text.strip())
 
 
-def newline_after(tok):
-    """ChatML closes a message with <|im_end|> and a newline; in the prompt the newline after an answer's
-    <|im_end|> opens the next user segment (the model never samples it)."""
+def newline_after(tok):  # ChatML's newline after <|im_end|>
     return tok.encode("\n") if tok.chat_format == "chatml" else []
 
 
@@ -81,53 +59,43 @@ def render_system(text, tok):
 
 
 def render_user(text, tok, after_answer=False):
-    """The prompt of a turn, all USER: the header that opens the answer ends the query. ismGPT: <|user|> text
-    <|end|> <|assistant|>. ChatML: [\\n after an answer] <|im_start|>user\\ntext<|im_end|>\\n<|im_start|>assistant\\n.
-    Llama 3: <|start_header_id|>user<|end_header_id|>\\n\\ntext<|eot_id|><|start_header_id|>assistant<|end_header_id|>
-    \\n\\n."""
+    """A turn's prompt, all USER, up to the header that opens the answer: ismGPT <|user|> text
+    <|end|> <|assistant|>; ChatML [\\n after an answer] <|im_start|>user\\ntext<|im_end|>\\n
+    <|im_start|>assistant\\n; Llama 3 likewise with its headers and <|eot_id|>."""
     if tok.chat_format == "ismgpt":
         ids = [tok.user] + tok.encode(text) + [tok.end, tok.assistant]
     else:
-        ids = (newline_after(tok) if after_answer else []) + opened("user", text, tok) + [tok.end] + \
-            newline_after(tok) + opened("assistant", "", tok)
+        ids = (newline_after(tok) if after_answer else []) + opened("user", text, tok) + \
+            [tok.end] + newline_after(tok) + opened("assistant", "", tok)
     return ids, [USER] * len(ids)
 
 
 def render_answer(content, tok):
-    """Answer content + its closing token (<|end|>, <|im_end|> or <|eot_id|>: tok.end), all ASSISTANT. content is
-    the answer text, or the token ids a sampler generated (without the closing token): re-encoding decoded text
-    need not give back the same ids under BPE."""
-    if isinstance(content, str):
-        ids = tok.encode(content.strip() if tok.chat_format == "llama3" else content)  # Llama 3's template trims it
+    """Answer + its closing token (tok.end), all ASSISTANT. content: text, or the ids a sampler
+    generated (decoded text need not re-encode to the same ids)."""
+    if isinstance(content, str):  # Llama 3's template trims it
+        ids = tok.encode(content.strip() if tok.chat_format == "llama3" else content)
     else:
         ids = list(content)
     ids = ids + [tok.end]
     return ids, [ASSISTANT] * len(ids)
 
 
-def with_default_system(messages, tok):
-    """messages with the tokenizer's default system message first when they have none (ChatML models' templates
-    add one; ismGPT's format has none)."""
-    if tok.default_system and not (messages and messages[0]["role"] == "system"):
-        return [{"role": "system", "content": tok.default_system}] + list(messages)
-    return messages
-
-
 def render(messages, tok):
-    """messages (validated) -> (ids, roles), two lists of equal length."""
-    messages = with_default_system(messages, tok)
-    first_role = SYSTEM if messages and messages[0]["role"] == "system" else USER
-    ids, roles = render_start(first_role, tok)
-    previous = None
-    for message in messages:
-        role, content = message["role"], message["content"]
-        if role == "user":
-            piece_ids, piece_roles = render_user(content, tok, after_answer=previous == "assistant")
+    """Validated messages -> (ids, roles), two lists of equal length. A ChatML model's default
+    system message comes first when there is none."""
+    if tok.default_system and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": tok.default_system}] + list(messages)
+    ids, roles = render_start(SYSTEM if messages and messages[0]["role"] == "system" else USER,
+                              tok)
+    for k, m in enumerate(messages):
+        if m["role"] == "user":
+            after_answer = k > 0 and messages[k - 1]["role"] == "assistant"
+            piece = render_user(m["content"], tok, after_answer)
         else:
-            piece_ids, piece_roles = (render_system if role == "system" else render_answer)(content, tok)
-        ids += piece_ids
-        roles += piece_roles
-        previous = role
+            piece = (render_system if m["role"] == "system" else render_answer)(m["content"], tok)
+        ids += piece[0]
+        roles += piece[1]
     return ids, roles
 
 
@@ -136,7 +104,7 @@ class _OverBudget(Exception):
 
 
 class _Budget:
-    """A tokenizer that encodes at most `left` ids of text in all, then raises _OverBudget (render_within)."""
+    """A tokenizer that encodes at most `left` ids in all, then raises _OverBudget."""
 
     def __init__(self, tok, left):
         self.tok, self.left = tok, left
@@ -153,9 +121,8 @@ class _Budget:
 
 
 def render_within(messages, tok, limit):
-    """render(messages, tok), or None as soon as their text is known to need more than limit tokens: a
-    conversation too long for the context is refused after encoding about limit tokens of it, never all of it (a
-    megabyte of text keeps a pure-Python BPE busy for many seconds)."""
+    """render(messages, tok), or None as soon as they are known to need more than limit tokens:
+    a conversation too long for the context is refused without encoding all of it."""
     try:
         return render(messages, _Budget(tok, limit))
     except _OverBudget:
@@ -163,41 +130,56 @@ def render_within(messages, tok, limit):
 
 
 def system_of(messages):
-    """The system message's text of a conversation, or None."""
+    """The system message's text, or None."""
     return messages[0]["content"] if messages and messages[0]["role"] == "system" else None
 
 
-# ------------------------------------------------------------------------------------------- OpenAI's messages
+# ------------------------------------------------------------------------ reading and validating
+
+def _objects(items, name, keys, where):
+    """(number, item) of a non-empty list of objects that hold both keys, else DataError."""
+    if not isinstance(items, list) or not items:
+        raise DataError(f'{where}: "{name}" must be a non-empty list')
+    for number, item in enumerate(items, 1):
+        if not isinstance(item, dict) or keys[0] not in item or keys[1] not in item:
+            raise DataError(f'{where}: message {number} is not an object with "{keys[0]}" and '
+                            f'"{keys[1]}"')
+        yield number, item
+
 
 def chat_messages(raw, where):
-    """OpenAI's messages, as a client sends serve.py and a JSONL line holds them, -> this module's: developer is
-    system, a list of text parts is their text, other fields are dropped; validate() checks the rest. One reader
-    for every entry point, so that what a client may send is what prepare.py and sample.py --script read."""
-    if not isinstance(raw, list) or not raw:
-        raise DataError(f'{where}: "messages" must be a non-empty list')
-    messages = []
-    for number, message in enumerate(raw, 1):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f'{where}: message {number} is not an object with "role" and "content"')
-        role = "system" if message["role"] == "developer" else message["role"]
-        messages.append({"role": role, "content": text_of(message["content"], number, where)})
-    return messages
+    """OpenAI's messages (a request to serve.py, a JSONL line) -> this module's: developer is
+    system, a list of text parts is their text, other fields are dropped; validate() checks the
+    rest. One reader, so a client may send what prepare.py and sample.py --script read."""
+    return [{"role": "system" if m["role"] == "developer" else m["role"],
+             "content": text_of(m["content"], number, where)}
+            for number, m in _objects(raw, "messages", ("role", "content"), where)]
 
 
 def text_of(content, number, where):
-    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts (joined by
-    newlines). Other types are left to validate() to name."""
+    """A content string, or OpenAI's [{"type": "text", "text": ...}] parts joined by newlines."""
     if not isinstance(content, list):
         return content
-    texts = []
     for part in content:
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+        if not (isinstance(part, dict) and part.get("type") == "text" and
+                isinstance(part.get("text"), str)):
             raise DataError(f"{where}: message {number}: only text content parts are supported")
-        texts.append(part["text"])
-    return "\n".join(texts)
+    return "\n".join(part["text"] for part in content)
 
 
-# --------------------------------------------------------------------------------------------------- validation
+def shorten(text, limit=40):
+    """repr of text, cut so that an error stays one readable line."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def _is_unicode(text):
+    """False for a lone surrogate (JSON allows "\\ud800"): it cannot be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 def _check_message(message, number, where, blank_answer_ok=False):
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -209,71 +191,53 @@ def _check_message(message, number, where, blank_answer_ok=False):
         raise DataError(f"{where}: message {number} has unknown role {shorten(role)} "
                         "(expected system, user or assistant)")
     if not isinstance(content, str):
-        raise DataError(f"{where}: message {number} has non-string content ({type(content).__name__})")
+        raise DataError(f"{where}: message {number} has non-string content "
+                        f"({type(content).__name__})")
     if not content.strip() and not (blank_answer_ok and role == "assistant"):
         raise DataError(f"{where}: message {number} has empty content")
     if not _is_unicode(content):
-        raise DataError(f"{where}: message {number} content is not valid Unicode (a lone surrogate such as \\ud800)")
+        raise DataError(f"{where}: message {number} content is not valid Unicode (a lone surrogate "
+                        "such as \\ud800)")
 
 
-def shorten(text, limit=40):
-    """repr of text, cut so that an error stays one readable line."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
-
-
-def _is_unicode(text):
-    """False for a str holding a lone surrogate (JSON allows "\\ud800"): it cannot be encoded, and tiktoken would
-    silently turn it into U+FFFD."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _check_order(roles, where):
-    """Optional system first, then user and assistant alternating, starting with user."""
+def validate(messages, where, need_answer=True):
+    """DataError(f"{where}: <problem>") unless messages is a well-formed conversation: optional
+    system first, then user and assistant alternating. need_answer (training data): it ends with
+    an answer, and no message is blank; else (a conversation to continue) an answer may be blank."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'{where}: "messages" must be a non-empty list')
+    for number, message in enumerate(messages, 1):
+        _check_message(message, number, where, blank_answer_ok=not need_answer)
+    roles = [m["role"] for m in messages]
     start = 1 if roles[0] == "system" else 0
     for i in range(start, len(roles)):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if roles[i] != expected:
             raise DataError(f"{where}: message {i + 1} is {roles[i]!r} where {expected!r} belongs "
                             "(optional system first, then user and assistant alternating)")
-
-
-def validate(messages, where, need_answer=True):
-    """Raise DataError(f"{where}: <problem>") unless messages is a well-formed conversation. need_answer=True
-    (training data) also requires an assistant turn and a final assistant message, and no blank message at all;
-    with False (a conversation to continue: sample.py --script, serve.py) an answer may be blank, as a model may
-    have answered with nothing and the client sends that back."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f'{where}: "messages" must be a non-empty list')
-    for number, message in enumerate(messages, 1):
-        _check_message(message, number, where, blank_answer_ok=not need_answer)
-    roles = [m["role"] for m in messages]
-    _check_order(roles, where)
     if need_answer and "assistant" not in roles:
         raise DataError(f"{where}: no assistant turn")
     if need_answer and roles[-1] != "assistant":
-        raise DataError(f"{where}: ends with a {roles[-1]} message; a training conversation ends with an answer")
+        raise DataError(f"{where}: ends with a {roles[-1]} message; a training conversation ends "
+                        "with an answer")
 
 
 def _check_tasks(tasks, messages, where):
-    """Optional per-answer task tags (the synthetic data has them; eval scores per tag)."""
+    """Optional per-answer task tags (the synthetic data's; eval scores per tag)."""
     answers = sum(m["role"] == "assistant" for m in messages)
-    if not isinstance(tasks, list) or len(tasks) != answers or not all(isinstance(t, str) for t in tasks):
-        raise DataError(f'{where}: "tasks" must be a list of {plural(answers, "string")}, one per assistant turn')
+    if not isinstance(tasks, list) or len(tasks) != answers or \
+            not all(isinstance(t, str) for t in tasks):
+        raise DataError(f'{where}: "tasks" must be a list of {plural(answers, "string")}, one per '
+                        "assistant turn")
     for number, task in enumerate(tasks, 1):
         if not _is_unicode(task):
-            raise DataError(f'{where}: "tasks" entry {number} is not valid Unicode (a lone surrogate)')
+            raise DataError(f'{where}: "tasks" entry {number} is not valid Unicode (a lone '
+                            'surrogate)')
 
-
-# --------------------------------------------------------------------------------------------------------- JSONL
 
 def parse_line(raw, where, need_answer=True):
-    """One JSONL line (bytes), {"messages": [{"role", "content"}, ...]} or ShareGPT's {"conversations": [{"from",
-    "value"}, ...]} -> {"messages": [...]} plus "tasks" when present (other fields are dropped), or None for a
-    blank line (only whitespace: a line holding JSON's null is a bad line like any other non-object)."""
+    """One JSONL line (bytes) -> {"messages": [...]} plus "tasks" when present, other fields
+    dropped; None for a blank line (a line holding JSON's null is a bad line)."""
     if not raw.strip():
         return None
     record = json_value(raw, where)
@@ -297,34 +261,27 @@ def json_value(raw, where):
         raise DataError(f"{where}: bad JSON ({e.msg} at {at})") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply") from None
-    except ValueError:  # json's one other error: int() refuses an integer longer than this many digits
-        raise DataError(f"{where}: bad JSON (an integer of more than {sys.get_int_max_str_digits()} digits)") from None
+    except ValueError:  # int() refuses an integer longer than this many digits
+        raise DataError(f"{where}: bad JSON (an integer of more than "
+                        f"{sys.get_int_max_str_digits()} digits)") from None
 
 
 def _messages_of(record, where):
-    """The line's messages, in this module's form: OpenAI's "messages" (chat_messages), or ShareGPT's
-    "conversations" mapped."""
+    """The line's messages: OpenAI's "messages", or ShareGPT's "conversations" mapped."""
     if not isinstance(record, dict) or not ("messages" in record or "conversations" in record):
-        raise DataError(f'{where}: expected an object with a "messages" list (or ShareGPT\'s "conversations")')
-    if "messages" in record and "conversations" in record:  # which one to train on would be a guess
+        raise DataError(f'{where}: expected an object with a "messages" list (or ShareGPT\'s '
+                        '"conversations")')
+    if "messages" in record and "conversations" in record:  # which one to train on: a guess
         raise DataError(f'{where}: has both "messages" and "conversations": keep one')
     if "messages" in record:
         return chat_messages(record["messages"], where)
-    return _from_sharegpt(record["conversations"], where)
-
-
-def _from_sharegpt(turns, where):
-    """[{"from": "human", "value": text}, ...] -> [{"role": "user", "content": text}, ...]; validate() checks
-    the rest (content, order) as for any line."""
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f'{where}: "conversations" must be a non-empty list')
     messages = []
-    for number, turn in enumerate(turns, 1):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise DataError(f'{where}: message {number} is not an object with "from" and "value"')
+    turns = _objects(record["conversations"], "conversations", ("from", "value"), where)
+    for number, turn in turns:
         speaker = turn["from"]
         if not isinstance(speaker, str):
-            raise DataError(f'{where}: message {number} has a non-string "from" ({type(speaker).__name__})')
+            raise DataError(f'{where}: message {number} has a non-string "from" '
+                            f"({type(speaker).__name__})")
         if speaker not in SHAREGPT_ROLES:
             raise DataError(f'{where}: message {number} has unknown "from" {shorten(speaker)} '
                             "(expected human, gpt or system)")
@@ -332,16 +289,20 @@ def _from_sharegpt(turns, where):
     return messages
 
 
-def read_jsonl(path, skip_bad=False, need_answer=True):
-    """-> (conversations, bad). Stops at the first bad line with DataError("path:line: problem"), or with
-    skip_bad collects bad = [(line_no, problem)] and goes on. Blank lines are ignored."""
+def read_bytes(path):
+    """A file's bytes without a UTF-8 BOM (Windows editors), or a one-line DataError."""
     try:
         with open(path, "rb") as f:
-            lines = f.read().removeprefix(b"\xef\xbb\xbf").splitlines()  # a UTF-8 BOM (Windows editors)
+            return f.read().removeprefix(b"\xef\xbb\xbf")
     except OSError as e:
         raise DataError(f"cannot read {path}: {reason(e)}") from None
+
+
+def read_jsonl(path, skip_bad=False, need_answer=True):
+    """-> (conversations, bad). Stops at the first bad line with DataError("path:line: problem"),
+    or with skip_bad lists bad = [(line_no, problem)] and goes on. Blank lines are ignored."""
     conversations, bad = [], []
-    for line_no, raw in enumerate(lines, 1):
+    for line_no, raw in enumerate(read_bytes(path).splitlines(), 1):
         where = f"{path}:{line_no}"
         try:
             conversation = parse_line(raw, where, need_answer)
@@ -361,16 +322,13 @@ def write_jsonl(path, conversations):
             f.write(json.dumps(conversation, ensure_ascii=False) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------- fitting blocks
-
 def fit_to_block(conversation, tok, block_size):
-    """The conversation itself if it renders to <= block_size tokens; else a copy cut after the last whole
-    user+assistant turn that still fits (system and earliest turns kept, "tasks" cut alongside); None when not
-    even the first turn fits. Never cuts inside a message."""
+    """The conversation if it renders to <= block_size tokens; else a copy cut after the last whole
+    turn that fits (system and earliest turns kept, "tasks" cut alongside); None when not even the
+    first turn fits."""
     messages = conversation["messages"]
     head = 1 if messages[0]["role"] == "system" else 0
-    length = len(render(messages[:head], tok)[0])
-    turns = 0
+    length, turns = len(render(messages[:head], tok)[0]), 0
     for user, answer in zip(messages[head::2], messages[head + 1::2]):
         length += len(render_user(user["content"], tok, after_answer=turns > 0)[0])
         length += len(render_answer(answer["content"], tok)[0])

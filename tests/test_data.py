@@ -34,7 +34,7 @@ def msgs(*pairs):
 
 
 def make_split(conversations, tok):
-    """An in-memory Split, built here by concatenating renders (independently of prepare.write_split)."""
+    """An in-memory Split, built here by concatenating renders (independently of data/prepare.py)."""
     ids, roles, offsets = [], [], [0]
     for messages in conversations:
         conv_ids, conv_roles = render(messages, tok)
