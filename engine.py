@@ -144,6 +144,24 @@ class StaticDecoder:
         return self.step(self.idx, self.position, *filled).clone()  # a replay reuses its output
 
 
+def static_decoder(decode, model, cache):
+    """decode: one of DECODE_MODES -> None (eager) or the StaticDecoder of the cache."""
+    if decode not in DECODE_MODES or (decode != "eager" and cache is None):
+        raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}; a "
+                         "static step needs the cache")
+    return None if decode == "eager" else StaticDecoder(model, cache, decode == "compiled")
+
+
+def check_room(system_len, tok, reply_reserve, block_size):
+    """UserError unless a system message of system_len tokens leaves room for a message and
+    reply_reserve answer tokens."""
+    smallest_prompt = len(render_user("x", tok, after_answer=True)[0])
+    if system_len + smallest_prompt + reply_reserve + 1 > block_size:
+        raise UserError(f"the system message is {system_len} tokens; with a message and "
+                        f"{reply_reserve} tokens kept for the answer it does not fit "
+                        f"block_size {block_size}: shorten it")
+
+
 def reusable_prefix(kind, cached_ids, cached_roles, ids, roles):
     """How many leading rows cached for cached_ids/roles (all fed) stay exact for ids/roles.
     - causal: the longest common prefix of (id, role) pairs.
@@ -207,11 +225,10 @@ class Turn:
 
 
 class ChatSession:
-    """One conversation with a model; read its state, change it through its methods.
-    messages: system first if any; an answer's content is its sampled ids. ids, roles:
-    render(messages), <= block_size. The cache holds the K/V of ids[:cached]. use_cache=False: the
-    reference path, recomputing the whole context per token. decode: one of DECODE_MODES.
-    reply_reserve: answer tokens kept free when old turns are dropped (default block_size // 4)."""
+    """One conversation; read its state, change it through its methods. messages: system first if
+    any, answers as sampled ids; ids, roles = render(messages); the cache holds ids[:cached]'s K/V.
+    use_cache=False: the reference path, recomputing the whole context per token. reply_reserve:
+    answer tokens kept free when old turns are dropped (default block_size // 4)."""
 
     def __init__(self, model, tok, kind, system=None, use_cache=True, reply_reserve=None,
                  decode="eager"):
@@ -219,31 +236,22 @@ class ChatSession:
         param = next(model.parameters())  # where, and in what dtype, the model runs
         self.model, self.tok, self.kind, self.device = model, tok, kind, param.device
         self.block_size = model.config.block_size
-        self.reply_reserve = max(1, self.block_size // 4) if reply_reserve is None else \
-            reply_reserve
+        default_reserve = max(1, self.block_size // 4)
+        self.reply_reserve = default_reserve if reply_reserve is None else reply_reserve
         self.never = never_sampled(tok, model.config.vocab_size)
         self.cache = KVCache(model.config, 1, self.device, param.dtype) if use_cache else None
-        if decode not in DECODE_MODES or (decode != "eager" and not use_cache):
-            raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}; a "
-                             "static step needs the cache")
-        self.static = None if decode == "eager" else \
-            StaticDecoder(model, self.cache, compile=decode == "compiled")
+        self.static = static_decoder(decode, model, self.cache)
         self.system, self.last, self.cached = None, None, 0
         self.reset(system)
 
     def reset(self, system=_KEEP):
-        """A new conversation (system None or "": none); UserError, changing nothing, if no
-        turn fits."""
+        """A new conversation (system None or "": none); UserError if no turn would fit."""
         system = self.system if system is _KEEP else (system or None)
         messages = [{"role": "system", "content": system}] if system else []
         ids, roles = render(messages, self.tok)
-        smallest_prompt = len(render_user("x", self.tok, after_answer=True)[0])
-        if len(ids) + smallest_prompt + self.reply_reserve + 1 > self.block_size:
-            raise UserError(f"the system message is {len(ids)} tokens; with a message and "
-                            f"{self.reply_reserve} tokens kept for the answer it does not fit "
-                            f"block_size {self.block_size}: shorten it")
-        self.system, self.messages, self.ids, self.roles = system, messages, ids, roles
-        self.turns = 0
+        check_room(len(ids), self.tok, self.reply_reserve, self.block_size)
+        self.system, self.messages, self.turns = system, messages, 0
+        self.ids, self.roles = ids, roles
         self._forget(0)
 
     def turn(self, user_text, max_new_tokens=256, on_text=None, interruptible=False, **sampling):
@@ -258,14 +266,12 @@ class ChatSession:
         started = time.perf_counter()
         if not user_text.strip():
             raise TurnError("empty message")
-        # ChatML's prompt after an answer starts with a newline: as the history now ends, the prompt
-        # is as long as it can be (dropping turns never makes it longer).
+        # the prompt as the history ends now is the longest it can be (ChatML's starts with "\n")
         prompt_ids, prompt_roles = self._prompt(user_text)
         dropped = self._make_room(len(prompt_ids), max_new_tokens)  # phase 1
         if dropped:
             prompt_ids, prompt_roles = self._prompt(user_text)
-        room = self.block_size - len(self.ids) - len(prompt_ids) - 1  # - the closing token
-        budget = min(max_new_tokens, room)
+        budget = min(max_new_tokens, self.block_size - len(self.ids) - len(prompt_ids) - 1)
         self.last = Turn(self.turns + 1, user_text, started, dropped,
                          "max_new_tokens" if budget == max_new_tokens else "block_size")
         return self._answer(user_text, prompt_ids, prompt_roles, budget, sampling or Sampling())
@@ -286,8 +292,7 @@ class ChatSession:
         return kept
 
     def replace_answer(self, text):
-        """Teacher forcing (eval.py --history=gold): text replaces the last answer, whose rows are
-        forgotten; the next turn feeds it with its prompt."""
+        """Teacher forcing (eval.py --history=gold): text replaces the last answer's, uncached."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise ValueError("there is no answer to replace")
         self.messages[-1] = {"role": "assistant", "content": self.tok.encode(text)}
@@ -297,10 +302,8 @@ class ChatSession:
 
     def reusable_rows(self, ids, roles):
         """Cached rows that stay exact if the conversation became ids/roles (reusable_prefix)."""
-        return reusable_prefix(self.kind, self.ids[:self.cached], self.roles[:self.cached], ids,
-                               roles)
-
-    # ----------------------------------------------------------------------------- inside a turn
+        n = self.cached
+        return reusable_prefix(self.kind, self.ids[:n], self.roles[:n], ids, roles)
 
     def _prompt(self, user_text):
         after_answer = bool(self.messages) and self.messages[-1]["role"] == "assistant"
@@ -363,23 +366,28 @@ class ChatSession:
         turn.context_tokens = len(self.ids)
 
     def _make_room(self, prompt_len, max_new_tokens):
-        """Phase 1: drop the fewest oldest user+answer turns (not the system message) that leave
-        room for the prompt and the answer -> how many; TurnError if dropping all is not enough."""
+        """Phase 1: drop the oldest turns until the prompt and answer fit -> how many."""
         need = prompt_len + min(max_new_tokens, self.reply_reserve) + 1  # + the closing token
         if len(self.ids) + need <= self.block_size:
             return 0
-        head = 1 if self.messages and self.messages[0]["role"] == "system" else 0
-        for drop in range(1, (len(self.messages) - head) // 2 + 1):
-            kept = self.messages[:head] + self.messages[head + 2 * drop:]
-            if len(render(kept, self.tok)[0]) <= self.block_size - need:
-                self.messages = kept
-                self.ids, self.roles = render(kept, self.tok)
-                self._forget(0)  # positions restart at 0: the kept history is re-prefilled
-                return drop
-        taken = "the system message and chat format" if head else "the chat format"
-        raise TurnError(f"message of {prompt_len} tokens does not fit: block_size "
-                        f"{self.block_size}, {len(render(self.messages[:head], self.tok)[0])} "
-                        f"taken by {taken}, {need - prompt_len} kept for the answer; shorten it")
+        drop, self.messages = kept_turns(self.messages, self.tok, self.block_size, prompt_len, need)
+        self.ids, self.roles = render(self.messages, self.tok)
+        self._forget(0)  # positions restart at 0: the kept history is re-prefilled
+        return drop
+
+
+def kept_turns(messages, tok, block_size, prompt_len, need):
+    """-> (turns dropped, messages kept): the fewest oldest user+answer turns dropped, the system
+    message kept, that leave `need` tokens free; TurnError if dropping all is not enough."""
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    for drop in range(1, (len(messages) - head) // 2 + 1):
+        kept = messages[:head] + messages[head + 2 * drop:]
+        if len(render(kept, tok)[0]) <= block_size - need:
+            return drop, kept
+    taken = "the system message and chat format" if head else "the chat format"
+    raise TurnError(f"message of {prompt_len} tokens does not fit: block_size {block_size}, "
+                    f"{len(render(messages[:head], tok)[0])} taken by {taken}, "
+                    f"{need - prompt_len} kept for the answer; shorten it")
 
 
 # ------------------------------------------------------------------------------ around a session
