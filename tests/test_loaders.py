@@ -457,20 +457,25 @@ def unknown_to_tokenizers(text):
 
 @pytest.mark.parametrize("style", list(PRE_TOKENIZERS))
 def test_the_tokenizer_equals_the_tokenizers_library_but_on_code_points_newer_than_its_unicode(style, tmp_path):
-    # "equal to Hugging Face's": tokenizer.json's pipeline run by the tokenizers library. The one difference, in the
-    # README: code points the regex module (a newer Unicode) classes as letters or numbers and Oniguruma does not know
+    # "equal to Hugging Face's": tokenizer.json's pipeline run by the tokenizers library. The one
+    # difference: code points the regex module (a newer Unicode) classes as letters or numbers and
+    # Oniguruma does not know (experiments/README.md, "Loading it")
     rng = random.Random(0)
     reference = trained_tokenizer(tmp_path, PRE_TOKENIZERS[style](), [random_text(rng, 200) for _ in range(200)])
     ours, _ = from_tokenizer_json(str(tmp_path))
     rng = random.Random(1)
     texts = [random_text(rng, rng.randint(1, 40)) for _ in range(3000)]
-    differ = [t for t in texts if ours.encode(t) != reference.encode(t, add_special_tokens=False).ids]
-    for text in differ:
+    # What is invariant, whatever the regex module's Unicode version: every text encodes equally
+    # once the code points tokenizers does not know are replaced, and so does every text holding
+    # none. How many texts hold one moves with that version (7 of 3,000 with regex 2026.5.9, 32
+    # with 2026.11.19), so it is not bounded; most hold none, so the comparison is never vacuous.
+    plain_texts = 0
+    for text in texts:
         newer = unknown_to_tokenizers(text)
-        assert newer, f"{text!r} encodes differently and holds no code point newer than tokenizers' Unicode"
+        plain_texts += not newer
         plain = "".join("x" if c in newer else c for c in text)
-        assert ours.encode(plain) == reference.encode(plain, add_special_tokens=False).ids, text
-    assert len(differ) < 30  # rare: 7 of these 3,000 with regex 2026.5.9 and tokenizers 0.23.3
+        assert ours.encode(plain) == reference.encode(plain, add_special_tokens=False).ids, plain
+    assert plain_texts >= len(texts) // 2
 
 
 @pytest.mark.parametrize("merges", [["Ġt"], ["Ġ t x"], ["Ġ zz"], [["Ġ", "t", "x"]], ["Ġ "]])
