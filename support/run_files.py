@@ -21,8 +21,9 @@ def planted_link(path, what):
 
 class RunLock:
     """Hold out_dir/train.lock while a run trains, so that a second run on the same out_dir is
-    refused. The lock is the kernel's (flock): a killed run releases it with its process. Holding
-    it, the run clears the temporary files a killed run's save left behind."""
+    refused. The lock is the kernel's (flock): a killed run releases it with its process; a run
+    that ends removes the file. Holding it, the run clears the temporary files a killed run's save
+    left behind."""
 
     def __init__(self, out_dir):
         self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, "train.lock"), None
@@ -33,6 +34,21 @@ class RunLock:
         except OSError as e:
             raise UserError(f"cannot write to {self.out_dir} ({e.strerror}): pick another "
                             "--out_dir") from None
+        while not self._locked():  # the file we locked was removed by a run ending: lock anew
+            os.close(self.fd)
+        try:  # the pid only names the owner in another run's error: a full disk must not stop this
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"pid {os.getpid()}".encode())
+        except OSError:
+            pass
+        for pattern in (".ckpt-*.tmp", ".log-*.tmp"):  # save_checkpoint's and TrainingLog's
+            for leftover in glob.glob(os.path.join(self.out_dir, pattern)):
+                if os.path.isfile(leftover) and not os.path.islink(leftover):
+                    os.remove(leftover)
+        return self
+
+    def _locked(self):
+        """Open and lock train.lock -> whether the file locked is still the one at its path."""
         try:  # O_NOFOLLOW: a planted link is refused, never followed
             flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             self.fd = os.open(self.path, flags, 0o666)
@@ -48,19 +64,27 @@ class RunLock:
             os.close(self.fd)
             raise UserError(f"another training run ({owner}) is using {self.out_dir}: wait for it "
                             "to finish or pick another --out_dir") from None
-        try:  # the pid only names the owner in another run's error: a full disk must not stop this
-            os.ftruncate(self.fd, 0)
-            os.write(self.fd, f"pid {os.getpid()}".encode())
-        except OSError:
-            pass
-        for pattern in (".ckpt-*.tmp", ".log-*.tmp"):  # save_checkpoint's and TrainingLog's
-            for leftover in glob.glob(os.path.join(self.out_dir, pattern)):
-                if os.path.isfile(leftover) and not os.path.islink(leftover):
-                    os.remove(leftover)
-        return self
+        return same_file(self.fd, self.path)
 
     def __exit__(self, *exc):
-        os.close(self.fd)  # releases the lock; the file stays (removing it would race a new run)
+        # Removed while still locked, then released: a run that opened the file before it went
+        # finds, once it holds the lock, that the path names another file or none, and locks anew.
+        try:
+            if same_file(self.fd, self.path):
+                os.remove(self.path)
+        except OSError:
+            pass  # a file left behind blocks nothing: the lock is the kernel's
+        finally:
+            os.close(self.fd)
+
+
+def same_file(fd, path):
+    """Whether path still names the file open as fd (no file there: False)."""
+    try:
+        here, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
 def jsonl(lines):

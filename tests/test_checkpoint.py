@@ -8,7 +8,7 @@ import torch
 
 from support import checkpoint
 from support.checkpoint import load_checkpoint, save_checkpoint
-from support.run_files import RunLock
+from support.run_files import RunLock, same_file
 from cli.errors import UserError
 
 
@@ -61,6 +61,26 @@ def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path):
             RunLock(str(tmp_path)).__enter__()
     with RunLock(str(tmp_path)):  # released with the first one
         pass
+
+
+def test_a_run_removes_its_lock_file_and_a_removed_one_is_never_trusted(tmp_path):
+    path = tmp_path / "train.lock"
+    with RunLock(str(tmp_path)):
+        assert path.exists()
+    assert not path.exists()  # gone with its run: a finished run leaves nothing behind
+    # A run that opened the file before its holder removed it would lock a file no path names, and
+    # so would a third run creating a new one: the lock must be taken on the file the path names.
+    path.write_text("pid 1")
+    stale = os.open(path, os.O_RDONLY)
+    path.unlink()
+    assert not same_file(stale, str(path))
+    path.write_text("pid 2")
+    assert not same_file(stale, str(path))  # another file at the same path
+    os.close(stale)
+    with RunLock(str(tmp_path)) as lock:
+        assert same_file(lock.fd, str(path))
+        with pytest.raises(UserError, match="another training run"):
+            RunLock(str(tmp_path)).__enter__()
 
 
 def test_an_out_dir_that_cannot_be_written_is_refused_at_once(tmp_path):

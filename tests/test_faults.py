@@ -74,7 +74,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_new_run_and_resume(small_disk
     with pytest.raises(UserError, match=f"could not write {out}/ckpt.pt .*the previous checkpoint, if any, is unchanged"):
         train.main(args + ["--max_iters=4"])
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 2  # the first save, whole
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "train.lock"]  # no temporary file left
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]  # no temporary file left
     with pytest.raises(UserError, match="could not write .*unchanged"):
         train.main(args + ["--max_iters=6", "--init_from=resume"])
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 2
@@ -241,7 +241,7 @@ def test_a_killed_runs_leftovers_are_cleared(finished, data_dir, tmp_path):
     (out / ".ckpt-abc123.tmp").write_bytes(b"\0" * 1000)  # a save killed mid-write
     (out / ".log-def456.tmp").write_text('{"iter": 0}\n')  # a resumed log killed before it took the log's name
     train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"])
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "train.lock"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
     prepared = tmp_path / "data"
     prepare(str(prepared), block_size=128, n_train=8, n_val=2)
     (prepared / ".prepare-xyz").mkdir()  # a prepare killed before it moved its files in
