@@ -52,8 +52,12 @@ class SampleConfig(ModelFlags):
     no_cache: bool = setting(False, "reference path: recompute the whole context for every token")
     compile: bool = setting(False, "decode with the static-shape step under torch.compile (a CUDA "
                                    "graph on CUDA; the first reply waits for the compilation)")
-    script: str = setting("", "FILE.jsonl: answer each conversation's user messages in order, "
-                              "print one JSON object per turn")
+    script: str = setting("", "FILE.jsonl, a conversation per line as prepare.py reads it (an "
+                              "optional system message, then user and assistant messages taking "
+                              "turns, a user first; the last may be a user's): its user messages "
+                              "are answered in order, each after the model's own earlier replies "
+                              "(the file's assistant messages are ignored); one JSON object per "
+                              "turn")
     json: bool = setting(False, "stdin chat: print one JSON object per turn instead of the reply")
     stats: bool = setting(False, "show the per-turn stats line from the start (/stats toggles it)")
 

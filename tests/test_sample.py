@@ -130,6 +130,13 @@ def test_cli_bad_script_line_names_file_and_line(out_dir, tmp_path, monkeypatch,
     assert err.startswith(f"error: {script}:2: bad JSON") and err.count("\n") == 1
 
 
+def test_help_says_what_a_script_may_hold_and_that_its_answers_are_ignored(monkeypatch, capsys):
+    code, out, _ = cli(["--help"], "", monkeypatch, capsys)
+    help_line = " ".join(out[out.index("--script="):].split())
+    assert code == 0 and "user and assistant messages taking turns, a user first" in help_line
+    assert "the file's assistant messages are ignored" in help_line
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--temperature=-1", "--temperature=-1: must be at least 0"),
     ("--seed=1e23", "--seed=1e23: must be at most 9223372036854775807"),
