@@ -274,7 +274,14 @@ def _messages_of(record, where):
     if "messages" in record and "conversations" in record:  # which one to train on: a guess
         raise DataError(f'{where}: has both "messages" and "conversations": keep one')
     if "messages" in record:
-        return chat_messages(record["messages"], where)
+        messages = chat_messages(record["messages"], where)
+        for number, message in enumerate(record["messages"], 1):
+            weight = message.get("weight", 1)
+            if weight != 1 or isinstance(weight, bool):  # OpenAI's fine-tuning format: 0 or 1
+                raise DataError(f'{where}: message {number} has "weight": {json.dumps(weight)[:40]}: '
+                                "every answer trains here, none can be left out; drop that turn, "
+                                'or the "weight"')
+        return messages
     messages = []
     turns = _objects(record["conversations"], "conversations", ("from", "value"), where)
     for number, turn in turns:

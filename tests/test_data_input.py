@@ -30,6 +30,10 @@ ODD_LINES = {
         '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "id": ' +
         "9" * (sys.get_int_max_str_digits() + 1) + "}",
     'expected an object with a "messages" list': "null",  # JSON's null is a value, not a blank line
+    # OpenAI's fine-tuning format: "do not train on this answer", which packing cannot honour
+    'message 2 has "weight": 0':
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", '
+        '"weight": 0}]}',
 }
 
 
@@ -46,6 +50,13 @@ def test_odd_values_are_errors_at_file_and_line(tmp_path, problem):
     message = str(error.value)
     assert message.startswith(f"{path}:2: ") and problem in message
     assert "\n" not in message and len(message) < 300
+
+
+def test_a_weight_of_one_trains_as_if_absent(tmp_path):
+    weighted = json.loads(GOOD)
+    weighted["messages"][1]["weight"] = 1
+    path = write_lines(tmp_path / "chats.jsonl", [json.dumps(weighted)])
+    assert read_jsonl(path)[0] == [json.loads(GOOD)]
 
 
 def test_skip_bad_skips_odd_values(tmp_path):
