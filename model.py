@@ -1,26 +1,14 @@
 """
-A GPT whose attention takes an explicit mask, plus a KV cache for chat. One GPT class, two families by config:
+A GPT whose attention takes an explicit mask, and a KV cache for chat. Two families by config:
+GPT-2 (learned positions, LayerNorm, tanh GELU, biases; GPT-2's parameter names: its weights load)
+and Llama (SmolLM2, Qwen2: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional q/k/v biases,
+LoRA adapters), under the same names: c_attn stacks q, k, v and c_fc the SwiGLU's gate and up.
 
-- GPT-2 (the default, family="gpt2"): learned positions, pre-LayerNorm, the tanh GELU, tied embeddings, biases.
-  Parameter names and numerics follow GPT-2 / nanoGPT (transformer.wte, transformer.h.N.attn.c_attn, lm_head, ...),
-  so GPT-2 weights load by name and give GPT-2's logits.
-- The Llama family (family="llama": Llama, SmolLM2, Qwen2): rotary position embeddings (RoPE) instead of learned
-  positions, RMSNorm, a SwiGLU MLP of width mlp_hidden, grouped-query attention (n_kv_head key/value heads shared
-  by n_head query heads), optional q/k/v biases (Qwen2), tied or untied lm_head. Same module names: c_attn holds
-  q, k and v stacked, c_fc the SwiGLU's gate and up projections stacked.
-
-What differs from nanoGPT:
-- There is no built-in causal assumption. Every forward gets the mask to use: a dense boolean tensor
-  (True = may attend; SDPA, any device) or a FlexAttention BlockMask (CUDA). mask.py builds both from one rule.
-  Both families run the same attention code under the same mask.
-- Positions are explicit, so packed documents restart at 0 and a chunk on top of a cache continues from it; RoPE
-  rotates each query and key by its own position, GPT-2 looks its position up.
-- forward can run on a KVCache, gpt-fast's way: one positions tensor says where each token of the chunk sits; it
-  places RoPE (or GPT-2's position lookup) and the slots the chunk's keys and values are written to
-  (KVCache.update). The chunk then attends over the first S slots of the cache, S being its mask's width: the mask
-  row of a token covers exactly the tokens it may see, filled slots only. The model keeps no count of the filled
-  slots: the engine, which feeds the chunks, knows how many.
-This file imports torch only.
+Nothing assumes causality: every forward gets its mask, dense bool (True = may attend; SDPA) or a
+FlexAttention BlockMask (CUDA), both from mask.py. Positions are explicit: packed documents restart
+at 0, and a chunk on a KVCache continues it (gpt-fast's way): its positions place RoPE and the slots
+it writes, and it attends over the first S slots, S its mask's width; the engine feeding the chunks
+counts the filled slots, not the model. Imports torch only.
 """
 import functools
 import inspect
@@ -31,46 +19,40 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.utils.checkpoint import checkpoint
+
+FAMILIES = ("gpt2", "llama")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @functools.cache
 def compiled_flex_attention():
-    """FlexAttention is fast only compiled (CUDA); uncompiled it runs a reference implementation, forward only on
-    CPU. Compiled on first use: importing torch.compile's machinery costs seconds that CPU runs never need."""
+    """FlexAttention is fast only compiled (CUDA): compiled on first use, never on a CPU run."""
     return torch.compile(flex_attention, dynamic=False)
-
-
-FAMILIES = ("gpt2", "llama")
-# The projections LoRA may adapt, by the names Hugging Face's Llama and PEFT give them.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class GPTConfig:
     block_size: int = 512  # longest sequence, and the KV cache's capacity
-    vocab_size: int = 261  # byte tokenizer: 256 bytes + 5 special tokens (may be padded: rows no token uses)
+    vocab_size: int = 261  # bytes + 5 special tokens (may be padded: rows no token uses)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    bias: bool = True  # biases in every Linear and LayerNorm (GPT-2); the Llama family has none
-    # The Llama family; the defaults below are GPT-2's, so a GPT-2 config needs none of them.
-    family: str = "gpt2"  # "gpt2" | "llama"
-    n_kv_head: int = 0  # key/value heads, n_head a multiple of it (grouped-query attention); 0: n_head
-    mlp_hidden: int = 0  # MLP width; 0: 4 * n_embd (GPT-2)
-    rope_theta: float = 10000.0  # RoPE base (family "llama")
-    # Llama 3's RoPE scaling (Hugging Face's rope_type "llama3"), a plain dict so that checkpoints store it as it is:
-    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
-    # None: plain RoPE.
+    bias: bool = True  # in every Linear and LayerNorm (GPT-2)
+    family: str = "gpt2"  # "gpt2" | "llama"; the fields below default to GPT-2's
+    n_kv_head: int = 0  # key/value heads (grouped-query attention); 0: n_head
+    mlp_hidden: int = 0  # MLP width; 0: 4 * n_embd
+    rope_theta: float = 10000.0
+    # Llama 3's RoPE scaling, Hugging Face's dict: {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None: plain RoPE
     rope_scaling: dict = None
-    norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
-    qkv_bias: bool = False  # biases on the q, k, v projections even without bias (Qwen2)
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False  # biases on q, k, v even without bias (Qwen2)
     tie_embeddings: bool = True  # lm_head shares the token embedding's weights
-    # LoRA (Llama family): a low-rank adapter on each projection lora_targets names; 0: none
-    lora_rank: int = 0
-    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_rank: int = 0  # LoRA adapters of this rank on each of lora_targets (Llama family); 0: none
+    lora_alpha: float = 0.0  # their output is scaled by lora_alpha / lora_rank; 0: 2 * lora_rank
     lora_targets: tuple = ("q_proj", "v_proj")
     lora_dropout: float = 0.0  # on the adapters' input only
 
@@ -82,12 +64,14 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head "
+                             f"{self.n_kv_head}")
         self.lora_targets = tuple(self.lora_targets)
+        self.lora_alpha = self.lora_alpha or 2 * self.lora_rank
         unknown = set(self.lora_targets) - set(LORA_TARGETS)
         if self.lora_rank and (self.family != "llama" or unknown or not self.lora_targets):
-            raise ValueError(f"LoRA adapts the Llama family's {', '.join(LORA_TARGETS)}; not {self.family} "
-                             f"{', '.join(sorted(unknown)) or 'with no target'}")
+            raise ValueError(f"LoRA adapts the Llama family's {', '.join(LORA_TARGETS)}; not "
+                             f"{self.family} {', '.join(sorted(unknown)) or 'with no target'}")
 
     @property
     def head_dim(self):
@@ -95,22 +79,14 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens fed so far, preallocated up to block_size: keys[layer] and
-    values[layer], each (batch_size, n_kv_head, block_size, head_dim): only the key/value heads, so grouped-query
-    attention's saving is the cache's too. One tensor per layer and kind, not views of a larger one, so that a
-    compiled step writes into them in place (a write into a view of a graph's input makes the compiler copy the
-    whole base back). Allocated empty: a chunk attends only to the slots written before it and by it, so a slot
-    never written is never read (engine.StaticDecoder's whole-capacity step on CUDA zero-fills the cache first).
-
-    Memory: 2 (k and v) * n_layer * batch_size * block_size * n_kv_head * head_dim elements, e.g. 2 * 4 * 1 * 512 *
-    128 * 4 bytes = 2 MiB for the default model in fp32; bytes_per_token says what one token costs. Writing a chunk
-    of T tokens writes T slots per layer (O(T)); forgetting tokens is only a smaller count at the feeder's side.
-    """
+    """keys[layer], values[layer]: (batch, n_kv_head, block_size, head_dim), one tensor each (into
+    views of one, a compiled step would copy the whole back). Allocated empty: a chunk reads only
+    slots written before it or by it (the engine's whole-capacity step zero-fills them first)."""
 
     def __init__(self, config, batch_size=1, device="cpu", dtype=torch.float32):
         shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.empty_like(k) for k in self.keys]
 
     @property
     def capacity(self):
@@ -121,15 +97,14 @@ class KVCache:
         return 2 * sum(k[:, :, 0].numel() * k.element_size() for k in self.keys)
 
     def update(self, layer, input_pos, k, v):
-        """Write a chunk's k, v (B, n_kv_head, T, head_dim) at slots input_pos (T,) of the layer; -> the layer's
-        whole buffers (the caller reads the slots its mask covers)."""
+        """Write k, v (B, n_kv_head, T, head_dim) at slots input_pos (T,) -> the layer's buffers."""
         self.keys[layer].index_copy_(2, input_pos, k)
         self.values[layer].index_copy_(2, input_pos, v)
         return self.keys[layer], self.values[layer]
 
 
 class RMSNorm(nn.Module):
-    """Llama's norm: scale by the root mean square (no mean subtracted, no bias), computed in float32."""
+    """Llama's norm: divide by the root mean square (no mean, no bias), in float32."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -138,7 +113,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.type_as(x)
 
 
 def norm(config):
@@ -148,123 +124,121 @@ def norm(config):
 
 
 def rope_angles(positions, config):
-    """cos and sin of RoPE's rotation angles, position * the pair's inverse frequency (rope_frequencies), computed
-    in float32 at the explicit positions: (..., T) -> two (..., 1, T, head_dim / 2) tensors that broadcast over
-    heads."""
-    angles = positions.float().unsqueeze(-1) * rope_frequencies(config, positions.device)
+    """cos, sin of RoPE's angles at positions (..., T) -> two (..., 1, T, head_dim / 2), float32,
+    computed with Hugging Face's operations (the same floats)."""
+    dims = torch.arange(0, config.head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / config.rope_theta ** (dims / config.head_dim)
+    s = config.rope_scaling
+    if s is not None:  # Llama 3: long waves slowed by factor, short ones kept, those between mixed
+        low, high = s["low_freq_factor"], s["high_freq_factor"]
+        waves = s["original_max_position_embeddings"] / (2 * math.pi / inv_freq)
+        smooth = ((waves - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    angles = positions.float().unsqueeze(-1) * inv_freq
     return angles.cos().unsqueeze(-3), angles.sin().unsqueeze(-3)
 
 
-def rope_frequencies(config, device):
-    """The inverse frequency of each pair i of head dimensions, theta^(-2i/head_dim), Llama 3-scaled when the
-    config says so. Written in the operations Hugging Face's Llama uses, so that the angles are the same floats."""
-    exponents = torch.arange(0, config.head_dim, 2, device=device, dtype=torch.float32) / config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** exponents
-    if config.rope_scaling is None:
-        return inv_freq
-    scaling = config.rope_scaling
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    # Llama 3 stretches the long waves to reach a context factor times longer than the one it was pretrained with:
-    # a wave longer than original / low is slowed down by factor, one shorter than original / high kept as it is,
-    # and those between blend the two (smooth runs from 0 at the long end to 1 at the short end).
-    wavelength = 2 * math.pi / inv_freq
-    smooth = ((scaling["original_max_position_embeddings"] / wavelength - low) / (high - low)).clamp(0, 1)
-    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
-
-
 def apply_rope(x, rope):
-    """Rotate each (first half, second half) pair of x's head dimensions by its angle (the Hugging Face / Llama
-    layout: dimension i pairs with i + head_dim / 2)."""
+    """Rotate each pair (i, i + head_dim / 2) of x's head dimensions (Hugging Face's layout)."""
     cos, sin = rope
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose output stacks named parts (c_attn: q_proj, k_proj, v_proj; c_fc: gate_proj, up_proj), with a
-    LoRA adapter on each part config.lora_targets names, computed as PEFT does: part += dropout(x) A^T B^T *
-    lora_alpha / lora_rank, A (rank, in) random and B (out, rank) zero at first, so that an adapted model starts as
-    its base. The adapters are lora_A.<part> and lora_B.<part>."""
+def linear(in_features, parts, bias, config):
+    """A Linear whose output stacks parts ({"q_proj": size, ...}), a LoRALinear if config adapts
+    one of them."""
+    if config.lora_rank and set(parts) & set(config.lora_targets):
+        return LoRALinear(in_features, parts, bias, config)
+    return nn.Linear(in_features, sum(parts.values()), bias=bias)
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear with a LoRA adapter on each stacked part config.lora_targets names, computed as
+    PEFT does: part += dropout(x) A^T B^T * lora_alpha / lora_rank; lora_A.<part> is (rank, in),
+    lora_B.<part> (part's out, rank)."""
 
     def __init__(self, in_features, parts, bias, config):
         super().__init__(in_features, sum(parts.values()), bias=bias)
         ends = itertools.accumulate(parts.values())
         self.spans = {part: (end - size, end) for (part, size), end in zip(parts.items(), ends)}
-        rank = config.lora_rank
-        adapted = [part for part in parts if rank and part in config.lora_targets]
-        self.lora_A = nn.ParameterDict({part: nn.Parameter(torch.empty(rank, in_features)) for part in adapted})
-        self.lora_B = nn.ParameterDict({part: nn.Parameter(torch.empty(parts[part], rank)) for part in adapted})
-        self.lora_scale = config.lora_alpha / rank if rank else 0.0
+        self.adapted = [part for part in parts if part in config.lora_targets]
+        self.rank, self.scale = config.lora_rank, config.lora_alpha / config.lora_rank
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         self.lora_dropout = nn.Dropout(config.lora_dropout)
-        self.reset_lora()
+        self.reset_adapters()
 
-    def reset_lora(self):
-        for A in self.lora_A.values():
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # PEFT's start: nn.Linear's own init for A, B zero
-        for B in self.lora_B.values():
-            nn.init.zeros_(B)
+    def reset_adapters(self):
+        """PEFT's start, on the weight's device and in its dtype: A drawn as nn.Linear draws its
+        weight, B zero, so that the layer computes its base."""
+        for part in self.adapted:
+            A = torch.empty(self.rank, self.in_features, device=self.weight.device)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            start, end = self.spans[part]
+            self.lora_A[part] = nn.Parameter(A.to(self.weight.dtype))
+            self.lora_B[part] = nn.Parameter(self.weight.new_zeros(end - start, self.rank))
+
+    def adapter_params(self):
+        """-> {name: parameter} of the adapters (lora_A.q_proj, ...)."""
+        return dict(itertools.chain(self.lora_A.named_parameters("lora_A"),
+                                    self.lora_B.named_parameters("lora_B")))
 
     def forward(self, x):
         y = super().forward(x)
-        if self.lora_A:
-            h = self.lora_dropout(x)
-            for part, A in self.lora_A.items():
-                start, end = self.spans[part]
-                y[..., start:end] += (h @ A.t() @ self.lora_B[part].t()) * self.lora_scale
+        h = self.lora_dropout(x)
+        for part, A in self.lora_A.items():
+            start, end = self.spans[part]
+            y[..., start:end] += (h @ A.t() @ self.lora_B[part].t()) * self.scale
         return y
 
 
-class CausalSelfAttention(nn.Module):
-    # the name is GPT-2's; the mask passed in decides what each token sees
+class CausalSelfAttention(nn.Module):  # GPT-2's name; the mask passed in decides what is seen
 
     def __init__(self, config, layer_index):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.head_dim
         q_size, kv_size = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
-        self.c_attn = Linear(config.n_embd, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
-                             config.bias or config.qkv_bias, config)
-        self.c_proj = Linear(q_size, {"o_proj": config.n_embd}, config.bias, config)
+        parts = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
+        self.c_attn = linear(config.n_embd, parts, config.bias or config.qkv_bias, config)
+        self.c_proj = linear(q_size, {"o_proj": config.n_embd}, config.bias, config)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
-        self.layer_index = layer_index
+        self.dropout, self.layer_index = config.dropout, layer_index
 
     def forward(self, x, mask, positions, rope=None, kv_cache=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.split_sizes, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # n_kv_head heads
-        if rope is not None:  # Llama family: rotate q and k by their positions before they are cached
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
+        if rope is not None:  # Llama: rotate q and k by their positions before they are cached
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, positions, k, v)
-            width = mask.shape[-1]  # the slots the mask covers: the chunk's own and every one before it
+            width = mask.shape[-1]  # the slots the mask covers: the chunk's and all before it
             k, v = k[:, :, :width], v[:, :, :width]
-        # Grouped-query attention: each group of n_head / n_kv_head query heads reads one key/value head.
-        gqa = self.n_kv_head != self.n_head
-        dropout = self.dropout if self.training else 0.0
-        if isinstance(mask, BlockMask):
+        gqa = self.n_kv_head != self.n_head  # each group of query heads reads one key/value head
+        if isinstance(mask, BlockMask):  # Flex has no attention dropout; the residual one applies
             flex = compiled_flex_attention() if q.is_cuda else flex_attention
-            y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)  # no attention dropout in Flex; residual ones apply
+            y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
-            attn_mask = mask.view(-1, 1, *mask.shape[-2:])  # (T, S) or (B, T, S) -> broadcast over heads
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, enable_gqa=gqa)
+            attn_mask = mask.view(-1, 1, *mask.shape[-2:])  # (T, S) or (B, T, S): over heads
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask, p, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    """GPT-2: c_proj(gelu(c_fc(x))). Llama family (SwiGLU): c_fc holds the gate and up projections stacked,
-    c_proj(silu(gate(x)) * up(x))."""
+    """GPT-2: c_proj(gelu(c_fc(x))). Llama (SwiGLU): c_proj(silu(gate) * up), c_fc = [gate; up]."""
 
     def __init__(self, config):
         super().__init__()
-        self.swiglu = config.family == "llama"
-        fc_parts = {"gate_proj": config.mlp_hidden, "up_proj": config.mlp_hidden} if self.swiglu else \
-            {"c_fc": config.mlp_hidden}
-        self.c_fc = Linear(config.n_embd, fc_parts, config.bias, config)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU ("gelu_new"); the exact one differs by ~3e-4
-        self.c_proj = Linear(config.mlp_hidden, {"down_proj": config.n_embd}, config.bias, config)
+        self.swiglu, hidden = config.family == "llama", config.mlp_hidden
+        parts = {"gate_proj": hidden, "up_proj": hidden} if self.swiglu else {"c_fc": hidden}
+        self.c_fc = linear(config.n_embd, parts, config.bias, config)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU ("gelu_new")
+        self.c_proj = linear(hidden, {"down_proj": config.n_embd}, config.bias, config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -288,14 +262,20 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Embedding(nn.Embedding):
+    def reset_parameters(self):  # nothing to draw on the meta device (normal_ there loads dynamo)
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
-        if config.family == "gpt2":  # learned positions; the Llama family rotates q and k instead (RoPE)
-            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers = dict(wte=Embedding(config.vocab_size, config.n_embd))
+        if config.family == "gpt2":  # learned positions; Llama rotates q and k instead (RoPE)
+            layers["wpe"] = Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
             **layers,
             drop=nn.Dropout(config.dropout),
@@ -303,83 +283,95 @@ class GPT(nn.Module):
             ln_f=norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.checkpoint_blocks = False  # activation checkpointing: less memory for long rows, one more forward
+        self.checkpoint_blocks = False  # activation checkpointing: less memory, one more forward
         if config.tie_embeddings:
-            self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
-        if self.lm_head.weight.is_meta:  # built on the meta device to receive loaded weights: nothing to draw
+            self.transformer.wte.weight = self.lm_head.weight
+        if config.lora_rank:  # only the adapters train
+            self.requires_grad_(False)
+            for p in self.adapter_params().values():
+                p.requires_grad_(True)
+        if self.lm_head.weight.is_meta:  # built to receive weights (from_state): nothing to draw
             return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by depth
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_state(cls, config, state=None, strict=True):
+        """GPT(config) built on the meta device (no time or memory spent on random weights), given
+        state's tensors as they are (no copy, no cast); what state lacks (strict=False) or all of it
+        (no state: a model to read names and shapes from) stays on the meta device."""
+        with torch.device("meta"):
+            model = cls(config)
+        if state is not None:
+            model.load_state_dict(state, strict=strict, assign=True)
+            if config.tie_embeddings:  # assign gave lm_head and wte a Parameter each: tie again
+                model.transformer.wte.weight = model.lm_head.weight
+        return model
+
+    def adapter_params(self):
+        """-> {state-dict name: parameter} of every LoRA adapter: what a LoRA run trains, saves."""
+        return {f"{name}.{key}": p for name, module in self.named_modules()
+                if isinstance(module, LoRALinear) for key, p in module.adapter_params().items()}
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, mask, positions=None, targets=None, kv_cache=None, last_only=False, loss_reduction="mean"):
-        """idx (B, T) token ids. mask: bool (T, S) or (B, T, S), True = may attend, or a BlockMask: the rows of the
-        whole sequence's mask for these T tokens, over its first S tokens (S = T without a cache; with one, the
-        chunk's keys are written into the cache and the first S slots are attended). positions (T,) or (B, T):
-        where each token sits; default the chunk's own place, the last T of the S (0 .. T-1 without a cache).
-        targets (B, T): next-token ids, -1 where no loss is taken; logits are then computed only where a loss is:
-        (N, vocab) for the N targets, and the loss is their cross-entropy, reduced by loss_reduction ("mean",
-        "sum": what a step that weighs micro-batches by their answer tokens adds up). last_only: the last position's
-        logits only, (B, 1, vocab), what a chat step reads. Otherwise -> (logits (B, T, vocab), None).
-        The output layer is the widest matmul of a small model and its logits the largest activation: computing
-        them only where they are read saves time and memory, and changes no value."""
+    def forward(self, idx, mask, positions=None, targets=None, kv_cache=None, last_only=False,
+                loss_reduction="mean"):
+        """idx (B, T); mask (T, S) or (B, T, S) bool (True = may attend) or a BlockMask: these
+        tokens' rows over the first S (S = T, or a cache's first S slots, these T written into it);
+        positions (T,) or (B, T), default the last T of the S. targets (B, T), -1 where no loss is
+        taken -> (logits (N, vocab) of the N targets, their cross-entropy, "mean" or "sum");
+        last_only -> ((B, 1, vocab), None); else ((B, T, vocab), None): logits only where read."""
         B, T = idx.shape
         width = mask.shape[-1]
         if width > self.config.block_size:
-            raise ValueError(f"sequence of {width} tokens exceeds block_size {self.config.block_size}")
+            raise ValueError(f"sequence of {width} tokens exceeds block_size "
+                             f"{self.config.block_size}")
         if positions is None:
             positions = torch.arange(width - T, width, device=idx.device)
-        x = self._layers(idx, positions, mask, kv_cache)
-        if targets is not None:
-            trained = targets != -1
-            logits = self.lm_head(x[trained])
-            return logits, F.cross_entropy(logits.float(), targets[trained], reduction=loss_reduction)
-        return self.lm_head(x[:, -1:] if last_only else x), None
-
-    def _layers(self, idx, positions, mask, kv_cache):
-        """The final-norm hidden states (B, T, n_embd)."""
         x = self.transformer.wte(idx)
         rope = None
         if self.config.family == "gpt2":
             x = x + self.transformer.wpe(positions)
         else:
-            rope = rope_angles(positions, self.config)  # once per forward, shared by every layer
+            rope = rope_angles(positions, self.config)  # once per forward, for every layer
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            if self.checkpoint_blocks and self.training:  # keep only each block's input; recompute the rest backward
+            if self.checkpoint_blocks and self.training:  # recompute all but the input backward
                 x = checkpoint(block, x, mask, positions, rope, kv_cache, use_reentrant=False)
             else:
                 x = block(x, mask, positions, rope, kv_cache)
-        return self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            trained = targets != -1
+            logits = self.lm_head(x[trained])
+            loss = F.cross_entropy(logits.float(), targets[trained], reduction=loss_reduction)
+            return logits, loss
+        return self.lm_head(x[:, -1:] if last_only else x), None
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # weight decay on matrices (Linear weights, embeddings) only; never on biases or LayerNorm gains
+        """AdamW over what trains, weight decay on matrices only (never biases or norm gains)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra = {"fused": True} if fused else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops=989e12):
-        """Model FLOPs utilisation against a peak (default: H100 bf16 dense), PaLM appendix B accounting:
-        6N per token for the weights plus 12 * L * d * T for attention (counted as if every key were visible)."""
-        cfg = self.config
-        n_params = self.num_params()
+        """Model FLOPs utilisation against a peak (default: H100 bf16 dense), PaLM's appendix B: 6N
+        per token (N without the position table, a lookup) + 12 L d T for attention."""
+        cfg, n_params = self.config, self.num_params()
         if "wpe" in self.transformer:
-            n_params -= self.transformer.wpe.weight.numel()  # a lookup, no multiply-adds (as nanoGPT)
+            n_params -= self.transformer.wpe.weight.numel()
         flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
         return flops_per_token * tokens_per_iter / dt / peak_flops

@@ -1,10 +1,9 @@
-# GPT-2 small's shape (12 layers, 12 heads, 768 wide, 1024 tokens: 86M parameters with the byte vocabulary, 124M
-# with GPT-2's) trained from scratch with ISM on one GPU, bf16 autocast, FlexAttention with the BlockMask,
-# torch.compile.
-#   python prepare.py --block_size=1024 --max_turns=32 --n_train=200000 --out_dir=data/synthetic-1024
+# GPT-2 small's shape (12 layers, 12 heads, 768 wide, 1024 tokens) from scratch with ISM on one GPU.
+#   python prepare.py --block_size=1024 --max_turns=32 --n_train=200000 \
+#       --out_dir=data/synthetic-1024
 #   python train.py config/gpt2_small.py
-#   python bench.py config/gpt2_small.py --device=cuda --compile      # its step, chat and decode costs
-# A settings file is `key = value` lines of Python literals (never executed); flags after it still win.
+#   python bench.py config/gpt2_small.py --device=cuda --compile   # its step, chat and decode costs
+# A settings file is `key = value` lines of Python literals (never executed); flags after it win.
 data_dir = 'data/synthetic-1024'
 out_dir = 'out-gpt2-small'
 device = 'cuda'

@@ -1,12 +1,9 @@
-# Llama-3-8B-Instruct, every weight fine-tuned under ISM, sharded over the 8 GPUs of a node with FSDP2: weights,
-# gradients and AdamW's state are split over the ranks, each block's weights gathered only while it computes (in
-# bfloat16, gradients reduced in float32), and activation checkpointing keeps long rows in memory.
-# Where there is network, once: huggingface-cli download meta-llama/Meta-Llama-3-8B-Instruct --local-dir
-# Meta-Llama-3-8B-Instruct; the data in its tokens:
+# Llama-3-8B-Instruct, every weight fine-tuned under ISM, sharded over a node's 8 GPUs (FSDP2: bf16
+# compute, float32 gradient reduction) with activation checkpointing. Once, where there is network:
+# huggingface-cli download meta-llama/Meta-Llama-3-8B-Instruct --local-dir Meta-Llama-3-8B-Instruct
 #   python prepare.py --input=chitchat --tokenizer=Meta-Llama-3-8B-Instruct --block_size=4096
 #   torchrun --standalone --nproc_per_node=8 train.py config/llama3_8b_fsdp.py
-# Several nodes: torchrun's own --nnodes, --node_rank and --rdzv_endpoint, nothing else. The memory plan train.py
-# prints at the start, for these settings: see the README.
+# Several nodes: torchrun's own --nnodes, --node_rank and --rdzv_endpoint, nothing else.
 init_from = 'Meta-Llama-3-8B-Instruct'
 data_dir = 'data/chitchat-Meta-Llama-3-8B-Instruct'
 out_dir = 'out-llama3-8b-fsdp'

@@ -1,7 +1,6 @@
-# A mid-size model (6 layers, 6 heads, 384 wide, 512 tokens: 10.9M parameters with the byte vocabulary), between
-# the default one and GPT-2 small; on a CPU or a GPU.
-#   python train.py config/mid.py                     # the default synthetic data (prepared if missing)
-#   python bench.py config/mid.py                     # its costs (CPU here; add --device=cuda on a GPU)
+# A mid-size model (6 layers, 6 heads, 384 wide, 512 tokens), between the default one and GPT-2
+# small, on a CPU or a GPU:
+#   python train.py config/mid.py      # python bench.py config/mid.py: its costs
 mask = 'ism'
 out_dir = 'out-mid'
 block_size = 512

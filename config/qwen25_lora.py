@@ -1,9 +1,8 @@
-# Qwen2.5-7B-Instruct (ChatML, q/k/v biases) fine-tuned under ISM with LoRA (rank 32, alpha 64) on every attention
-# and MLP projection, on one GPU.
-# Where there is network, once: huggingface-cli download Qwen/Qwen2.5-7B-Instruct --local-dir Qwen2.5-7B-Instruct;
+# Qwen2.5-7B-Instruct (ChatML, q/k/v biases) under ISM with LoRA (rank 32, alpha 64) on every
+# attention and MLP projection, on one GPU. Once, where there is network: huggingface-cli download
+# Qwen/Qwen2.5-7B-Instruct --local-dir Qwen2.5-7B-Instruct; then:
 #   python prepare.py --input=chitchat --tokenizer=Qwen2.5-7B-Instruct --block_size=2048
 #   python train.py config/qwen25_lora.py
-# The memory plan train.py prints at the start, for these settings: see the README.
 init_from = 'Qwen2.5-7B-Instruct'
 data_dir = 'data/chitchat-Qwen2.5-7B-Instruct'
 out_dir = 'out-qwen25-7b-lora'

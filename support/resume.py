@@ -1,101 +1,132 @@
 """
-Whether a training run may start, must resume, or has nothing to do, and what its checkpoint records: a new run
-never silently replaces another run's files; a resumed one must be the run its flags describe (the same mask, seed,
-rows per step, data and shape), from a training state that train.py writes.
+Where a training run starts, whether it may, and what its checkpoint records: a new run never
+silently replaces another run's files; a resumed one must be the run its flags describe (the same
+mask, seed, rows per step, data and shape), from a training state that train.py writes.
 """
 import os
 from dataclasses import asdict, dataclass, field
 
-import torch
-
+from cli.errors import DataError, UserError
 from data.tokenizer import tokenizer_from_description
 from support.checkpoint import load_checkpoint
-from cli.errors import DataError, UserError
+from support.lora import base_fingerprint
 from support.run_files import RUN_FILES
-from support.lora import base_fingerprint, with_lora
 from support.starts import load_start, model_of_checkpoint
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
-# Settings that change the data order, dropout or what trains. Rows per step are checked as a product: the same
-# rows per step give the same training on any number of ranks.
+# Settings that change the data order, dropout or what trains (rows per step are checked as a
+# product: the same rows per step train the same on any number of ranks).
 RUN_KEYS = ("seed", "dropout", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "adapter")
-# Settings that change neither the result nor the plan: a finished run asked again with other values of these
-# has nothing to do.
-NO_EFFECT = ("threads", "log_interval", "compile", "overwrite")
+NO_EFFECT = ("threads", "log_interval", "compile", "overwrite")  # change neither result nor plan
+RESUMED = {"iter_num": int, "best_val_loss": float, "data_state": dict, "optimizer": dict,
+           "config": dict}
+AGAIN = "start a new run with --overwrite or another --out_dir"
 
+
+@dataclass
+class RunStart:
+    """What a run starts from: the model (None from scratch: it needs the data's vocabulary), the
+    checkpoint it resumes, the tokenizer description its data must match (None: any), and a new
+    LoRA run's base (named and fingerprinted in its checkpoints)."""
+    model: object = None
+    checkpoint: dict = None
+    tokenizer: dict = None
+    base: dict = None
+
+
+def starting_point(cfg, device, log, rows_per_step):
+    """-> RunStart. scratch: nothing yet; resume: out_dir's checkpoint, checked to be this run;
+    otherwise a pretrained start (load_start), --adapter folded into it."""
+    if cfg.init_from == "scratch":
+        return RunStart()
+    if cfg.init_from == "resume":
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        checkpoint = load_checkpoint(path, device)
+        check_resumable(checkpoint, path, cfg, rows_per_step)
+        try:
+            tokenizer_from_description(checkpoint["tokenizer"])  # the data must be in its tokens
+        except DataError as e:
+            raise UserError(f"{path}: {e}") from None
+        model = model_of_checkpoint(checkpoint, device, path)
+        return RunStart(model, checkpoint, checkpoint["tokenizer"])
+    start = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device, adapter=cfg.adapter)
+    log(f"starting from {start.what}")
+    base = {"init_from": cfg.init_from, "adapter": cfg.adapter,
+            "fingerprint": base_fingerprint(start.model)} if cfg.lora_rank else None
+    return RunStart(start.model, None, start.tok.describe(), base)
 
 
 def check_fresh_start(cfg, flags_given):
-    """A new run must not silently replace any file of another run. -> True when out_dir's checkpoint already
-    finished exactly this run (the same settings, flags_given: the settings as parsed), so there is nothing to do;
-    UserError when out_dir holds another run's files."""
+    """A new run must not replace another run's files. -> True when out_dir's checkpoint finished
+    exactly this run (flags_given: the settings as parsed): nothing to do; UserError when out_dir
+    holds another run's files."""
     if cfg.init_from == "resume" or cfg.overwrite:
         return False
     found = [name for name in RUN_FILES if os.path.lexists(os.path.join(cfg.out_dir, name))]
-    if not found:
-        return False
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if "ckpt.pt" in found and finished_this_run(path, flags_given):
         return True
     if "ckpt.pt" in found:
-        raise UserError(f"{path} already holds a model: continue it with --init_from=resume, replace it with "
+        raise UserError(f"{path} already holds a model: continue it with --init_from=resume, "
+                        "replace it with --overwrite, or pick another --out_dir")
+    if found:
+        raise UserError(f"{os.path.join(cfg.out_dir, found[0])} already holds another run's "
+                        f"{' and '.join(found)}, and no checkpoint to resume: replace it with "
                         "--overwrite, or pick another --out_dir")
-    raise UserError(f"{os.path.join(cfg.out_dir, found[0])} already holds another run's {' and '.join(found)}, and "
-                    "no checkpoint to resume: replace it with --overwrite, or pick another --out_dir")
+    return False
 
 
 def finished_this_run(path, flags_given):
-    """Did the checkpoint at path finish a run of these very settings?"""
     try:
         checkpoint = load_checkpoint(path)
     except UserError:
         return False
     saved = checkpoint.get("flags")
     mine = {k: v for k, v in asdict(flags_given).items() if k not in NO_EFFECT}
-    return isinstance(saved, dict) and {k: v for k, v in saved.items() if k not in NO_EFFECT} == mine and \
-        checkpoint.get("iter_num") == flags_given.max_iters
-
-
-RESUMED = {"iter_num": int, "best_val_loss": float, "data_state": dict, "optimizer": dict, "config": dict}
+    return isinstance(saved, dict) and checkpoint.get("iter_num") == flags_given.max_iters and \
+        {k: v for k, v in saved.items() if k not in NO_EFFECT} == mine
 
 
 def check_resumable(checkpoint, path, cfg, rows_per_step):
-    """UserError, naming the flags to pass, when the checkpoint is not the run these flags describe (the flags of
-    the run that wrote it are in its config), or when its training state is not one train.py writes."""
+    """UserError, naming the flags to pass, when the checkpoint is not the run these flags describe
+    (its config holds the flags that wrote it), or its training state is not one train.py writes."""
     for key, kind in RESUMED.items():
         if not isinstance(checkpoint.get(key), kind) or isinstance(checkpoint.get(key), bool):
-            raise UserError(f"{path} holds no usable training state ({key}): start a new run with --overwrite or "
-                            "another --out_dir")
+            raise UserError(f"{path} holds no usable training state ({key}): {AGAIN}")
     state, optimizer = checkpoint["data_state"], checkpoint["optimizer"]
-    if checkpoint["iter_num"] < 0 or not all(isinstance(state.get(k), int) and state[k] >= 0 for k in ("epoch", "row")):
-        raise UserError(f"{path} holds an impossible training state (iter_num {checkpoint['iter_num']}, data_state "
-                        f"{state}): start a new run with --overwrite or another --out_dir")
-    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
-        raise UserError(f"{path} holds no usable optimizer state: start a new run with --overwrite or another "
-                        "--out_dir")
+    if checkpoint["iter_num"] < 0 or \
+            not all(isinstance(state.get(k), int) and state[k] >= 0 for k in ("epoch", "row")):
+        raise UserError(f"{path} holds an impossible training state (iter_num "
+                        f"{checkpoint['iter_num']}, data_state {state}): {AGAIN}")
+    if not isinstance(optimizer.get("state"), dict) or \
+            not isinstance(optimizer.get("param_groups"), list):
+        raise UserError(f"{path} holds no usable optimizer state: {AGAIN}")
     tokens = checkpoint.get("tokens", {})
-    if not (isinstance(tokens, dict) and all(type(tokens.get(k)) is int for k in ("tokens", "answer_tokens"))):
-        raise UserError(f"{path} holds no usable token counts (tokens): start a new run with --overwrite or another "
-                        "--out_dir")
+    if not (isinstance(tokens, dict) and
+            all(type(tokens.get(k)) is int for k in ("tokens", "answer_tokens"))):
+        raise UserError(f"{path} holds no usable token counts (tokens): {AGAIN}")
     saved = checkpoint["config"]
-    # A run that started from pretrained weights got its shape from them, not from --n_layer and the like.
+    # A run from pretrained weights got its shape from them, not from --n_layer and the like.
     shape = SHAPE_KEYS if checkpoint.get("start", "scratch") == "scratch" else ("block_size",)
     wrong = [f"--mask={checkpoint['mask']}"] if checkpoint["mask"] != cfg.mask else []
-    wrong += [f"--{k}={saved[k]}" for k in shape + RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-    saved_rows = checkpoint.get("rows_per_step", saved.get("batch_size", 0) * saved.get("gradient_accumulation_steps", 1))
+    wrong += [f"--{k}={saved[k]}" for k in shape + RUN_KEYS
+              if k in saved and saved[k] != getattr(cfg, k)]
+    saved_rows = checkpoint.get("rows_per_step", saved.get("batch_size", 0) *
+                                saved.get("gradient_accumulation_steps", 1))
     if saved_rows != rows_per_step:
-        wrong.append(f"{saved_rows} rows per step (--batch_size x --gradient_accumulation_steps x ranks; now "
-                     f"{rows_per_step})")
+        wrong.append(f"{saved_rows} rows per step (--batch_size x --gradient_accumulation_steps x "
+                     f"ranks; now {rows_per_step})")
     if wrong:
-        raise UserError(f"{path} was trained with {' '.join(wrong)}: pass that to resume it, or start a new run "
-                        "with --overwrite or another --out_dir")
+        raise UserError(f"{path} was trained with {' '.join(wrong)}: pass that to resume it, or "
+                        f"{AGAIN}")
 
 
 def data_fingerprint(meta):
-    """What identifies a prepared dataset, wherever its folder is: its tokenizer and the size of each split. A
-    resumed run must read the same rows (the stream position indexes them) and measure the same held-out loss."""
+    """What identifies a prepared dataset wherever it lies: its tokenizer and its splits' sizes. A
+    resumed run must read the same rows (the stream position indexes them)."""
     return {"tokenizer": meta["tokenizer"]["name"],
-            **{name: {k: split[k] for k in ("conversations", "tokens")} for name, split in meta["splits"].items()}}
+            **{name: {k: split[k] for k in ("conversations", "tokens")}
+               for name, split in meta["splits"].items()}}
 
 
 def check_same_data(checkpoint, path, cfg, meta):
@@ -105,9 +136,9 @@ def check_same_data(checkpoint, path, cfg, meta):
     trained = saved.get("train") if isinstance(saved, dict) else None
     count = f"{trained['conversations']:,}" if isinstance(trained, dict) and \
         isinstance(trained.get("conversations"), int) else "an unreadable number of"
-    raise UserError(f"{path} was trained on other data than {cfg.data_dir} ({count} train conversations, not "
-                    f"{ours['train']['conversations']:,}): pass the --data_dir it was trained on, or start a new "
-                    "run with --overwrite or another --out_dir")
+    raise UserError(f"{path} was trained on other data than {cfg.data_dir} ({count} train "
+                    f"conversations, not {ours['train']['conversations']:,}): pass the --data_dir "
+                    f"it was trained on, or {AGAIN}")
 
 
 @dataclass
@@ -117,20 +148,21 @@ class RunState:
     best_val_loss: float = float("inf")
     best_iter: int = 0
     tokens: dict = field(default_factory=lambda: {"tokens": 0, "answer_tokens": 0})
-    start: str = "scratch"  # where the weights came from: scratch, or train.py's --init_from
+    start: str = "scratch"  # where the weights came from: scratch, or --init_from
     data_state: dict = field(default_factory=dict)  # the row stream's position
-    base: dict = None  # LoRA: the weights the adapters sit on, named (start, adapter) and fingerprinted
+    base: dict = None  # LoRA: the weights the adapters sit on, named and fingerprinted
 
     @classmethod
     def of(cls, checkpoint):
-        return cls(**{k: checkpoint[k] for k in ("iter_num", "best_val_loss", "best_iter", "tokens", "start",
-                                                 "data_state", "base") if k in checkpoint})
+        return cls(**{k: checkpoint[k] for k in ("iter_num", "best_val_loss", "best_iter", "tokens",
+                                                 "start", "data_state", "base") if k in checkpoint})
 
 
-def make_checkpoint(model_state, config, cfg, flags_given, meta, state, rows_per_step, resumable=None):
-    """The checkpoint dict: the weights (a LoRA run's adapters only: its base is named in state.base), the model's
-    config, the run's settings and state; with resumable, (the optimizer's state dict, the row stream's position),
-    it can be resumed; without it (best.pt) it holds what sample.py, eval.py and --init_from need."""
+def make_checkpoint(model_state, config, cfg, flags_given, meta, state, rows_per_step,
+                    resumable=None):
+    """The checkpoint dict: the weights (a LoRA run's adapters only: state.base names its base), the
+    model's config, the run's settings and state; with resumable, (the optimizer's state dict, the
+    row stream's position), it resumes; without (best.pt) it holds what a chat or a start needs."""
     checkpoint = {"model": model_state, "model_args": asdict(config), "config": asdict(cfg),
                   "flags": asdict(flags_given), "tokenizer": meta["tokenizer"], "mask": cfg.mask,
                   "data": data_fingerprint(meta), "rows_per_step": rows_per_step, **asdict(state)}
@@ -140,56 +172,27 @@ def make_checkpoint(model_state, config, cfg, flags_given, meta, state, rows_per
     return checkpoint
 
 
-def resumed_state(cfg, checkpoint, load_optimizer, meta, log, is_master=True, base=None):
-    """The RunState of a new run (base: what a LoRA run's adapters sit on), or of the checkpoint being resumed,
-    whose optimizer state load_optimizer(state dict) loads. A new run where best.pt exists got here with
-    --overwrite: those best weights are another run's, removed at once."""
-    if checkpoint is None:
+def resumed_state(cfg, start, load_optimizer, meta, log, is_master=True):
+    """The RunState of the checkpoint start resumes, whose optimizer state load_optimizer(state
+    dict) loads, or of a new run. A new run where best.pt exists came with --overwrite: those best
+    weights are another run's, removed at once."""
+    if start.checkpoint is None:
         replaced = os.path.join(cfg.out_dir, "best.pt")
         if is_master and os.path.lexists(replaced):
             os.remove(replaced)
             log(f"note: removed {replaced}, the best weights of the run this one replaces")
-        return RunState(start=cfg.init_from, base=base)
+        return RunState(start=cfg.init_from, base=start.base)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    check_same_data(checkpoint, path, cfg, meta)
+    check_same_data(start.checkpoint, path, cfg, meta)
     try:
-        load_optimizer(checkpoint["optimizer"])
+        load_optimizer(start.checkpoint["optimizer"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{path}: its optimizer state does not fit its model ({type(e).__name__}): start a new "
-                        "run with --overwrite or another --out_dir") from None
-    state = RunState.of(checkpoint)
-    log(f"resuming {path} at iter {state.iter_num} (best val answer loss {state.best_val_loss:.4f})")
+        raise UserError(f"{path}: its optimizer state does not fit its model ({type(e).__name__}): "
+                        f"{AGAIN}") from None
+    state = RunState.of(start.checkpoint)
+    log(f"resuming {path} at iter {state.iter_num} (best val answer loss "
+        f"{state.best_val_loss:.4f})")
     if state.iter_num >= cfg.max_iters:
-        log(f"note: the run is already at iter {state.iter_num}, not before --max_iters={cfg.max_iters}: nothing to "
-            "train (pass a larger --max_iters to go on)")
+        log(f"note: the run is already at iter {state.iter_num}, not before --max_iters="
+            f"{cfg.max_iters}: nothing to train (pass a larger --max_iters to go on)")
     return state
-
-
-def starting_point(cfg, device, log, rows_per_step):
-    """-> (model, checkpoint to resume or None, description of the tokenizer the model needs or None for any,
-    the base of new LoRA adapters or None). scratch: no model yet (its shape is the flags', its vocabulary the
-    data's); resume: the checkpoint's model and training state; otherwise a pretrained start (load_start), with
-    --adapter merged into it, and with --lora_rank fresh adapters on it."""
-    if cfg.init_from == "scratch":
-        return None, None, None, None
-    if cfg.init_from == "resume":
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        checkpoint = load_checkpoint(path, device)
-        check_resumable(checkpoint, path, cfg, rows_per_step)
-        try:
-            tokenizer_from_description(checkpoint["tokenizer"])  # the run's data must be in its tokens
-        except DataError as e:
-            raise UserError(f"{path}: {e}") from None
-        return model_of_checkpoint(checkpoint, device, path), checkpoint, checkpoint["tokenizer"], None
-    start = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device, adapter=cfg.adapter)
-    log(f"starting from {start.what}")
-    if not cfg.lora_rank:
-        return start.model, None, start.tok.describe(), None
-    base = {"init_from": cfg.init_from, "adapter": cfg.adapter, "fingerprint": base_fingerprint(start.model)}
-    torch.manual_seed(cfg.seed)  # the adapters' first A
-    try:
-        model = with_lora(start.model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank,
-                          cfg.lora_targets.split(","), cfg.lora_dropout)
-    except ValueError as e:
-        raise UserError(f"--lora_rank={cfg.lora_rank} --lora_targets={cfg.lora_targets}: {e}") from None
-    return model, None, start.tok.describe(), base

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 from cli.errors import UserError
 
@@ -156,3 +157,21 @@ class TrainingLog:
             os.write(self.fd, jsonl(lines))
         except OSError as e:
             self.stop_logging(e)
+
+
+class StepTimer:
+    """Mean wall time per optimizer step since the last restart (evaluations left out)."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self):
+        self.t0, self.steps = time.time(), 0
+
+    def seconds_per_step(self):
+        return (time.time() - self.t0) / max(self.steps, 1)
+
+
+def fmt_duration(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"

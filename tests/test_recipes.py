@@ -65,4 +65,4 @@ def test_a_recipe_runs_on_a_tiny_model_of_its_architecture(recipe, data_dir, tmp
     assert lora == (0 if recipe.endswith("fsdp") else 32) and (tmp_path / "out" / "adapter").exists() == bool(lora)
     assert checkpoint["config"]["activation_checkpointing"] == (recipe != "llama32_1b_lora")
     if log:
-        assert "2 rank(s)" in log and "memory plan per rank: weights" in log
+        assert "2 ranks (FSDP2)" in log and "memory plan per rank: weights" in log

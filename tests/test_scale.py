@@ -94,7 +94,7 @@ def test_fsdp_ranks_equal_one_process_and_a_run_goes_on_across_world_sizes(base,
     train.main(RUN + common + [f"--out_dir={tmp_path / 'one'}", "--max_iters=6", "--gradient_accumulation_steps=2"])
     out = tmp_path / "spread"
     log = torchrun(tmp_path, 2, *common, f"--out_dir={out}", "--max_iters=2", "--fsdp")
-    assert "2 rank(s), 2 rows" in log
+    assert "2 ranks (FSDP2), 2 rows" in log
     train.main(RUN + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--init_from=resume",
                       "--gradient_accumulation_steps=2"])
     torchrun(tmp_path, 2, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--init_from=resume",

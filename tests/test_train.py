@@ -264,6 +264,7 @@ def test_ddp_two_ranks_hold_identical_weights_equal_to_one_process(data_dir, tmp
                          capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("eval iter 6:") == 1  # rank 0 logs, rank 1 does not
+    assert "2 ranks (DDP), 4 rows" in ddp.stdout  # the run's line says how the ranks share the work
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
