@@ -41,7 +41,7 @@ from model import GPT
 from support.checkpoint import save_checkpoint
 from support.compute import (DEVICE_HELP, DTYPES, THREADS_HELP, all_ranks_sum, check_fits,
                              compute_init, memory_plan)
-from support.lora import with_lora, write_adapter
+from support.lora import peft_base, with_lora, write_adapter
 from support.resume import (RunState, check_fresh_start, make_checkpoint, resumed_state,
                             starting_point)
 from support.run_files import RunLock, StepTimer, TrainingLog, fmt_duration
@@ -342,7 +342,7 @@ class Run:
                                             resumable), path)
             if self.state.base and latest:  # a LoRA run
                 write_adapter(model_state, self.model.config, os.path.join(c.out_dir, "adapter"),
-                              self.state.base["init_from"])
+                              peft_base(self.state.base["init_from"]))
             self.log(f"saved {path} ({reason}, iter {self.state.iter_num})")
         self.saved_iter = self.state.iter_num if latest else self.saved_iter
 

@@ -66,9 +66,20 @@ def base_fingerprint(model):
 
 # ------------------------------------------------------------------------------------ PEFT's format
 
+PUBLISHED = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # packaged starts: their hub names
+
+
+def peft_base(init_from):
+    """The base an adapter names for peft (base_model_name_or_path): a packaged model's published
+    name, a folder's or file's absolute path (peft's convention for a local base), else as given."""
+    if init_from in PUBLISHED:
+        return PUBLISHED[init_from]
+    return os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+
+
 def write_adapter(state, config, folder, base_name=None):
     """A LoRA model's adapters (state: its state dict, or the adapters' part; config: its GPTConfig)
-    as a PEFT folder, each file written atomically."""
+    as a PEFT folder naming base_name (peft_base of the start), each file written atomically."""
     from safetensors.torch import save_file
     tensors = {peft_name(name): state[name].detach().float().cpu().contiguous()
                for name in GPT.from_state(config).adapter_params()}

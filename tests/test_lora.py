@@ -2,16 +2,17 @@
 the same base under peft; an adapter made by peft gives peft's logits here; both merged give the same; and what is
 not plain LoRA is refused."""
 import json
+import os
 
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 
 from mask import USER, make_mask
 from model import LORA_TARGETS
 from cli.errors import UserError
-from support.lora import merged, read_adapter, with_lora, write_adapter
+from support.lora import merged, peft_base, read_adapter, with_lora, write_adapter
 from support.starts import load_start
 from test_llama import llama_folder
 
@@ -59,6 +60,21 @@ def test_our_adapter_under_peft_gives_our_logits(base, tmp_path, targets):
         torch.testing.assert_close(peft_model(IDS).logits, ours_logits(adapted, IDS), atol=1e-4, rtol=0)
         assert (peft_model(IDS).logits - theirs(base)(IDS).logits).abs().max() > 1e-2  # the adapter matters
     torch.testing.assert_close(ours_logits(merged(adapted), IDS), ours_logits(adapted, IDS), atol=1e-4, rtol=0)
+
+
+def test_an_adapter_names_a_base_peft_can_open_by_itself(base, tmp_path, monkeypatch):
+    torch.manual_seed(3)
+    adapted = with_lora(load_start(base).model, 4, 8, ["q_proj", "v_proj"]).eval()
+    with torch.no_grad():
+        for p in adapted.adapter_params().values():
+            p.normal_(0, 0.2)
+    monkeypatch.chdir(tmp_path)  # a start given as a relative path is named by its absolute one
+    relative = os.path.relpath(base, tmp_path)
+    write_adapter(adapted.state_dict(), adapted.config, "adapter", peft_base(relative))
+    opened = AutoPeftModelForCausalLM.from_pretrained("adapter").eval()  # no base passed: its name
+    with torch.no_grad():
+        torch.testing.assert_close(opened(IDS).logits, ours_logits(adapted, IDS), atol=1e-4, rtol=0)
+    assert peft_base("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the packaged GGUF's model
 
 
 def test_peft_adapter_here_gives_peft_logits(base, tmp_path):

@@ -2,6 +2,7 @@
 saved, the base stays as loaded, the adapter in PEFT's format gives our logits under peft, resume is exact), FSDP2
 through torchrun with gloo (2 ranks x 1 micro-batch equal 1 process x 2 accumulation steps, and a run goes on
 across world sizes: 2 ranks -> 1 process -> 2 ranks), and LoRA under FSDP2."""
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,5 @@ def test_lora_under_fsdp_trains_the_adapters(base, data_dir, tmp_path):
     assert checkpoint["iter_num"] == 2 and all(".lora_" in name for name in checkpoint["model"])
     assert any(t.abs().max() > 0 for n, t in checkpoint["model"].items() if ".lora_B." in n)  # B left zero
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == os.path.abspath(base)  # peft opens it by that
