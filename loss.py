@@ -111,3 +111,7 @@ def estimate_val_loss(model, split, kind, block_size, batch_size, rt, eval_iters
     batches = batches_of(split, rows, block_size, batch_size)
     total, count = answer_loss_totals(model, batches, kind, rt)
     return total / max(count, 1)
+
+
+if __name__ == "__main__":  # a module: say what runs it
+    print("usage: loss.py is imported, not run: train.py's steps and eval.py's held-out loss use it")

@@ -375,3 +375,8 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
         return flops_per_token * tokens_per_iter / dt / peak_flops
+
+
+if __name__ == "__main__":  # a module: say what runs it
+    print("usage: model.py is imported, not run: train.py trains its GPT, engine.py chats with one "
+          "(python engine.py: a random model, cached against uncached)")

@@ -18,3 +18,11 @@ def test_help_says_what_a_script_does_and_an_unknown_argument_is_one_line(script
                            timeout=120)
     assert wrong.returncode == 2 and wrong.stdout == ""
     assert wrong.stderr == f"error: python {script} takes no arguments, not '--mask=ism' (--help says what it does)\n"
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(ROOT) if f.endswith(".py")))
+def test_every_python_file_at_the_root_answers_help(script):
+    """A script lists what it does and its flags; a module says what runs it: none is silent."""
+    helped = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert helped.returncode == 0 and len(helped.stdout.strip()) > 40, helped.stderr[-500:]
