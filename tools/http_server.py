@@ -1,224 +1,266 @@
 """
-The HTTP side of the server: a ThreadingHTTPServer whose handler routes POST /v1/chat/completions
-(a whole answer, or server-sent events), GET /v1/models and GET / (the chat page, tools/chat.html)
-to tools.openai_api.ChatService, each request passing tools/http_guards.py's checks first.
+serve.py's HTTP side, on Starlette and uvicorn: POST /v1/chat/completions, GET /v1/models and GET /
+(tools/chat.html), answered by tools.openai_api.ChatService. uvicorn and h11 do the HTTP (framing,
+keep-alive, 100-continue, malformed requests, --connections); ours: the body bound, the Host and
+Origin policy, one answer at a time, --timeout for a client to send a request and take a stream.
 """
-import io
+import asyncio
 import ipaddress
 import json
-import os
+import re
+import socket
 import sys
-import threading
 import time
 import traceback
-import uuid
-from contextlib import closing
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from pathlib import Path
 
-from tools.http_guards import RequestReader, check_origin, end_closed, read_body, refuse_busy
-from tools.openai_api import (ApiError, chunk, completion, delta, parse_json, parse_request,
-                              printable)
+import anyio
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
+from tools.openai_api import ApiError, chunks, completion, parse_json, parse_request, printable
+
+MAX_BODY = 1 << 20  # bytes; a longer request is refused (413), unread when its length says so
+# a Host header that names this machine whatever DNS says: no site can take these names
+LOOPBACK_HOST = re.compile(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?", re.IGNORECASE)
 
 
-class Handler(BaseHTTPRequestHandler):
-    """One HTTP request. Every response closes its connection: a stream ends where it does."""
-    protocol_version = "HTTP/1.1"  # answers Expect: 100-continue (curl's larger bodies)
-    client_gone = (ConnectionError, TimeoutError)  # a failed write, or --timeout spent waiting
-    routes = {"/": {"GET": "page"}, "/v1/models": {"GET": "models"},
-              "/v1/chat/completions": {"POST": "chat_completions"}}
+def check_origin(headers, loopback):
+    """ApiError 403 for a request from a web page other than the server's own. On loopback the Host
+    must name this machine (any port: ssh -L may forward another), which refuses a page whose name
+    was made to resolve here (DNS rebinding); a browser's Origin, when sent, must be the server's.
+    No Host (HTTP/1.0): no browser; no Origin: no page of another site (their requests carry it)."""
+    host, origin = headers.get("host", ""), headers.get("origin")
+    if loopback and host and not LOOPBACK_HOST.fullmatch(host):
+        raise ApiError(403, f"Host {host!r} is not a name of this machine (localhost, 127.0.0.1, "
+                            "[::1]): a web page elsewhere may not use this API")
+    if origin is not None and origin.lower() != f"http://{host}".lower():
+        raise ApiError(403, f"Origin {origin!r} is not this server's (http://{host}): a web page "
+                            "of another site may not use this API")
 
-    def do_request(self):
-        self.close_connection = True
-        begun, self.status, self.summary = time.perf_counter(), None, ""
+
+async def read_body(request, seconds):
+    """The body (h11 checked its framing), or ApiError 413 over MAX_BODY, 408 if not whole within
+    `seconds` of the request's head."""
+    length = int(request.headers.get("content-length", 0))  # digits: h11 refuses anything else
+    if length > MAX_BODY:
+        raise ApiError(413, f"the body is {length} bytes, more than {MAX_BODY}")
+    body = bytearray()
+    with anyio.move_on_after(seconds) as waited:
+        async for piece in request.stream():
+            body += piece
+            if len(body) > MAX_BODY:  # chunked: no length said
+                raise ApiError(413, f"the body is more than {MAX_BODY} bytes")
+    if waited.cancelled_caught:
+        raise ApiError(408, f"the request did not come whole within {seconds:g} s")
+    return bytes(body)
+
+
+def refusal(request, error):
+    """An ApiError, or the router's 404 or 405, as OpenAI's error; it closes the connection (a
+    body may be left unread)."""
+    path, allow = request.url.path, getattr(error, "headers", None) or {}
+    if isinstance(error, HTTPException):
+        message = (f"{request.method} is not allowed on {path}: use {allow['Allow']}" if allow
+                   else f"no such path: {path} (POST /v1/chat/completions, GET /v1/models, GET /)")
+        error = ApiError(error.status_code, message)
+    request.state.summary = f" ({error.message})"
+    return JSONResponse(error.body(), error.status, {"Connection": "close", **allow})
+
+
+def internal_error(request, log):
+    """For an unexpected exception, a bug: its traceback to the log (escaped, line by line), a
+    mark on the request's line. -> the error for the client."""
+    request.state.summary += " (internal error)"
+    log("\n".join(map(printable, traceback.format_exc().splitlines())))
+    return ApiError(500, "internal error").body()
+
+
+class ChatCompletions:
+    """POST /v1/chat/completions, an ASGI app: one answer at a time, in arrival order (asyncio.Lock
+    is fair), stream included; --queue more wait, then 503. The synchronous engine runs a step at a
+    time on its own thread; a client gone, seen between steps, closes the answer: it stops."""
+
+    def __init__(self, service):
+        self.service, self.lock, self.held = service, asyncio.Lock(), 0  # answered + waiting
+        self.engine = ThreadPoolExecutor(1, "engine")  # one thread: a close waits for a step
+
+    async def __call__(self, scope, receive, send):
+        service, request = self.service, Request(scope, receive)
+        body = await read_body(request, service.cfg.timeout)
+        chat = await anyio.to_thread.run_sync(
+            lambda: parse_request(parse_json(body), service.tok, service.block_size, service.cfg))
+        if self.held > service.cfg.queue:
+            raise ApiError(503, f"busy: one request is being answered and {service.cfg.queue} "
+                                "are waiting; retry later")
+        self.held += 1
         try:
-            self.route(urlsplit(self.path).path)
-        except self.client_gone:
-            self.status, self.summary = self.status or "-", self.summary + " (client gone)"
-        except Exception:
-            error = self.internal_error()
-            if self.status is None:
-                self.send_json(500, error)
+            async with self.lock:
+                await (self.stream if chat.stream else self.whole)(request, chat, send)
         finally:
-            self.log_line(f"{self.command} {self.path} {self.status}{self.summary} "
-                          f"{(time.perf_counter() - begun) * 1e3:.0f} ms")
+            self.held -= 1
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_request
-
-    def route(self, path):
-        methods = self.routes.get(path)
+    async def events(self, request, chat):
+        """service.answer(chat)'s events; ClientDisconnect once the client is gone."""
+        loop, events = asyncio.get_running_loop(), self.service.answer(chat)
         try:
-            check_origin(self.headers, self.server.loopback)
-            if methods is None:
-                raise ApiError(404, f"no such path: {path} (POST /v1/chat/completions, GET "
-                                    "/v1/models, GET /)")
-            if self.command not in methods:
-                raise ApiError(405, f"{self.command} is not allowed on {path}: use "
-                                    f"{', '.join(methods)}")
-            getattr(self, methods[self.command])()
-        except ApiError as e:
-            self.summary = f" ({e.message})"
-            self.send_json(e.status, e.body(), allow=", ".join(methods) if e.status == 405 else "")
+            while not await request.is_disconnected():
+                if (event := await loop.run_in_executor(self.engine, next, events, None)) is None:
+                    return
+                yield event
+            raise ClientDisconnect
+        finally:  # whatever happens, closing the answer stops its generation (queued, if cancelled)
+            await loop.run_in_executor(self.engine, events.close)
 
-    def internal_error(self):
-        """An unexpected exception, a bug and not the request's fault: its traceback goes to the
-        log (escaped, line by line), the request's line says so. -> the error for the client."""
-        self.summary += " (internal error)"
-        self.server.service.log("\n".join(map(printable, traceback.format_exc().splitlines())))
-        return ApiError(500, "internal error").body()
+    async def whole(self, request, chat, send):
+        async for _, reply in self.events(request, chat):
+            pass  # the last event's value is the whole answer
+        request.state.summary = tokens_line(reply)
+        await JSONResponse(completion(chat, reply))(request.scope, request.receive, send)
 
-    def setup(self):
-        """The whole request must come within --timeout of the connection (RequestReader), and
-        every write waits at most --timeout, so that a client sending nothing, or too little, or a
-        byte now and then, or not reading its stream, does not hold a thread longer. Generating
-        never touches the socket, so it is not limited."""
-        self.timeout = self.server.service.cfg.timeout  # setup() puts it on the socket
-        super().setup()
-        self.rfile.close()  # replaced by a file whose reads end at the request's deadline
-        self.rfile = io.BufferedReader(RequestReader(self.connection, self.timeout))
+    async def stream(self, request, chat, send):
+        """Server-sent events (openai_api.chunks), then [DONE]; an error once the 200 is sent is an
+        error event before it. A write not taken within --timeout: the client is gone."""
+        async def write(data, more=True):
+            with anyio.move_on_after(self.service.cfg.timeout) as waited:
+                await send({"type": "http.response.body", "body": data, "more_body": more})
+            if waited.cancelled_caught:
+                raise ClientDisconnect
 
-    def log_request(self, code="-", size="-"):
-        """Silences http.server's own line: do_request logs one, with the token counts."""
-
-    def log_message(self, format, *args):
-        """http.server's own lines (a malformed request line, a timeout), escaped alike."""
-        self.log_line(format % args)
-
-    def log_line(self, text):
-        """One line of the log, from the client's address on, with what the client sent escaped."""
-        self.server.service.log(printable(f"{self.client_address[0]} {text}"))
-
-    def send_head(self, status, content_type, length=None, allow=""):
-        self.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        if length is not None:
-            self.send_header("Content-Length", str(length))
-        if allow:
-            self.send_header("Allow", allow)
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        self.end_headers()
-
-    def send_json(self, status, body, allow=""):
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        self.send_head(status, "application/json", len(data), allow)
-        self.wfile.write(data)
-
-    def send_event(self, body):
-        self.wfile.write(b"data: " + json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n\n")
-
-    def page(self):
-        self.send_head(200, "text/html; charset=utf-8", len(self.server.page))
-        self.wfile.write(self.server.page)
-
-    def models(self):
-        self.send_json(200, self.server.service.models())
-
-    def chat_completions(self):
-        service = self.server.service
-        body = parse_json(read_body(self.rfile, self.headers, self.timeout))
-        request = parse_request(body, service.tok, service.block_size, service.cfg)
-        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        with service.line:
-            if request.stream:
-                self.stream_reply(request, response_id, created)
-            else:
-                self.whole_reply(request, response_id, created)
-
-    def whole_reply(self, request, response_id, created):
-        """The answer as one chat.completion once complete. A client gone meanwhile should stop the
-        generation, but a closed connection reads the same as a half-closed one (`nc -N`), whose
-        client still waits: only a write tells them apart. So once the client's end reads as
-        closed, an interim "100 Continue" is written, which HTTP/1.1 clients read past (RFC 9110,
-        15.2): a half-closed client takes it and gets its answer; a closed socket answers with a
-        reset, which the next look raises (ConnectionResetError), and the generation stops.
-        HTTP/1.0 has no interim responses: there a closed end is taken for a half-close."""
-        probed = self.request_version != "HTTP/1.1"
-        with closing(self.server.service.answer(request)) as events:
-            for event, value in events:
-                if event == "done":
-                    self.send_json(200, completion(request, value, response_id, created))
-                    self.summary = tokens_line(value)
-                elif end_closed(self.connection) and not probed:
-                    self.send_response_only(100)
-                    self.end_headers()
-                    probed = True
-
-    def stream_reply(self, request, response_id, created):
-        """Server-sent events: the role (with the first token and the prefill's facts), the
-        content, the finish_reason with the turn's facts, the usage when asked for, and [DONE]. A
-        failed write (the client gone) leaves the loop, and closing the answer stops the
-        generation. An internal error, once the 200 is sent, is an error event before [DONE]."""
-        self.send_head(200, "text/event-stream")
-
-        def send(choices, **extra):
-            self.send_event(chunk(request, response_id, created, choices, **extra))
+        def sse(body):
+            return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
         try:
-            with closing(self.server.service.answer(request)) as events:
-                for event, value in events:
-                    if event == "prefilled":
-                        send(delta({"role": "assistant", "content": ""}), ismgpt=value)
-                    elif event == "text":
-                        send(delta({"content": value}))
-                    else:
-                        send(delta({}, value["finish_reason"]), ismgpt=value["ismgpt"])
-                        if request.include_usage:
-                            send([], usage=value["usage"])
-                        self.summary = tokens_line(value)
-        except self.client_gone:
-            raise  # nobody to tell: do_request logs it
-        except ApiError as e:  # the request could not be answered after all: its error, as an event
-            self.summary = f" ({e.message})"
-            self.send_event(e.body())
+            async with aclosing(self.events(request, chat)) as events:
+                async for event, value in events:
+                    for body in chunks(chat, event, value):
+                        await write(sse(body))
+            request.state.summary = tokens_line(value)
+        except ClientDisconnect:
+            raise
+        except ApiError as e:  # the request could not be answered after all
+            request.state.summary = f" ({e.message})"
+            await write(sse(e.body()))
         except Exception:
-            self.send_event(self.internal_error())
-        self.wfile.write(b"data: [DONE]\n\n")
+            await write(sse(internal_error(request, self.service.log)))
+        await write(b"data: [DONE]\n\n", more=False)
 
 
 def tokens_line(reply):
     """A request's tokens, for its log line."""
     usage = reply["usage"]
-    cached = usage["prompt_tokens_details"]["cached_tokens"]
-    return (f" prompt {usage['prompt_tokens']} cached {cached} completion "
+    return (f" prompt {usage['prompt_tokens']} cached "
+            f"{usage['prompt_tokens_details']['cached_tokens']} completion "
             f"{usage['completion_tokens']} {reply['finish_reason']}")
 
 
-class Server(ThreadingHTTPServer):
-    """A thread per connection, up to --connections at once (reading, waiting or answered): one
-    more is answered 503 at once and closed, never given a thread."""
+class Guard:
+    """Around every request: the Host and Origin policy first; once answered, one log line (client,
+    method, path, status, what came of it, time), escaped; for a bug, a 500 and its traceback."""
 
-    def process_request(self, request, client_address):
-        if not self.open_connections.acquire(blocking=False):
-            refuse_busy(request, self.service.cfg.connections)
-            self.service.log(printable(f"{client_address[0]} refused: "
-                                       f"{self.service.cfg.connections} connections are open"))
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+    def __init__(self, app, service, loopback):
+        self.app, self.service, self.loopback = app, service, loopback
 
-    def process_request_thread(self, request, client_address):
+    async def __call__(self, scope, receive, send):
+        request, begun, sent = Request(scope, receive), time.perf_counter(), {}
+        request.state.summary = ""
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            await send(message)
         try:
-            super().process_request_thread(request, client_address)
+            check_origin(request.headers, self.loopback)
+            await self.app(scope, receive, sending)
+        except ApiError as e:  # the policy's
+            await refusal(request, e)(scope, receive, sending)
+        except ClientDisconnect:  # or took no streamed write in time
+            request.state.summary += " (client gone)"
+        except Exception:
+            error = internal_error(request, self.service.log)
+            if not sent:
+                await JSONResponse(error, 500)(scope, receive, sending)
         finally:
-            self.open_connections.release()
+            self.service.log(printable(
+                f"{scope['client'][0]} {scope['method']} {scope['path']} {sent.get('status', '-')}"
+                f"{request.state.summary} {(time.perf_counter() - begun) * 1e3:.0f} ms"))
 
 
-def make_server(service, host="127.0.0.1", port=0):
-    """A Server answering with `service`; port 0 picks a free port (server.server_address says
-    which). Run it with serve_forever(), stop it with shutdown(). An address beyond loopback
-    (127.0.0.0/8, ::1) is warned of on stderr."""
-    server = Server((host, port), Handler)
-    server.service = service
-    server.open_connections = threading.BoundedSemaphore(service.cfg.connections)
-    with open(PAGE, "rb") as f:
-        server.page = f.read()
-    address = ipaddress.ip_address(server.server_address[0])
-    server.loopback = address.is_loopback  # by address: localhost is too
-    if not server.loopback:
-        print(f"warning: listening on {host}:{server.server_address[1]}, beyond this machine: the "
-              "API has no authentication and is reachable from other machines", file=sys.stderr,
-              flush=True)
-    return server
+class Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 on h11, and: a request's head must come within --timeout of the
+    connection or of the last answer on it, else the connection is closed; a body cut short by the
+    client's end is refused as malformed; h11's refusals are logged and in OpenAI's shape."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.service = self.config.app.state.service
+        self.head_deadline = self.loop.call_later(self.service.cfg.timeout, self.head_too_late)
+
+    def on_response_complete(self):  # the next request on the connection has --timeout too
+        super().on_response_complete()
+        self.head_deadline.cancel()
+        self.head_deadline = self.loop.call_later(self.service.cfg.timeout, self.head_too_late)
+
+    def head_too_late(self):
+        if self.conn.their_state is h11.IDLE:  # nothing, or part of a head, came in time
+            self.transport.close()
+
+    def eof_received(self):  # uvicorn takes the client as gone: h11 sees a body cut short first
+        if self.conn.their_state is h11.SEND_BODY:
+            self.conn.receive_data(b"")
+            self.handle_events()
+
+    def send_400_response(self, msg):
+        error = ApiError(400, f"malformed HTTP request: {sys.exc_info()[1]}")  # h11's words
+        self.service.log(printable(f"{self.client[0]} 400 ({error.message})"))
+        body = json.dumps(error.body()).encode()
+        head = h11.Response(status_code=400, reason=b"Bad Request", headers=[
+            ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+            ("Connection", "close")])
+        for event in (head, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
+class Server(uvicorn.Server):
+    """uvicorn serving `service` on a socket bound now (OSError if it cannot be; port 0 picks a
+    free port, .address says which); run() serves until Ctrl-C or should_exit. An address beyond
+    loopback (127.0.0.0/8, ::1) is warned of on stderr."""
+
+    def __init__(self, service, host="127.0.0.1", port=0):
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.socket.listen()
+        self.address = self.socket.getsockname()[:2]
+        loopback = ipaddress.ip_address(self.address[0]).is_loopback  # by address: localhost is too
+        if not loopback:
+            print(f"warning: listening on {host}:{self.address[1]}, beyond this machine: the API "
+                  "has no authentication and is reachable from other machines", file=sys.stderr,
+                  flush=True)
+        page = (Path(__file__).parent / "chat.html").read_bytes()
+        app = Starlette(routes=[Route("/", lambda request: HTMLResponse(page)),
+                                Route("/v1/models", lambda request: JSONResponse(service.models())),
+                                Route("/v1/chat/completions", ChatCompletions(service),
+                                      methods=["POST"])],
+                        exception_handlers={ApiError: refusal, HTTPException: refusal},
+                        middleware=[Middleware(Guard, service=service, loopback=loopback)])
+        app.router.redirect_slashes = False  # /v1/models/ is unknown, as any other path
+        app.state.service = service
+        super().__init__(uvicorn.Config(
+            app, http=Protocol, lifespan="off", log_config=None, access_log=False,
+            headers=[("Cache-Control", "no-store")],
+            limit_concurrency=service.cfg.connections + 1))  # uvicorn counts the asking one too
+
+    def run(self):
+        super().run(sockets=[self.socket])

@@ -1,28 +1,27 @@
 """
-OpenAI's Chat Completions API on the chat engine: a request's JSON checked into a ChatRequest, and
-ChatService, which answers it on the cached conversation (engine.ChatSession) whose rows stay exact
-for the longest part of it, one request at a time. The HTTP side is tools/http_server.py.
+OpenAI's Chat Completions on the chat engine: a request's JSON checked into a ChatRequest, answered
+by ChatService on the cached conversation (engine.ChatSession) whose rows stay exact for the longest
+part of it. The HTTP side is tools/http_server.py.
 """
 import functools
 import json
 import random
-import re
 import sys
-import threading
+import time
+import uuid
 from collections import OrderedDict
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from cli.errors import DataError, ModelError, TurnError
 from data.chat import chat_messages, render, render_within, validate
 from engine import ChatSession, Sampling, TextStream
 from mask import ROLE_LETTERS
-from cli.errors import DataError, ModelError, TurnError
 
 MODEL_NAME = "ismgpt"
 MAX_STOPS = 4  # as OpenAI
-LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str only from JSON's "\ud800" escape alone
 
 
 class ApiError(Exception):
@@ -55,6 +54,8 @@ class ChatRequest:
     top_k: int
     seed: int  # None: drawn from the server's generator
     stop: tuple
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
 
 
 def parse_json(body):
@@ -63,18 +64,17 @@ def parse_json(body):
         raise ValueError(f"{name} is not JSON")
     try:
         value = json.loads(body.decode("utf-8"), parse_constant=no_constant)
-    except UnicodeDecodeError:
-        raise ApiError(400, "the body is not UTF-8 text") from None
-    except ValueError as e:  # json.JSONDecodeError included
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply
         raise ApiError(400, f"the body is not valid JSON ({e})") from None
-    except RecursionError:
-        raise ApiError(400, "the JSON is nested too deeply") from None
     if not isinstance(value, dict):
         raise ApiError(400, "the body must be a JSON object")
     for name, item in value.items():
-        if holds_lone_surrogate([name, item]):
+        try:  # JSON's "\ud800" alone decodes to a lone surrogate: no answer or log can encode it
+            json.dumps([name, item], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
             raise ApiError(400, f'"{printable(name)}" is not valid Unicode text: it holds a lone '
-                                'surrogate (a "\\ud800" escape without its pair)', printable(name))
+                                'surrogate (a "\\ud800" escape without its pair)',
+                           printable(name)) from None
     return value
 
 
@@ -84,22 +84,7 @@ def printable(text):
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
-def holds_lone_surrogate(value):
-    """Whether a decoded JSON value has a string or key with a lone surrogate, which no answer,
-    log or tokenizer can encode. A loop, not recursion: JSON may nest deeper than Python."""
-    pending = [value]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            pending += [*value, *value.values()]
-        elif isinstance(value, list):
-            pending += value
-        elif isinstance(value, str) and LONE_SURROGATE.search(value):
-            return True
-    return False
-
-
-def field(body, name, kinds, default, check=None, rule=""):
+def option(body, name, kinds, default, check=None, rule=""):
     """body[name] if it has one of the JSON types `kinds` (and passes check), default if absent or
     null, else ApiError 400."""
     value = body.get(name)
@@ -109,18 +94,6 @@ def field(body, name, kinds, default, check=None, rule=""):
             (check and not check(value)):
         raise ApiError(400, f'"{name}" must be {rule}', name)
     return value
-
-
-def stop_strings(body):
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stops, list) and 1 <= len(stops) <= MAX_STOPS and
-            all(isinstance(s, str) and s for s in stops)):
-        raise ApiError(400, f'"stop" must be a non-empty string or a list of 1 to {MAX_STOPS} of '
-                            'them', "stop")
-    return tuple(stops)
 
 
 def parse_request(body, tok, block_size, cfg):
@@ -136,8 +109,11 @@ def parse_request(body, tok, block_size, cfg):
     if messages[-1]["role"] != "user":
         raise ApiError(400, f"the last message is {messages[-1]['role']!r}: it must be the "
                             "user's, to answer", "messages")
-    number, get = (int, float), functools.partial(field, body)
+    number, get = (int, float), functools.partial(option, body)
     get("n", (int,), 1, lambda v: v == 1, "1: one answer per request")
+    stop = get("stop", (str, list), (), lambda v: v if isinstance(v, str) else 0 < len(v) <=
+               MAX_STOPS and all(isinstance(s, str) and s for s in v),
+               f"a non-empty string or a list of 1 to {MAX_STOPS} of them")
     options = get("stream_options", (dict,), {}, rule="an object")
     max_tokens = get("max_completion_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
     if max_tokens is None:
@@ -153,38 +129,14 @@ def parse_request(body, tok, block_size, cfg):
         messages=messages, ids=ids, roles=roles, history_len=len(render(messages[:-1], tok)[0]),
         model=get("model", (str,), MODEL_NAME, rule="a string"),
         stream=get("stream", (bool,), False, rule="true or false"),
-        include_usage=field(options, "include_usage", (bool,), False, rule="true or false"),
+        include_usage=option(options, "include_usage", (bool,), False, rule="true or false"),
         max_tokens=max_tokens,
         temperature=get("temperature", number, cfg.temperature, lambda v: 0 <= v <= 2,
                         "between 0 and 2"),
         top_p=get("top_p", number, cfg.top_p, lambda v: 0 < v <= 1, "above 0 and at most 1"),
         top_k=get("top_k", (int,), cfg.top_k, lambda v: v >= 0, "an integer >= 0 (0: all tokens)"),
         seed=get("seed", (int,), None, lambda v: -2**63 <= v < 2**64, "a 64-bit integer"),
-        stop=stop_strings(body),
-    )
-
-
-class Line:
-    """The requests for the one model, served one at a time in arrival order (a plain Lock wakes
-    its waiters in any order), with at most `queue` waiting; one more is refused with 503."""
-
-    def __init__(self, queue):
-        self.queue, self.changed = queue, threading.Condition()
-        self.next_ticket = self.serving = 0
-
-    def __enter__(self):
-        with self.changed:
-            if self.next_ticket - self.serving > self.queue:  # the one served and those waiting
-                raise ApiError(503, f"busy: one request is being answered and {self.queue} are "
-                                    "waiting; retry later")
-            ticket = self.next_ticket
-            self.next_ticket += 1
-            self.changed.wait_for(lambda: self.serving == ticket)
-
-    def __exit__(self, *exc):
-        with self.changed:
-            self.serving += 1
-            self.changed.notify_all()
+        stop=(stop,) if isinstance(stop, str) else tuple(stop))
 
 
 def cut_at_stop(text, stops):
@@ -201,15 +153,14 @@ def unsure_tail(text, stops):
 
 
 class ChatService:
-    """The model, the cached conversations (ChatSessions, least recently used first) and the line
-    of requests. cfg (ServeConfig) gives --sessions, --queue, --no_cache and sampling defaults."""
+    """The model and its cached conversations (ChatSessions, least recently used first), answering
+    one request at a time. cfg (ServeConfig): --sessions, --no_cache, sampling defaults."""
 
     def __init__(self, model, tok, kind, cfg, log=None, about=None):
         self.model, self.tok, self.kind, self.cfg = model, tok, kind, cfg
         self.about = about or {}  # what /v1/models says of the model beside its mask
         self.block_size = model.config.block_size
         self.sessions = OrderedDict()  # number -> ChatSession
-        self.line = Line(cfg.queue)
         self.seeds = random.Random()  # seeds of the requests that bring none; seeded by the OS
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
@@ -233,10 +184,10 @@ class ChatService:
         return self.sessions[best]
 
     def answer(self, request):
-        """Generate the answer to a checked request (holding the line). Yields ("prefilled", facts)
-        once the first token is sampled, ("text", piece) in whole characters (a stop string and
-        what follows never shown), and ("done", {text, finish_reason, usage, ismgpt}). Closing it
-        early (a client gone) stops the generation; the session stays consistent."""
+        """Generate the answer to a checked request. Yields ("prefilled", facts) once the first
+        token is sampled, ("text", piece) in whole characters (a stop string and what follows never
+        shown), and ("done", {text, finish_reason, usage, ismgpt}). Closing it early (a client
+        gone) stops the generation; the session stays consistent."""
         try:
             session = self.session_for(request)
             session.set_history(request.messages[:-1])  # keeps exactly the rows that stay exact
@@ -294,22 +245,29 @@ class ChatService:
                                             "block_size": self.block_size, **self.about}]}
 
 
-def completion(request, reply, response_id, created):
+def completion(request, reply):
+    """The chat.completion of a whole answer (ChatService.answer's "done" value)."""
     message = {"role": "assistant", "content": reply["text"]}
-    return {"id": response_id, "object": "chat.completion", "created": created,
+    return {"id": request.id, "object": "chat.completion", "created": request.created,
             "model": request.model, "choices": [{"index": 0, "message": message, "logprobs": None,
                                                  "finish_reason": reply["finish_reason"]}],
             "usage": reply["usage"], "ismgpt": reply["ismgpt"]}
 
 
-def chunk(request, response_id, created, choices, **extra):
-    """One chat.completion.chunk; with include_usage every chunk has "usage", null but the last."""
-    body = {"id": response_id, "object": "chat.completion.chunk", "created": created,
-            "model": request.model, "choices": choices}
-    if request.include_usage:
-        body["usage"] = None
-    return {**body, **extra}
+def chunks(request, event, value):
+    """The chat.completion.chunk bodies of one of ChatService.answer's events: the role (with the
+    prefill's facts), the content, the finish_reason (with the turn's), the usage if asked for.
+    With include_usage every chunk has "usage", null but the last."""
+    def chunk(choices, **extra):
+        usage = {"usage": None} if request.include_usage else {}
+        return {"id": request.id, "object": "chat.completion.chunk", "created": request.created,
+                "model": request.model, "choices": choices, **usage, **extra}
 
-
-def delta(content, finish_reason=None):
-    return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}]
+    def delta(content, finish_reason=None):
+        return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}]
+    if event == "prefilled":
+        return [chunk(delta({"role": "assistant", "content": ""}), ismgpt=value)]
+    if event == "text":
+        return [chunk(delta({"content": value}))]
+    usage = [chunk([], usage=value["usage"])] if request.include_usage else []
+    return [chunk(delta({}, value["finish_reason"]), ismgpt=value["ismgpt"]), *usage]
