@@ -42,8 +42,8 @@ from support.checkpoint import save_checkpoint
 from support.compute import (DEVICE_HELP, DTYPES, THREADS_HELP, all_ranks_sum, check_fits,
                              compute_init, memory_plan)
 from support.lora import peft_base, with_lora, write_adapter
-from support.resume import (RunState, check_fresh_start, make_checkpoint, resumed_state,
-                            starting_point)
+from support.resume import (ADAPTER_DIR, RunState, check_fresh_start, make_checkpoint,
+                            resumed_state, starting_point, writes_adapter)
 from support.run_files import RunLock, StepTimer, TrainingLog, fmt_duration
 from support.sharding import full_state, load_optimizer_state, shard, start_on_rank0
 from support.signals import StopOnSignal
@@ -336,13 +336,15 @@ class Run:
         latest = name == "ckpt.pt"
         if self.rt.is_master:
             path, c = os.path.join(self.cfg.out_dir, name), self.cfg
+            # adapter/ first, ckpt.pt last: a kill between leaves adapter/ a save ahead of ckpt.pt,
+            # never behind it, and the resumed run writes that same save again
+            if latest and writes_adapter(c):
+                write_adapter(model_state, self.model.config, os.path.join(c.out_dir, ADAPTER_DIR),
+                              peft_base(self.state.base["init_from"]))
             resumable = (optimizer_state, self.stream.state()) if latest else None
             save_checkpoint(make_checkpoint(model_state, self.model.config, c, self.flags_given,
                                             self.data.meta, self.state, rows_per_step(c, self.rt),
                                             resumable), path)
-            if self.state.base and latest:  # a LoRA run
-                write_adapter(model_state, self.model.config, os.path.join(c.out_dir, "adapter"),
-                              peft_base(self.state.base["init_from"]))
             self.log(f"saved {path} ({reason}, iter {self.state.iter_num})")
         self.saved_iter = self.state.iter_num if latest else self.saved_iter
 

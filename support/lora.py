@@ -7,28 +7,45 @@ would compute otherwise here is refused in one line naming it.
 """
 import hashlib
 import json
+import math
 import os
 from dataclasses import replace
 
 import torch
 
-from cli.errors import UserError
+from cli.errors import UserError, reason
 from model import GPT, LORA_TARGETS, LoRALinear
 from support.checkpoint import atomic
+from support.run_files import planted_link
 from support.weights import peft_name
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-# adapter_config.json values that compute something else than plain LoRA: (key, the one we compute)
-PLAIN_LORA = (("peft_type", "LORA"), ("bias", "none"), ("use_dora", False), ("use_rslora", False),
-              ("fan_in_fan_out", False), ("modules_to_save", None), ("layers_to_transform", None),
-              ("rank_pattern", {}), ("alpha_pattern", {}), ("lora_bias", False),
-              ("layer_replication", None), ("trainable_token_indices", None),
-              ("target_parameters", None), ("use_qalora", False))
+MAX_CONFIG_BYTES = 2**20  # peft writes a few kB: a link to /dev/zero is never read to its end
+OFF, UNSET = (False, None), (None,)
+# adapter_config.json keys whose other values peft computes otherwise than plain LoRA, or refuses
+# (a null peft_type, bias, pattern): key -> the values that are plain LoRA (absent is plain too).
+# pissa*, olora, corda, loftq, lora_ga re-base the weights (W - B A) under the saved A and B;
+# aLoRA adapts only the tokens after its invocation tokens; the *_config keys are other variants.
+PLAIN_LORA = {"peft_type": ("LORA",), "bias": ("none",), "rank_pattern": ({},),
+              "alpha_pattern": ({},), "use_dora": OFF, "use_rslora": OFF, "fan_in_fan_out": OFF,
+              "lora_bias": OFF, "use_qalora": OFF, "modules_to_save": UNSET,
+              "layers_to_transform": UNSET, "layer_replication": UNSET,
+              "trainable_token_indices": UNSET, "target_parameters": UNSET,
+              "init_lora_weights": (True, False, None, "gaussian", "eva", "orthogonal", "mica"),
+              "alora_invocation_tokens": UNSET, "use_bdlora": UNSET, "arrow_config": UNSET,
+              "kasa_config": UNSET, "velora_config": UNSET, "monteclora_config": UNSET}
+# its numbers: key -> (peft's default, whether a value is one peft computes with)
+NUMBERS = {"r": (8, lambda v: type(v) is int and v > 0),
+           "lora_alpha": (8, lambda v: type(v) in (int, float) and 0 < v < math.inf),
+           "lora_dropout": (0.0, lambda v: type(v) in (int, float) and 0 <= v < 1)}
 
 
 def with_lora(model, rank, alpha, targets, dropout=0.0):
     """The same model with fresh adapters (A from torch's generator, B zero: it computes what model
-    does), only they trainable. alpha 0: GPTConfig's default."""
+    does), only they trainable. Adapters model has already are folded into its weights first: they
+    stack, as peft's merge_and_unload and a second adapter do. alpha 0: GPTConfig's default."""
+    if model.adapter_params():
+        model = merged(model)
     config = replace(model.config, lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets),
                      lora_dropout=dropout)
     adapted = GPT.from_state(config, model.state_dict(), strict=False)  # the adapters still empty
@@ -54,13 +71,12 @@ def merged(model):
 
 
 def base_fingerprint(model):
-    """sha256 of the weights the adapters sit on (all but the adapters, in float32): a LoRA
-    checkpoint holds its adapters only and names its base; this tells the same base again."""
-    adapters, digest = model.adapter_params(), hashlib.sha256()
+    """sha256 of a LoRA run's start (every weight in float32, a LoRA checkpoint's adapters too): a
+    LoRA checkpoint holds its adapters only and names its start; this tells the same start again."""
+    digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if name not in adapters:
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -79,8 +95,9 @@ def peft_base(init_from):
 
 def write_adapter(state, config, folder, base_name=None):
     """A LoRA model's adapters (state: its state dict, or the adapters' part; config: its GPTConfig)
-    as a PEFT folder naming base_name (peft_base of the start), each file written atomically."""
-    from safetensors.torch import save_file
+    as a PEFT folder naming base_name (peft_base of the start), each file written atomically: a
+    failed write (a full disk) is a UserError and leaves the previous file."""
+    from safetensors.torch import save
     tensors = {peft_name(name): state[name].detach().float().cpu().contiguous()
                for name in GPT.from_state(config).adapter_params()}
     settings = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.lora_rank,
@@ -90,21 +107,40 @@ def write_adapter(state, config, folder, base_name=None):
                 "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
                 "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base_name,
                 "inference_mode": True}
-    os.makedirs(folder, exist_ok=True)
-    atomic(os.path.join(folder, ADAPTER_WEIGHTS),
-           lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    atomic(os.path.join(folder, ADAPTER_CONFIG), lambda path: write_json(path, settings))
+    check_adapter_folder(folder)
+    for name, data in ((ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"})),
+                       (ADAPTER_CONFIG, json.dumps(settings, indent=1).encode())):
+        path = os.path.join(folder, name)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            atomic(path, lambda tmp: write_bytes(tmp, data))
+        except OSError as e:
+            raise UserError(f"could not write {path} ({reason(e)}); the previous adapter, "
+                            "if any, is unchanged") from None
 
 
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+def write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def check_adapter_folder(folder):
+    """UserError unless folder is absent or a folder, and neither it nor its files are links: an
+    adapter is never written through a link the run did not make."""
+    for path in (folder, *(os.path.join(folder, f) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))):
+        if os.path.islink(path):
+            raise planted_link(path, "an adapter")
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{folder} is not a folder: remove it or pick another --out_dir")
 
 
 def read_adapter(model, folder):
-    """model (no adapters) with the PEFT adapter in folder on it; UserError for what it cannot
-    compute."""
+    """model with the PEFT adapter in folder on it (its own adapters folded in first); UserError for
+    what it cannot compute."""
     c = adapter_config(folder)
+    if model.config.family != "llama":
+        raise UserError(f"{folder}: LoRA adapts the Llama family's projections, not "
+                        f"{model.config.family}'s: put it on the Llama model it was made for")
     adapted = with_lora(model, c["r"], c["lora_alpha"], c["target_modules"], c["lora_dropout"])
     tensors, names = adapter_tensors(folder), {peft_name(n): n for n in adapted.adapter_params()}
     if set(tensors) != set(names):
@@ -121,28 +157,32 @@ def read_adapter(model, folder):
 
 
 def adapter_config(folder):
-    """adapter_config.json, checked to be plain LoRA on the projections model.py adapts."""
+    """adapter_config.json (at most MAX_CONFIG_BYTES read), checked to be plain LoRA on the
+    projections model.py adapts, with peft's defaults for the numbers it leaves out."""
     path = os.path.join(folder, ADAPTER_CONFIG)
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        with open(path, "rb") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise UserError(f"{path} is over 1 MiB, not an adapter_config.json peft wrote")
+        config = json.loads(text)
     except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}): --adapter takes a folder peft's "
                         "save_pretrained wrote") from None
     if not isinstance(config, dict):
         raise UserError(f"{path} is not a JSON object")
-    unlike = [key for key, plain in PLAIN_LORA
-              if config.get(key, plain) != plain and config.get(key) is not None]
+    config = {**{key: default for key, (default, _) in NUMBERS.items()}, **config}
+    unlike = [f"{key} {config[key]!r:.40}" for key, plain in PLAIN_LORA.items() if key in config
+              and not any(type(config[key]) is type(p) and config[key] == p for p in plain)]
+    unlike += [f"{key} {config[key]!r:.40}" for key, (_, fits) in NUMBERS.items()
+               if not fits(config[key])]
     targets = config.get("target_modules")
-    if not isinstance(targets, list) or not targets or set(targets) - set(LORA_TARGETS):
-        unlike.append(f"target_modules {targets!r}")
-    rank, alpha = config.get("r"), config.get("lora_alpha")
-    if not (isinstance(rank, int) and rank > 0 and isinstance(alpha, (int, float)) and alpha > 0):
-        unlike.append("r or lora_alpha")
+    if not (isinstance(targets, list) and targets and all(t in LORA_TARGETS for t in targets)):
+        unlike.append(f"target_modules {targets!r:.60}")
     if unlike:
-        raise UserError(f"{path}: {', '.join(unlike)} is not plain LoRA on "
+        raise UserError(f"{path}: {', '.join(unlike)}: not plain LoRA on "
                         f"{', '.join(LORA_TARGETS)}, what ismGPT computes")
-    return {**config, "lora_dropout": float(config.get("lora_dropout") or 0.0)}
+    return config
 
 
 def adapter_tensors(folder):

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from cli.errors import DataError, UserError
 from data.tokenizer import tokenizer_from_description
 from support.checkpoint import load_checkpoint
-from support.lora import base_fingerprint
+from support.lora import base_fingerprint, check_adapter_folder, merged
 from support.run_files import RUN_FILES
 from support.starts import load_start, model_of_checkpoint
 
@@ -21,6 +21,7 @@ NO_EFFECT = ("threads", "log_interval", "compile", "overwrite")  # change neithe
 RESUMED = {"iter_num": int, "best_val_loss": float, "data_state": dict, "optimizer": dict,
            "config": dict}
 AGAIN = "start a new run with --overwrite or another --out_dir"
+ADAPTER_DIR = "adapter"  # out_dir/adapter/: a LoRA run's adapters in PEFT's format
 
 
 @dataclass
@@ -51,18 +52,32 @@ def starting_point(cfg, device, log, rows_per_step):
         return RunStart(model, checkpoint, checkpoint["tokenizer"])
     start = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device, adapter=cfg.adapter)
     log(f"starting from {start.what}")
+    if start.model.adapter_params() and not cfg.lora_rank:  # a LoRA checkpoint: all of it trains
+        start.model = merged(start.model)
+    if cfg.lora_rank and cfg.adapter:
+        log(f"note: this run writes no out_dir/{ADAPTER_DIR}/: peft would put it on "
+            f"{cfg.init_from} without --adapter={cfg.adapter}, folded in here (ckpt.pt holds it)")
     base = {"init_from": cfg.init_from, "adapter": cfg.adapter,
             "fingerprint": base_fingerprint(start.model)} if cfg.lora_rank else None
     return RunStart(start.model, None, start.tok.describe(), base)
 
 
+def writes_adapter(cfg):
+    """Whether the run writes out_dir/adapter/: a LoRA run, unless --adapter is folded into its
+    start (peft would put the adapter on the start without it)."""
+    return bool(cfg.lora_rank) and not cfg.adapter
+
+
 def check_fresh_start(cfg, flags_given):
-    """A new run must not replace another run's files. -> True when out_dir's checkpoint finished
-    exactly this run (flags_given: the settings as parsed): nothing to do; UserError when out_dir
-    holds another run's files."""
+    """A new run must not replace another run's files, and no run writes through a link. -> True
+    when out_dir's checkpoint finished exactly this run (flags_given: the settings as parsed):
+    nothing to do; UserError when out_dir holds another run's files."""
+    written = RUN_FILES + ((ADAPTER_DIR,) if writes_adapter(cfg) else ())
+    if writes_adapter(cfg):
+        check_adapter_folder(os.path.join(cfg.out_dir, ADAPTER_DIR))
     if cfg.init_from == "resume" or cfg.overwrite:
         return False
-    found = [name for name in RUN_FILES if os.path.lexists(os.path.join(cfg.out_dir, name))]
+    found = [name for name in written if os.path.lexists(os.path.join(cfg.out_dir, name))]
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if "ckpt.pt" in found and finished_this_run(path, flags_given):
         return True

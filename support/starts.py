@@ -92,8 +92,9 @@ def _from_checkpoint(path, device):
 
 
 def model_of_checkpoint(checkpoint, device, path):
-    """A checkpoint's model: its weights, or a LoRA run's adapters on the base it names, which must
-    still be the weights they were trained on (UserError otherwise)."""
+    """A checkpoint's model: its weights, or a LoRA run's adapters on the start it names (a LoRA
+    checkpoint's own adapters folded in), which must still be the weights they were trained on
+    (UserError otherwise)."""
     base = checkpoint.get("base")
     if not base:
         return model_from_checkpoint(checkpoint, device, path)
@@ -105,7 +106,10 @@ def model_of_checkpoint(checkpoint, device, path):
                         "and those weights have changed since: restore them, or train again")
     model = with_lora(start.model, args["lora_rank"], args["lora_alpha"], args["lora_targets"],
                       args["lora_dropout"])
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    except RuntimeError:  # a size mismatch
+        missing, unexpected = (), ("",)
     if unexpected or set(missing) & set(model.adapter_params()):
         raise UserError(f"{path}: its adapters do not fit its model_args; retrain or restore it")
     return model.eval()

@@ -1,6 +1,6 @@
-"""LoRA against peft: an adapter trained here, written in PEFT's format, gives our logits on transformers' model of
-the same base under peft; an adapter made by peft gives peft's logits here; both merged give the same; and what is
-not plain LoRA is refused."""
+"""LoRA against peft: an adapter trained here, written in PEFT's format, gives our logits on
+transformers' model of the same base under peft; an adapter made by peft gives peft's logits here;
+both merged give the same; and what is not plain LoRA is refused."""
 import json
 import os
 
@@ -17,15 +17,18 @@ from support.starts import load_start
 from test_llama import llama_folder
 
 transformers.logging.set_verbosity_error()
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A small random Llama folder, every parameter perturbed."""
-    return llama_folder(tmp_path_factory.mktemp("base") / "llama", hidden_size=32, intermediate_size=48,
-                        max_position_embeddings=64)
+    return llama_folder(tmp_path_factory.mktemp("base") / "llama", hidden_size=32,
+                        intermediate_size=48, max_position_embeddings=64)
 
 
 def ours_logits(model, ids):
-    """Our logits of the base's 256 tokens (the byte-vocabulary start's embedding gains ismGPT's chat tokens)."""
+    """Our logits of the base's 256 tokens (the byte-vocabulary start's embedding gains ismGPT's
+    chat tokens)."""
     with torch.no_grad():
         return model(ids, make_mask("causal", torch.full((ids.shape[1],), USER)))[0][..., :256]
 
@@ -57,9 +60,12 @@ def test_our_adapter_under_peft_gives_our_logits(base, tmp_path, targets):
     write_adapter(adapted.state_dict(), adapted.config, str(tmp_path / "adapter"), base)
     peft_model = PeftModel.from_pretrained(theirs(base), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(IDS).logits, ours_logits(adapted, IDS), atol=1e-4, rtol=0)
-        assert (peft_model(IDS).logits - theirs(base)(IDS).logits).abs().max() > 1e-2  # the adapter matters
-    torch.testing.assert_close(ours_logits(merged(adapted), IDS), ours_logits(adapted, IDS), atol=1e-4, rtol=0)
+        torch.testing.assert_close(peft_model(IDS).logits, ours_logits(adapted, IDS), atol=1e-4,
+                                   rtol=0)
+        # the adapter matters
+        assert (peft_model(IDS).logits - theirs(base)(IDS).logits).abs().max() > 1e-2
+    torch.testing.assert_close(ours_logits(merged(adapted), IDS), ours_logits(adapted, IDS),
+                               atol=1e-4, rtol=0)
 
 
 def test_an_adapter_names_a_base_peft_can_open_by_itself(base, tmp_path, monkeypatch):
@@ -71,16 +77,19 @@ def test_an_adapter_names_a_base_peft_can_open_by_itself(base, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)  # a start given as a relative path is named by its absolute one
     relative = os.path.relpath(base, tmp_path)
     write_adapter(adapted.state_dict(), adapted.config, "adapter", peft_base(relative))
-    opened = AutoPeftModelForCausalLM.from_pretrained("adapter").eval()  # no base passed: its name
+    opened = AutoPeftModelForCausalLM.from_pretrained("adapter").eval()  # no base given: its name
     with torch.no_grad():
-        torch.testing.assert_close(opened(IDS).logits, ours_logits(adapted, IDS), atol=1e-4, rtol=0)
-    assert peft_base("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the packaged GGUF's model
+        torch.testing.assert_close(opened(IDS).logits, ours_logits(adapted, IDS), atol=1e-4,
+                                   rtol=0)
+    # the packaged GGUF's model
+    assert peft_base("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_peft_adapter_here_gives_peft_logits(base, tmp_path):
     torch.manual_seed(3)
-    config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.1,
-                        init_lora_weights=False, task_type="CAUSAL_LM")  # random B: not the identity
+    config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"],
+                        lora_dropout=0.1, init_lora_weights=False,
+                        task_type="CAUSAL_LM")  # random B: not the identity
     peft_model = get_peft_model(theirs(base), config).eval()
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     adapted = read_adapter(load_start(base).model, str(tmp_path / "adapter")).eval()
@@ -89,7 +98,8 @@ def test_peft_adapter_here_gives_peft_logits(base, tmp_path):
     torch.testing.assert_close(ours_logits(adapted, IDS), want, atol=1e-4, rtol=0)
     torch.testing.assert_close(ours_logits(merged(adapted), IDS), want, atol=1e-4, rtol=0)
     with torch.no_grad():
-        torch.testing.assert_close(peft_model.merge_and_unload()(IDS).logits, want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(peft_model.merge_and_unload()(IDS).logits, want, atol=1e-4,
+                                   rtol=0)
 
 
 @pytest.mark.parametrize("change, named", [
@@ -115,7 +125,8 @@ def test_an_adapter_of_another_shape_is_one_line(base, tmp_path):
     adapted = with_lora(load_start(base).model, 4, 8, ["q_proj", "v_proj"])
     write_adapter(adapted.state_dict(), adapted.config, str(tmp_path / "adapter"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps({**config, "target_modules": ["q_proj"]}))
     with pytest.raises(UserError, match="its tensors are not those of LoRA on q_proj"):
         read_adapter(load_start(base).model, str(tmp_path / "adapter"))
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
