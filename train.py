@@ -155,7 +155,7 @@ def train(cfg, flags_given, rt):
     log = flags.say if rt.is_master else (lambda *a: None)  # a closed stdout costs only messages
     run = setup(cfg, flags_given, rt, log)
     cfg, state, stream, t_start, timer = run.cfg, run.state, run.stream, time.time(), StepTimer()
-    with (StopOnSignal() as stop,
+    with (StopOnSignal(cfg.log_interval if rt.world_size > 1 else 1) as stop,
           TrainingLog(cfg.out_dir, run.resumed_at, rt.is_master) as run.record):
         while True:
             # 1. evaluate the held-out answer loss and save: every eval_interval steps, at the end

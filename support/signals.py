@@ -7,7 +7,12 @@ from cli.flags import say
 
 class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary, so that the
-    checkpoint it writes is a consistent one; a second Ctrl-C aborts at once."""
+    checkpoint it writes is a consistent one; a second Ctrl-C aborts at once. every: the steps at
+    which the loop looks (several ranks agree at log steps only)."""
+
+    def __init__(self, every=1):
+        self.when = "after this step" if every == 1 else \
+            f"at the next step that is a multiple of {every}, where every rank stops together"
 
     def __enter__(self):
         self.requested = False
@@ -18,7 +23,7 @@ class StopOnSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True  # first: the message may meet a closed pipe; the save must not care
-        say("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)",
+        say(f"\nstopping {self.when} to save a checkpoint (Ctrl-C again to abort)",
             file=sys.stderr)
 
     def __exit__(self, *exc):

@@ -512,3 +512,14 @@ def test_plot_training_reads_the_log(trained, tmp_path):
         assert png.stat().st_size > 0
     with pytest.raises(UserError, match="cannot read .*log.jsonl"):
         plot_training.main([str(tmp_path / "nothing")])
+
+
+@pytest.mark.parametrize("every, says", [(1, "stopping after this step"),
+                                         (20, "at the next step that is a multiple of 20")])
+def test_a_stop_request_says_when_the_run_will_stop(every, says, capsys):
+    """One process looks after every step; several ranks agree only at log steps, and say so."""
+    from support.signals import StopOnSignal
+    with StopOnSignal(every) as stop:
+        stop.handle(signal.SIGTERM, None)
+        assert stop.requested
+    assert says in capsys.readouterr().err
