@@ -480,7 +480,8 @@ def main(argv=None):
               "--max_iters=N goes on)", flush=True)
         return None
     try:
-        rt = compute_init(cfg.device, cfg.dtype, cfg.attention, cfg.threads, training=True)
+        rt = compute_init(cfg.device, cfg.dtype, cfg.attention, cfg.threads, training=True,
+                          fsdp=cfg.fsdp)
         with RunLock(cfg.out_dir) if rt.is_master else nullcontext():  # one run per out_dir
             model = train(cfg, flags_given, rt)
         if dist.is_initialized():

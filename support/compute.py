@@ -75,10 +75,14 @@ class Runtime:
         return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
-def compute_init(device="auto", dtype="auto", attention="auto", threads=None, training=False):
+def compute_init(device="auto", dtype="auto", attention="auto", threads=None, training=False,
+                 fsdp=False):
     """Threads, torchrun's process group, device, precision, attention -> Runtime, or UserError.
     auto on CUDA: TF32, bfloat16 (half a decode step's memory traffic), Flex to train; on CPU:
-    float32 and SDPA."""
+    float32 and SDPA. fsdp: the run shards over torchrun's ranks, so torchrun must launch it."""
+    if fsdp and "RANK" not in os.environ:
+        raise UserError("--fsdp shards over the ranks torchrun starts: launch with torchrun "
+                        "--nproc_per_node=N train.py ... (or drop --fsdp)")
     device = resolve_device(device)
     set_threads(threads, device)
     rank, local_rank, world_size = init_process_group(device) if training else (0, 0, 1)

@@ -127,11 +127,11 @@ def unpermute(weight, n_head):
 
 # --------------------------------------------------------------------------- the conversion cache
 # A file per GGUF file, tokenizer and dtype in $XDG_CACHE_HOME/ismgpt (else ~/.cache/ismgpt), keyed
-# by the GGUF file and the converting code, checked by a CRC-32: a stale or damaged one is replaced.
+# by a hash of every byte of the GGUF file and by the converting code, checked by a CRC-32: a stale
+# or damaged one is replaced.
 
 CACHE_FORMAT = "ismgpt gguf conversion 1"
 CONVERTER_MODULES = ("support.gguf", "support.weights", "data.bpe", "data.tokenizer", "model")
-HEADER_BYTES = 4 << 20
 
 
 def cache_path(path, tokenizer, dtype):
@@ -145,12 +145,13 @@ def cache_path(path, tokenizer, dtype):
 
 
 def source_key(path):
-    """The GGUF file's contents, told without reading them all (size, mtime, header hash), and the
-    code that converts them."""
-    stat = os.stat(path)
+    """The GGUF file's contents (its size and a SHA-256 of all its bytes: a change anywhere, at any
+    time, converts again) and the code that converts them."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        header = hashlib.blake2b(f.read(HEADER_BYTES), digest_size=16).hexdigest()
-    return f"{CACHE_FORMAT}; {stat.st_size}; {stat.st_mtime_ns}; {header}; {converter_hash()}"
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return f"{CACHE_FORMAT}; {os.path.getsize(path)}; {digest.hexdigest()}; {converter_hash()}"
 
 
 @functools.cache

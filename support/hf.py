@@ -30,7 +30,11 @@ def from_hugging_face(source, dtype=torch.float32):
     model_type picks the loader: transformers' GPT-2 one would make a random GPT-2 of a Llama."""
     if source in GPT2_NAMES and not os.path.isdir(source):
         return *from_gpt2(_hf_gpt2(source, dtype)), f"GPT-2 {source} from Hugging Face"
-    hf = _read_json(os.path.join(source, "config.json"))
+    path = os.path.join(source, "config.json")
+    hf = _read_json(path)
+    tie = hf.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):  # as transformers: "false" would be true
+        raise UserError(f"{path}: tie_word_embeddings is {tie!r}, not true or false")
     kind = hf.get("model_type")
     if kind == "gpt2":
         return *from_gpt2(_gpt2_folder(source, hf, dtype)), f"GPT-2 from {source}"
@@ -83,14 +87,15 @@ def llama_config(hf, path, has_lm_head):
 
 
 def rope_settings(hf, path):
-    """-> (rope_theta, rope_scaling) from rope_theta and rope_scaling at the top level, or
-    transformers 5's rope_parameters. Plain RoPE and Llama 3's scaling; any other is refused."""
-    rope = {"rope_theta": hf.get("rope_theta", 10000.0),
-            "partial_rotary_factor": hf.get("partial_rotary_factor", 1)}
+    """-> (rope_theta, rope_scaling) as transformers 5 reads them: rope_scaling if given, else
+    rope_parameters, and what that lacks of rope_theta and partial_rotary_factor from the top level.
+    Plain RoPE and Llama 3's scaling; any other is refused."""
     for key in ("rope_scaling", "rope_parameters"):
         if not isinstance(hf.get(key) or {}, dict):
             raise UserError(f"{path}: {key} is {hf[key]!r}, not an object")
-        rope.update(hf.get(key) or {})
+    rope = {"rope_theta": hf.get("rope_theta", 10000.0),
+            "partial_rotary_factor": hf.get("partial_rotary_factor", 1),
+            **(hf.get("rope_scaling") or hf.get("rope_parameters") or {})}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
         raise UserError(f"{path}: rope_scaling {kind!r} is not supported (default and llama3 are)")
@@ -168,17 +173,18 @@ def _safetensors(path, read):
 
 
 def _safetensors_files(folder):
-    """name -> its file: model.safetensors, or the shards of the index, which must be inside the
-    folder and hold what its weight_map says."""
-    index = os.path.join(folder, INDEX)
-    weight_map = _read_json(index).get("weight_map") if os.path.exists(index) else {}
-    if not isinstance(weight_map, dict) or os.path.exists(index) and not weight_map or \
-            not all(isinstance(v, str) for v in weight_map.values()):
-        raise UserError(f"{index}: its weight_map (tensor name -> file name) is missing, empty or "
-                        "not an object of file names")
-    shards = sorted(set(weight_map.values())) or ["model.safetensors"]
-    outside = [f for f in shards
-               if os.path.isabs(f) or os.path.normpath(f).split(os.sep)[0] == ".."]
+    """name -> its file: model.safetensors (before an index, as transformers reads them), or the
+    shards of the index, which must be inside the folder and hold what its weight_map says."""
+    index, weight_map = os.path.join(folder, INDEX), {}
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: its weight_map (tensor name -> file name) is missing, empty "
+                            "or not an object of file names")
+    in_shard = {name: os.path.normpath(f) for name, f in weight_map.items()}  # ./a.x is a.x
+    shards = sorted(set(in_shard.values())) or ["model.safetensors"]
+    outside = [f for f in shards if os.path.isabs(f) or f.split(os.sep)[0] == ".."]
     if outside:
         raise UserError(f"{index}: weight_map names {outside[0]}, a file outside the folder")
     files = {}
@@ -187,7 +193,7 @@ def _safetensors_files(folder):
             if name in files:
                 raise UserError(f"{folder}: {name} is in both {files[name]} and {path}")
             files[name] = path
-    wrong = [n for n, shard in weight_map.items() if files.get(n) != os.path.join(folder, shard)]
+    wrong = [n for n, shard in in_shard.items() if files.get(n) != os.path.join(folder, shard)]
     if wrong:
         raise UserError(f"{index}: weight_map puts {wrong[0]} in {weight_map[wrong[0]]}, which "
                         "does not hold it")

@@ -7,6 +7,10 @@ and int4 copies read a quarter and an eighth of float32's bytes.
     --quantize=int4   the blocks' Linears: a scale and a zero per group of 32 inputs (int8 where
                       the kernel does not take the shape); the output layer int8
 
+A layer of a shape no kernel computes right stays float: torch's int8 kernel returns garbage (NaN,
+1e30) unless the inputs are a multiple of 16, and int4's packing takes groups of 32 inputs and
+outputs in multiples of 16.
+
 A QuantizedLinear answers a one-row product from its quantized copy, in bfloat16 activations
 (torch's int8 and int4 CPU kernels are slow on float32 ones); several rows (a prefill) run on the
 float weights it keeps, which compute those faster. Why: groups of 32 are a GGUF Q4 block (a Q4
@@ -20,6 +24,7 @@ from torch import nn
 MODES = ("none", "int8", "int4")
 GROUP_SIZE = 32  # int4: inputs per scale and zero, a GGUF Q4 block
 INT4_OUT_MULTIPLE = 16  # the int4 kernel's packing takes output sizes in multiples of 16
+INT8_IN_MULTIPLE = 16  # the int8 kernel is right only for input sizes in multiples of 16
 
 
 def int8_weight(weight):
@@ -45,9 +50,13 @@ def int4_weight(weight):
     return packed, scales_zeros
 
 
-def int4_fits(linear):
+def kernel_bits(linear, mode, output_layer):
+    """The bits of the kernel that computes this layer's shape right under mode: 4, 8 or None."""
     out_features, in_features = linear.weight.shape
-    return in_features % GROUP_SIZE == 0 and out_features % INT4_OUT_MULTIPLE == 0
+    if mode == "int4" and not output_layer and in_features % GROUP_SIZE == 0 and \
+            out_features % INT4_OUT_MULTIPLE == 0:
+        return 4
+    return 8 if in_features % INT8_IN_MULTIPLE == 0 else None
 
 
 class QuantizedLinear(nn.Module):
@@ -57,7 +66,8 @@ class QuantizedLinear(nn.Module):
     def __init__(self, linear, bits):
         super().__init__()
         self.linear, self.bits = linear, bits
-        weight_q, scales = int4_weight(linear.weight) if bits == 4 else int8_weight(linear.weight)
+        weight = linear.weight.contiguous()  # the kernels read rows: GPT-2's are stored transposed
+        weight_q, scales = int4_weight(weight) if bits == 4 else int8_weight(weight)
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("scales", scales)
 
@@ -80,7 +90,7 @@ class QuantizedLinear(nn.Module):
 @torch.no_grad()
 def quantize(model, mode):
     """The model (a GPT on the CPU, adapters merged) with every Linear a QuantizedLinear as mode
-    says, in place; "none": unchanged. -> the model."""
+    and kernel_bits say, in place; "none": unchanged. -> the model."""
     if mode == "none":
         return model
     if mode not in MODES:
@@ -89,7 +99,7 @@ def quantize(model, mode):
         raise ValueError("merge the LoRA adapters into the weights before quantizing")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                int4 = mode == "int4" and child is not model.lm_head and int4_fits(child)
-                setattr(parent, name, QuantizedLinear(child, 4 if int4 else 8))
+            bits = isinstance(child, nn.Linear) and kernel_bits(child, mode, child is model.lm_head)
+            if bits:
+                setattr(parent, name, QuantizedLinear(child, bits))
     return model

@@ -240,6 +240,20 @@ def test_train_fine_tunes_a_llama_folder_and_sample_chats_with_it(tmp_path, caps
     assert record["turn"] == 1 and record["generated_tokens"] >= 1
 
 
+def test_fsdp_without_torchrun_says_to_launch_with_torchrun(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)  # as a plain `python train.py` runs
+    data, out = tmp_path / "data", tmp_path / "out"
+    prepare(str(data), n_train=16, n_val=4, block_size=128)
+    common = [f"--data_dir={data}", f"--out_dir={out}", "--block_size=128", "--batch_size=2",
+              "--eval_interval=1", "--eval_iters=1", "--warmup_iters=0"]
+    fresh = [f"--init_from={llama_folder(tmp_path / 'llama')}", "--max_iters=1"]
+    train.main(common + fresh)
+    for start in (fresh + ["--overwrite"], ["--init_from=resume", "--max_iters=2"]):
+        with pytest.raises(UserError, match="--fsdp .*launch with torchrun") as info:
+            train.main(common + start + ["--fsdp"])
+        assert "\n" not in str(info.value)
+
+
 def test_a_config_json_of_impossible_shape_is_one_line(tmp_path):
     hf_model("llama").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

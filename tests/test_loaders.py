@@ -114,6 +114,18 @@ def test_both_spellings_of_the_rope_settings_load_the_same_model(tmp_path):
     assert load_start(str(tmp_path / "old")).model.config.rope_scaling is None
 
 
+@pytest.mark.parametrize("twice", [  # rope_scaling, if given, is all transformers reads
+    dict(rope_scaling={"rope_type": "default", "rope_theta": 9000.0}),  # rope_parameters: LLAMA3
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 9000.0}, rope_scaling=LLAMA3,
+         rope_theta=7000.0)])
+def test_rope_settings_given_twice_are_read_as_transformers_reads_them(twice, tmp_path):
+    published("llama3.1").save_pretrained(tmp_path)
+    edit_config(tmp_path, **twice)
+    model = load_start(str(tmp_path)).model
+    torch.testing.assert_close(logits(model, IDS)[..., :256], transformers_logits(tmp_path),
+                               atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("scaling", [{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
                                      {"rope_type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0},
                                      {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
@@ -278,6 +290,32 @@ def test_an_index_whose_weight_map_is_wrong_is_refused(weight_map, match, tmp_pa
     (folder / "model.safetensors.index.json").write_text(json.dumps({k: v for k, v in index.items() if v}))
     message = refused(folder, match)
     assert "config.json" not in message
+
+
+def test_model_safetensors_beside_an_index_is_read_as_transformers_reads_it(tmp_path):
+    hf_model("llama", seed=0).save_pretrained(tmp_path, max_shard_size="100KB")
+    hf_model("llama", seed=1).save_pretrained(tmp_path / "single")
+    shutil.copy(tmp_path / "single" / "model.safetensors", tmp_path)  # and the index still there
+    ids = IDS[:, :100]  # within the small model's 128 positions
+    torch.testing.assert_close(logits(load_start(str(tmp_path)).model, ids)[..., :256],
+                               transformers_logits(tmp_path, ids), atol=1e-4, rtol=0)
+
+
+def test_one_shard_spelled_two_ways_in_a_weight_map_is_one_file(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path, max_shard_size="100KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    names = sorted(index["weight_map"])
+    index["weight_map"][names[0]] = "./" + index["weight_map"][names[0]]
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    ids = IDS[:, :100]  # within the small model's 128 positions
+    torch.testing.assert_close(logits(load_start(str(tmp_path)).model, ids)[..., :256],
+                               transformers_logits(tmp_path, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tie", ["false", "true", 0])
+def test_tie_word_embeddings_not_a_boolean_is_refused_as_transformers_refuses_it(tie, llama):
+    edit_config(llama, tie_word_embeddings=tie)
+    refused(llama, f"tie_word_embeddings is {tie!r}, not true or false")
 
 
 def test_a_vocabulary_without_tokenizer_json_says_so(tmp_path):

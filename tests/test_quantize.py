@@ -3,11 +3,13 @@ in float64, a GGUF Q4_1 matrix kept exactly by int4, chunks of several rows left
 logits and greedy replies, quantized, against float32's within the tolerance the README states."""
 import copy
 import importlib.util
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import sample
 from engine import ChatSession, feed
 from mask import ASSISTANT
 from model import GPT, GPTConfig, KVCache
@@ -80,6 +82,58 @@ def test_quantize_replaces_every_linear():
     assert all(m.bits == 8 for m in quantize(GPT(config).eval(), "int8").modules() if isinstance(m, QuantizedLinear))
     with pytest.raises(ValueError):
         quantize(GPT(GPTConfig(lora_rank=2, family="llama", bias=False)), "int8")
+
+
+@pytest.mark.parametrize("mode,inputs,outputs,bits", [
+    ("int8", 40, 64, None), ("int8", 24, 16, None), ("int8", 8, 8, None), ("int8", 48, 8, 8),
+    ("int4", 64, 64, 4), ("int4", 64, 40, 8), ("int4", 48, 64, 8), ("int4", 72, 64, None)])
+def test_each_layer_takes_the_kernel_that_computes_its_shape_or_stays_float(mode, inputs, outputs,
+                                                                          bits):
+    # int8's kernel is wrong (NaN, 1e30) unless the inputs are a multiple of 16; int4's packing
+    # takes groups of 32 inputs and outputs in multiples of 16: else int8, else float
+    torch.manual_seed(3)
+    config = GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=inputs,
+                       bias=False, family="llama", n_kv_head=2, mlp_hidden=outputs // 2)
+    model = GPT(config).eval()
+    x = torch.randn(1, 1, inputs)
+    want = model.transformer.h[0].mlp.c_fc(x)  # gate and up: [1, 1, outputs], int4 may take it
+    quantize(model, mode)
+    layer = model.transformer.h[0].mlp.c_fc
+    assert (layer.bits if isinstance(layer, QuantizedLinear) else None) == bits
+    tolerance = (0.2 if bits == 4 else 0.02) * want.abs().max().item()
+    torch.testing.assert_close(layer(x), want, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_odd_widths_decode_as_the_float_model_does(mode):
+    # hidden 40, MLP 72: no layer's inputs a multiple of 16, every one left float
+    torch.manual_seed(4)
+    config = GPTConfig(block_size=8, vocab_size=96, n_layer=2, n_head=4, n_embd=40, bias=False,
+                       family="llama", n_kv_head=2, mlp_hidden=72)
+    model, ids = GPT(config).eval(), torch.randint(0, 96, (1, 1))
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    with torch.no_grad():
+        want = model(ids, mask)[0]
+        torch.testing.assert_close(quantize(model, mode)(ids, mask)[0], want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_gpt2_folder_quantizes_though_its_weights_are_stored_transposed(mode, tmp_path,
+                                                                           capsys):
+    from test_gpt2 import hf_gpt2
+    hf_gpt2().save_pretrained(tmp_path)
+    layers = [m for m in load_chat_model(str(tmp_path), quantize=mode).model.modules()
+              if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 9 and {m.bits for m in layers} == {8, 4 if mode == "int4" else 8}
+    for layer in layers:  # within a step: int8's a row's max / 127, int4's < 2 max / 15
+        weight = layer.linear.weight.double()
+        step = weight.abs().max() / (127 if layer.bits == 8 else 7)
+        assert (seen_weights(layer) - weight).abs().max() <= step
+    script = tmp_path / "chat.jsonl"
+    script.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    sample.main([f"--init_from={tmp_path}", f"--quantize={mode}", f"--script={script}",
+                 "--max_new_tokens=3", "--device=cpu"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["generated_tokens"] > 0
 
 
 def test_quantize_is_refused_on_cuda_in_one_line():

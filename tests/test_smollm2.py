@@ -8,6 +8,7 @@ import os
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -263,6 +264,25 @@ def test_a_damaged_or_stale_cache_is_converted_again(tiny_gguf, own_cache):
     again = load_start(tiny_gguf)  # converted and written anew
     assert torch.equal(last_logits(again.model, again.tok), last_logits(fresh_model, fresh_tok))
     gguf.read_cache(str(cache), key, tiny_gguf)  # whole again
+
+
+def test_a_file_changed_past_its_first_megabytes_keeping_size_and_time_is_converted_again(
+        own_cache, tmp_path):
+    from gguf import GGUFReader
+    from test_llama import hf_model, write_gguf
+    path = tmp_path / "wide.gguf"  # 8 MB of float32 weights
+    write_gguf(hf_model("llama", hidden_size=256, intermediate_size=1024), path, "F32")
+    load_start(str(path))
+    (down,) = [t for t in GGUFReader(path).tensors if t.name == "blk.1.ffn_down.weight"]
+    assert down.data_offset > 4 << 20
+    stat = path.stat()
+    with open(path, "r+b") as f:  # one row's first 64 weights set to 3
+        f.seek(down.data_offset)
+        f.write(np.full(64, 3.0, dtype=np.float32).tobytes())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    fresh_model, fresh_tok = gguf.convert(str(path), str(path), torch.float32)  # no cache involved
+    again = load_start(str(path))
+    assert torch.equal(last_logits(again.model, again.tok), last_logits(fresh_model, fresh_tok))
 
 
 def test_a_cache_that_cannot_be_written_is_skipped(tiny_gguf, tmp_path, monkeypatch, capsys):
