@@ -114,4 +114,5 @@ def estimate_val_loss(model, split, kind, block_size, batch_size, rt, eval_iters
 
 
 if __name__ == "__main__":  # a module: say what runs it
-    print("usage: loss.py is imported, not run: train.py's steps and eval.py's held-out loss use it")
+    print("usage: loss.py is imported, not run: train.py's steps and eval.py's held-out loss "
+          "use it")

@@ -1,4 +1,5 @@
-"""Prepare a dataset: conversations -> token ids and roles in data/NAME/ (see data/prepare.py, or --help)."""
+"""Prepare a dataset: conversations -> token ids and roles in data/NAME/ (data/prepare.py says
+how; --help lists the flags)."""
 import sys
 
 from data.prepare import main
