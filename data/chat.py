@@ -279,8 +279,9 @@ def _messages_of(record, where):
             weight = message.get("weight", 1)
             if weight != 1 or isinstance(weight, bool):  # OpenAI's fine-tuning format: 0 or 1
                 shown = json.dumps(weight)[:40]
-                raise DataError(f'{where}: message {number} has "weight": {shown}: every answer '
-                                'trains here, none can be left out; drop that turn, or the "weight"')
+                raise DataError(f'{where}: message {number} has "weight": {shown}: every '
+                                "answer trains here, none can be left out; drop that turn, or the "
+                                '"weight"')
         return messages
     messages = []
     turns = _objects(record["conversations"], "conversations", ("from", "value"), where)
