@@ -80,7 +80,7 @@ def common_seeds(runs, key):
 
 def rows(runs, key, groups):
     """Table rows for one evaluation (steps, or "all"): each mask, then the paired difference."""
-    seeds = common_seeds(runs, key)
+    seeds = common_seeds(runs, key)[:1 if key == 0 else None]  # step 0: one start, every seed's
     loss = {m: {g: [group_loss(runs[m][s][key], t) for s in seeds] for g, t in groups.items()}
             for m in MASKS}
     out = [[m] + [fmt(mean_std(loss[m][g])) for g in groups] for m in MASKS]
