@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, field
 from cli.errors import DataError, UserError
 from data.tokenizer import tokenizer_from_description
 from support.checkpoint import load_checkpoint
-from support.lora import base_fingerprint, check_adapter_folder, merged
+from support.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_fingerprint,
+                          check_adapter_folder, merged)
 from support.run_files import RUN_FILES
 from support.starts import load_start, model_of_checkpoint
 
@@ -68,11 +69,34 @@ def writes_adapter(cfg):
     return bool(cfg.lora_rank) and not cfg.adapter
 
 
+def adapter_is_start(cfg):
+    """Whether out_dir/adapter/ is the --adapter this run starts from: its start, never replaced."""
+    here = os.path.join(cfg.out_dir, ADAPTER_DIR)
+    return bool(cfg.adapter) and os.path.realpath(cfg.adapter) == os.path.realpath(here)
+
+
+def remove_adapter(folder, log):
+    """A new run that writes no adapter (--overwrite): the replaced run's adapter files go, so none
+    sits beside this run's ckpt.pt as if it were its own; other files in the folder stay."""
+    if os.path.islink(folder):
+        os.remove(folder)  # the link, never what it points to
+    elif os.path.isdir(folder):
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            if os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+        if not os.listdir(folder):
+            os.rmdir(folder)
+    else:
+        return
+    log(f"note: removed {folder}, the adapter of the run this one replaces")
+
+
 def check_fresh_start(cfg, flags_given):
     """A new run must not replace another run's files, and no run writes through a link. -> True
     when out_dir's checkpoint finished exactly this run (flags_given: the settings as parsed):
     nothing to do; UserError when out_dir holds another run's files."""
-    written = RUN_FILES + ((ADAPTER_DIR,) if writes_adapter(cfg) else ())
+    # another run's adapter/ too, whether this run writes one, unless it is this run's --adapter
+    written = RUN_FILES + (() if adapter_is_start(cfg) else (ADAPTER_DIR,))
     if writes_adapter(cfg):
         check_adapter_folder(os.path.join(cfg.out_dir, ADAPTER_DIR))
     if cfg.init_from == "resume" or cfg.overwrite:
@@ -196,6 +220,8 @@ def resumed_state(cfg, start, load_optimizer, meta, log, is_master=True):
         if is_master and os.path.lexists(replaced):
             os.remove(replaced)
             log(f"note: removed {replaced}, the best weights of the run this one replaces")
+        if is_master and not writes_adapter(cfg) and not adapter_is_start(cfg):
+            remove_adapter(os.path.join(cfg.out_dir, ADAPTER_DIR), log)
         return RunState(start=cfg.init_from, base=start.base)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     check_same_data(start.checkpoint, path, cfg, meta)

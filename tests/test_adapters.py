@@ -107,6 +107,23 @@ def test_a_new_lora_run_refuses_to_replace_an_adapter_folder_it_did_not_write(ba
     assert files(folder) == before
 
 
+def test_a_full_run_refuses_another_runs_adapter_and_with_overwrite_removes_it(base, data_dir,
+                                                                               tmp_path):
+    """A run that writes no adapter must not leave another run's beside its ckpt.pt as its own."""
+    folder = tmp_path / "out" / "adapter"
+    peft_adapter(base, folder)
+    (folder / "notes.txt").write_text("mine")
+    full = RUN + [f"--init_from={base}", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}",
+                  "--max_iters=1", "--eval_interval=1"]
+    with pytest.raises(UserError, match="adapter already holds another run's adapter"):
+        train.main(full)
+    train.main(full + ["--overwrite"])
+    left = os.listdir(folder)  # the adapter's files went; others (peft's README.md, ours) stay
+    assert "notes.txt" in left
+    assert not {"adapter_config.json", "adapter_model.safetensors"} & set(left)
+    assert (tmp_path / "out" / "ckpt.pt").exists()
+
+
 def test_a_link_at_the_adapter_folder_or_its_files_is_refused_never_written_through(
         base, data_dir, tmp_path):
     victim = peft_adapter(base, tmp_path / "victim")
@@ -148,6 +165,8 @@ def test_a_run_on_a_folded_adapter_writes_none_so_never_the_one_it_started_from(
     lora_run(base, data_dir, out, f"--adapter={start}", "--max_iters=2", "--eval_interval=1",
              "--init_from=resume")
     assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 2 and files(start) == before
+    lora_run(base, data_dir, out, f"--adapter={start}", *steps, "--overwrite")  # a new run here
+    assert files(start) == before  # replaces the run's files, never the adapter it starts from
 
 
 def test_a_kill_during_a_save_never_leaves_the_adapter_behind_ckpt_pt(base, data_dir, tmp_path,
