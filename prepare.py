@@ -1,8 +1,18 @@
 """Prepare a dataset: conversations -> token ids and roles in data/NAME/ (data/prepare.py says
 how; --help lists the flags)."""
+import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while imports run ends quietly)
+
 import sys
 
+from cli.flags import run
 from data.prepare import main
 
+
+def prepare_command():
+    status = main(sys.argv[1:])  # 1: bad data, 2: a bad flag (said on stderr already)
+    if status:
+        raise SystemExit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run(prepare_command)

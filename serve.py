@@ -18,7 +18,8 @@ usage.prompt_tokens_details.cached_tokens counts the tokens the cache gave; an e
 gives the page the rest (prefill, time to first token, decode speed, the mask, a role per token).
 Answered: this machine's clients and the server's own page. On loopback the Host must name this
 machine (against DNS rebinding), and a browser's Origin must be the server's own; beyond loopback
-only the Origin is checked. One request is answered at a time; --queue more wait, then 503.
+only the Origin is checked. One request is answered at a time; --queue more wait, then 503. A
+client that closes its sending side (nc -N) is taken as gone: its answer stops, as if it dropped.
 
 For TLS, a password or other machines, keep --host=127.0.0.1 behind a reverse proxy that sends
 127.0.0.1:PORT as the Host (nginx's proxy_pass does; Caddy: header_up Host {upstream_hostport}):

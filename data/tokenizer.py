@@ -120,7 +120,7 @@ def _gpt2_encoding():
                         "tiktoken; tiktoken.get_encoding('gpt2')\" with TIKTOKEN_CACHE_DIR=DIR and "
                         "copy DIR here (set TIKTOKEN_CACHE_DIR=DIR), or train from scratch with "
                         "--tokenizer=byte") from None
-    # extending an encoding through its private fields is the recipe of tiktoken's README
+    # a new Encoding from the base's fields plus our special tokens: how tiktoken extends one
     return _with_specials("gpt2", base.n_vocab, base._pat_str, base._mergeable_ranks,
                           base._special_tokens)
 

@@ -1,6 +1,7 @@
 """
-A training run's files in out_dir: ckpt.pt, best.pt (--keep_best), log.jsonl and train.lock. One
-run per out_dir at a time (RunLock); no file is ever written through a symbolic link planted there.
+A training run's files in out_dir: ckpt.pt, best.pt (--keep_best), log.jsonl, adapter/ (LoRA)
+and train.lock. One run per out_dir at a time (RunLock); no file is ever written through a symbolic
+link planted there.
 """
 import fcntl
 import glob
@@ -42,7 +43,8 @@ class RunLock:
             os.write(self.fd, f"pid {os.getpid()}".encode())
         except OSError:
             pass
-        for pattern in (".ckpt-*.tmp", ".log-*.tmp"):  # save_checkpoint's and TrainingLog's
+        # save_checkpoint's, TrainingLog's and the adapter's (support.checkpoint.atomic) leftovers
+        for pattern in (".ckpt-*.tmp", ".log-*.tmp", os.path.join("adapter", ".tmp-*")):
             for leftover in glob.glob(os.path.join(self.out_dir, pattern)):
                 if os.path.isfile(leftover) and not os.path.islink(leftover):
                     os.remove(leftover)

@@ -165,7 +165,8 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
                     rt=Runtime(), adapter="", quantize="none"):
     """The model a chat runs on, on rt's device in rt's dtype. init_from: "resume" (out_dir/ckpt)
     or a start of load_start. mask: "" for its training's. block_size: 0 for the model's own, else
-    a shorter one (the KV cache's capacity). quantize: the decode step's weights (quantize.py)."""
+    a shorter one (the KV cache's capacity). quantize: the decode step's weights
+    (support/quantize.py)."""
     if quantize != "none" and rt.device_type != "cpu":
         raise UserError(f"--quantize={quantize} runs torch's CPU kernels: on {rt.device} use "
                         "--quantize=none (bfloat16 weights already halve what a decode step reads)")

@@ -169,6 +169,15 @@ def test_a_run_on_a_folded_adapter_writes_none_so_never_the_one_it_started_from(
     assert files(start) == before  # replaces the run's files, never the adapter it starts from
 
 
+def test_a_killed_adapter_writes_leftover_is_cleared_by_the_next_run(base, data_dir, tmp_path):
+    out = tmp_path / "out"
+    lora_run(base, data_dir, out, "--max_iters=1", "--eval_interval=1")
+    (out / "adapter" / ".tmp-abc123").write_bytes(b"\0" * 1000)  # a write killed before its rename
+    lora_run(base, data_dir, out, "--max_iters=2", "--eval_interval=1", "--init_from=resume")
+    assert sorted(os.listdir(out / "adapter")) == ["adapter_config.json",
+                                                   "adapter_model.safetensors"]
+
+
 def test_a_kill_during_a_save_never_leaves_the_adapter_behind_ckpt_pt(base, data_dir, tmp_path,
                                                                      monkeypatch):
     out, saves, write = tmp_path / "out", [], train.write_adapter

@@ -258,7 +258,7 @@ class Server(uvicorn.Server):
         app.router.redirect_slashes = False  # /v1/models/ is unknown, as any other path
         app.state.service = service
         super().__init__(uvicorn.Config(
-            app, http=Protocol, lifespan="off", log_config=None, access_log=False,
+            app, http=Protocol, ws="none", lifespan="off", log_config=None, access_log=False,
             headers=[("Cache-Control", "no-store")],
             limit_concurrency=service.cfg.connections + 1))  # uvicorn counts the asking one too
 
