@@ -134,7 +134,7 @@ def plot(runs, png):
             steps = sorted(set.intersection(*[set(p) for p in curves[kind].values()]))
             mean = [sum(p[n] for p in curves[kind].values()) / len(curves[kind]) for n in steps]
             axes[0, col].plot(steps, mean, color=colour, lw=2, marker="o", label=kind)
-        for seed, ism in curves["ism"].items():
+        for seed, ism in sorted(curves["ism"].items()):
             causal = curves["causal"].get(seed, {})
             steps = sorted(n for n in set(ism) & set(causal) if n > 0)
             axes[1, col].plot(steps, [ism[n] - causal[n] for n in steps], marker="o",
