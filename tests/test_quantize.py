@@ -1,6 +1,6 @@
 """Weight-only quantization of the decode step: each kernel against the product with its weights dequantized here
 in float64, a GGUF Q4_1 matrix kept exactly by int4, chunks of several rows left to the float weights, and SmolLM2's
-logits and greedy replies, quantized, against float32's within the tolerance the README states."""
+logits and greedy replies, quantized, against float32's within the tolerance experiments/README.md states."""
 import copy
 import importlib.util
 import json
@@ -145,7 +145,7 @@ def test_quantize_is_refused_on_cuda_in_one_line():
 # ------------------------------------------------------------------------------------- SmolLM2, the real model
 
 README_MESSAGES = ["What is the capital of France?", "And of Italy?", "Write a haiku about the sea."]
-# The tolerance the README states: over every answer token of the README's transcript (float32's greedy replies,
+# The tolerance experiments/README.md states: over every answer token of its transcript (float32's greedy replies,
 # fed as a chat feeds them), the quantized logits' KL divergence from float32's at most 0.005 nats on average and
 # 0.02 at any step, and no logit more than 1.5 away. Measured: int8 0.0017 / 0.0083 / 0.89, int4 0.0012 / 0.0082 /
 # 0.70. Greedy replies may part where float32's two best tokens are nearly tied (the haiku's first token: 0.08 apart),
