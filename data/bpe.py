@@ -1,12 +1,13 @@
 """
 Byte-level BPE as pretrained chat models ship it (SmolLM2, Qwen2, Llama 3), applied as Hugging
-Face's tokenizers library applies it, read from a GGUF file or a tokenizer.json. Encoding:
-1. pre-tokenize: split the text by a sequence of regular expressions (matches and the gaps
-   between them are pieces; SmolLM2: every digit alone, then GPT-2's pattern);
+Face's tokenizers library applies it, read from a GGUF file or a tokenizer.json:
+1. split the text by each pattern in turn (matches and the gaps between them are pieces);
 2. map each piece's UTF-8 bytes to GPT-2's printable stand-in characters (BYTE_TO_CHAR);
-3. merge: from single characters (those not in the vocabulary dropped), merge the adjacent pair
-   that comes first in the merges list, leftmost first, until none is left; each symbol is a
-   token. Under ignore_merges (Llama 3) a piece that is a token is that token.
+3. from single characters (those not in the vocabulary dropped), merge the adjacent pair that
+   comes first in the merges list, leftmost first, until none is left. Under ignore_merges
+   (Llama 3) a piece that is a token is that token.
+tiktoken cannot stand in: it joins any adjacent parts whose join is a token, so with the merges
+"b c", "a b", "ab c" it makes "abc" one token where the merges list leaves "a" "bc".
 Special tokens never come from text: a user who types "<|im_end|>" gets ordinary pieces.
 """
 import collections
@@ -16,6 +17,7 @@ import heapq
 import json
 import os
 import re as stdlib_re
+import unicodedata
 
 import regex  # tiktoken's dependency: the \p{L} / \p{N} classes the tokenizers patterns use
 
@@ -31,7 +33,6 @@ LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N
 GGUF_PRE_TOKENIZERS = {"gpt2": (GPT2_PATTERN,), "smollm": (DIGITS, GPT2_PATTERN),
                        "qwen2": (QWEN2_PATTERN,), "llama-bpe": (LLAMA3_PATTERN,)}
 CACHE_WORDS = 1 << 16  # encoded pieces kept (chat text repeats its words)
-
 
 
 def _byte_to_char():
@@ -53,7 +54,8 @@ class BPE:
 
     def __init__(self, tokens, merges, stages, special, nfc=False, ignore_merges=False):
         self.tokens, self.merges, self.special = list(tokens), list(merges), sorted(special)
-        self.ids = {t: i for i, t in enumerate(self.tokens) if i not in set(self.special)}
+        special = set(special)
+        self.ids = {t: i for i, t in enumerate(self.tokens) if i not in special}
         self.ranks = {tuple(m.split(" ", 1)): rank for rank, m in enumerate(merges)}
         self.stage_patterns = tuple(stages)
         self.stages = [regex.compile(p) for p in stages]
@@ -66,21 +68,16 @@ class BPE:
             settings.append("ignore_merges")
         return hashlib.sha256(json.dumps(settings).encode("utf-8")).hexdigest()
 
-    def pieces(self, text):
-        """Step 1: the pre-tokenizer's pieces of text, in order."""
-        pieces = [text]
-        for stage in self.stages:
-            pieces = [part for piece in pieces for part in _split_isolated(stage, piece)]
-        return pieces
-
     def encode(self, text, limit=None):
         """text -> ids; with a limit, None as soon as text is known to need more than limit ids
         (a piece is merged only while it may still fit: the work stays bounded by the limit)."""
         if self.nfc:
-            import unicodedata
             text = unicodedata.normalize("NFC", text)
+        pieces = [text]
+        for stage in self.stages:  # step 1
+            pieces = [part for piece in pieces for part in _split_isolated(stage, piece)]
         ids, limit = [], float("inf") if limit is None else limit
-        for piece in self.pieces(text):
+        for piece in pieces:
             cached = self.cache.get(piece)
             if cached is None:
                 word = "".join(BYTE_TO_CHAR[b] for b in piece.encode("utf-8"))
@@ -153,14 +150,9 @@ def _split_isolated(pattern, text):
     """Matches of pattern and the text between them, each a piece (tokenizers' "Isolated")."""
     out, end = [], 0
     for match in pattern.finditer(text):
-        if match.start() > end:
-            out.append(text[end:match.start()])
-        if match.end() > match.start():
-            out.append(match.group())
+        out += [text[end:match.start()], match.group()]
         end = match.end()
-    if end < len(text):
-        out.append(text[end:])
-    return out
+    return [piece for piece in out + [text[end:]] if piece]
 
 
 def default_system_message(template):
@@ -251,9 +243,8 @@ def from_tokenizer_json(folder):
         vocab[added["content"]] = added["id"]
         if added.get("special"):
             special.add(added["id"])
-    tokens = [f"<unused {i}>" for i in range(max(vocab.values()) + 1)]
-    for token, i in vocab.items():
-        tokens[i] = token
+    names = {i: token for token, i in vocab.items()}
+    tokens = [names.get(i, f"<unused {i}>") for i in range(max(names) + 1)]
     check_merges(model["merges"], model["vocab"], f"{path}: model.merges")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     config = os.path.join(folder, "tokenizer_config.json")

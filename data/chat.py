@@ -1,18 +1,15 @@
 """
-The chat format: conversations as JSON messages, rendered to token ids plus one role per token.
-A tokenizer brings its format: ismGPT's own (byte and gpt2 tokenizers), or ChatML (SmolLM2,
-Qwen2, with the model's default system message when there is none) or Llama 3's:
+Conversations as JSON messages, rendered to token ids plus one role per token, in the tokenizer's
+format: ismGPT's own (byte, gpt2), ChatML (SmolLM2, Qwen2) or Llama 3's:
 
     <|bos|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> answer <|end|> ...
     <|im_start|>system\ntext<|im_end|>\n<|im_start|>user\ntext<|im_end|>\n<|im_start|>assistant\n
 
 Roles follow the attention segments: <|bos|> is the first segment's; a system or user message is
-its role; the header that opens the answer is USER (the last prompt text); the answer and its
-closing token are ASSISTANT. ChatML's newline after an answer begins the next user segment.
-
-render() joins pieces that never depend on what follows, so render(history + [user message])
-begins with render(history) and is exactly the prompt: the chat reuses its KV cache across turns.
-Lines read: OpenAI's {"messages": [...]} or ShareGPT's {"conversations": [...]}.
+its role; the header that opens the answer is USER; the answer and its closing token are
+ASSISTANT. ChatML's newline after an answer begins the next user segment. render() joins pieces
+that never depend on what follows, so render(history + [user message]) begins with
+render(history) and is exactly the prompt: the chat reuses its KV cache across turns.
 """
 import json
 import sys
@@ -26,7 +23,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 
 def plural(count, noun):
-    """plural(1, "bad line") -> "1 bad line", plural(2, "bad line") -> "2 bad lines"."""
+    """plural(2, "bad line") -> "2 bad lines"."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
@@ -104,7 +101,8 @@ class _OverBudget(Exception):
 
 
 class _Budget:
-    """A tokenizer that encodes at most `left` ids in all, then raises _OverBudget."""
+    """A tokenizer that encodes at most `left` ids in all, then raises _OverBudget; the special
+    tokens and the chat format are the tokenizer's own."""
 
     def __init__(self, tok, left):
         self.tok, self.left = tok, left
@@ -116,7 +114,7 @@ class _Budget:
         self.left -= len(ids)
         return ids
 
-    def __getattr__(self, name):  # the special tokens, the chat format: the tokenizer's own
+    def __getattr__(self, name):
         return getattr(self.tok, name)
 
 
@@ -172,8 +170,7 @@ def shorten(text, limit=40):
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
-def _is_unicode(text):
-    """False for a lone surrogate (JSON allows "\\ud800"): it cannot be encoded."""
+def _is_unicode(text):  # False for a lone surrogate (JSON allows "\\ud800")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -182,8 +179,6 @@ def _is_unicode(text):
 
 
 def _check_message(message, number, where, blank_answer_ok=False):
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise DataError(f'{where}: message {number} is not an object with "role" and "content"')
     role, content = message["role"], message["content"]
     if not isinstance(role, str):
         raise DataError(f"{where}: message {number} has a non-string role ({type(role).__name__})")
@@ -204,9 +199,7 @@ def validate(messages, where, need_answer=True):
     """DataError(f"{where}: <problem>") unless messages is a well-formed conversation: optional
     system first, then user and assistant alternating. need_answer (training data): it ends with
     an answer, and no message is blank; else (a conversation to continue) an answer may be blank."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f'{where}: "messages" must be a non-empty list')
-    for number, message in enumerate(messages, 1):
+    for number, message in _objects(messages, "messages", ("role", "content"), where):
         _check_message(message, number, where, blank_answer_ok=not need_answer)
     roles = [m["role"] for m in messages]
     start = 1 if roles[0] == "system" else 0
@@ -322,12 +315,6 @@ def read_jsonl(path, skip_bad=False, need_answer=True):
         if conversation is not None:
             conversations.append(conversation)
     return conversations, bad
-
-
-def write_jsonl(path, conversations):
-    with open(path, "w", encoding="utf-8") as f:
-        for conversation in conversations:
-            f.write(json.dumps(conversation, ensure_ascii=False) + "\n")
 
 
 def fit_to_block(conversation, tok, block_size):

@@ -42,12 +42,10 @@ def read(input):
     records = _records(path)
     if records is None:
         return None
-    tally, conversations = Counter(), []
-    for conversation_id, record in records.items():
-        where = f"{path}: conversation {shorten(conversation_id)}"
-        conversation = _conversation(conversation_id, record, where, tally)
-        if conversation is not None:
-            conversations.append(conversation)
+    tally = Counter()
+    converted = (_conversation(key, record, f"{path}: conversation {shorten(key)}", tally)
+                 for key, record in records.items())
+    conversations = [conversation for conversation in converted if conversation is not None]
     counts = {"file": path, "conversations": len(records), "converted": len(conversations)}
     return conversations, {**counts, **{key: tally[key] for key in COUNTS}}
 

