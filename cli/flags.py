@@ -7,12 +7,10 @@ allowed values and ranges; a config file holds `key = value` lines read by ast.l
 import ast
 import dataclasses
 import difflib
-import io
 import math
 import os
 import signal
 import sys
-import tokenize
 
 from cli.errors import UserError
 
@@ -60,7 +58,8 @@ def _value(text, defaults, field):
 
 
 def _read_config_file(path):
-    """`key = value` lines (Python literals), # comments allowed, a UTF-8 BOM skipped."""
+    """`key = value` lines (Python literals: a # comment after one is Python's), # comment lines,
+    a UTF-8 BOM skipped."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
@@ -70,28 +69,18 @@ def _read_config_file(path):
         raise UserError(f"config file {path} is not UTF-8 text") from None
     settings = {}
     for n, line in enumerate(lines, 1):
-        line = _without_comment(line).strip()
-        if not line:
+        line = line.strip()
+        if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
         try:
-            if not sep:
+            if not sep or "#" in key:
                 raise ValueError
             settings[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             raise UserError(f"{path}:{n}: expected key = value (a Python literal), got "
                             f"{line!r}") from None
     return settings
-
-
-def _without_comment(line):
-    """line up to its # comment: Python's tokenizer tells a comment from "use # signs"."""
-    try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(line).readline))
-    except (tokenize.TokenError, SyntaxError):  # an unclosed string: literal_eval refuses the line
-        return line
-    comments = [token for token in tokens if token.type == tokenize.COMMENT]
-    return line[:comments[0].start[1]] if comments else line
 
 
 def usage(defaults, doc):

@@ -7,31 +7,19 @@ Does ISM answer better? Train every mask with every seed, score each model, and 
     python experiments/compare_masks.py --pretrain_iters=600 --max_iters=300 \
         --train_args='--learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=20' \
         --out_dir=out/compare-warm   # the papers' protocol: pretrain causally, fine-tune each mask
-    python experiments/compare_masks.py --init_from=smollm2 --seeds=1,2 --max_iters=100 \
-        --train_batch_size=1 --train_args='--learning_rate=1e-4 --min_lr=1e-5 --warmup_iters=5' \
-        --max_conversations=60 --threads=1 --out_dir=out/compare-smollm2  # SmolLM2, for 2 CPUs
-    python experiments/compare_masks.py --init_from=gpt2 --data_dir=data/synthetic-gpt2 \
-        config/finetune_gpt2.py   # from GPT-2 (a GPU; data prepared with --tokenizer=gpt2)
 
-Each run is `python train.py --mask=M --seed=S --out_dir=OUT_DIR/M-sS --max_iters=N ...` (its log
-in train.log there), then `python eval.py --out_dir=OUT_DIR/M-sS --json`: the user's own training
-and scoring. The tables give mean ± std over seeds of exact match per family and per turn, the
-paired ISM - causal difference, the held-out answer loss, and the cost (tokens and answer tokens
-trained; wall time and time in optimizer steps, read from the train log). Every mask gets the same
-model, seeds (so initial weights) and steps: rows are equally full, so prefix, whose samples are
-triplet-expanded, trains on fewer answers (the table says how many; --prefix_answers adds prefix
-runs given as many answer tokens).
-
-Starts: the papers (ISM, MAS) fine-tune causally pretrained models. --pretrain_iters=N first trains
-a causal model from scratch per seed (OUT_DIR/pretrain-sS) and fine-tunes every mask from it;
---init_from=START fine-tunes every run from one start (its shape wins over --n_layer etc.). A start
-is also scored as it is under every mask: what switching the mask costs before fine-tuning.
-Real conversations (--data_dir=data/chitchat-smollm2, from python prepare.py --input=chitchat
---tokenizer=smollm2) have no one right answer: --score=loss scores the held-out loss by turn only.
+Each run is `python train.py --mask=M --seed=S --out_dir=OUT_DIR/M-sS ...` (its log in train.log
+there), then `python eval.py --out_dir=OUT_DIR/M-sS --json`: the user's own training and scoring.
+The tables: mean ± std over seeds of exact match per family and per turn and of the held-out answer
+loss, the paired ISM - causal difference, and the cost (tokens and answer tokens trained, wall time
+and time in optimizer steps). Every mask gets the same model, seeds and steps: prefix's
+triplet-expanded samples hold fewer answers per row (--prefix_answers adds prefix runs given as
+many answer tokens). A start (--init_from, or per seed --pretrain_iters' causal model) is also
+scored as it is under every mask: what switching the mask costs before fine-tuning. Real
+conversations (prepare.py --input=chitchat) have no one right answer: --score=loss.
 
 Resuming: a finished run with the same train.py flags (run.json) is reused, and its evaluation
-(eval.json) too when the settings match; an unfinished one goes on from its last checkpoint (saved
-every --save_every steps). --score=none trains only; the same command with --score scores it.
+(eval.json) too when the settings match; an unfinished one goes on from its last checkpoint.
 """
 import json
 import math
@@ -73,24 +61,21 @@ class CompareConfig:
     block_size: int = setting(512, "tokens per training row", min=1)
     train_batch_size: int = setting(8, "rows per optimizer step", min=1)
     train_args: str = setting("", "more train.py flags for every run, e.g. '--learning_rate=1e-3'")
-    pretrain_iters: int = setting(0, "per seed, first pretrain a causal model from scratch for "
-                                  "this many steps (train.py's defaults), then fine-tune every "
-                                  "mask from it; 0: no pretraining", min=0)
-    init_from: str = setting("", "fine-tune every run from this start (train.py --init_from: "
-                             "smollm2, gpt2, a folder, a .gguf, a ckpt.pt), also scored under "
-                             "every mask; empty: from scratch, or from --pretrain_iters' model")
-    history: str = setting("gold", "gold | own: what eval.py keeps in the conversation after a "
-                           "scored turn", choices=("gold", "own"))
+    pretrain_iters: int = setting(0, "pretrain a causal model per seed for this many steps "
+                                  "(train.py's defaults), then fine-tune every mask from it", min=0)
+    init_from: str = setting("", "fine-tune every run from this start (train.py --init_from; its "
+                             "shape wins over --n_layer etc.), also scored under every mask")
+    history: str = setting("gold", "gold | own: what eval.py keeps in the history after a turn",
+                           choices=("gold", "own"))
     max_conversations: int = setting(0, "held-out conversations replayed per run (0: all)", min=0)
     max_new_tokens: int = setting(64, "longest reply when scoring", min=1)
-    score: str = setting("exact", "exact: held-out answer loss and exact match of greedy replies "
-                         "(tasks with one right answer) | loss: the held-out answer loss only, "
-                         "overall and by turn (real conversations) | none: train only",
-                         choices=("exact", "loss", "none"))
+    score: str = setting("exact", "exact: held-out answer loss and exact match of greedy replies | "
+                         "loss: the held-out answer loss only, by turn (real conversations) | "
+                         "none: train only", choices=("exact", "loss", "none"))
     prefix_answers: bool = setting(False, "also train prefix on as many answer tokens as causal "
                                    "and ISM (runs prefix-answers-sS; needs an existing --data_dir)")
-    replies: int = setting(0, "show the greedy replies of every mask's first-seed run (and of the "
-                           "start) to the first this many held-out conversations", min=0)
+    replies: int = setting(0, "show every mask's (and the start's) greedy replies to the first "
+                           "this many held-out conversations", min=0)
     save_every: int = setting(50, "checkpoint every this many steps (a stopped run resumes there)",
                               min=1)
     json: bool = setting(False, "print one JSON object instead of markdown tables")
@@ -132,25 +117,21 @@ def check_config(cfg):
 
 # ------------------------------------------------------------------------------------- one run
 
-def run_argv(cfg, kind, seed, run_dir, iters, start):
+def train_argv(cfg, kind, seed, run_dir, start="scratch", iters=None):
+    """One run's train.py flags (max_iters steps unless iters says), also what tells whether a
+    finished run can be reused."""
+    iters = iters or cfg.max_iters
     values = dict(mask=kind, seed=seed, out_dir=run_dir, data_dir=cfg.data_dir, device=cfg.device,
                   max_iters=iters, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                   block_size=cfg.block_size, batch_size=cfg.train_batch_size,
                   eval_interval=min(iters, cfg.save_every), eval_iters=1,
                   log_interval=max(1, min(20, iters // 10)), init_from=start, threads=cfg.threads)
-    return [f"--{key}={value}" for key, value in values.items()]
-
-
-def train_argv(cfg, kind, seed, run_dir, start="scratch", iters=None):
-    """The train.py flags of one run of max_iters steps unless iters says (also the record that
-    says whether a finished run can be reused)."""
-    iters = iters or cfg.max_iters
-    return run_argv(cfg, kind, seed, run_dir, iters, start) + shlex.split(cfg.train_args)
+    return [f"--{key}={value}" for key, value in values.items()] + shlex.split(cfg.train_args)
 
 
 def run_specs(cfg, masks):
-    """-> [(run name, mask, optimizer steps)]: every mask for max_iters steps, and with
-    --prefix_answers prefix again for as many answer tokens as causal and ISM."""
+    """-> [(run name, mask, optimizer steps)]: every mask, and with --prefix_answers prefix again
+    for as many answer tokens as causal and ISM."""
     specs = [(kind, kind, cfg.max_iters) for kind in masks]
     if cfg.prefix_answers:
         specs.append(("prefix-answers", "prefix", equal_answer_iters(cfg)))
@@ -158,9 +139,8 @@ def run_specs(cfg, masks):
 
 
 def equal_answer_iters(cfg):
-    """The steps in which prefix trains on as many answer tokens as causal and ISM in max_iters:
-    rows of the same size hold fewer answers under prefix (one per triplet-expanded sample). From
-    the answer targets per row of the training data's first epoch, packed as train.py packs it."""
+    """The steps in which prefix trains on as many answer tokens as causal and ISM in max_iters,
+    from the answer targets per row of the first epoch, packed as train.py packs it."""
     split = load_split(cfg.data_dir, "train")
     per_row = {}
     for kind in ("causal", "prefix"):
@@ -173,10 +153,9 @@ _LOG_LINE = re.compile(r"^(?:iter (\d+)/\d+: .*?([\d.]+)ms/iter|resuming .* at i
 
 
 def step_seconds(log):
-    """Time in optimizer steps, from train.py's `iter N/M: ... X ms/iter` lines (each the mean over
-    the steps since the previous line, or since the step a `resuming ... at iter N` line went on
-    from); None if there are none. Steps done again after resuming count twice: they took time
-    twice."""
+    """Time in optimizer steps from train.py's log: each `iter N/M: ... X ms/iter` line is the mean
+    since the previous line, or since the step a `resuming ... at iter N` line went on from (steps
+    done again count twice: they took time twice); None if there are none."""
     total, last, found = 0.0, 0, False
     for match in _LOG_LINE.finditer(log):
         if match.group(3) is not None:
@@ -253,48 +232,52 @@ def train_run(name, run_dir, argv, say):
 
 def start_of(cfg, seed, say):
     """train.py --init_from of the seed's runs: scratch, --init_from, or the seed's pretrained
-    causal model."""
+    causal model (trained with train.py's own optimizer settings: no --train_args)."""
     if cfg.init_from:
         return cfg.init_from
     if not cfg.pretrain_iters:
         return "scratch"
     run_dir = os.path.join(cfg.out_dir, f"pretrain-s{seed}")
-    # train.py's own optimizer settings: no --train_args
-    argv = run_argv(cfg, "causal", seed, run_dir, cfg.pretrain_iters, "scratch")
+    argv = train_argv(replace(cfg, train_args=""), "causal", seed, run_dir, "scratch",
+                      cfg.pretrain_iters)
     return train_run(f"pretrain-s{seed}", run_dir, argv, say)[0]
 
 
 def model_stamp(path):
-    """What tells a model file from the one scored before it: size and modification time ([] for
-    a start that is no file, such as smollm2)."""
-    if not os.path.exists(path):
-        return []
-    stat = os.stat(path)
-    return [stat.st_size, stat.st_mtime_ns]
+    """Size and modification time: what tells a model file from the one scored before ([]: no file,
+    such as smollm2)."""
+    return [os.stat(path).st_size, os.stat(path).st_mtime_ns] if os.path.exists(path) else []
 
 
-def scored(cfg, model_argv, folder, stamp, say):
-    """eval.py's JSON result (records left out) for model_argv, reused from folder/eval.json when
-    the model (stamp) and the evaluation settings match."""
-    argv = model_argv + [f"--device={cfg.device}", f"--history={cfg.history}",
-                         f"--max_conversations={cfg.max_conversations}",
-                         f"--max_new_tokens={cfg.max_new_tokens}", f"--threads={cfg.threads}",
-                         f"--replay={cfg.score == 'exact'}", "--json"]
+def trained_model(cfg, run_dir):
+    """(eval.py's flags naming a trained run, its stamp)."""
+    stamp = model_stamp(os.path.join(run_dir, "ckpt.pt"))
+    return [f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}"], stamp
+
+
+def start_model(start, kind, data_dir):
+    """(eval.py's flags naming a start as it is under mask kind, its stamp)."""
+    return [f"--init_from={start}", f"--mask={kind}", f"--data_dir={data_dir}"], model_stamp(start)
+
+
+def scored(cfg, model, folder, say, replies=False):
+    """eval.py's JSON result for model (flags, stamp), records left out; replies: the records of
+    greedy replies to the first cfg.replies conversations, the gold history kept."""
+    argv, stamp = model
+    history, count = ("gold", cfg.replies) if replies else (cfg.history, cfg.max_conversations)
+    argv = argv + [f"--device={cfg.device}", f"--history={history}",
+                   f"--max_conversations={count}", f"--max_new_tokens={cfg.max_new_tokens}",
+                   f"--threads={cfg.threads}"]
+    argv += ["--json"] if replies else [f"--replay={cfg.score == 'exact'}", "--json"]
+    os.makedirs(folder, exist_ok=True)
     result = evaluated(argv, folder, stamp, say)
-    return {k: v for k, v in result.items() if k != "records"}
-
-
-def run_scored(cfg, run_dir, say):
-    return scored(cfg, [f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}"], run_dir,
-                  model_stamp(os.path.join(run_dir, "ckpt.pt")), say)
+    return result["records"] if replies else {k: v for k, v in result.items() if k != "records"}
 
 
 def start_scored(cfg, start, kind, data_dir, say):
     """A start as it is, under mask kind, scored in OUT_DIR/start-<name>-<mask>."""
     folder = os.path.join(cfg.out_dir, f"start-{os.path.basename(os.path.normpath(start))}-{kind}")
-    os.makedirs(folder, exist_ok=True)
-    return scored(cfg, [f"--init_from={start}", f"--mask={kind}", f"--data_dir={data_dir}"], folder,
-                  model_stamp(start), say)
+    return scored(cfg, start_model(start, kind, data_dir), folder, say)
 
 
 def evaluated(argv, folder, stamp, say):
@@ -331,7 +314,8 @@ def compare(cfg, masks, seeds, argv):
             run_dir = os.path.join(cfg.out_dir, f"{name}-s{seed}")
             argv = train_argv(cfg, kind, seed, run_dir, start, iters)
             run_dir, record = train_run(f"{name}-s{seed}", run_dir, argv, say)
-            scores = None if cfg.score == "none" else run_scored(cfg, run_dir, say)
+            model = trained_model(cfg, run_dir)
+            scores = None if cfg.score == "none" else scored(cfg, model, run_dir, say)
             runs[name, seed] = {"train": record, "eval": scores}
     out_runs = [{"mask": m, "seed": s, **runs[m, s]} for s in seeds for m in names]
     if cfg.score == "none":
@@ -356,28 +340,19 @@ def compare(cfg, masks, seeds, argv):
 def side_by_side(cfg, names, seed, starts, data_dir, say):
     """{model: {"seed", "records"}}: greedy replies of each name's run of `seed` (and of the first
     start, under causal) to the first cfg.replies held-out conversations, gold history kept."""
-    models = {}
-    for name in names:
-        run_dir = os.path.join(cfg.out_dir, f"{name}-s{seed}")
-        models[name] = ([f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}"],
-                        model_stamp(os.path.join(run_dir, "ckpt.pt")))
+    models = {name: trained_model(cfg, os.path.join(cfg.out_dir, f"{name}-s{seed}"))
+              for name in names}
     if starts:
-        models["start (causal)"] = ([f"--init_from={starts[0]}", "--mask=causal",
-                                     f"--data_dir={data_dir}"], model_stamp(starts[0]))
-    replies = {}
-    for model, (argv, stamp) in models.items():
-        folder = os.path.join(cfg.out_dir, f"replies-{model.split()[0]}-s{seed}")
-        os.makedirs(folder, exist_ok=True)
-        argv += [f"--device={cfg.device}", "--history=gold", f"--max_conversations={cfg.replies}",
-                 f"--max_new_tokens={cfg.max_new_tokens}", f"--threads={cfg.threads}", "--json"]
-        replies[model] = {"seed": seed, "records": evaluated(argv, folder, stamp, say)["records"]}
-    return replies
+        models["start (causal)"] = start_model(starts[0], "causal", data_dir)
+    folders = {name: os.path.join(cfg.out_dir, f"replies-{name.split()[0]}-s{seed}")
+               for name in models}
+    return {name: {"seed": seed, "records": scored(cfg, model, folders[name], say, replies=True)}
+            for name, model in models.items()}
 
 
 def with_absolute_paths(cfg):
-    """train.py and eval.py run from the repository root: folders and files named relative to
-    where this started become absolute, so that they name the same files there and a finished run
-    is recognised whatever spelling named its folder."""
+    """train.py and eval.py run from the repository root: relative folders and files become
+    absolute, naming the same files there (and a finished run whatever spelling named it)."""
     start = cfg.init_from
     start = os.path.abspath(start) if start and os.path.exists(start) else start
     return replace(cfg, out_dir=os.path.abspath(cfg.out_dir), init_from=start,

@@ -15,11 +15,13 @@ import re
 import sys
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cli import flags  # noqa: E402  (run as a script, the repository root is not on the path)
-from cli.errors import UserError  # noqa: E402
-from cli.flags import setting  # noqa: E402
-from experiments.mask_tables import mean_std, paired  # noqa: E402
+# run as a script, the repository root is not on sys.path: put it first
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E402
+from cli import flags
+from cli.errors import UserError
+from cli.flags import setting
+from experiments.mask_tables import fmt, ism_minus_causal, markdown, md_row, mean_std
+from experiments.plot_training import pyplot, save
 
 GROUPS = {"overall": None, "turn 1": ("1",), "turns 2-4": ("2", "3", "4"),
           "turns 5+": ("5", "6", "7", "8+")}
@@ -48,29 +50,22 @@ def read_runs(out_dir):
         name = os.path.relpath(path, out_dir)
         found = re.fullmatch(r"(\w+)-s(\d+)/eval-(\d+)(-all)?\.json", name)
         if found and found.group(1) in MASKS:
-            key = int(found.group(3)) if not found.group(4) else "all"
-            with open(path) as f:
-                seeds = runs.setdefault(found.group(1), {})
-                seeds.setdefault(int(found.group(2)), {})[key] = json.load(f)
+            evals = runs.setdefault(found.group(1), {}).setdefault(int(found.group(2)), {})
+            evals["all" if found.group(4) else int(found.group(3))] = load(path)
     if not runs:
         raise UserError(f"no eval-N.json under {out_dir}: run experiments/learning_curve.sh first")
     for kind, seeds in runs.items():
         start = os.path.join(out_dir, f"start-{kind}", "eval-0.json")
         if os.path.exists(start):
-            with open(start) as f:
-                result = json.load(f)
+            result = load(start)
             for evals in seeds.values():
                 evals[0] = result
     return runs
 
 
-def fmt(stats):
-    """(mean, std[, low, high]) -> "mean ± std [low, high]", the parts there are."""
-    mean, std = stats[:2]
-    text = f"{mean:+.3f}" if len(stats) > 2 else f"{mean:.3f}"
-    text += f" ± {std:.3f}" if std is not None else ""
-    return text + (f" [{stats[2]:+.3f}, {stats[3]:+.3f}]" if len(stats) > 2 and stats[2] is not None
-                   else "")
+def load(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def common_seeds(runs, key):
@@ -79,13 +74,13 @@ def common_seeds(runs, key):
 
 
 def rows(runs, key, groups):
-    """Table rows for one evaluation (steps, or "all"): each mask, then the paired difference."""
+    """(seeds, table rows) of one evaluation (steps, or "all"): each mask, then the paired
+    difference, a column per group."""
     seeds = common_seeds(runs, key)[:1 if key == 0 else None]  # step 0: one start, every seed's
     loss = {m: {g: [group_loss(runs[m][s][key], t) for s in seeds] for g, t in groups.items()}
             for m in MASKS}
-    out = [[m] + [fmt(mean_std(loss[m][g])) for g in groups] for m in MASKS]
-    diffs = [fmt(paired([i - c for i, c in zip(loss["ism"][g], loss["causal"][g])]))
-             for g in groups]
+    out = [[m] + [fmt(mean_std(loss[m][g]), 1, 3) for g in groups] for m in MASKS]
+    diffs = [fmt(ism_minus_causal(loss["ism"][g], loss["causal"][g]), 1, 3, "+") for g in groups]
     return len(seeds), out + [["ism - causal"] + diffs]
 
 
@@ -97,8 +92,7 @@ def curve_table(runs):
              "|---|---|---|" + "---|" * len(GROUPS)]
     for n in steps:
         count, table = rows(runs, n, GROUPS)
-        if count:
-            lines += [f"| {n} | {count} | " + " | ".join(row) + " |" for row in table]
+        lines += [md_row([n, count, *row]) for row in table] if count else []
     return "\n".join(lines)
 
 
@@ -110,44 +104,39 @@ def all_table(runs):
     by_turn = runs["causal"][seeds[0]]["all"]["val_loss_by_turn"]
     groups = {**{t: (t,) for t in by_turn}, "**overall**": None}
     count, table = rows(runs, "all", groups)
-    lines = [f"| turn | answer tokens | causal | ism | ism - causal (paired, {count} seeds) |",
-             "|---|---|---|---|---|"]
-    for k, (name, turns) in enumerate(groups.items()):
-        n = sum(by_turn[t]["n"] for t in (turns or by_turn))
-        lines.append(f"| {name} | {n} | " + " | ".join(row[k + 1] for row in table) + " |")
-    return "\n".join(lines)
+    tokens = [sum(by_turn[t]["n"] for t in (turns or by_turn)) for turns in groups.values()]
+    columns = list(zip(*table))[1:]  # a group's causal, ism and difference
+    return "\n".join(markdown(["turn", "answer tokens", "causal", "ism",
+                               f"ism - causal (paired, {count} seeds)"],
+                              [[g, n, *c] for g, n, c in zip(groups, tokens, columns)]))
 
 
 def plot(runs, png):
     """Top row: each mask's loss against the steps, one panel per turn group (seeds thin, their mean
     bold). Bottom row: ISM - causal per seed from the first stage on (step 0 is in the table)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, len(GROUPS), figsize=(4 * len(GROUPS), 6), sharex=True)
-    for col, (name, turns) in enumerate(GROUPS.items()):
-        curves = {m: {s: dict((n, group_loss(r, turns)) for n, r in e.items() if n != "all")
+    fig, axes = pyplot().subplots(2, len(GROUPS), figsize=(4 * len(GROUPS), 6), sharex=True)
+    for (top, bottom), (name, turns) in zip(axes.T, GROUPS.items()):
+        curves = {m: {s: {n: group_loss(r, turns) for n, r in e.items() if n != "all"}
                       for s, e in runs[m].items()} for m in MASKS}
         for kind, colour in zip(MASKS, ("tab:blue", "tab:red")):
             for points in curves[kind].values():
-                axes[0, col].plot(*zip(*sorted(points.items())), color=colour, alpha=0.3, lw=1)
+                top.plot(*zip(*sorted(points.items())), color=colour, alpha=0.3, lw=1)
             steps = sorted(set.intersection(*[set(p) for p in curves[kind].values()]))
             mean = [sum(p[n] for p in curves[kind].values()) / len(curves[kind]) for n in steps]
-            axes[0, col].plot(steps, mean, color=colour, lw=2, marker="o", label=kind)
+            top.plot(steps, mean, color=colour, lw=2, marker="o", label=kind)
         for seed, ism in sorted(curves["ism"].items()):
             causal = curves["causal"].get(seed, {})
             steps = sorted(n for n in set(ism) & set(causal) if n > 0)
-            axes[1, col].plot(steps, [ism[n] - causal[n] for n in steps], marker="o",
-                              label=f"seed {seed}")
-        axes[1, col].axhline(0, color="gray", lw=1)
-        axes[0, col].set_title(name)
-        axes[1, col].set_xlabel("optimizer steps")
+            bottom.plot(steps, [ism[n] - causal[n] for n in steps], marker="o",
+                        label=f"seed {seed}")
+        bottom.axhline(0, color="gray", lw=1)
+        top.set_title(name)
+        bottom.set_xlabel("optimizer steps")
     axes[0, 0].set_ylabel("held-out answer loss (nats)")
     axes[1, 0].set_ylabel("ISM - causal (nats)")
     axes[0, 0].legend()
     axes[1, 0].legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    return save(fig, png, 100)
 
 
 def main(argv=None):
@@ -159,8 +148,7 @@ def main(argv=None):
     print("First 60 held-out conversations, after each stage:\n\n" + curve_table(runs))
     print("\nEvery held-out conversation, after the last stage:\n\n" + all_table(runs))
     if cfg.png:
-        plot(runs, cfg.png)
-        print(f"\nwrote {cfg.png}")
+        print(f"\nwrote {plot(runs, cfg.png)}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """
-The tables of experiments/compare_masks.py: every run's scores summarised over seeds (mean ± sample
-std), the paired ISM - causal difference per seed with its 95% t-interval (the runs of one seed
-share their start, data order and held-out answers), each mask's cost, the start under each mask,
-and greedy replies side by side.
+The statistics and markdown tables of experiments/compare_masks.py (curve_report.py shares them):
+every run's scores as mean ± sample std over seeds, the paired ISM - causal difference per seed
+with its 95% t-interval (the runs of one seed share their start, data order and held-out answers),
+each mask's cost, the start under each mask, and greedy replies side by side.
 """
 import math
 
@@ -19,8 +19,7 @@ METRICS = {"by_family": ("accuracy", 100.0, 1), "by_turn": ("accuracy", 100.0, 1
 
 
 def mean_std(values):
-    """-> (mean, sample std or None for one value); None values are left out, (None, None) if
-    none is left."""
+    """-> (mean, sample std) of the values not None; std None for one, both None for none."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
@@ -31,30 +30,42 @@ def mean_std(values):
 
 
 def paired(diffs):
-    """Per-seed differences -> (mean, std, 95% t-interval low, high); the interval None for fewer
-    than 2 seeds."""
+    """Per-seed differences -> (mean, std, 95% t-interval low, high); no interval under 2 seeds."""
     mean, std = mean_std(diffs)
     if std is None:
         return mean, None, None, None
-    n = len([d for d in diffs if d is not None])
+    n = sum(d is not None for d in diffs)
     half = T_95[min(n - 1, 30)] * std / math.sqrt(n)
     return mean, std, mean - half, mean + half
 
 
-def fmt_mean_std(pair, scale=100.0, digits=1):
-    mean, std = pair[:2]
+def ism_minus_causal(ism, causal):
+    """Paired by seed (the same start, data order and answers): the stats of the differences."""
+    return paired([None if i is None or c is None else i - c for i, c in zip(ism, causal)])
+
+
+def fmt(stats, scale=100.0, digits=1, sign=""):
+    """(mean, std[, low, high]) -> "mean ± std [low, high]", the parts there are ("-" without a
+    mean); sign="+" signs the mean."""
+    mean, std = stats[:2]
     if mean is None:
         return "-"
-    text = f"{scale * mean:,.{digits}f}"
-    return text if std is None else f"{text} ± {scale * std:,.{digits}f}"
+    text = f"{scale * mean:{sign},.{digits}f}"
+    if std is not None:
+        text += f" ± {scale * std:,.{digits}f}"
+    if len(stats) > 2 and stats[2] is not None:
+        text += f" [{scale * stats[2]:+,.{digits}f}, {scale * stats[3]:+,.{digits}f}]"
+    return text
 
 
-def fmt_paired(stats, scale, digits):
-    mean, _, low, high = stats
-    text = fmt_mean_std(stats, scale, digits)
-    if low is None:
-        return text
-    return f"{text} [{scale * low:+,.{digits}f}, {scale * high:+,.{digits}f}]"
+def markdown(header, rows):
+    """The lines of a markdown table: the header's cells, its rule, then each row's cells."""
+    lines = [md_row(row) for row in [header, *rows]]
+    return [lines[0], "|" + "---|" * len(header), *lines[1:]]
+
+
+def md_row(cells):
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def rows_of(result, table):
@@ -68,9 +79,8 @@ def cell(result, table, row):
 
 
 def summarise(runs, names, seeds, score):
-    """runs {(name, seed): {"eval", "train"}} -> the tables (JSON-able): loss by turn, and with
-    score "exact" the exact match by family and by turn; each row {name: (mean, std), "n",
-    "ism-causal": paired stats}."""
+    """runs {(name, seed): {"eval", "train"}} -> the tables (JSON-able): loss by turn (with score
+    "exact" also exact match by family and turn), rows {name: (mean, std), "n", "ism-causal"}."""
     summary = {}
     for table in ["loss_by_turn"] + (["by_family", "by_turn"] if score == "exact" else []):
         counts = rows_of(runs[names[0], seeds[0]]["eval"], table)  # the first run's counts
@@ -99,11 +109,6 @@ def entry(runs, names, seeds, table, row, n):
     return out
 
 
-def ism_minus_causal(ism, causal):
-    """Paired by seed (the same start, data order and answers): the stats of the differences."""
-    return paired([None if i is None or c is None else i - c for i, c in zip(ism, causal)])
-
-
 def cost(runs, name, seeds):
     ev, tr = [runs[name, s]["eval"] for s in seeds], [runs[name, s]["train"] for s in seeds]
     return {"val_loss": mean_std([e["val_loss"] for e in ev]),
@@ -115,8 +120,7 @@ def cost(runs, name, seeds):
 
 
 def summarise_start(before):
-    """{mask: [eval results of each start]} -> {mask: {val_loss, exact_match, by_family,
-    loss_by_turn, ...}}, mean ± std over starts."""
+    """{mask: [eval results of each start]} -> {mask: {val_loss, ...}}, mean ± std over starts."""
     out = {}
     for kind, results in before.items():
         families = dict.fromkeys(f for r in results for f in r["by_family"])
@@ -147,11 +151,11 @@ def report(result):
     n = sum(row["n"] or 0 for row in s["loss_by_turn"].values())
     lines += table(masks, s["loss_by_turn"], "turn (held-out answer loss)", "loss_by_turn", str,
                    (s["overall"], "loss", n))
-    lines += [""] + cost_table(masks, s)
+    lines += [""] + cost_table(masks, s["cost"])
     if result.get("start"):
-        lines += ["", start_table(result["start"], [m for m in masks if m in result["start"]])]
+        lines += ["", *start_table(result["start"], [m for m in masks if m in result["start"]])]
     if result.get("replies"):
-        lines += ["", replies_table(result["replies"])]
+        lines += ["", *replies_table(result["replies"])]
     return "\n".join(lines)
 
 
@@ -192,34 +196,21 @@ def table(masks, rows, label, kind, name, overall=None):
     _, scale, digits = METRICS[kind]
     paired_column = "ism" in masks and "causal" in masks
     count = "answer tokens" if kind == "loss_by_turn" else "answers"
-    out = [f"| {label} | {count} | " + " | ".join(masks)
-           + (" | ism - causal (paired) |" if paired_column else " |"),
-           "|---|---|" + "---|" * (len(masks) + paired_column)]
     rows = [(name(row), values) for row, values in rows.items()]
     if overall:
-        rows.append(("**overall**", overall_values(overall, masks)))
-    for shown, values in rows:
-        cells = [fmt_mean_std(values[m], scale, digits) for m in masks]
-        cells += [fmt_paired(values["ism-causal"], scale, digits)] if paired_column else []
-        out.append(f"| {shown} | {values['n']} | " + " | ".join(cells) + " |")
-    return out
+        stats, which, n = overall
+        rows.append(("**overall**", {**{k: v[which] for k, v in stats.items()}, "n": n}))
+    columns = masks + ["ism-causal"] * paired_column
+    return markdown([label, count, *masks] + ["ism - causal (paired)"] * paired_column,
+                    [[row, values["n"]] + [fmt(values[k], scale, digits) for k in columns]
+                     for row, values in rows])
 
 
-def overall_values(overall, masks):
-    stats, which, n = overall
-    return {**{m: stats[m][which] for m in masks}, "n": n,
-            **({"ism-causal": stats["ism-causal"][which]} if "ism-causal" in stats else {})}
-
-
-def cost_table(masks, s):
-    lines = ["| mask | held-out answer loss | tokens trained | answer tokens trained | "
-             "train wall s | in steps s | eval s |", "|---|---|---|---|---|---|---|"]
-    for m in masks:
-        k = s["cost"][m]
-        cells = [fmt_mean_std(k["val_loss"], 1, 4)] + [
-            fmt_mean_std(k[key], 1, 0)
-            for key in ("tokens", "answer_tokens", "wall_seconds", "step_seconds", "eval_seconds")]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+def cost_table(masks, cost):
+    lines = markdown(["mask", "held-out answer loss", "tokens trained", "answer tokens trained",
+                      "train wall s", "in steps s", "eval s"],
+                     [[m] + [fmt(v, 1, 4 if key == "val_loss" else 0)
+                             for key, v in cost[m].items()] for m in masks])
     if "prefix" in masks:
         lines.append("\nprefix trains on triplet-expanded samples (one per answer, with its whole "
                      "history): the same tokens hold fewer answers; answer tokens trained say how "
@@ -228,40 +219,29 @@ def cost_table(masks, s):
 
 
 def start_table(start, masks):
-    """The start before any fine-tuning, under every mask: the held-out answer loss by turn (and
-    exact match)."""
-    turns = list(start[masks[0]]["loss_by_turn"])
+    """The start before any fine-tuning under every mask: answer loss by turn (and exact match)."""
     first = start[masks[0]]
-    exact = f"; exact match % of {first['n']} answers and the share of replies that never ended"
-    lines = [f"before fine-tuning: {first['model']} as it is, under each mask (held-out answer "
-             "loss by turn" + (exact if first["replayed"] else "") + ")", "",
-             "| mask | held-out answer loss | " + " | ".join(f"turn {t}" for t in turns)
-             + (" | exact match % | never ended % |" if first["replayed"] else " |"),
-             "|---|---|" + "---|" * (len(turns) + 2 * first["replayed"])]
-    for m in masks:
-        s = start[m]
-        cells = [fmt_mean_std(s["val_loss"], 1, 4)]
-        cells += [fmt_mean_std(s["loss_by_turn"][t], 1, 3) for t in turns]
-        if first["replayed"]:
-            cells += [fmt_mean_std(s["exact_match"]), fmt_mean_std(s["unfinished"])]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    turns, exact = list(first["loss_by_turn"]), first["replayed"]
+    rows = [[m, fmt(start[m]["val_loss"], 1, 4)]
+            + [fmt(start[m]["loss_by_turn"][t], 1, 3) for t in turns]
+            + ([fmt(start[m]["exact_match"]), fmt(start[m]["unfinished"])] if exact else [])
+            for m in masks]
+    said = f"; exact match % of {first['n']} answers and the share of replies that never ended"
+    return [f"before fine-tuning: {first['model']} as it is, under each mask (held-out answer "
+            "loss by turn" + (said if exact else "") + ")", "",
+            *markdown(["mask", "held-out answer loss", *(f"turn {t}" for t in turns)]
+                      + ["exact match %", "never ended %"] * exact, rows)]
 
 
 def replies_table(replies):
-    """Greedy replies to the same held-out turns (the gold history before each), a column per
-    model."""
+    """Greedy replies to the same held-out turns (gold history before each), a column per model."""
     names = list(replies)
-    lines = ["greedy replies to the first held-out conversations (seed "
-             f"{replies[names[0]]['seed']}; the gold answers kept in the history):", "",
-             "| turn | user | gold | " + " | ".join(names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
-    for k, record in enumerate(replies[names[0]]["records"]):
-        cells = [short(record["user"]), short(record["gold"])]
-        cells += [short(replies[n]["records"][k]["reply"]) for n in names]
-        turn = f"{record['conversation'] + 1}.{record['turn']}"
-        lines.append(f"| {turn} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[f"{record['conversation'] + 1}.{record['turn']}", short(record["user"]),
+             short(record["gold"])] + [short(replies[n]["records"][k]["reply"]) for n in names]
+            for k, record in enumerate(replies[names[0]]["records"])]
+    return ["greedy replies to the first held-out conversations (seed "
+            f"{replies[names[0]]['seed']}; the gold answers kept in the history):", "",
+            *markdown(["turn", "user", "gold", *names], rows)]
 
 
 def short(text, limit=80):

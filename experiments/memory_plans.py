@@ -33,11 +33,10 @@ RECIPES = {
 
 def lora_parameters(c, rank, targets):
     """The adapters' parameters: rank x (in + out) for each adapted projection of each layer."""
-    kv = c.n_kv_head * c.head_dim
-    shapes = {"q_proj": (c.n_embd, c.n_embd), "k_proj": (c.n_embd, kv), "v_proj": (c.n_embd, kv),
-              "o_proj": (c.n_embd, c.n_embd), "gate_proj": (c.n_embd, c.mlp_hidden),
-              "up_proj": (c.n_embd, c.mlp_hidden), "down_proj": (c.mlp_hidden, c.n_embd)}
-    return c.n_layer * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+    h, kv, m = c.n_embd, c.n_kv_head * c.head_dim, c.mlp_hidden
+    in_out = {"q_proj": h + h, "k_proj": h + kv, "v_proj": h + kv, "o_proj": h + h,
+              "gate_proj": h + m, "up_proj": h + m, "down_proj": m + h}
+    return c.n_layer * rank * sum(in_out[t] for t in targets)
 
 
 def main():

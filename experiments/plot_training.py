@@ -41,7 +41,7 @@ def read_log(out_dir):
 
 def _record(line, where):
     """One log line as train.py writes it: an object whose "loss" or "val_loss", and "iter", are
-    numbers."""
+    numbers (not bools)."""
     try:
         record = json.loads(line)
     except (ValueError, RecursionError):  # bad JSON or a number too long for int()
@@ -49,25 +49,35 @@ def _record(line, where):
     if not isinstance(record, dict):
         raise UserError(f"{where}: not a JSON object: was it written by train.py?")
     for key in ("loss", "val_loss"):
-        if key in record and not (_is_number(record[key]) and _is_number(record.get("iter"))):
+        if key in record and not all(type(record.get(k)) in (int, float) for k in (key, "iter")):
             raise UserError(f'{where}: "{key}" and "iter" must be numbers: was it written by '
                             'train.py?')
     return record
 
 
-def _is_number(value):
-    return type(value) in (int, float)  # not bool
+def pyplot():
+    """matplotlib.pyplot drawing into files; a UserError where matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    return plt
 
 
-def picture_path(png):
-    """-> (the file to write, its format): png in the format its extension names; without one,
-    png + ".png" in PNG, the name matplotlib would give it (named here, so main can say it)."""
-    extension = os.path.splitext(png)[1][1:]
-    return (png, extension.lower()) if extension else (png.rstrip(".") + ".png", "png")
-
-
-def series(records, key):
-    return [r["iter"] for r in records], [r[key] for r in records]
+def save(fig, png, dpi):
+    """Write fig to png in the format its extension names (without one: png + ".png", the name
+    matplotlib would give it) -> the path written, for the caller to say."""
+    path, picture_format = png, os.path.splitext(png)[1][1:].lower()
+    if not picture_format:
+        path, picture_format = png.rstrip(".") + ".png", "png"
+    if picture_format not in fig.canvas.get_supported_filetypes():
+        raise UserError(f"--png={png}: matplotlib cannot write .{picture_format} files (try "
+                        ".png, .svg or .pdf)")
+    fig.tight_layout()
+    fig.savefig(path, format=picture_format, dpi=dpi)
+    return path
 
 
 def main(argv=None):
@@ -77,26 +87,16 @@ def main(argv=None):
     if not out_dirs:
         raise UserError("name at least one out_dir: python experiments/plot_training.py out")
     runs = {out_dir: read_log(out_dir) for out_dir in out_dirs}
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
-    path, picture_format = picture_path(cfg.png)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if picture_format not in fig.canvas.get_supported_filetypes():
-        raise UserError(f"--png={cfg.png}: matplotlib cannot write .{picture_format} files (try "
-                        ".png, .svg or .pdf)")
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     for k, (name, (steps, evals)) in enumerate(runs.items()):
-        ax.plot(*series(steps, "loss"), color=f"C{k}", alpha=0.35, lw=1)
-        ax.plot(*series(evals, "val_loss"), "o-", color=f"C{k}", ms=3, label=f"{name} (held-out)")
+        ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], color=f"C{k}", alpha=0.35,
+                lw=1)
+        ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", color=f"C{k}",
+                ms=3, label=f"{name} (held-out)")
     ax.set(xlabel="optimizer step", ylabel="answer loss (faint: training batches)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format=picture_format, dpi=120)
-    print(f"wrote {path}")
+    print(f"wrote {save(fig, cfg.png, 120)}")
 
 
 if __name__ == "__main__":
