@@ -1,6 +1,5 @@
 """
-What the three masks cost, measured on this project's own code in one run: training steps, a long
-chat, decoding.
+What the three masks cost, measured on this project's own code in one run.
 
     python bench.py                          # CPU, the default model, every section
     python bench.py --device=cuda --compile  # GPU: FlexAttention + bf16, compiled model and decode
@@ -9,21 +8,12 @@ chat, decoding.
     python bench.py --quick                  # tiny model and data, one repeat: the smoke test's run
     python bench.py --init_from=smollm2      # SmolLM2-135M-Instruct (2048 tokens of context)
 
-Sections (markdown tables, or with --json one JSON object), a module each in benchmarks/:
-1. train: each mask's optimizer step as train.py takes it (ms, tokens/s, MFU on CUDA, peak memory);
-   SDPA alone under a dense mask against is_causal; one epoch per mask.
-2. chat: one conversation filling block_size, through ChatSession under each mask and without a
-   cache, beside transformers: tokens prefilled and time to first token (TTFT) per turn.
-3. decode: tokens/s with the KV cache and without at growing context, beside transformers.
-4. peers (a pretrained start on the CPU; not by default): float32 decode and prefill against int8,
-   int4 and transformers at 1 and 2 threads, each beside its memory-bandwidth ceiling.
-
-Models have random weights (the numbers are costs, not quality) unless --init_from names a
-pretrained one; then the peer is transformers' implementation of the same weights and the chat
-leaves out no cache (hours at that size). Answers have a fixed length (min_new_tokens). Peak
-memory on a CPU is the process's peak resident set, weights included. Timings: warmup rounds,
-then the median of --repeats rounds, the variants interleaved in a rotating order so that a
-shared machine's changing load hits them alike: compare the ratios of one run.
+Sections, a module each in benchmarks/: 1. train: each mask's training step, and an epoch;
+2. chat: time to first token per turn of a long conversation; 3. decode: tokens/s with and without
+the KV cache; 4. peers (a pretrained start on the CPU; not by default): float32 against int8, int4
+and transformers. Weights are random (costs, not quality) unless --init_from names pretrained ones.
+Timings: warmup rounds, then the median of --repeats rounds, the variants interleaved in a rotating
+order so that a shared machine's changing load hits them alike: compare the ratios of one run.
 """
 import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
@@ -55,15 +45,13 @@ class BenchConfig:
     init_from: str = setting("", f"measure a pretrained model ({START_HELP}) at its own shape; "
                                  "empty: a random model of the shape flags below")
     device: str = setting("cpu", DEVICE_HELP)
-    sections: str = setting("train,chat,decode", "comma-separated subset of train,chat,decode,"
-                            "peers (peers: a pretrained start on the CPU, float32 vs int8/int4)")
+    sections: str = setting("train,chat,decode", "comma-separated: train,chat,decode,peers")
     repeats: int = setting(5, "timed rounds per measurement (the median is reported)", min=1)
     warmup: int = setting(1, "untimed rounds before them", min=0)
     threads: int = setting(0, THREADS_HELP, min=0)
     quick: bool = setting(False, "tiny model and data, one repeat: a smoke run (flags still win)")
     json: bool = setting(False, "print one JSON object instead of markdown tables")
-    compile: bool = setting(False, "torch.compile the model for the training steps, and add the "
-                            "compiled static-shape decode step (a CUDA graph on CUDA)")
+    compile: bool = setting(False, "torch.compile the training steps; add the compiled decode step")
     dtype: str = setting("auto", f"chat and decode: {CHAT_DTYPE_HELP}; training uses bf16 "
                          "autocast on CUDA", choices=DTYPES)
     # model and training batch (train.py's defaults)
@@ -73,19 +61,17 @@ class BenchConfig:
     block_size: int = setting(0, "context length (rows, chat length, KV cache); 0: 512, or "
                               f"{PRETRAINED_CONTEXT} for --init_from", min=0)
     batch_size: int = setting(0, "rows per training step; 0: 8, or 1 for --init_from", min=0)
-    vocab_size: int = setting(0, "training section's vocabulary (0: the data's); 50304 = GPT-2's "
-                              "padded, to time a GPT-2 fine-tuning step on byte data", min=0)
-    attention: str = setting("auto", "training backends: sdpa | flex | sdpa,flex (auto: sdpa on "
-                             "CPU, flex,sdpa on CUDA); the first one sets the epoch table")
-    data_dir: str = setting("", "prepared data to train on (empty: the synthetic dataset in the "
-                            "model's tokens, prepared if missing; --quick: a small one)")
+    vocab_size: int = setting(0, "training's vocabulary (0: the data's; 50304: GPT-2's)", min=0)
+    attention: str = setting("auto", "training: sdpa | flex | sdpa,flex (auto: sdpa; flex,sdpa on "
+                             "CUDA); the first sets the epoch table")
+    data_dir: str = setting("", "prepared data to train on (empty: the synthetic dataset, "
+                            "prepared if missing)")
     seed: int = setting(1337, "weights, data order and the chat's messages", min=0)
     # chat and decode
     answer_tokens: int = setting(8, "chat: tokens per answer", min=1)
-    chat_repeats: int = setting(15, "chat: timed rounds of the whole conversation (a turn takes a "
-                                "few ms, so a busy machine's scheduler shows: more rounds)", min=1)
+    chat_repeats: int = setting(15, "chat: timed rounds of the whole conversation", min=1)
     new_tokens: int = setting(32, "decode: tokens generated per measurement", min=2)
-    hf: bool = setting(True, "Hugging Face peer rows (transformers, the same weights) if installed")
+    hf: bool = setting(True, "transformers' rows (the same weights) if it is installed")
     out_dir: str = setting("out", "where the TTFT plot goes")
     plot: str = setting("", "PNG of TTFT vs turn (default out_dir/bench_ttft.png; none: no plot)")
 

@@ -5,15 +5,12 @@ Score a model: held-out answer loss, and exact match of greedy answers given thr
     python eval.py --out_dir=out --json              # one JSON object, per-turn records included
     python eval.py --init_from=smollm2 --mask=ism --data_dir=data/synthetic-smollm2
 
-- Held-out answer loss: mean cross-entropy of every answer token of the val split of the
-  checkpoint's data_dir (or --data_dir) under the mask it chats with, overall and by turn.
-- Exact match (--replay): each conversation of data_dir/val.jsonl is replayed through
-  engine.ChatSession; each user turn is answered greedily and must equal the gold answer after
-  stripping surrounding whitespace (a reply cut by max_new_tokens is wrong).
-- --history=gold keeps the gold answer in the conversation (teacher forcing: every turn scored on
-  the same history under every mask); --history=own the model's reply (mistakes compound).
-- Reported per task family (the synthetic data's "tasks" tags; the instruction-last ones first
-  and pooled), per turn (1..7, then 8+) and overall. experiments/compare_masks.py compares masks.
+The loss: mean cross-entropy of every answer token of data_dir's val split under the mask the model
+chats with. Exact match (--replay): each conversation of data_dir/val.jsonl is replayed through
+engine.ChatSession, each user turn answered greedily; a reply must equal the gold answer after
+stripping surrounding whitespace (one cut by max_new_tokens is wrong). The loss is reported per
+turn (1..7, then 8+) and overall; exact match also per task family (the synthetic data's "tasks"
+tags; the instruction-last ones first and pooled). experiments/compare_masks.py compares masks.
 """
 import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
@@ -49,14 +46,12 @@ class EvalConfig(ModelFlags):
     data_dir: str = setting("", "prepared data with val.jsonl (empty: the checkpoint's data_dir)")
     history: str = setting("gold", "gold | own: what stays in the conversation after a scored turn",
                            choices=("gold", "own"))
-    max_conversations: int = setting(0, "held-out conversations scored (replayed, and the loss "
-                                        "measured on), the first of val.jsonl (0: all)", min=0)
-    max_new_tokens: int = setting(64, "longest reply; one cut here is wrong (--history=gold stops "
-                                      "a reply 8 tokens longer than the gold answer)", min=1)
+    max_conversations: int = setting(0, "held-out conversations scored, the first of val.jsonl "
+                                        "(0: all)", min=0)
+    max_new_tokens: int = setting(64, "longest reply; one cut here is wrong", min=1)
     batch_size: int = setting(16, "rows per batch for the held-out loss", min=1)
-    replay: bool = setting(True, "replay the held-out conversations and score exact match; "
-                                 "false: the held-out answer loss only (real chats have no one "
-                                 "right answer)")
+    replay: bool = setting(True, "score exact match; false: the held-out answer loss only (real "
+                                 "chats have no one right answer)")
     json: bool = setting(False, "print one JSON object instead of markdown tables")
 
 
@@ -127,8 +122,7 @@ def evaluate(chat_model, data_dir="", history="gold", max_conversations=0, max_n
     model, tok, kind = chat_model.model, chat_model.tok, chat_model.mask
     checkpoint, rt = chat_model.checkpoint or {}, chat_model.runtime
     data_dir, meta = heldout_data(chat_model, data_dir)
-    conversations, _ = read_jsonl(os.path.join(data_dir, "val.jsonl"))
-    conversations = conversations[:max_conversations or None]
+    conversations = read_jsonl(os.path.join(data_dir, "val.jsonl"))[0][:max_conversations or None]
     t0 = time.time()
     val = first_conversations(load_split(data_dir, "val"), max_conversations)
     width = min(model.config.block_size, meta["block_size"])  # rows as prepared

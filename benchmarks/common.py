@@ -1,4 +1,5 @@
 """What the sections share: interleaved timing, memory peaks, fixed-length answers, markdown."""
+import functools
 import random
 import statistics
 import sys
@@ -34,19 +35,15 @@ def rounds(fns, repeats, warmup):
 
 def interleaved(fns, repeats, warmup, device="cpu"):
     """{name: fn} -> {name: [seconds of each call]}, in rounds as above (synchronized on CUDA)."""
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     def timed(fn):
-        def call():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            return time.perf_counter() - t0
-        return call
-    return rounds({name: timed(fn) for name, fn in fns.items()}, repeats, warmup)
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+    return rounds({name: functools.partial(timed, fn) for name, fn in fns.items()}, repeats, warmup)
 
 
 def median(values):
@@ -55,9 +52,9 @@ def median(values):
 
 
 def peak_memory(step, device):
-    """GiB at the peak of one more step: on CUDA what torch allocated (weights, optimizer state,
-    activations); on a CPU the process's peak resident set (VmHWM, reset before the step; None where
-    /proc cannot tell), which counts everything else the process holds too."""
+    """GiB at the peak of one more step: on CUDA what torch allocated; on a CPU the process's peak
+    resident set (VmHWM, reset before the step; None where /proc cannot tell), which counts
+    everything else the process holds too."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         step()

@@ -3,6 +3,7 @@ transformers' implementation of the same weights."""
 import copy
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 
@@ -15,14 +16,12 @@ PRETRAINED_CONTEXT = 2048  # a pretrained start's default block_size here: a cha
 
 
 def load_pretrained(cfg, device, results):
-    """load_start for --init_from, timed, with the process's resident memory before and after
-    and its peak while loading (host memory wherever the model goes: a load reads the file on the
-    host)."""
+    """load_start for --init_from, timed, with the process's resident memory before, after and at
+    its peak while loading (host memory wherever the model goes: a load reads the file there)."""
     loaded, before, t0 = [], resident_gib(), time.perf_counter()
-
-    def load():
-        loaded.append(load_start(cfg.init_from, cfg.block_size or None, 0.0, device))
-    peak, start = peak_memory(load, "cpu"), loaded[0]
+    peak = peak_memory(lambda: loaded.append(
+        load_start(cfg.init_from, cfg.block_size or None, 0.0, device)), "cpu")
+    start = loaded[0]
     model = start.model
     results["model"] = {"what": start.what, "load_s": time.perf_counter() - t0,
                         "resident_before_gib": before, "peak_gib": peak,
@@ -62,27 +61,14 @@ def hf_model(cfg, model, rt):
         f"transformers {transformers.__version__} {type(hf).__name__}, the same weights"
 
 
-class TokenClock:
-    """A transformers streamer that only keeps the time of each put: the prompt, then each token."""
-
-    def __init__(self):
-        self.times = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 def hf_generate(hf, ids, n):
     """transformers' generate() of exactly n greedy tokens after ids [1, T] with its own cache
     -> (prefill tokens/s to the first token, decode tokens/s over the tokens after it, or None
     for n = 1)."""
-    clock, t0 = TokenClock(), time.perf_counter()
+    times, t0 = [], time.perf_counter()  # a streamer's put(): the prompt, then each token
+    clock = SimpleNamespace(put=lambda _: times.append(time.perf_counter()), end=lambda: None)
     with torch.no_grad():
         hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                     do_sample=False, use_cache=True, streamer=clock)
-    times = clock.times
     assert len(times) == n + 1  # the prompt, then n tokens
     return ids.shape[1] / (times[1] - t0), (n - 1) / (times[-1] - times[1]) if n > 1 else None

@@ -1,9 +1,9 @@
 """1. train: each mask's optimizer step as train.py takes it (loss.train_step), SDPA alone under a
 dense mask against is_causal, and one epoch's cost per mask."""
 import copy
+import functools
 import itertools
 import math
-import statistics
 import tempfile
 from dataclasses import replace
 
@@ -104,27 +104,24 @@ def step_rows(cfg, rt, raw_model, batches, backends):
     model = torch.compile(raw_model) if cfg.compile else raw_model
     optimizer = raw_model.configure_optimizers(**OPTIMIZER, device_type=rt.device_type)
 
-    def step_fn(kind, attention):
-        taken, step_rt = itertools.count(), replace(rt, attention=attention)
-
-        def step():
-            batch, answers, _ = batches[kind][next(taken) % len(batches[kind])]
-            train_step(model, optimizer, [batch], kind, answers, step_rt)
-        return step
+    def step(kind, attention, cycle):
+        batch, answers, _ = next(cycle)
+        train_step(model, optimizer, [batch], kind, answers, replace(rt, attention=attention))
 
     kinds = ("causal", "ism", "prefix")  # the table's order
-    variants = {(a, kind): step_fn(kind, a) for a in backends for kind in kinds}
+    variants = {(a, kind): functools.partial(step, kind, a, itertools.cycle(batches[kind]))
+                for a in backends for kind in kinds}
     log(f"train: {len(variants)} variants x {cfg.warmup + cfg.repeats} steps of {cfg.batch_size} x "
         f"{cfg.block_size} tokens")
     step_times = interleaved(variants, cfg.repeats, cfg.warmup, rt.device)
     peak_gib = {v: peak_memory(fn, rt.device) for v, fn in variants.items()}
-    masks = {(a, kind): (lambda a=a, kind=kind: batch_mask(kind, batches[kind][0][0], a))
+    masks = {(a, kind): functools.partial(batch_mask, kind, batches[kind][0][0], a)
              for a, kind in variants}
     mask_times = interleaved(masks, cfg.repeats, cfg.warmup, rt.device)
     steps = []
     for (attention, kind), times in step_times.items():
-        seconds = statistics.median(times)
-        tokens = statistics.mean(t for _, _, t in batches[kind])
+        seconds = median(times)
+        tokens = sum(t for _, _, t in batches[kind]) / len(batches[kind])
         mfu = (raw_model.estimate_mfu(cfg.batch_size * cfg.block_size, seconds)
                if rt.device_type == "cuda" else None)
         steps.append({"attention": attention, "mask": kind, "ms_per_iter": seconds * 1e3,
@@ -147,8 +144,8 @@ def attention_alone(cfg, config, rt):
             torch.nn.functional.scaled_dot_product_attention(q, k, v, **how).sum().backward()
     variants = {"dense": lambda: run(attn_mask=dense), "causal": lambda: run(is_causal=True)}
     times = interleaved(variants, cfg.repeats, cfg.warmup, rt.device)
-    return {"dense_ms": statistics.median(times["dense"]) * 1e3,
-            "is_causal_ms": statistics.median(times["causal"]) * 1e3, "layers": config.n_layer}
+    return {"dense_ms": median(times["dense"]) * 1e3, "is_causal_ms": median(times["causal"]) * 1e3,
+            "layers": config.n_layer}
 
 
 def epoch_table(cfg, split, epoch, ms, backend):
