@@ -1,9 +1,6 @@
-"""
-Checkpoint files: out_dir/ckpt.pt, written atomically, read with torch.load(weights_only=True)
-(plain dicts and tensors: a checkpoint can never run code). A dict: model (state dict), model_args
-(GPTConfig's fields), tokenizer (its description), mask, and from train.py the run's settings and
-state (support/resume.py's make_checkpoint).
-"""
+"""Checkpoint files, written atomically, read with torch.load(weights_only=True): plain dicts and
+tensors, which can never run code (support/resume.py's make_checkpoint says what they hold)."""
+import contextlib
 import os
 import tempfile
 
@@ -16,49 +13,39 @@ TEMPORARY_PREFIX = ".tmp-"  # atomic()'s files before they are renamed
 REQUIRED_KEYS = {"model", "model_args", "tokenizer", "mask"}
 
 
-def save_checkpoint(checkpoint, path):
-    """Write a unique temporary file beside path, synced, then rename it over path: a crash or a
-    full disk leaves the previous checkpoint intact and no temporary file (UserError)."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)  # follows no symlink
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a checkpoint is not
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk can be the zip writer's RuntimeError
-        _remove(tmp)
-        problem = e.strerror if isinstance(e, OSError) and e.strerror else "the disk may be full"
-        raise UserError(f"could not write {path} ({problem}); the previous checkpoint, if any, is "
-                        "unchanged") from None
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def atomic(path, write):
-    """write(tmp) into a temporary file beside path, then rename it over path: a crash leaves the
-    old file (adapters, GGUF conversions; checkpoints add a sync and a one-line error)."""
-    fd, tmp = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=os.path.dirname(path) or ".")
+def atomic(path, write, prefix=TEMPORARY_PREFIX):
+    """write(tmp) into a new temporary file beside path (mkstemp's: no planted link is followed),
+    synced, then renamed over path: a crash or a full disk leaves the old file and no other."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=os.path.dirname(path) or ".")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; ours are not
         os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         raise
 
 
-def _remove(path):
+def save_checkpoint(checkpoint, path):
+    """atomic(): a failed write leaves the previous checkpoint (UserError)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+
     try:
-        os.remove(path)
-    except OSError:
-        pass
+        atomic(path, write, prefix=".ckpt-")
+    except (OSError, RuntimeError) as e:  # a full disk can be the zip writer's RuntimeError
+        problem = e.strerror if isinstance(e, OSError) and e.strerror else "the disk may be full"
+        raise UserError(f"could not write {path} ({problem}); the previous checkpoint, if any, is "
+                        "unchanged") from None
 
 
 def load_checkpoint(path, device="cpu"):

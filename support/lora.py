@@ -1,14 +1,11 @@
-"""
-LoRA adapters on a loaded model (model.py's LoRALinear computes them): fresh ones, folded into the
-weights, and in PEFT's format (adapter_config.json + adapter_model.safetensors, as save_pretrained
-writes them and PeftModel.from_pretrained reads them), so that an adapter trained here runs under
-peft on transformers' model of the same base, and one trained with peft runs here. Anything that
-would compute otherwise here is refused in one line naming it.
-"""
+"""LoRA adapters on a loaded model (model.py's LoRALinear computes them): fresh, folded into the
+weights, and in PEFT's format, so that an adapter trained here runs under peft on transformers'
+model of the same base, and one trained with peft runs here."""
 import hashlib
 import json
 import math
 import os
+import pathlib
 from dataclasses import replace
 
 import torch
@@ -38,12 +35,11 @@ PLAIN_LORA = {"peft_type": ("LORA",), "bias": ("none",), "rank_pattern": ({},),
 NUMBERS = {"r": (8, lambda v: type(v) is int and v > 0),
            "lora_alpha": (8, lambda v: type(v) in (int, float) and 0 < v < math.inf),
            "lora_dropout": (0.0, lambda v: type(v) in (int, float) and 0 <= v < 1)}
+PUBLISHED = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # packaged starts: their hub names
 
 
 def with_lora(model, rank, alpha, targets, dropout=0.0):
-    """The same model with fresh adapters (A from torch's generator, B zero: it computes what model
-    does), only they trainable. Adapters model has already are folded into its weights first: they
-    stack, as peft's merge_and_unload and a second adapter do. alpha 0: GPTConfig's default."""
+    """The model with fresh adapters (B zero), only they trainable; its own are folded in first."""
     if model.adapter_params():
         model = merged(model)
     config = replace(model.config, lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets),
@@ -56,8 +52,7 @@ def with_lora(model, rank, alpha, targets, dropout=0.0):
 
 
 def merged(model):
-    """The model without adapters, each folded into its weight (W += B A lora_alpha / lora_rank):
-    what peft's merge_and_unload computes, and what a chat runs fastest."""
+    """The model with each adapter folded into its weight, as peft's merge_and_unload does."""
     adapters = model.adapter_params()
     state = {name: t for name, t in model.state_dict().items() if name not in adapters}
     with torch.no_grad():
@@ -71,8 +66,7 @@ def merged(model):
 
 
 def base_fingerprint(model):
-    """sha256 of a LoRA run's start (every weight in float32, a LoRA checkpoint's adapters too): a
-    LoRA checkpoint holds its adapters only and names its start; this tells the same start again."""
+    """sha256 of every weight: tells that a LoRA checkpoint's start is still what it trained on."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -80,23 +74,15 @@ def base_fingerprint(model):
     return digest.hexdigest()
 
 
-# ------------------------------------------------------------------------------------ PEFT's format
-
-PUBLISHED = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # packaged starts: their hub names
-
-
 def peft_base(init_from):
-    """The base an adapter names for peft (base_model_name_or_path): a packaged model's published
-    name, a folder's or file's absolute path (peft's convention for a local base), else as given."""
+    """The base an adapter names for peft: a published name, or a local one's absolute path."""
     if init_from in PUBLISHED:
         return PUBLISHED[init_from]
     return os.path.abspath(init_from) if os.path.exists(init_from) else init_from
 
 
 def write_adapter(state, config, folder, base_name=None):
-    """A LoRA model's adapters (state: its state dict, or the adapters' part; config: its GPTConfig)
-    as a PEFT folder naming base_name (peft_base of the start), each file written atomically: a
-    failed write (a full disk) is a UserError and leaves the previous file."""
+    """A LoRA model's adapters (from its state dict) as a PEFT folder, each file atomically."""
     from safetensors.torch import save
     tensors = {peft_name(name): state[name].detach().float().cpu().contiguous()
                for name in GPT.from_state(config).adapter_params()}
@@ -113,20 +99,14 @@ def write_adapter(state, config, folder, base_name=None):
         path = os.path.join(folder, name)
         try:
             os.makedirs(folder, exist_ok=True)
-            atomic(path, lambda tmp: write_bytes(tmp, data))
+            atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
         except OSError as e:
             raise UserError(f"could not write {path} ({reason(e)}); the previous adapter, "
                             "if any, is unchanged") from None
 
 
-def write_bytes(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-
-
 def check_adapter_folder(folder):
-    """UserError unless folder is absent or a folder, and neither it nor its files are links: an
-    adapter is never written through a link the run did not make."""
+    """UserError unless folder is absent or a folder, and neither it nor its files are links."""
     for path in (folder, *(os.path.join(folder, f) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))):
         if os.path.islink(path):
             raise planted_link(path, "an adapter")
@@ -135,14 +115,20 @@ def check_adapter_folder(folder):
 
 
 def read_adapter(model, folder):
-    """model with the PEFT adapter in folder on it (its own adapters folded in first); UserError for
-    what it cannot compute."""
+    """model with the PEFT adapter in folder on it (its own adapters folded in first)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     c = adapter_config(folder)
     if model.config.family != "llama":
         raise UserError(f"{folder}: LoRA adapts the Llama family's projections, not "
                         f"{model.config.family}'s: put it on the Llama model it was made for")
     adapted = with_lora(model, c["r"], c["lora_alpha"], c["target_modules"], c["lora_dropout"])
-    tensors, names = adapter_tensors(folder), {peft_name(n): n for n in adapted.adapter_params()}
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: unreadable ({str(e)[:80]})") from None
+    names = {peft_name(n): n for n in adapted.adapter_params()}
     if set(tensors) != set(names):
         odd = sorted(set(tensors) ^ set(names))
         raise UserError(f"{folder}: its tensors are not those of LoRA on "
@@ -157,8 +143,7 @@ def read_adapter(model, folder):
 
 
 def adapter_config(folder):
-    """adapter_config.json (at most MAX_CONFIG_BYTES read), checked to be plain LoRA on the
-    projections model.py adapts, with peft's defaults for the numbers it leaves out."""
+    """adapter_config.json if plain LoRA on model.py's projections, with peft's default numbers."""
     path = os.path.join(folder, ADAPTER_CONFIG)
     try:
         with open(path, "rb") as f:
@@ -183,13 +168,3 @@ def adapter_config(folder):
         raise UserError(f"{path}: {', '.join(unlike)}: not plain LoRA on "
                         f"{', '.join(LORA_TARGETS)}, what ismGPT computes")
     return config
-
-
-def adapter_tensors(folder):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    path = os.path.join(folder, ADAPTER_WEIGHTS)
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: unreadable ({str(e)[:80]})") from None

@@ -1,18 +1,15 @@
-"""
-Where a training run starts, whether it may, and what its checkpoint records: a new run never
+"""Where a training run starts, whether it may, and what its checkpoint records: a new run never
 silently replaces another run's files; a resumed one must be the run its flags describe (the same
-mask, seed, rows per step, data and shape), from a training state that train.py writes.
-"""
+mask, seed, rows per step, data and shape), from a training state that train.py writes."""
 import os
 from dataclasses import asdict, dataclass, field
 
-from cli.errors import DataError, UserError
-from data.tokenizer import tokenizer_from_description
+from cli.errors import UserError
 from support.checkpoint import load_checkpoint
 from support.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_fingerprint,
                           check_adapter_folder, merged)
 from support.run_files import RUN_FILES
-from support.starts import load_start, model_of_checkpoint
+from support.starts import from_checkpoint, load_start
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 # Settings that change the data order, dropout or what trains (rows per step are checked as a
@@ -27,9 +24,8 @@ ADAPTER_DIR = "adapter"  # out_dir/adapter/: a LoRA run's adapters in PEFT's for
 
 @dataclass
 class RunStart:
-    """What a run starts from: the model (None from scratch: it needs the data's vocabulary), the
-    checkpoint it resumes, the tokenizer description its data must match (None: any), and a new
-    LoRA run's base (named and fingerprinted in its checkpoints)."""
+    """What a run starts from: the model (None: from scratch), the checkpoint it resumes, the
+    tokenizer description its data must match (None: any), and a new LoRA run's base."""
     model: object = None
     checkpoint: dict = None
     tokenizer: dict = None
@@ -37,20 +33,14 @@ class RunStart:
 
 
 def starting_point(cfg, device, log, rows_per_step):
-    """-> RunStart. scratch: nothing yet; resume: out_dir's checkpoint, checked to be this run;
-    otherwise a pretrained start (load_start), --adapter folded into it."""
+    """-> RunStart: nothing (scratch), out_dir's checkpoint if it is this run's, or load_start's."""
     if cfg.init_from == "scratch":
         return RunStart()
     if cfg.init_from == "resume":
         path = os.path.join(cfg.out_dir, "ckpt.pt")
-        checkpoint = load_checkpoint(path, device)
-        check_resumable(checkpoint, path, cfg, rows_per_step)
-        try:
-            tokenizer_from_description(checkpoint["tokenizer"])  # the data must be in its tokens
-        except DataError as e:
-            raise UserError(f"{path}: {e}") from None
-        model = model_of_checkpoint(checkpoint, device, path)
-        return RunStart(model, checkpoint, checkpoint["tokenizer"])
+        start = from_checkpoint(path, device, lambda checkpoint: check_resumable(
+            checkpoint, path, cfg, rows_per_step))
+        return RunStart(start.model, start.checkpoint, start.checkpoint["tokenizer"])
     start = load_start(cfg.init_from, cfg.block_size, cfg.dropout, device, adapter=cfg.adapter)
     log(f"starting from {start.what}")
     if start.model.adapter_params() and not cfg.lora_rank:  # a LoRA checkpoint: all of it trains
@@ -64,20 +54,18 @@ def starting_point(cfg, device, log, rows_per_step):
 
 
 def writes_adapter(cfg):
-    """Whether the run writes out_dir/adapter/: a LoRA run, unless --adapter is folded into its
-    start (peft would put the adapter on the start without it)."""
+    """A LoRA run writes out_dir/adapter/, unless --adapter is folded into its start."""
     return bool(cfg.lora_rank) and not cfg.adapter
 
 
 def adapter_is_start(cfg):
-    """Whether out_dir/adapter/ is the --adapter this run starts from: its start, never replaced."""
+    """Whether out_dir/adapter/ is the --adapter this run starts from: never replaced."""
     here = os.path.join(cfg.out_dir, ADAPTER_DIR)
     return bool(cfg.adapter) and os.path.realpath(cfg.adapter) == os.path.realpath(here)
 
 
 def remove_adapter(folder, log):
-    """A new run that writes no adapter (--overwrite): the replaced run's adapter files go, so none
-    sits beside this run's ckpt.pt as if it were its own; other files in the folder stay."""
+    """Remove the adapter files of a run that --overwrite replaces by one that writes none."""
     if os.path.islink(folder):
         os.remove(folder)  # the link, never what it points to
     elif os.path.isdir(folder):
@@ -92,9 +80,8 @@ def remove_adapter(folder, log):
 
 
 def check_fresh_start(cfg, flags_given):
-    """A new run must not replace another run's files, and no run writes through a link. -> True
-    when out_dir's checkpoint finished exactly this run (flags_given: the settings as parsed):
-    nothing to do; UserError when out_dir holds another run's files."""
+    """UserError when a new run would replace another run's files (or write through a link); True
+    when out_dir's checkpoint finished exactly this run (flags_given, as parsed): nothing to do."""
     # another run's adapter/ too, whether this run writes one, unless it is this run's --adapter
     written = RUN_FILES + (() if adapter_is_start(cfg) else (ADAPTER_DIR,))
     if writes_adapter(cfg):
@@ -161,8 +148,7 @@ def check_resumable(checkpoint, path, cfg, rows_per_step):
 
 
 def data_fingerprint(meta):
-    """What identifies a prepared dataset wherever it lies: its tokenizer and its splits' sizes. A
-    resumed run must read the same rows (the stream position indexes them)."""
+    """A prepared dataset, wherever it lies: its tokenizer and its splits' sizes."""
     return {"tokenizer": meta["tokenizer"]["name"],
             **{name: {k: split[k] for k in ("conversations", "tokens")}
                for name, split in meta["splits"].items()}}
@@ -199,9 +185,8 @@ class RunState:
 
 def make_checkpoint(model_state, config, cfg, flags_given, meta, state, rows_per_step,
                     resumable=None):
-    """The checkpoint dict: the weights (a LoRA run's adapters only: state.base names its base), the
-    model's config, the run's settings and state; with resumable, (the optimizer's state dict, the
-    row stream's position), it resumes; without (best.pt) it holds what a chat or a start needs."""
+    """The checkpoint dict (a LoRA run's adapters only: state.base names its base); resumable:
+    (the optimizer's state dict, the row stream's position), None for best.pt."""
     checkpoint = {"model": model_state, "model_args": asdict(config), "config": asdict(cfg),
                   "flags": asdict(flags_given), "tokenizer": meta["tokenizer"], "mask": cfg.mask,
                   "data": data_fingerprint(meta), "rows_per_step": rows_per_step, **asdict(state)}
@@ -212,9 +197,8 @@ def make_checkpoint(model_state, config, cfg, flags_given, meta, state, rows_per
 
 
 def resumed_state(cfg, start, load_optimizer, meta, log, is_master=True):
-    """The RunState of the checkpoint start resumes, whose optimizer state load_optimizer(state
-    dict) loads, or of a new run. A new run where best.pt exists came with --overwrite: those best
-    weights are another run's, removed at once."""
+    """The RunState of the resumed checkpoint (load_optimizer loads its optimizer state), or of a
+    new run, which removes the best.pt and adapter of a run it replaces."""
     if start.checkpoint is None:
         replaced = os.path.join(cfg.out_dir, "best.pt")
         if is_master and os.path.lexists(replaced):

@@ -1,8 +1,6 @@
-"""
-A training run's files in out_dir: ckpt.pt, best.pt (--keep_best), log.jsonl, adapter/ (LoRA)
-and train.lock. One run per out_dir at a time (RunLock); no file is ever written through a symbolic
-link planted there.
-"""
+"""A training run's files in out_dir: ckpt.pt, best.pt, log.jsonl, adapter/ and train.lock. One run
+per out_dir at a time; no file is ever written through a symbolic link planted there."""
+import contextlib
 import fcntl
 import glob
 import json
@@ -22,10 +20,8 @@ def planted_link(path, what):
 
 
 class RunLock:
-    """Hold out_dir/train.lock while a run trains, so that a second run on the same out_dir is
-    refused. The lock is the kernel's (flock): a killed run releases it with its process; a run
-    that ends removes the file. Holding it, the run clears the temporary files a killed run's save
-    left behind."""
+    """Hold out_dir/train.lock (flock: a killed run releases it) while a run trains: a second run
+    is refused. Holding it, the run clears the temporary files killed writes left behind."""
 
     def __init__(self, out_dir):
         self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, "train.lock"), None
@@ -38,13 +34,11 @@ class RunLock:
                             "--out_dir") from None
         while not self._locked():  # the file we locked was removed by a run ending: lock anew
             os.close(self.fd)
-        try:  # the pid only names the owner in another run's error: a full disk must not stop this
+        with contextlib.suppress(OSError):  # the pid only names the owner in another run's error
             os.ftruncate(self.fd, 0)
             os.write(self.fd, f"pid {os.getpid()}".encode())
-        except OSError:
-            pass
         # save_checkpoint's, TrainingLog's and the adapter's (support.checkpoint.atomic) leftovers
-        for pattern in (".ckpt-*.tmp", ".log-*.tmp", os.path.join("adapter", ".tmp-*")):
+        for pattern in (".ckpt-*", ".log-*.tmp", os.path.join("adapter", ".tmp-*")):
             for leftover in glob.glob(os.path.join(self.out_dir, pattern)):
                 if os.path.isfile(leftover) and not os.path.islink(leftover):
                     os.remove(leftover)
@@ -90,15 +84,9 @@ def same_file(fd, path):
     return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
-def jsonl(lines):
-    return "".join(line + "\n" for line in lines).encode("utf-8")
-
-
 class TrainingLog:
-    """out_dir/log.jsonl: one JSON object per evaluation and logged step, for plots. A resumed run
-    keeps the records up to its step, so the log is the one an uninterrupted run writes. A record,
-    not the run: a log that cannot be read or written is reported once and logging stops, while
-    training goes on. Only a planted link is refused."""
+    """out_dir/log.jsonl: a JSON object per evaluation and logged step (resumed: those up to its
+    step). A log that cannot be written is reported once; training goes on without it."""
 
     def __init__(self, out_dir, resumed_at=None, enabled=True):
         self.path, self.fd = os.path.join(out_dir, "log.jsonl"), None
@@ -110,7 +98,7 @@ class TrainingLog:
         try:  # kept records go to a new file that takes the log's name: a kill leaves one or other
             kept = self._records_before(resumed_at) if resumed_at is not None else []
             self.fd, tmp = tempfile.mkstemp(prefix=".log-", suffix=".tmp", dir=out_dir)
-            os.write(self.fd, jsonl(kept))
+            os.write(self.fd, "".join(line + "\n" for line in kept).encode())
             os.replace(tmp, self.path)  # replaces a name, never writes through what it points to
         except OSError as e:
             if tmp is not None and os.path.exists(tmp):
@@ -123,8 +111,8 @@ class TrainingLog:
         self.__exit__()
 
     def _records_before(self, step):
-        """An earlier log's lines up to `step`: every record of earlier steps, and the step record
-        of `step` itself (written before the evaluation the resumed run repeats)."""
+        """The log's records of earlier steps, and the step record of `step` (written before the
+        evaluation the resumed run repeats)."""
         try:
             with open(self.path, "rb") as f:
                 lines = f.read().decode("utf-8", errors="replace").splitlines()
@@ -150,13 +138,10 @@ class TrainingLog:
             self.fd = None
 
     def write(self, **record):
-        self.write_lines([json.dumps(record)])
-
-    def write_lines(self, lines):
-        if self.fd is None or not lines:
+        if self.fd is None:
             return
         try:
-            os.write(self.fd, jsonl(lines))
+            os.write(self.fd, (json.dumps(record) + "\n").encode())
         except OSError as e:
             self.stop_logging(e)
 

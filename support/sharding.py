@@ -1,8 +1,5 @@
-"""
-FSDP2 (torch's fully_shard) for train.py --fsdp, and checkpoints that do not depend on how a run was
-spread over ranks: the model's and the optimizer's states are saved whole, on the CPU, the
-optimizer's keyed by parameter name, so that a run resumes on any number of ranks, sharded or not.
-"""
+"""FSDP2 (torch's fully_shard) for train.py --fsdp, and checkpoints that resume on any number of
+ranks, sharded or not: the states are saved whole, on the CPU, the optimizer's keyed by name."""
 from dataclasses import replace
 
 import torch
@@ -17,9 +14,8 @@ from model import GPT
 
 
 def start_on_rank0(find, rt):
-    """find() -> its start record (model, checkpoint, ...) on rank 0 alone. The other ranks get the
-    record without tensors and an empty model of its config, on the meta device, which shard()
-    fills with their shards of rank 0's weights. A UserError on rank 0 is every rank's."""
+    """find() -> its start record on rank 0 alone; the other ranks get it without tensors, with a
+    model of its config on the meta device (shard() fills it). A UserError on rank 0 is all's."""
     shared = [None, None, None]  # rank 0's problem, or its model's config and record
     if rt.is_master:
         try:
@@ -36,16 +32,14 @@ def start_on_rank0(find, rt):
 
 
 def tensorless(checkpoint):
-    """A checkpoint's training state without the weights and the optimizer's state (sent later)."""
+    """A checkpoint without the weights and the optimizer's state (sent later)."""
     return None if checkpoint is None else \
         {**{k: v for k, v in checkpoint.items() if k != "model"}, "optimizer": {}}
 
 
 def shard(model, rt):
-    """Shard parameters, gradients and optimizer state over the ranks, block by block (a block's
-    gathered only while it computes), the rest as the root, and give every rank its shards of rank
-    0's weights (no other rank ever holds them all). With bfloat16 the blocks compute in it and
-    reduce gradients in float32; the sharded parameters the optimizer updates stay float32."""
+    """Shard the model block by block (gathered only while it computes) with rank 0's weights.
+    With bfloat16 the blocks compute in it, reducing gradients and updating weights in float32."""
     weights = model.to(rt.device).state_dict() if rt.is_master else {}
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if rt.dtype == "bfloat16" else MixedPrecisionPolicy()
@@ -59,9 +53,8 @@ def shard(model, rt):
 
 
 def full_state(model, optimizer):
-    """-> (the model's state dict, the optimizer's keyed by parameter name), whole: of a LoRA model
-    the adapters only (its frozen base is not the run's to save). Under FSDP every rank must call it
-    (the shards are gathered) and rank 0 alone gets the states, on the CPU."""
+    """-> (the model's state dict, the optimizer's keyed by parameter name), whole; of a LoRA model
+    the adapters only. Under FSDP every rank calls it and rank 0 alone gets them, on the CPU."""
     adapters = model.adapter_params()
     if isinstance(model, FSDPModule):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True,
@@ -70,29 +63,29 @@ def full_state(model, optimizer):
                 get_optimizer_state_dict(model, optimizer, options=options))
     state = model.state_dict()
     state = {name: state[name] for name in adapters} if adapters else state
-    numbered, names = optimizer.state_dict(), parameter_names(model, optimizer)
-    return state, {"state": {names[i]: s for i, s in numbered["state"].items()},
-                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                    for g in numbered["param_groups"]]}
+    return state, renamed(optimizer.state_dict(), parameter_names(model, optimizer))
 
 
 def parameter_names(model, optimizer):
-    """The names of the optimizer's parameters, in the order its state dict numbers them."""
+    """The optimizer's parameters' names, in the order its state dict numbers them."""
     names = {id(p): name for name, p in model.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
+def renamed(optimizer_state, new):
+    """An optimizer's state dict with each parameter's key k as new[k] (numbers <-> names)."""
+    return {"state": {new[k]: s for k, s in optimizer_state["state"].items()},
+            "param_groups": [{**g, "params": [new[k] for k in g["params"]]}
+                             for g in optimizer_state["param_groups"]]}
+
+
 def load_optimizer_state(model, optimizer, state):
-    """Load an optimizer state full_state saved (or torch's numbered one, as older checkpoints hold
-    it) into the optimizer of a model, sharded (then rank 0's state is read) or not."""
+    """Load full_state's optimizer state (or an older checkpoint's numbered one), sharded or not."""
     if isinstance(model, FSDPModule):
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_optimizer_state_dict(model, optimizer, state, options=options)
         return
-    groups = state["param_groups"]
-    if any(isinstance(name, str) for g in groups for name in g["params"]):
-        position = {name: i for i, name in enumerate(parameter_names(model, optimizer))}
-        state = {"state": {position[n]: s for n, s in state["state"].items()},
-                 "param_groups": [{**g, "params": [position[n] for n in g["params"]]}
-                                  for g in groups]}
+    if any(isinstance(name, str) for g in state["param_groups"] for name in g["params"]):
+        names = parameter_names(model, optimizer)
+        state = renamed(state, {name: i for i, name in enumerate(names)})
     optimizer.load_state_dict(state)

@@ -6,9 +6,8 @@ from cli.flags import say
 
 
 class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary, so that the
-    checkpoint it writes is a consistent one; a second Ctrl-C aborts at once. every: the steps at
-    which the loop looks (several ranks agree at log steps only)."""
+    """Ctrl-C or SIGTERM asks the loop to stop at a step boundary (every: the steps it looks at),
+    so that its checkpoint is consistent; a second Ctrl-C aborts at once."""
 
     def __init__(self, every=1):
         self.when = "after this step" if every == 1 else \

