@@ -16,16 +16,12 @@ Every request carries the whole conversation; the server keeps the KV caches of 
 conversations and answers on the one whose cached rows stay exact for the longest part of it.
 usage.prompt_tokens_details.cached_tokens counts the tokens the cache gave; an extra "ismgpt" field
 gives the page the rest (prefill, time to first token, decode speed, the mask, a role per token).
-Answered: this machine's clients and the server's own page. On loopback the Host must name this
-machine (against DNS rebinding), and a browser's Origin must be the server's own; beyond loopback
-only the Origin is checked. One request is answered at a time; --queue more wait, then 503. A
-client that closes its sending side (nc -N) is taken as gone: its answer stops, as if it dropped.
+Answered: this machine's clients and the server's own page (on loopback the Host must name this
+machine, against DNS rebinding; a browser's Origin must be the server's). One request is answered
+at a time; --queue more wait, then 503. A client that closes its sending side (nc -N) is gone.
 
-For TLS, a password or other machines, keep --host=127.0.0.1 behind a reverse proxy that sends
-127.0.0.1:PORT as the Host (nginx's proxy_pass does; Caddy: header_up Host {upstream_hostport}):
-API clients work through it, the log shows their address (uvicorn reads X-Forwarded-For from a
-proxy on this machine); the page is for this machine or an ssh -L tunnel. One process owns the
-model and its caches: uvicorn's --workers and --reload do not apply.
+For TLS, a password or other machines: --host=127.0.0.1 behind a reverse proxy that sends
+127.0.0.1:PORT as the Host (nginx's proxy_pass does; Caddy: header_up Host {upstream_hostport}).
 """
 import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
@@ -55,8 +51,8 @@ class ServeConfig(ModelFlags):
     queue: int = setting(16, "requests that may wait while one is answered; more get 503", min=0)
     connections: int = setting(32, "connections held at once; a request on one more gets 503 "
                                    "(uvicorn's limit_concurrency)", min=1)
-    timeout: float = setting(30.0, "seconds a client has for a request's head (then closed), for "
-                                   "its body (408) and for each streamed write (closed)", min=1)
+    timeout: float = setting(30.0, "seconds a client has to send a request's head (then closed) "
+                                   "and body (408), and to take each write (closed)", min=1)
     no_cache: bool = setting(False, "reference path: recompute the whole context for every token")
 
 

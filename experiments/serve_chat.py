@@ -1,21 +1,11 @@
 """
-What a 16-turn chat costs through the HTTP server, per mask: context tokens, tokens reused from the
-server's KV cache (usage.prompt_tokens_details.cached_tokens) and the time to first token (TTFT) as
-the client sees it.
+What a 16-turn chat costs through `python serve.py`, per mask: context tokens, tokens the server's
+KV cache gave (cached_tokens) and the time to the first chunk with content (TTFT, median over
+--repeats fresh servers, each warmed up first). One random-weight checkpoint of the default size; a
+stateless streaming client sends the conversation's fixed replies back: every mask sees the same
+tokens.
 
     python experiments/serve_chat.py
-
-For each mask it starts `python serve.py --port=0 ...` (a free port, every setting explicit) on a
-random-weight model of the default size (GPTConfig(), byte tokenizer; the same weights for every
-mask, saved as a checkpoint in a temporary folder) and plays one fixed conversation through it as a
-stateless client does: every request carries the whole history, streamed (standard library only),
-temperature 0. The conversation's fixed replies, not the server's, go back as the history, so every
-mask sees the same tokens: the server keeps its cache up to the start of that reply, and each turn
-prefills the reply and the new prompt.
-
-TTFT runs from sending the request to the first chunk with content (sent with the first sampled
-token: after the prefill), median over --repeats fresh servers (the masks take turns), each warmed
-up first by one request in another conversation.
 """
 import json
 import os
@@ -60,106 +50,83 @@ class ServeChatConfig:
     seed: int = setting(0, "seed of the random weights", min=0)
 
 
-def write_checkpoints(folder, seed):
-    """One checkpoint per mask, of the same random weights. -> {mask: out_dir}."""
-    torch.manual_seed(seed)
-    config, tok = GPTConfig(), get_tokenizer("byte")
-    model = GPT(config)
-    out_dirs = {kind: os.path.join(folder, kind) for kind in MASKS}
-    for kind, out_dir in out_dirs.items():
-        checkpoint = {"model": model.state_dict(), "model_args": asdict(config), "config": {},
-                      "tokenizer": tok.describe(), "mask": kind}
-        save_checkpoint(checkpoint, os.path.join(out_dir, "ckpt.pt"))
-    return out_dirs
-
-
-def start_server(out_dir, threads, log):
-    """`python serve.py` on a free port -> (process, base URL) once it listens."""
-    process = subprocess.Popen(
-        [sys.executable, "serve.py", f"--out_dir={out_dir}", "--host=127.0.0.1", "--port=0",
-         "--device=cpu", "--dtype=float32", f"--threads={threads}", "--temperature=0"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
-    line = process.stdout.readline()  # "serving http://127.0.0.1:PORT (...)"
-    if not line.startswith("serving "):
-        process.wait()
-        log.seek(0)
-        raise UserError(f"serve.py did not start: {log.read().strip()}")
-    return process, line.split()[1]
-
-
 def streamed_turn(url, messages, max_tokens):
     """One streamed request. -> (seconds to the first chunk with content, usage)."""
-    body = json.dumps({"model": "ismgpt", "messages": messages, "stream": True,
-                       "max_tokens": max_tokens, "temperature": 0,
-                       "stream_options": {"include_usage": True}}).encode()
-    request = urllib.request.Request(url + "/v1/chat/completions", body,
-                                     {"Content-Type": "application/json"})
+    body = json.dumps({"messages": messages, "stream": True, "max_tokens": max_tokens,
+                       "temperature": 0, "stream_options": {"include_usage": True}}).encode()
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     started, first, usage = time.perf_counter(), None, None
     with urllib.request.urlopen(request, timeout=120) as response:
         for line in response:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[len(b"data: "):])
-            if first is None and chunk["choices"] and "content" in chunk["choices"][0]["delta"]:
+            chunk = json.loads(line[len(b"data: "):]) if line.startswith(b"data: {") else {}
+            if first is None and chunk.get("choices") and "content" in chunk["choices"][0]["delta"]:
                 first = time.perf_counter() - started
             usage = chunk.get("usage") or usage
     return first, usage
 
 
-def play(url, max_tokens):
-    """The fixed conversation after one warm-up request -> a {context, cached, ttft_ms} per turn."""
-    streamed_turn(url, [{"role": "user", "content": "warm up"}], max_tokens)
-    messages, rows = [{"role": "system", "content": SYSTEM}], []
-    for user, reply in TURNS:
-        messages.append({"role": "user", "content": user})
-        seconds, usage = streamed_turn(url, messages, max_tokens)
-        cached = usage["prompt_tokens_details"]["cached_tokens"]
-        rows.append({"context": usage["prompt_tokens"], "cached": cached, "ttft_ms": seconds * 1e3})
-        messages.append({"role": "assistant", "content": reply})
-    return rows
+def play(out_dir, kind, cfg, log):
+    """A fresh `python serve.py` on a free port, one warm-up request, then the fixed conversation
+    -> a {context, cached, ttft_ms} per turn."""
+    process = subprocess.Popen(
+        [sys.executable, "serve.py", f"--out_dir={out_dir}", f"--mask={kind}", "--host=127.0.0.1",
+         "--port=0", "--device=cpu", "--dtype=float32", f"--threads={cfg.threads}",
+         "--temperature=0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = process.stdout.readline()  # "serving http://127.0.0.1:PORT (...)" once it listens
+        if not line.startswith("serving "):
+            process.wait()
+            log.seek(0)
+            raise UserError(f"serve.py did not start: {log.read().strip()}")
+        url = line.split()[1] + "/v1/chat/completions"
+        streamed_turn(url, [{"role": "user", "content": "warm up"}], cfg.max_tokens)
+        messages, rows = [{"role": "system", "content": SYSTEM}], []
+        for user, reply in TURNS:
+            messages.append({"role": "user", "content": user})
+            seconds, usage = streamed_turn(url, messages, cfg.max_tokens)
+            rows.append({"context": usage["prompt_tokens"], "ttft_ms": seconds * 1e3,
+                         "cached": usage["prompt_tokens_details"]["cached_tokens"]})
+            messages.append({"role": "assistant", "content": reply})
+        return rows
+    finally:
+        process.terminate()
+        process.wait()
 
 
-def measure(cfg, out_dirs, folder):
-    """-> {mask: [per turn {context, cached, ttft_ms (median over repeats)}]}. The masks take turns
-    within each repeat, so that a change in the machine's load touches them alike."""
-    runs = {kind: [] for kind in out_dirs}
+def measure(cfg, folder):
+    """-> {mask: [per turn {context, cached, ttft_ms (median over repeats)}]}."""
+    torch.manual_seed(cfg.seed)
+    config, tok = GPTConfig(), get_tokenizer("byte")
+    save_checkpoint({"model": GPT(config).state_dict(), "model_args": asdict(config), "config": {},
+                     "tokenizer": tok.describe(), "mask": "causal"}, f"{folder}/ckpt.pt")
+    runs = {kind: [] for kind in MASKS}
     for repeat in range(cfg.repeats):
-        for kind, out_dir in out_dirs.items():
+        for kind in MASKS:  # the masks take turns: a change in the machine's load touches all
             with open(os.path.join(folder, f"{kind}-{repeat}.log"), "w+") as log:
-                process, url = start_server(out_dir, cfg.threads, log)
-                try:
-                    runs[kind].append(play(url, cfg.max_tokens))
-                finally:
-                    process.terminate()
-                    process.wait()
+                runs[kind].append(play(folder, kind, cfg, log))
     # the token counts are the same in every repeat: the first one's, with the median TTFT
     return {kind: [dict(turns[0], ttft_ms=statistics.median(t["ttft_ms"] for t in turns))
                    for turns in zip(*repeats)] for kind, repeats in runs.items()}
-
-
-def report(results, cfg, argv):
-    kinds = list(results)
-    lines = ["| turn | context tokens | " + " | ".join(f"{k} cached | {k} TTFT" for k in kinds)
-             + " |", "|---:|---:|" + "---:|---:|" * len(kinds)]
-    for turn, rows in enumerate(zip(*results.values()), 1):
-        cells = " | ".join(f"{r['cached']} | {r['ttft_ms']:.1f} ms" for r in rows)
-        lines.append(f"| {turn} | {rows[0]['context']} | {cells} |")
-    prefilled = {k: sum(r["context"] - r["cached"] for r in rows) for k, rows in results.items()}
-    info = machine("cpu")
-    lines += ["", "tokens prefilled over the conversation: "
-              + ", ".join(f"{k} {n}" for k, n in prefilled.items()),
-              f"machine: {info['name']}, {info['cpus']} cores, torch {info['torch']}, server "
-              f"threads {cfg.threads}, load average {info.get('load_average', '-')}",
-              "command: python experiments/serve_chat.py" + "".join(f" {a}" for a in argv)]
-    return "\n".join(lines)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = flags.parse(ServeChatConfig(), argv, __doc__)
     with tempfile.TemporaryDirectory() as folder:
-        results = measure(cfg, write_checkpoints(folder, cfg.seed), folder)
-    print(report(results, cfg, argv))
+        results = measure(cfg, folder)
+    lines = ["| turn | context tokens | " + " | ".join(f"{k} cached | {k} TTFT" for k in results)
+             + " |", "|---:|---:|" + "---:|---:|" * len(results)]
+    for turn, rows in enumerate(zip(*results.values()), 1):
+        cells = " | ".join(f"{r['cached']} | {r['ttft_ms']:.1f} ms" for r in rows)
+        lines.append(f"| {turn} | {rows[0]['context']} | {cells} |")
+    prefilled = {k: sum(r["context"] - r["cached"] for r in rows) for k, rows in results.items()}
+    info = machine("cpu")
+    print("\n".join(lines + [
+        "", "tokens prefilled over the conversation: "
+        + ", ".join(f"{k} {n}" for k, n in prefilled.items()),
+        f"machine: {info['name']}, {info['cpus']} cores, torch {info['torch']}, server threads "
+        f"{cfg.threads}, load average {info.get('load_average', '-')}",
+        "command: python experiments/serve_chat.py" + "".join(f" {a}" for a in argv)]))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """
-serve.py's HTTP side, on Starlette and uvicorn: POST /v1/chat/completions, GET /v1/models and GET /
-(tools/chat.html), answered by tools.openai_api.ChatService. uvicorn and h11 do the HTTP (framing,
-keep-alive, 100-continue, malformed requests, --connections); ours: the body bound, the Host and
-Origin policy, one answer at a time, --timeout for a client to send a request and take a stream.
+serve.py's HTTP side on Starlette and uvicorn (h11: framing, keep-alive, malformed requests,
+--connections): POST /v1/chat/completions, GET /v1/models, GET / (tools/chat.html). Ours: the body
+bound, the Host and Origin policy, one answer at a time, --timeout for a client to send and to read.
 """
 import asyncio
 import ipaddress
@@ -30,15 +29,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from tools.openai_api import ApiError, chunks, completion, parse_json, parse_request, printable
 
 MAX_BODY = 1 << 20  # bytes; a longer request is refused (413), unread when its length says so
-# a Host header that names this machine whatever DNS says: no site can take these names
+# Host names of this machine whatever DNS says: no site can take them
 LOOPBACK_HOST = re.compile(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?", re.IGNORECASE)
 
 
 def check_origin(headers, loopback):
     """ApiError 403 for a request from a web page other than the server's own. On loopback the Host
-    must name this machine (any port: ssh -L may forward another), which refuses a page whose name
-    was made to resolve here (DNS rebinding); a browser's Origin, when sent, must be the server's.
-    No Host (HTTP/1.0): no browser; no Origin: no page of another site (their requests carry it)."""
+    must name this machine (any port: ssh -L may forward another) against DNS rebinding; a browser's
+    Origin, when sent, must be the server's (no Host: HTTP/1.0, no browser; no Origin: no page)."""
     host, origin = headers.get("host", ""), headers.get("origin")
     if loopback and host and not LOOPBACK_HOST.fullmatch(host):
         raise ApiError(403, f"Host {host!r} is not a name of this machine (localhost, 127.0.0.1, "
@@ -49,49 +47,47 @@ def check_origin(headers, loopback):
 
 
 async def read_body(request, seconds):
-    """The body (h11 checked its framing), or ApiError 413 over MAX_BODY, 408 if not whole within
-    `seconds` of the request's head."""
-    length = int(request.headers.get("content-length", 0))  # digits: h11 refuses anything else
-    if length > MAX_BODY:
-        raise ApiError(413, f"the body is {length} bytes, more than {MAX_BODY}")
+    """The body, or ApiError 413 over MAX_BODY, 408 unless whole within `seconds`."""
+    too_long = ApiError(413, f"the body is more than {MAX_BODY} bytes")
+    if int(request.headers.get("content-length", 0)) > MAX_BODY:  # digits: h11 refuses others
+        raise too_long
     body = bytearray()
     with anyio.move_on_after(seconds) as waited:
         async for piece in request.stream():
             body += piece
             if len(body) > MAX_BODY:  # chunked: no length said
-                raise ApiError(413, f"the body is more than {MAX_BODY} bytes")
+                raise too_long
     if waited.cancelled_caught:
         raise ApiError(408, f"the request did not come whole within {seconds:g} s")
-    return bytes(body)
+    return body
 
 
 def refusal(request, error):
-    """An ApiError, or the router's 404 or 405, as OpenAI's error; it closes the connection (a
-    body may be left unread)."""
+    """An ApiError, or the router's 404 or 405, as OpenAI's error, marked on the request's log
+    line; it closes the connection (a body may be left unread)."""
     path, allow = request.url.path, getattr(error, "headers", None) or {}
     if isinstance(error, HTTPException):
         message = (f"{request.method} is not allowed on {path}: use {allow['Allow']}" if allow
                    else f"no such path: {path} (POST /v1/chat/completions, GET /v1/models, GET /)")
         error = ApiError(error.status_code, message)
-    request.state.summary = f" ({error.message})"
+    request.state.summary += f" ({error.message})"
     return JSONResponse(error.body(), error.status, {"Connection": "close", **allow})
 
 
 def internal_error(request, log):
-    """For an unexpected exception, a bug: its traceback to the log (escaped, line by line), a
-    mark on the request's line. -> the error for the client."""
+    """A bug: its traceback to the log, escaped, and a mark on the request's line. -> the error."""
     request.state.summary += " (internal error)"
     log("\n".join(map(printable, traceback.format_exc().splitlines())))
     return ApiError(500, "internal error").body()
 
 
 class ChatCompletions:
-    """POST /v1/chat/completions, an ASGI app: one answer at a time, in arrival order (asyncio.Lock
-    is fair), stream included; --queue more wait, then 503. The synchronous engine runs a step at a
-    time on its own thread; a client gone, seen between steps, closes the answer: it stops."""
+    """POST /v1/chat/completions: one answer at a time in arrival order (anyio's Lock is fair), and
+    --queue more waiting, then 503. The engine runs a step at a time on its own thread; a client
+    gone, seen between steps, closes the answer: it stops."""
 
     def __init__(self, service):
-        self.service, self.lock, self.held = service, asyncio.Lock(), 0  # answered + waiting
+        self.service, self.lock = service, anyio.Lock()
         self.engine = ThreadPoolExecutor(1, "engine")  # one thread: a close waits for a step
 
     async def __call__(self, scope, receive, send):
@@ -99,74 +95,59 @@ class ChatCompletions:
         body = await read_body(request, service.cfg.timeout)
         chat = await anyio.to_thread.run_sync(
             lambda: parse_request(parse_json(body), service.tok, service.block_size, service.cfg))
-        if self.held > service.cfg.queue:
+        if self.lock.locked() + self.lock.statistics().tasks_waiting > service.cfg.queue:
             raise ApiError(503, f"busy: one request is being answered and {service.cfg.queue} "
                                 "are waiting; retry later")
-        self.held += 1
-        try:
-            async with self.lock:
-                await (self.stream if chat.stream else self.whole)(request, chat, send)
-        finally:
-            self.held -= 1
+        async with self.lock, aclosing(self.events(request, chat)) as events:
+            if chat.stream:
+                return await self.stream(request, chat, events, send)
+            async for _, reply in events:
+                pass  # the last event's value is the whole answer
+            await JSONResponse(completion(chat, reply))(scope, receive, send)
 
     async def events(self, request, chat):
-        """service.answer(chat)'s events; ClientDisconnect once the client is gone."""
+        """The answer's events, its tokens on the log line; ClientDisconnect if the client goes."""
         loop, events = asyncio.get_running_loop(), self.service.answer(chat)
         try:
             while not await request.is_disconnected():
                 if (event := await loop.run_in_executor(self.engine, next, events, None)) is None:
                     return
+                if event[0] == "done":
+                    usage = event[1]["usage"]
+                    request.state.summary = (
+                        f" prompt {usage['prompt_tokens']} cached "
+                        f"{usage['prompt_tokens_details']['cached_tokens']} completion "
+                        f"{usage['completion_tokens']} {event[1]['finish_reason']}")
                 yield event
             raise ClientDisconnect
-        finally:  # whatever happens, closing the answer stops its generation (queued, if cancelled)
+        finally:  # closing the answer stops its generation (queued, if cancelled)
             await loop.run_in_executor(self.engine, events.close)
 
-    async def whole(self, request, chat, send):
-        async for _, reply in self.events(request, chat):
-            pass  # the last event's value is the whole answer
-        request.state.summary = tokens_line(reply)
-        await JSONResponse(completion(chat, reply))(request.scope, request.receive, send)
-
-    async def stream(self, request, chat, send):
-        """Server-sent events (openai_api.chunks), then [DONE]; an error once the 200 is sent is an
-        error event before it. A write not taken within --timeout: the client is gone."""
-        async def write(data, more=True):
-            with anyio.move_on_after(self.service.cfg.timeout) as waited:
-                await send({"type": "http.response.body", "body": data, "more_body": more})
-            if waited.cancelled_caught:
-                raise ClientDisconnect
-
+    async def stream(self, request, chat, events, send):
+        """Server-sent events, then [DONE]; an error after the 200 is an error event before it."""
         def sse(body):
-            return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+            data = b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+            return {"type": "http.response.body", "body": data, "more_body": True}
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         try:
-            async with aclosing(self.events(request, chat)) as events:
-                async for event, value in events:
-                    for body in chunks(chat, event, value):
-                        await write(sse(body))
-            request.state.summary = tokens_line(value)
+            async for event, value in events:
+                for body in chunks(chat, event, value):
+                    await send(sse(body))
         except ClientDisconnect:
             raise
         except ApiError as e:  # the request could not be answered after all
-            request.state.summary = f" ({e.message})"
-            await write(sse(e.body()))
+            request.state.summary += f" ({e.message})"
+            await send(sse(e.body()))
         except Exception:
-            await write(sse(internal_error(request, self.service.log)))
-        await write(b"data: [DONE]\n\n", more=False)
-
-
-def tokens_line(reply):
-    """A request's tokens, for its log line."""
-    usage = reply["usage"]
-    return (f" prompt {usage['prompt_tokens']} cached "
-            f"{usage['prompt_tokens_details']['cached_tokens']} completion "
-            f"{usage['completion_tokens']} {reply['finish_reason']}")
+            await send(sse(internal_error(request, self.service.log)))
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
 
 class Guard:
-    """Around every request: the Host and Origin policy first; once answered, one log line (client,
-    method, path, status, what came of it, time), escaped; for a bug, a 500 and its traceback."""
+    """Around every request: the Host and Origin policy; a client gone if it takes no write within
+    --timeout; one log line once answered (client, method, path, status, outcome, time), escaped;
+    for a bug, a 500 and its traceback."""
 
     def __init__(self, app, service, loopback):
         self.app, self.service, self.loopback = app, service, loopback
@@ -176,15 +157,17 @@ class Guard:
         request.state.summary = ""
 
         async def sending(message):
-            if message["type"] == "http.response.start":
-                sent["status"] = message["status"]
-            await send(message)
+            sent.setdefault("status", message.get("status"))
+            with anyio.move_on_after(self.service.cfg.timeout) as waited:
+                await send(message)
+            if waited.cancelled_caught:
+                raise ClientDisconnect
         try:
             check_origin(request.headers, self.loopback)
             await self.app(scope, receive, sending)
-        except ApiError as e:  # the policy's
+        except ApiError as e:  # the policy's, a route's
             await refusal(request, e)(scope, receive, sending)
-        except ClientDisconnect:  # or took no streamed write in time
+        except ClientDisconnect:
             request.state.summary += " (client gone)"
         except Exception:
             error = internal_error(request, self.service.log)
@@ -197,23 +180,18 @@ class Guard:
 
 
 class Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 on h11, and: a request's head must come within --timeout of the
-    connection or of the last answer on it, else the connection is closed; a body cut short by the
-    client's end is refused as malformed; h11's refusals are logged and in OpenAI's shape."""
+    """uvicorn's HTTP/1.1, and: a head not whole within --timeout of the connection or of the last
+    answer on it closes the connection (uvicorn's keep-alive deadline, which a byte does not end);
+    a body cut short by the client's end is malformed; h11's refusals logged, in OpenAI's shape."""
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        self.service = self.config.app.state.service
-        self.head_deadline = self.loop.call_later(self.service.cfg.timeout, self.head_too_late)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                            self.timeout_keep_alive_handler)
 
-    def on_response_complete(self):  # the next request on the connection has --timeout too
-        super().on_response_complete()
-        self.head_deadline.cancel()
-        self.head_deadline = self.loop.call_later(self.service.cfg.timeout, self.head_too_late)
-
-    def head_too_late(self):
-        if self.conn.their_state is h11.IDLE:  # nothing, or part of a head, came in time
-            self.transport.close()
+    def data_received(self, data):  # uvicorn's ends the deadline here; handle_events, on a head
+        self.conn.receive_data(data)
+        self.handle_events()
 
     def eof_received(self):  # uvicorn takes the client as gone: h11 sees a body cut short first
         if self.conn.their_state is h11.SEND_BODY:
@@ -222,20 +200,16 @@ class Protocol(H11Protocol):
 
     def send_400_response(self, msg):
         error = ApiError(400, f"malformed HTTP request: {sys.exc_info()[1]}")  # h11's words
-        self.service.log(printable(f"{self.client[0]} 400 ({error.message})"))
+        self.config.app.state.service.log(printable(f"{self.client[0]} 400 ({error.message})"))
         body = json.dumps(error.body()).encode()
-        head = h11.Response(status_code=400, reason=b"Bad Request", headers=[
-            ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-            ("Connection", "close")])
-        for event in (head, h11.Data(data=body), h11.EndOfMessage()):
-            self.transport.write(self.conn.send(event))
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         self.transport.close()
 
 
 class Server(uvicorn.Server):
-    """uvicorn serving `service` on a socket bound now (OSError if it cannot be; port 0 picks a
-    free port, .address says which); run() serves until Ctrl-C or should_exit. An address beyond
-    loopback (127.0.0.0/8, ::1) is warned of on stderr."""
+    """uvicorn serving `service` on a socket bound now (OSError if it cannot be; port 0: a free
+    one, .address says which) until Ctrl-C or should_exit. Beyond loopback is warned of."""
 
     def __init__(self, service, host="127.0.0.1", port=0):
         self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -253,13 +227,13 @@ class Server(uvicorn.Server):
                                 Route("/v1/models", lambda request: JSONResponse(service.models())),
                                 Route("/v1/chat/completions", ChatCompletions(service),
                                       methods=["POST"])],
-                        exception_handlers={ApiError: refusal, HTTPException: refusal},
+                        exception_handlers={HTTPException: refusal},
                         middleware=[Middleware(Guard, service=service, loopback=loopback)])
         app.router.redirect_slashes = False  # /v1/models/ is unknown, as any other path
         app.state.service = service
         super().__init__(uvicorn.Config(
             app, http=Protocol, ws="none", lifespan="off", log_config=None, access_log=False,
-            headers=[("Cache-Control", "no-store")],
+            headers=[("Cache-Control", "no-store")], timeout_keep_alive=service.cfg.timeout,
             limit_concurrency=service.cfg.connections + 1))  # uvicorn counts the asking one too
 
     def run(self):

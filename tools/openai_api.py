@@ -1,7 +1,6 @@
 """
 OpenAI's Chat Completions on the chat engine: a request's JSON checked into a ChatRequest, answered
-by ChatService on the cached conversation (engine.ChatSession) whose rows stay exact for the longest
-part of it. The HTTP side is tools/http_server.py.
+by ChatService on the cached conversation whose rows stay exact for the longest part of it.
 """
 import functools
 import json
@@ -39,8 +38,8 @@ class ApiError(Exception):
 
 @dataclass
 class ChatRequest:
-    """A checked request: messages in data.chat's form (the last the user's), their rendering up
-    to the header that opens the answer, and how to answer."""
+    """A checked request: messages in data.chat's form (the last the user's), rendered up to the
+    header that opens the answer, and how to answer."""
     messages: list
     ids: list
     roles: list
@@ -79,14 +78,13 @@ def parse_json(body):
 
 
 def printable(text):
-    """text with every character a terminal could act on (control, format, line breaks) written as
-    its Python escape (\\x1b): what a client sent is shown in errors and logs, never obeyed."""
+    """text with every character a terminal could act on written as its escape (\\x1b): what a
+    client sent is shown in errors and logs, never obeyed."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def option(body, name, kinds, default, check=None, rule=""):
-    """body[name] if it has one of the JSON types `kinds` (and passes check), default if absent or
-    null, else ApiError 400."""
+    """body[name] if of the JSON types `kinds` and passing check; default if absent or null."""
     value = body.get(name)
     if value is None:
         return default
@@ -98,9 +96,8 @@ def option(body, name, kinds, default, check=None, rule=""):
 
 def parse_request(body, tok, block_size, cfg):
     """A decoded JSON body -> ChatRequest, or ApiError 400 naming the field; cfg (ServeConfig)
-    gives the defaults. The conversation must leave room for one answer token and its <|end|>:
-    a stateless client decides its history, so turns are never dropped, and one that cannot fit
-    is refused before all of it is encoded (render_within)."""
+    gives the defaults. A client decides its history, so no turn is dropped: a conversation with
+    no room for one answer token and <|end|> is refused, before all of it is encoded."""
     try:
         messages = chat_messages(body.get("messages"), "messages")
         validate(messages, "messages", need_answer=False)  # a model may have answered nothing
@@ -115,9 +112,8 @@ def parse_request(body, tok, block_size, cfg):
                MAX_STOPS and all(isinstance(s, str) and s for s in v),
                f"a non-empty string or a list of 1 to {MAX_STOPS} of them")
     options = get("stream_options", (dict,), {}, rule="an object")
-    max_tokens = get("max_completion_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
-    if max_tokens is None:
-        max_tokens = get("max_tokens", (int,), cfg.max_tokens, lambda v: v >= 1, "an integer >= 1")
+    max_tokens = (get("max_completion_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
+                  or get("max_tokens", (int,), cfg.max_tokens, lambda v: v >= 1, "an integer >= 1"))
     rendered = render_within(messages, tok, block_size - 2)
     if rendered is None or len(rendered[0]) + 2 > block_size:
         needs = "" if rendered is None else f"{len(rendered[0]) + 2} tokens, "
@@ -146,22 +142,21 @@ def cut_at_stop(text, stops):
 
 
 def unsure_tail(text, stops):
-    """Length of the longest end of text that could begin a stop string: a stream holds it back
-    until the next characters tell."""
+    """Length of the longest end of text that could begin a stop string: a stream holds it back."""
     return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1)
                 if text.endswith(s[:n])), default=0)
 
 
 class ChatService:
-    """The model and its cached conversations (ChatSessions, least recently used first), answering
-    one request at a time. cfg (ServeConfig): --sessions, --no_cache, sampling defaults."""
+    """The model and its cached conversations (least recently used first), answering one request at
+    a time. cfg (ServeConfig): --sessions, --no_cache, sampling defaults."""
 
     def __init__(self, model, tok, kind, cfg, log=None, about=None):
         self.model, self.tok, self.kind, self.cfg = model, tok, kind, cfg
         self.about = about or {}  # what /v1/models says of the model beside its mask
         self.block_size = model.config.block_size
         self.sessions = OrderedDict()  # number -> ChatSession
-        self.seeds = random.Random()  # seeds of the requests that bring none; seeded by the OS
+        self.seeds = random.Random()  # for the requests without a seed; seeded by the OS
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def session_for(self, request):
@@ -173,9 +168,7 @@ class ChatService:
         best = max(kept, key=kept.get, default=None)
         if best is None or kept[best] == 0:
             if len(self.sessions) < self.cfg.sessions:
-                # reply_reserve=1: parse_request checked that the prompt, one answer token and
-                # <|end|> fit, so generate() never drops the turns the client sent
-                best = len(self.sessions)
+                best = len(self.sessions)  # reply_reserve=1 as parse_request checked: no turn drops
                 self.sessions[best] = ChatSession(self.model, self.tok, self.kind, reply_reserve=1,
                                                   use_cache=not self.cfg.no_cache)
             else:
@@ -184,10 +177,9 @@ class ChatService:
         return self.sessions[best]
 
     def answer(self, request):
-        """Generate the answer to a checked request. Yields ("prefilled", facts) once the first
-        token is sampled, ("text", piece) in whole characters (a stop string and what follows never
-        shown), and ("done", {text, finish_reason, usage, ismgpt}). Closing it early (a client
-        gone) stops the generation; the session stays consistent."""
+        """Yields ("prefilled", facts) once the first token is sampled, ("text", piece) in whole
+        characters (never a stop string or what follows), then ("done", {text, finish_reason,
+        usage, ismgpt}). Closing it early stops the generation; the session stays consistent."""
         try:
             session = self.session_for(request)
             session.set_history(request.messages[:-1])  # keeps exactly the rows that stay exact
@@ -196,7 +188,7 @@ class ChatService:
                                 torch.Generator().manual_seed(seed))
             tokens = session.generate(request.messages[-1]["content"], request.max_tokens, sampling)
             yield from self._events(session, request, tokens)
-        except TurnError as e:  # what parse_request cannot see and the engine can: the request's
+        except TurnError as e:  # what parse_request cannot see and the engine can
             raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         except ModelError as e:  # the model's own fault (non-finite logits)
             raise ApiError(500, str(e)) from None
@@ -231,8 +223,7 @@ class ChatService:
                 "prompt_tokens_details": {"cached_tokens": session.last.reused_tokens}}
 
     def facts(self, session):
-        """What the page shows of a turn: its prefill and decode, and a role letter per token of
-        the conversation so far, from which it draws the mask."""
+        """What the page shows of a turn: prefill, decode, a role letter per token (the mask)."""
         turn = session.last
         return {"mask": self.kind, "prefill_tokens": turn.prefill_tokens,
                 "reused_tokens": turn.reused_tokens, "ttft_ms": turn.ttft_ms,
