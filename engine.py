@@ -109,8 +109,9 @@ class StaticDecoder:
     """One answer token fed with no Python value that changes per step: the token and its position
     live in preallocated tensors, so torch.compile compiles the step once. On CUDA attention spans
     the cache's whole capacity, later slots masked out (fixed shapes: one CUDA graph, replayed). On
-    a CPU it spans the filled slots only (a dynamic shape): reading the whole capacity would cost
-    more than it saves. compile=False runs the same step eagerly."""
+    a CPU it spans the filled slots only, their count the one dynamic shape (reading the whole
+    capacity would cost more than it saves; a fully dynamic graph takes minutes to compile).
+    compile=False runs the same step eagerly."""
 
     def __init__(self, model, cache, compile=True):
         self.model, self.cache = model, cache
@@ -127,8 +128,9 @@ class StaticDecoder:
             if device.type == "cuda":  # a graph replay reads and updates these in place
                 for buffer in (*cache.keys, *cache.values, self.idx, self.position):
                     torch._dynamo.mark_static_address(buffer, guard=False)
-            self.step = torch.compile(self._step, fullgraph=True, dynamic=not self.whole_capacity,
-                                      mode="reduce-overhead" if self.whole_capacity else None)
+            how = {"mode": "reduce-overhead"} if self.whole_capacity else \
+                {"options": {"cpp_wrapper": True}}  # a CPU: no Python between the kernels
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=False, **how)
 
     def _step(self, idx, position, slots=None):
         """slots: those attended over, the filled ones (CPU); None: the whole capacity (CUDA)."""
@@ -141,6 +143,8 @@ class StaticDecoder:
         self.idx.fill_(token)  # in place: no new tensor to copy to the device
         self.position.fill_(position)
         filled = () if self.whole_capacity else (self.slots[:position + 1],)
+        if filled:  # the one shape that changes: compiled once for any length
+            torch._dynamo.maybe_mark_dynamic(filled[0], 0)
         return self.step(self.idx, self.position, *filled).clone()  # a replay reuses its output
 
 

@@ -1,26 +1,39 @@
-"""4. peers (a pretrained start on the CPU): decode and prefill tokens/s at 1 and 2 threads of the
-float32 weights (eager, and with --compile the compiled step), their int8 and int4 decode copies
-(support/quantize.py) and transformers, each decode beside its ceiling here: the memory streaming
-rate over the bytes one step reads. Then a long prefill's peak memory and a second load's time."""
+"""4. peers (a pretrained start on the CPU): at 1 and 2 threads, ours (float32; the int8 and int4
+copies of support/quantize.py; with --compile the compiled int4 step), transformers on the same
+weights and llama.cpp on the same GGUF file with the same token ids (when llama_cpp imports),
+interleaved round by round: decode at ~256 and ~2,000 tokens of context, prefill of 511 and ~2,000
+tokens, a cached chat turn's time to first token. Each decode is beside its ceiling, the memory
+streaming rate over the bytes one step reads. Then the chat model (int4) and llama.cpp each in a
+process of its own (benchmarks/process.py): resident memory after load and over the long prefill,
+and a second start to ready."""
 import copy
+import json
+import os
+import subprocess
+import sys
 import time
 
 import torch
 
-from benchmarks.common import (fixed_length, fmt, interleaved, log, median, peak_memory, prompt_ids,
-                               prompt_of, resident_gib, rounds, table, with_notes)
+from benchmarks.common import (fixed_length, fmt, interleaved, log, median, prompt_ids, prompt_of,
+                               rounds, table, with_notes)
 from benchmarks.models import hf_generate
 from cli.errors import UserError
+from data.tokenizer import SMOLLM2, smollm2_path
 from engine import ChatSession
 from support.quantize import QuantizedLinear, quantize
-from support.starts import load_start
 
 THREADS = (1, 2)
 DECODE_CONTEXT = 256  # tokens before the first decoded one (prompt + answer so far)
 PREFILL = 511  # tokens of one prefill, timed to the first token
-LONG_PREFILL = 2000  # tokens of the prefill whose peak memory is measured
-LLAMA_CPP_NOTE = ("llama.cpp (llama-cpp-python) is not a row: it is not a dependency; compare with "
-                  "its own llama-bench on the same GGUF file")
+LONG_CONTEXT = 2000  # the long decode's context; its prefill is the long prefill
+CHAT_TURNS, CHAT_PROMPT = 10, 30  # the cached chat: turns (the first is not timed), prompt tokens
+MIN_NEW_TOKENS = 32  # decode rates over at least this many tokens
+LLAMA_CPP_NOTE = ("llama.cpp: llama-cpp-python (an optional peer: pip install llama-cpp-python) "
+                  "on the start's GGUF file, fed our token ids, its prompt cache reset between "
+                  "rounds")
+MEASURES = ("decode", "prefill", "decode_long", "prefill_long", "ttft_ms")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stream_rate(repeats=5):
@@ -33,122 +46,225 @@ def stream_rate(repeats=5):
 
 def decode_bytes(model):
     """Bytes of weights one decode step reads: every Linear's as the step uses them (a
-    QuantizedLinear's int8 or int4 copy and its scales, not the float weights it keeps for
-    prefills); norms and one embedding row are left out (under 0.1%)."""
-    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    kept = {id(m.linear) for m in quantized}
-    floats = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in kept]
-    return (sum(m.weight_q.nbytes + m.scales.nbytes for m in quantized)
-            + sum(m.weight.nbytes for m in floats))
+    QuantizedLinear's int8 or int4 weights and scales); norms and one embedding row are left out
+    (under 0.1%)."""
+    return sum(m.weight_q.nbytes + m.scales.nbytes if isinstance(m, QuantizedLinear) else
+               m.weight.nbytes for m in model.modules()
+               if isinstance(m, (QuantizedLinear, torch.nn.Linear)))
 
 
 def lengths(config):
-    """(decode context, prefill tokens, long prefill tokens), or what a smaller context holds."""
+    """(decode context, prefill tokens, long context), or what a smaller context holds."""
     return (min(DECODE_CONTEXT, config.block_size // 2), min(PREFILL, config.block_size // 2),
-            min(LONG_PREFILL, config.block_size - 2))
+            min(LONG_CONTEXT, config.block_size - 2))
 
 
-def peer_fns(cfg, tok, models, hf):
-    """{variant: (decode tok/s fn, prefill tok/s fn)}: ours (eager; float32 compiled too with
-    --compile) and transformers' generate() on the same weights."""
-    context, prefill, _ = lengths(models["float32"].config)
-    decode_text, prefill_text = prompt_of(tok, context - cfg.new_tokens), prompt_of(tok, prefill)
-    sessions = {name: ChatSession(m, tok, "ism") for name, m in models.items()}
-    if cfg.compile:
-        sessions["float32 compiled"] = ChatSession(models["float32"], tok, "ism", decode="compiled")
+class Process:
+    """benchmarks/process.py's model in a process of its own: timed from its start to ready."""
 
-    def ours(session):
-        def decode():
-            session.reset()
-            return session.turn(decode_text, **fixed_length(cfg.new_tokens))["decode_tokens_per_s"]
+    def __init__(self, *args):
+        t0 = time.perf_counter()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get(
+            "PYTHONPATH")))))
+        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.process",
+                                         *map(str, args)], env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        self.ready = self.read()
+        self.ready["ready_s"] = time.perf_counter() - t0
 
-        def prefill():
-            session.reset()
-            result = session.turn(prefill_text, max_new_tokens=1)
-            return result["prefill_tokens"] / (result["ttft_ms"] / 1e3)
-        return decode, prefill
-    fns = {name: ours(s) for name, s in sessions.items()}
-    if hf:
-        decode_ids, prefill_ids = (torch.tensor([prompt_ids(tok, text)])
-                                   for text in (decode_text, prefill_text))
-        fns["transformers"] = (lambda: hf_generate(hf, decode_ids, cfg.new_tokens)[1],
-                               lambda: hf_generate(hf, prefill_ids, 1)[0])
-    return fns
+    def read(self):
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmarks/process.py {self.process.args[3:]} ended early")
+        return json.loads(line)
+
+    def ask(self, **request):
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def alone(*args, peak):
+    """Start the process twice (the first warms the file cache; ours writes its conversion) ->
+    the second's {resident_mib after load, ready_s, prefill_peak_mib over a prefill of peak}."""
+    Process(*args).close()
+    process = Process(*args)
+    facts = dict(process.ready, prefill_peak_mib=process.ask(peak=peak))
+    process.close()
+    return facts
+
+
+def llama_cpp_file(init_from):
+    """-> (the GGUF file llama.cpp runs, or None; a note saying which, or why not)."""
+    path = smollm2_path() if init_from == SMOLLM2 else init_from \
+        if init_from.endswith(".gguf") else None
+    try:
+        import llama_cpp
+    except ImportError:
+        return None, "llama.cpp: not installed (pip install llama-cpp-python)"
+    if path is None:
+        return None, "llama.cpp: not a row (it runs GGUF files: --init_from=smollm2 or FILE.gguf)"
+    return path, f"llama.cpp: llama-cpp-python {llama_cpp.__version__}"
+
+
+def tokenizer_note(process, tok, id_lists):
+    """Whether llama.cpp's tokenizer gives our ids for the text of each prompt, in words."""
+    agree = all(process.ask(tokenize=tok.decode(ids)) == ids for ids in id_lists)
+    return f"its tokenizer {'gives' if agree else 'DOES NOT give'} our ids for each prompt's text"
+
+
+def processes(cfg, path, long_text, long_ids):
+    """The chat model (int4) and llama.cpp each alone in a process: resident memory after load and
+    its peak over the long prefill, and the start to ready."""
+    if not cfg.init_from:
+        return {"processes": {}, "second_load_s": None}
+    context = cfg.block_size
+    alone_ = {"int4": alone("ismgpt", cfg.init_from, 1, context, "int4", peak=long_text)}
+    if path:
+        alone_["llama.cpp"] = alone("llama.cpp", path, 1, context, peak=long_ids)
+    return {"processes": alone_, "second_load_s": alone_["int4"]["ready_s"]}
+
+
+def per_second(record):
+    """A turn's prefill tokens/s (to its first token)."""
+    return record["prefill_tokens"] / (record["ttft_ms"] / 1e3)
+
+
+def ours(session, texts, new_tokens, chat, answer_tokens):
+    """-> measure(): one round of every measure, as a chat does them through the session."""
+    def turn(text, n):
+        session.reset()
+        return session.turn(text, **fixed_length(n))
+
+    def measure():
+        short, prefill = turn(texts[0], new_tokens), turn(texts[1], 1)
+        long = turn(texts[2], new_tokens)
+        session.reset()
+        ttft = [session.turn(text, **fixed_length(answer_tokens))["ttft_ms"] for text in chat]
+        return dict(zip(MEASURES, (short["decode_tokens_per_s"], per_second(prefill),
+                                   long["decode_tokens_per_s"], per_second(long),
+                                   median(ttft[1:]))))
+    return measure
+
+
+def conversation(session, chat, new_tokens):
+    """The cached chat as the session had it: [(ids up to the answer, the answer's ids)]."""
+    session.reset()
+    turns = []
+    for text in chat:
+        session.turn(text, **fixed_length(new_tokens))
+        answer = session.last.reply  # then its closing token
+        turns.append((session.ids[:len(session.ids) - len(answer) - 1], answer))
+    return turns
+
+
+def llama_cpp(process, ids, new_tokens, turns):
+    """-> measure(): the same round in llama.cpp's process, fed the same ids (the chat's turns
+    with our answers, decoded one token at a time), its cache emptied before each measure."""
+    def turn(prompt, n, answer=None, reset=True):
+        if reset:
+            process.ask(reset=True)
+        return process.ask(turn=prompt, answer=answer, new_tokens=n)
+
+    def measure():
+        short, prefill = turn(ids[0], new_tokens), turn(ids[1], 1)
+        long = turn(ids[2], new_tokens)
+        process.ask(reset=True)
+        ttft = [turn(prompt, 0, answer, False)["ttft_ms"] for prompt, answer in turns]
+        return dict(zip(MEASURES, (short["decode_tokens_per_s"], per_second(prefill),
+                                   long["decode_tokens_per_s"], per_second(long),
+                                   median(ttft[1:]))))
+    return measure
+
+
+def transformers(hf, ids, new_tokens):
+    """-> measure(): generate() on the same ids (no chat: the chat section has its cached turn)."""
+    def measure():
+        (_, decode), (prefill, _), (prefill_long, decode_long) = (
+            hf_generate(hf, torch.tensor([i]), n) for i, n in zip(ids, (new_tokens, 1, new_tokens)))
+        return dict(zip(MEASURES, (decode, prefill, decode_long, prefill_long, None)))
+    return measure
 
 
 def peers_section(cfg, rt, tok, model, hf):
-    """Decode and prefill tokens/s of every variant at each thread count, interleaved, beside a
-    decode step's ceiling; then a long prefill's peak memory and a second load."""
+    """Every variant at each thread count, interleaved, beside a decode step's ceiling; then the
+    chat model and llama.cpp each alone in a process."""
     if rt.device_type != "cpu":
         raise UserError("--sections=peers measures the CPU's kernels (int8/int4 decode): run it "
                         "with --device=cpu")
     model = copy.deepcopy(model).float()  # the table is float32's (the chat's may be in --dtype)
-    prefill_memory = long_prefill_peak(tok, model)  # before the quantized copies exist
     models = {"float32": model}
     models.update({mode: quantize(copy.deepcopy(model), mode) for mode in ("int8", "int4")})
-    fns = peer_fns(cfg, tok, models, hf)
-    rows, threads_before = [], torch.get_num_threads()
+    sessions = {name: ChatSession(m, tok, "ism") for name, m in models.items()}
+    if cfg.compile:
+        sessions["int4 compiled"] = ChatSession(models["int4"], tok, "ism", decode="compiled")
+    context, prefill, long = lengths(model.config)
+    new_tokens = min(max(cfg.new_tokens, MIN_NEW_TOKENS), context // 2)
+    texts = [prompt_of(tok, n) for n in (context - new_tokens, prefill, long - new_tokens)]
+    framing = len(prompt_ids(tok, "x"))  # a message's tokens besides its own (a system message)
+    chat = [prompt_of(tok, framing + CHAT_PROMPT + i) for i in range(CHAT_TURNS)]
+    fns = {name: ours(session, texts, new_tokens, chat, cfg.answer_tokens)
+           for name, session in sessions.items()}
+    ids = [prompt_ids(tok, text) for text in texts]
+    if hf:
+        fns["transformers"] = transformers(hf, ids, new_tokens)
+    path, note = llama_cpp_file(cfg.init_from)
+    turns = conversation(sessions["float32"], chat, cfg.answer_tokens) if path else []
+    rows, workers, threads_before = [], [], torch.get_num_threads()
     for threads in THREADS:
         torch.set_num_threads(threads)
         rate = stream_rate()
-        log(f"peers: {threads} thread(s), {len(fns)} variants x {cfg.warmup + cfg.repeats} rounds")
-        decode = rounds({name: d for name, (d, _) in fns.items()}, cfg.repeats, cfg.warmup)
-        prefill = rounds({name: p for name, (_, p) in fns.items()}, cfg.repeats, cfg.warmup)
-        for name in fns:
-            ours = name != "transformers"
-            weights = decode_bytes(models.get(name.split()[0], model)) if ours else None
-            rows.append({"threads": threads, "variant": name, "decode": median(decode[name]),
-                         "prefill": median(prefill[name]), "bytes_per_token": weights,
+        if path:
+            workers.append(Process("llama.cpp", path, threads, model.config.block_size))
+            fns["llama.cpp"] = llama_cpp(workers[-1], ids, new_tokens, turns)
+            words = tokenizer_note(workers[-1], tok, ids + [turns[-1][0]])
+        log(f"peers: {threads} thread(s), {len(fns)} variants x {cfg.warmup + cfg.repeats} "
+            "rounds")
+        values = rounds(fns, cfg.repeats, cfg.warmup)
+        for name, measured in values.items():
+            weights = decode_bytes(models[name.split()[0]]) if name in sessions else \
+                os.path.getsize(path) if name == "llama.cpp" else None  # its tensors, 98%
+            rows.append({"threads": threads, "variant": name, "bytes_per_token": weights,
+                         **{m: median([v[m] for v in measured]) for m in MEASURES},
                          "stream_gb_s": rate / 1e9, "ceiling": rate / weights if weights else None})
     torch.set_num_threads(threads_before)
-    return {"rows": rows, "lengths": lengths(model.config),
-            "resident_before_prefill_gib": prefill_memory[0], "prefill_peak_gib": prefill_memory[1],
-            "weights_gib": sum(p.nbytes for p in model.parameters()) / 2**30,
-            "second_load_s": second_load(cfg)}
-
-
-def long_prefill_peak(tok, model):
-    """-> (the process's resident GiB before, its peak over one float32 prefill of LONG_PREFILL
-    tokens): the difference is what the prefill itself takes (activations, the KV cache)."""
-    session = ChatSession(model, tok, "ism")
-    text = prompt_of(tok, lengths(model.config)[2])
-    return resident_gib(), peak_memory(lambda: session.turn(text, max_new_tokens=1), "cpu")
-
-
-def second_load(cfg):
-    """Seconds to load --init_from again, as a chat script does (a GGUF start maps its cached
-    conversion); None for a random model."""
-    if not cfg.init_from:
-        return None
-    t0 = time.perf_counter()
-    load_start(cfg.init_from, cfg.block_size or None, 0.0, "cpu")
-    return time.perf_counter() - t0
+    for worker in workers:
+        worker.close()
+    return {"rows": rows, "lengths": [context, prefill, long], "new_tokens": new_tokens,
+            "answer_tokens": cfg.answer_tokens,
+            "llama_cpp": f"{note}; {words}" if path else note,
+            **processes(cfg, path, texts[2], ids[2])}
 
 
 def peers_tables(r, notes):
     headers = ["threads", "variant", "decode tok/s", "of its ceiling", "vs float32",
-               "prefill tok/s", "bytes/token (MB)", "ceiling tok/s"]
+               f"decode tok/s at {r['lengths'][2]}", "prefill tok/s", f"prefill tok/s at "
+               f"{r['lengths'][2]}", "cached turn TTFT ms", "bytes/token (MB)", "ceiling tok/s"]
     base = {x["threads"]: x["decode"] for x in r["rows"] if x["variant"] == "float32"}
     rows = []
     for x in r["rows"]:
         share = f"{x['decode'] / x['ceiling']:.0%}" if x["ceiling"] else "-"
         mb = fmt(x["bytes_per_token"] / 1e6, 0) if x["bytes_per_token"] else "-"
         rows.append([x["threads"], x["variant"], fmt(x["decode"]), share,
-                     f"{x['decode'] / base[x['threads']]:.2f}x", fmt(x["prefill"], 0), mb,
+                     f"{x['decode'] / base[x['threads']]:.2f}x", fmt(x["decode_long"]),
+                     fmt(x["prefill"], 0), fmt(x["prefill_long"], 0), fmt(x["ttft_ms"], 0), mb,
                      fmt(x["ceiling"])])
     rates = ", ".join(f"{x['stream_gb_s']:.1f} GB/s at {x['threads']} thread(s)" for x in r["rows"]
                       if x["variant"] == "float32")
-    context, prefill, long_prefill = r["lengths"]
-    before, peak = r["resident_before_prefill_gib"], r["prefill_peak_gib"]
-    grown = None if None in (before, peak) else peak - before  # None where /proc cannot tell
-    load = "-" if r["second_load_s"] is None else f"{r['second_load_s']:.2f} s"
-    return with_notes([
-        f"### Peers (ISM session, greedy; decode at {context} tokens of context, prefill of "
-        f"{prefill} tokens to the first token; ceiling = streaming rate / bytes a decode step "
-        "reads)",
-        table(headers, rows), "", f"- streaming rate of a float32 matrix-vector product: {rates}",
-        f"- a {long_prefill}-token prefill (float32) raised the peak resident memory "
-        f"{fmt(grown, 2)} GiB over the {fmt(before, 2)} GiB resident before it (memory the process "
-        "freed earlier is reused first, so this is a floor; the weights are "
-        f"{fmt(r['weights_gib'], 2)} GiB a copy)",
-        f"- a second load of the start: {load}"], notes)
+    context, prefill, long = r["lengths"]
+    lines = [f"### Peers (ISM session, greedy; decode of {r['new_tokens']} tokens at {context} and "
+             f"{long} tokens of context, prefill of {prefill} tokens to the first token, a cached "
+             f"chat turn's TTFT: the median of turns 2-{CHAT_TURNS} ({CHAT_PROMPT}+ token "
+             f"messages, {r['answer_tokens']}-token answers); ceiling = streaming rate / bytes a "
+             "decode step reads)", table(headers, rows), "",
+             f"- streaming rate of a float32 matrix-vector product: {rates}", f"- {r['llama_cpp']}"]
+    for name, p in r["processes"].items():
+        lines.append(f"- {name} alone in a process (1 thread): resident "
+                     f"{p['resident_mib']:.0f} MiB after load, peak {p['prefill_peak_mib']:.0f} "
+                     f"MiB over a {long}-token prefill; a second start to ready "
+                     f"{p['ready_s']:.2f} s")
+    return with_notes(lines, notes)

@@ -18,6 +18,7 @@ from data.tokenizer import ChatTokenizer, get_tokenizer
 from model import GPTConfig
 from cli.errors import UserError
 from support.checkpoint import TEMPORARY_PREFIX, atomic
+from support import quantize as quantized
 from support.weights import (build, chat_tokenizer, checked, gguf_name, llama_from_hf,
                              positive_number, refuse_unread, whole_number)
 
@@ -64,14 +65,17 @@ def gguf_config(reader, path):
         tie_embeddings="output.weight" not in names)
 
 
-def from_gguf(path, tokenizer=None, dtype=torch.float32):
-    """A llama GGUF file -> (GPT in dtype, get_tokenizer(tokenizer or path)), cached."""
-    cache, key = cache_path(path, tokenizer, dtype), source_key(path)
+def from_gguf(path, tokenizer=None, dtype=torch.float32, quantize="none"):
+    """A llama GGUF file -> (GPT in dtype, get_tokenizer(tokenizer or path)), cached; quantize:
+    as support/quantize.py does, cached in that form (its int4 packing is this CPU's)."""
+    form = dtype if quantize == "none" else f"{quantize}-{quantized.int4_block()}"
+    cache, key = cache_path(path, tokenizer, form), source_key(path)
     try:
-        return read_cache(cache, key, path)
+        return read_cache(cache, key, path, quantize)
     except Exception:  # noqa: BLE001  (missing, damaged, stale or another version's: convert again)
         pass
     model, tok = convert(path, tokenizer, dtype)
+    model = quantized.quantize(model, quantize)
     write_cache(cache, key, os.path.abspath(path), model, tok)
     return model, tok
 
@@ -122,7 +126,8 @@ def unpermute(weight, n_head):
 # or damaged one is converted again.
 
 CACHE_FORMAT = "ismgpt gguf conversion 1"
-CONVERTER_MODULES = ("support.gguf", "support.weights", "data.bpe", "data.tokenizer", "model")
+CONVERTER_MODULES = ("support.gguf", "support.weights", "data.bpe", "data.tokenizer", "model",
+                     "support.quantize")
 
 
 def cache_path(path, tokenizer, dtype):
@@ -217,7 +222,7 @@ def forget_orphans(folder):
             pass
 
 
-def read_cache(cache, key, path):
+def read_cache(cache, key, path, quantize="none"):
     """-> (GPT, tokenizer), its weights mapped; an exception when missing, stale or damaged."""
     from safetensors import safe_open
     with safe_open(cache, framework="pt") as f:
@@ -226,6 +231,8 @@ def read_cache(cache, key, path):
             checksum(metadata["config"], metadata["tokenizer"], state) != metadata["crc32"]:
         raise ValueError(f"{cache} is stale or damaged")
     config = GPTConfig(**json.loads(metadata["config"]))
-    if config.tie_embeddings:
+    if config.tie_embeddings and quantize == "none":
         state["lm_head.weight"] = state["transformer.wte.weight"]
-    return build(config, state, path), tokenizer_from_tables(json.loads(metadata["tokenizer"]))
+    model = build(config, state, path) if quantize == "none" else \
+        quantized.from_state(config, state, quantize)
+    return model, tokenizer_from_tables(json.loads(metadata["tokenizer"]))

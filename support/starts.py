@@ -35,9 +35,11 @@ class Start:
     checkpoint: dict = None
 
 
-def load_start(source, block_size=None, dropout=0.0, device="cpu", dtype=torch.float32, adapter=""):
+def load_start(source, block_size=None, dropout=0.0, device="cpu", dtype=torch.float32, adapter="",
+               quantize="none"):
     """-> Start of source, in dtype on device, a PEFT adapter folder folded in when named, its
-    context cut to block_size (None: its own) and dropout set; UserError when it cannot be had."""
+    context cut to block_size (None: its own) and dropout set, quantized (support/quantize.py; a
+    GGUF file's conversion is cached so); UserError when it cannot be had."""
     checkpoint_path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
     if os.path.isfile(checkpoint_path) and not source.endswith(".gguf"):
         start = from_checkpoint(checkpoint_path, device)
@@ -45,7 +47,8 @@ def load_start(source, block_size=None, dropout=0.0, device="cpu", dtype=torch.f
         path = smollm2_path() if source == SMOLLM2 else source
         if not os.path.isfile(path):
             raise UserError(f"--init_from={source}: no such file")
-        model, tok = from_gguf(path, source if source == SMOLLM2 else path, dtype)
+        model, tok = from_gguf(path, source if source == SMOLLM2 else path, dtype,
+                               "none" if adapter else quantize)  # an adapter merges first
         what = f"{os.path.basename(path)} (GGUF, {model.num_params() / 1e6:.0f}M parameters)"
         start = Start(model, tok, what)
     elif source in GPT2_NAMES or os.path.isfile(os.path.join(source, "config.json")):
@@ -56,7 +59,11 @@ def load_start(source, block_size=None, dropout=0.0, device="cpu", dtype=torch.f
         start.model = merged(read_adapter(start.model, adapter))
         start.what = f"{start.what} + the adapter {adapter}"
     start.model = fit_context(start.model, block_size or start.model.config.block_size, dropout)
-    start.model = start.model.to(device=device, dtype=dtype)
+    if quantize == "none":
+        start.model = start.model.to(device=device, dtype=dtype)
+    else:  # (a no-op on a cached conversion, quantized already)
+        model = start.model
+        start.model = quantized(merged(model) if model.adapter_params() else model, quantize)
     return start
 
 
@@ -113,6 +120,9 @@ def fit_context(model, block_size, dropout=0.0):
                         f"{config.block_size} or less")
     if block_size == config.block_size and dropout == config.dropout:
         return model
+    if "wpe" not in model.transformer and dropout == config.dropout:  # no weight is per position
+        model.config = replace(config, block_size=block_size)
+        return model
     state = model.state_dict()
     if "transformer.wpe.weight" in state:
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
@@ -158,7 +168,7 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
     if init_from == "resume" and not os.path.exists(source):
         load_checkpoint(source)  # the one-line "no checkpoint at ...: run python train.py first"
     dtype = getattr(torch, rt.dtype)
-    start = load_start(source, block_size or None, 0.0, rt.device, dtype, adapter)
+    start = load_start(source, block_size or None, 0.0, rt.device, dtype, adapter, quantize)
     check_cache_fits(start.model.config, source, rt.device, dtype)
     if start.mask not in MASKS:
         raise UserError(f"{source}: unknown mask {start.mask!r} (expected one of "
@@ -168,7 +178,6 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
                         f"{start.model.config.vocab_size}")
     model, what = start.model.eval(), start.what
     if quantize != "none":
-        model = quantized(merged(model) if model.adapter_params() else model, quantize)
         what = f"{what}, decoding in {quantize}"
     return ChatModel(model, start.tok, mask or start.mask, start.mask, what, start.checkpoint, rt)
 

@@ -22,8 +22,8 @@ def seen_weights(layer):
     """The weights a QuantizedLinear's one-row product uses, read back through it one input at a time (the row e_i
     gives their column i, in bfloat16), so that they are checked against the float ones without unpacking the
     kernel's own layout."""
-    eye = torch.eye(layer.linear.in_features)
-    bias = 0 if layer.linear.bias is None else layer.linear.bias
+    eye = torch.eye(layer.in_features)
+    bias = 0 if layer.bias is None else layer.bias
     return torch.stack([layer(e.view(1, 1, -1))[0, 0] - bias for e in eye], dim=1).double()
 
 
@@ -64,11 +64,15 @@ def test_a_row_with_a_bias_is_the_product_in_bfloat16_plus_the_bias():
     torch.testing.assert_close(layer(x).double(), want, atol=0.01 * want.abs().max().item(), rtol=0)
 
 
-def test_chunks_of_several_rows_use_the_float_weights():
+@pytest.mark.parametrize("rows", [5, 200])  # int4: its kernel for a few rows, dequantized for many
+def test_chunks_of_several_rows_use_the_weights_one_row_sees(rows):
     torch.manual_seed(2)
-    linear = torch.nn.Linear(64, 32)
-    x = torch.randn(2, 5, 64)
-    assert torch.equal(QuantizedLinear(linear, 4)(x), linear(x))
+    linear = torch.nn.Linear(64, 64)
+    x = torch.randn(2, rows, 64)
+    for layer in (QuantizedLinear(linear, 4), QuantizedLinear(linear, 8, bf16_copy=True)):
+        one_by_one = torch.stack([layer(row.view(1, 1, -1)).view(-1) for row in x.view(-1, 64)])
+        want = one_by_one if layer.bits == 4 else linear(x).view(-1, 64)  # int8: its bfloat16 copy
+        torch.testing.assert_close(layer(x).view(-1, 64), want, atol=0.02, rtol=0.01)
 
 
 def test_quantize_replaces_every_linear():
@@ -78,7 +82,7 @@ def test_quantize_replaces_every_linear():
     bits = {name: m.bits for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     assert len(bits) == 4 * config.n_layer + 1
     assert bits["lm_head"] == 8 and bits["transformer.h.0.mlp.c_proj"] == 8 and bits["transformer.h.0.mlp.c_fc"] == 4
-    assert model.transformer.wte.weight is model.lm_head.linear.weight  # still tied: the lookup reads float rows
+    assert not [name for name, p in model.named_parameters() if p.dim() > 1]  # no float copy of a weight matrix
     assert all(m.bits == 8 for m in quantize(GPT(config).eval(), "int8").modules() if isinstance(m, QuantizedLinear))
     with pytest.raises(ValueError):
         quantize(GPT(GPTConfig(lora_rank=2, family="llama", bias=False)), "int8")
@@ -122,11 +126,13 @@ def test_a_gpt2_folder_quantizes_though_its_weights_are_stored_transposed(mode, 
                                                                            capsys):
     from test_gpt2 import hf_gpt2
     hf_gpt2().save_pretrained(tmp_path)
-    layers = [m for m in load_chat_model(str(tmp_path), quantize=mode).model.modules()
-              if isinstance(m, QuantizedLinear)]
+    quantized = [(name, m) for name, m in load_chat_model(str(tmp_path), quantize=mode).model.named_modules()
+                 if isinstance(m, QuantizedLinear)]
+    layers = [m for _, m in quantized]
     assert len(layers) == 9 and {m.bits for m in layers} == {8, 4 if mode == "int4" else 8}
-    for layer in layers:  # within a step: int8's a row's max / 127, int4's < 2 max / 15
-        weight = layer.linear.weight.double()
+    floats = dict(load_chat_model(str(tmp_path)).model.named_modules())
+    for name, layer in quantized:  # within a step: int8's a row's max / 127, int4's < 2 max / 15
+        weight = floats[name].weight.double()
         step = weight.abs().max() / (127 if layer.bits == 8 else 7)
         assert (seen_weights(layer) - weight).abs().max() <= step
     script = tmp_path / "chat.jsonl"
@@ -169,7 +175,7 @@ def greedy_transcript(model, tok):
 def decode_logits(model, session):
     """The logits of every answer token's step, the conversation fed as a chat feeds it: each prompt at once, then
     the answer one token at a time (the quantized path)."""
-    cache = KVCache(model.config)
+    cache = KVCache(model.config, dtype=next(model.parameters()).dtype)  # a quantized model's: bfloat16
     roles, steps, fed = torch.tensor(session.roles), [], 0
     with torch.no_grad():
         for end in range(1, len(session.ids)):
