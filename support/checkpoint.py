@@ -13,10 +13,10 @@ TEMPORARY_PREFIX = ".tmp-"  # atomic()'s files before they are renamed
 REQUIRED_KEYS = {"model", "model_args", "tokenizer", "mask"}
 
 
-def atomic(path, write, prefix=TEMPORARY_PREFIX):
+def atomic(path, write, prefix=TEMPORARY_PREFIX, suffix=".tmp"):
     """write(tmp) into a new temporary file beside path (mkstemp's: no planted link is followed),
     synced, then renamed over path: a crash or a full disk leaves the old file and no other."""
-    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=os.path.dirname(path) or ".")
+    fd, tmp = tempfile.mkstemp(suffix, prefix, dir=os.path.dirname(path) or ".")
     os.close(fd)
     try:
         write(tmp)
@@ -41,7 +41,7 @@ def save_checkpoint(checkpoint, path):
             torch.save(checkpoint, f)
 
     try:
-        atomic(path, write, prefix=".ckpt-")
+        atomic(path, write, prefix=".ckpt-")  # .ckpt-*.tmp: RunLock clears them
     except (OSError, RuntimeError) as e:  # a full disk can be the zip writer's RuntimeError
         problem = e.strerror if isinstance(e, OSError) and e.strerror else "the disk may be full"
         raise UserError(f"could not write {path} ({problem}); the previous checkpoint, if any, is "

@@ -38,7 +38,7 @@ class RunLock:
             os.ftruncate(self.fd, 0)
             os.write(self.fd, f"pid {os.getpid()}".encode())
         # save_checkpoint's, TrainingLog's and the adapter's (support.checkpoint.atomic) leftovers
-        for pattern in (".ckpt-*", ".log-*.tmp", os.path.join("adapter", ".tmp-*")):
+        for pattern in (".ckpt-*.tmp", ".log-*.tmp", os.path.join("adapter", ".tmp-*")):
             for leftover in glob.glob(os.path.join(self.out_dir, pattern)):
                 if os.path.isfile(leftover) and not os.path.islink(leftover):
                     os.remove(leftover)

@@ -250,6 +250,15 @@ def test_a_killed_runs_leftovers_are_cleared(finished, data_dir, tmp_path):
     assert not (prepared / ".prepare-xyz").exists()
 
 
+def test_a_run_clears_only_its_own_leftovers(data_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".ckpt-backup.pt").write_text("a user's file")  # named like ours, not a leftover
+    (out / ".ckpt-abc123.tmp").write_bytes(b"\0" * 1000)
+    train.main(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"])
+    assert sorted(os.listdir(out)) == [".ckpt-backup.pt", "ckpt.pt", "log.jsonl"]
+
+
 def test_compare_masks_writes_its_records_through_no_planted_link(tmp_path):
     from experiments import compare_masks
     victim = tmp_path / "victim"
