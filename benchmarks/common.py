@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from benchmarks.process import memory_mib, peak_mib
 from data.chat import render
 
 
@@ -53,29 +54,21 @@ def median(values):
 
 def peak_memory(step, device):
     """GiB at the peak of one more step: on CUDA what torch allocated; on a CPU the process's peak
-    resident set (VmHWM, reset before the step; None where /proc cannot tell), which counts
-    everything else the process holds too."""
+    resident set (benchmarks/process.py's peak_mib), which counts everything else it holds too."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         step()
         return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak resident set size to the current one
-        reset = True
-    except OSError:
-        reset = False
-    step()  # run either way: a caller may need what it does (load_pretrained does)
-    return resident_gib("VmHWM") if reset else None
+    return in_gib(peak_mib(step))
 
 
 def resident_gib(field="VmRSS"):
     """The process's resident memory (VmRSS) or its peak (VmHWM) in GiB; None without /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**20
-    except (OSError, StopIteration):
-        return None
+    return in_gib(memory_mib(field))
+
+
+def in_gib(mib):
+    return None if mib is None else mib / 1024
 
 
 def fixed_length(n):

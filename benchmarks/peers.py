@@ -129,9 +129,13 @@ def processes(cfg, path, long_text, long_ids):
     return {"processes": alone_, "second_load_s": alone_["int4"]["ready_s"]}
 
 
-def per_second(record):
-    """A turn's prefill tokens/s (to its first token)."""
-    return record["prefill_tokens"] / (record["ttft_ms"] / 1e3)
+def measures(short, prefill, long, ttft):
+    """One round's MEASURES from its turns' records (a short decode, a prefill, a long decode and
+    prefill) and the cached chat's times to first token (the first turn's not counted)."""
+    def per_second(record):  # prefill tokens/s, to the first token
+        return record["prefill_tokens"] / (record["ttft_ms"] / 1e3)
+    return dict(zip(MEASURES, (short["decode_tokens_per_s"], per_second(prefill),
+                               long["decode_tokens_per_s"], per_second(long), median(ttft[1:]))))
 
 
 def ours(session, texts, new_tokens, chat, answer_tokens):
@@ -145,9 +149,7 @@ def ours(session, texts, new_tokens, chat, answer_tokens):
         long = turn(texts[2], new_tokens)
         session.reset()
         ttft = [session.turn(text, **fixed_length(answer_tokens))["ttft_ms"] for text in chat]
-        return dict(zip(MEASURES, (short["decode_tokens_per_s"], per_second(prefill),
-                                   long["decode_tokens_per_s"], per_second(long),
-                                   median(ttft[1:]))))
+        return measures(short, prefill, long, ttft)
     return measure
 
 
@@ -175,9 +177,7 @@ def llama_cpp(process, ids, new_tokens, turns):
         long = turn(ids[2], new_tokens)
         process.ask(reset=True)
         ttft = [turn(prompt, 0, answer, False)["ttft_ms"] for prompt, answer in turns]
-        return dict(zip(MEASURES, (short["decode_tokens_per_s"], per_second(prefill),
-                                   long["decode_tokens_per_s"], per_second(long),
-                                   median(ttft[1:]))))
+        return measures(short, prefill, long, ttft)
     return measure
 
 

@@ -15,16 +15,25 @@ import time
 
 
 def memory_mib(field="VmRSS"):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+    """The process's resident memory (VmRSS) or its peak (VmHWM) in MiB; None without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+    except (OSError, StopIteration):
+        return None
 
 
-def peak_mib(prefill):
-    """The process's peak resident MiB over prefill() (VmHWM, reset to the current set first)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    prefill()
-    return memory_mib("VmHWM")
+def peak_mib(step):
+    """The process's peak resident MiB over step() (VmHWM, reset to the current set first); None
+    where /proc cannot tell. step() runs either way: a caller may need what it does."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    step()
+    return memory_mib("VmHWM") if reset else None
 
 
 class LlamaCpp:
