@@ -486,6 +486,9 @@ def main(argv=None):
             model = train(cfg, flags_given, rt)
         if dist.is_initialized():
             dist.barrier()  # every rank is done with the group before any tears it down
+            # gloo's worker threads free the finished collectives' tensors under the GIL: let them
+            # take it now, since a thread that asks for it once Python is exiting aborts the rank
+            time.sleep(0.1)
         return model
     finally:
         if dist.is_initialized():
