@@ -1,16 +1,12 @@
-"""
-OpenAI's Chat Completions on the chat engine: a request's JSON checked into a ChatRequest, answered
-by ChatService on the cached conversation whose rows stay exact for the longest part of it.
-"""
+"""OpenAI's Chat Completions on the chat engine, answered on KV caches kept across requests."""
 import functools
 import json
 import random
 import sys
 import time
 import uuid
-from collections import OrderedDict
 from contextlib import closing
-from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -20,7 +16,7 @@ from engine import ChatSession, Sampling, TextStream
 from mask import ROLE_LETTERS
 
 MODEL_NAME = "ismgpt"
-MAX_STOPS = 4  # as OpenAI
+FACTS = ("prefill_tokens", "reused_tokens", "ttft_ms", "decode_tokens_per_s")  # of a turn, shown
 
 
 class ApiError(Exception):
@@ -28,33 +24,9 @@ class ApiError(Exception):
 
     def __init__(self, status, message, param=None, code=None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self):
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param,
-                          "code": self.code}}
-
-
-@dataclass
-class ChatRequest:
-    """A checked request: messages in data.chat's form (the last the user's), rendered up to the
-    header that opens the answer, and how to answer."""
-    messages: list
-    ids: list
-    roles: list
-    history_len: int  # how many of ids render the history, messages[:-1]
-    model: str
-    stream: bool
-    include_usage: bool
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int  # None: drawn from the server's generator
-    stop: tuple
-    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
-    created: int = field(default_factory=lambda: int(time.time()))
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        self.status, self.message = status, message
+        self.body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def parse_json(body):
@@ -78,15 +50,13 @@ def parse_json(body):
 
 
 def printable(text):
-    """text with every character a terminal could act on written as its escape (\\x1b): what a
-    client sent is shown in errors and logs, never obeyed."""
+    """text with what a terminal could act on escaped (\\x1b): a client's text shown, not obeyed."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def option(body, name, kinds, default, check=None, rule=""):
     """body[name] if of the JSON types `kinds` and passing check; default if absent or null."""
-    value = body.get(name)
-    if value is None:
+    if (value := body.get(name)) is None:
         return default
     if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds) or \
             (check and not check(value)):
@@ -95,9 +65,8 @@ def option(body, name, kinds, default, check=None, rule=""):
 
 
 def parse_request(body, tok, block_size, cfg):
-    """A decoded JSON body -> ChatRequest, or ApiError 400 naming the field; cfg (ServeConfig)
-    gives the defaults. A client decides its history, so no turn is dropped: a conversation with
-    no room for one answer token and <|end|> is refused, before all of it is encoded."""
+    """A JSON body -> the checked request, or ApiError 400 naming the field; cfg: a ServeConfig.
+    The client owns its history: no turn is dropped; too long is refused, not all of it encoded."""
     try:
         messages = chat_messages(body.get("messages"), "messages")
         validate(messages, "messages", need_answer=False)  # a model may have answered nothing
@@ -108,132 +77,110 @@ def parse_request(body, tok, block_size, cfg):
                             "user's, to answer", "messages")
     number, get = (int, float), functools.partial(option, body)
     get("n", (int,), 1, lambda v: v == 1, "1: one answer per request")
-    stop = get("stop", (str, list), (), lambda v: v if isinstance(v, str) else 0 < len(v) <=
-               MAX_STOPS and all(isinstance(s, str) and s for s in v),
-               f"a non-empty string or a list of 1 to {MAX_STOPS} of them")
+    seed = get("seed", (int,), None, lambda v: -2**63 <= v < 2**64, "a 64-bit integer")
+    stop = get("stop", (str, list), (), lambda v: v if isinstance(v, str) else 0 < len(v) <= 4
+               and all(isinstance(s, str) and s for s in v),  # at most 4: as OpenAI
+               "a non-empty string or a list of 1 to 4 of them")
     options = get("stream_options", (dict,), {}, rule="an object")
     max_tokens = (get("max_completion_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
                   or get("max_tokens", (int,), cfg.max_tokens, lambda v: v >= 1, "an integer >= 1"))
-    rendered = render_within(messages, tok, block_size - 2)
+    rendered = render_within(messages, tok, block_size - 2)  # room for an answer token and <|end|>
     if rendered is None or len(rendered[0]) + 2 > block_size:
         needs = "" if rendered is None else f"{len(rendered[0]) + 2} tokens, "
         raise ApiError(400, f"with one answer token and <|end|> the conversation needs {needs}more "
                             f"than block_size {block_size}: shorten it or leave out early turns",
                        "messages", "context_length_exceeded")
-    ids, roles = rendered  # begins with the history's rendering: rendering is prefix-stable
-    return ChatRequest(
-        messages=messages, ids=ids, roles=roles, history_len=len(render(messages[:-1], tok)[0]),
+    return SimpleNamespace(  # ids, roles: messages rendered up to the answer's header
+        messages=messages, ids=rendered[0], roles=rendered[1],
+        history_len=len(render(messages[:-1], tok)[0]),  # ids[:history_len]: prefix-stable
         model=get("model", (str,), MODEL_NAME, rule="a string"),
         stream=get("stream", (bool,), False, rule="true or false"),
         include_usage=option(options, "include_usage", (bool,), False, rule="true or false"),
-        max_tokens=max_tokens,
-        temperature=get("temperature", number, cfg.temperature, lambda v: 0 <= v <= 2,
-                        "between 0 and 2"),
-        top_p=get("top_p", number, cfg.top_p, lambda v: 0 < v <= 1, "above 0 and at most 1"),
-        top_k=get("top_k", (int,), cfg.top_k, lambda v: v >= 0, "an integer >= 0 (0: all tokens)"),
-        seed=get("seed", (int,), None, lambda v: -2**63 <= v < 2**64, "a 64-bit integer"),
+        max_tokens=max_tokens, id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+        sampling=Sampling(  # its generator seeded by the request, else at random
+            get("temperature", number, cfg.temperature, lambda v: 0 <= v <= 2, "between 0 and 2"),
+            get("top_k", (int,), cfg.top_k, lambda v: v >= 0, "an integer >= 0 (0: all tokens)"),
+            get("top_p", number, cfg.top_p, lambda v: 0 < v <= 1, "above 0 and at most 1"),
+            torch.Generator().manual_seed(random.getrandbits(63) if seed is None else seed)),
         stop=(stop,) if isinstance(stop, str) else tuple(stop))
 
 
 def cut_at_stop(text, stops):
-    """-> (text before the earliest stop string, whether there was one)."""
+    """-> (text before its first stop string, whether it has one, how much of it no stop begins)."""
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[:min(found)], True) if found else (text, False)
-
-
-def unsure_tail(text, stops):
-    """Length of the longest end of text that could begin a stop string: a stream holds it back."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1)
-                if text.endswith(s[:n])), default=0)
+    if found:
+        return text[:min(found)], True, min(found)
+    unsure = [n for s in stops for n in range(1, min(len(s), len(text) + 1))
+              if text.endswith(s[:n])]
+    return text, False, len(text) - max(unsure, default=0)
 
 
 class ChatService:
-    """The model and its cached conversations (least recently used first), answering one request at
-    a time. cfg (ServeConfig): --sessions, --no_cache, sampling defaults."""
+    """The model and its cached conversations, least recently used first; cfg: a ServeConfig."""
 
     def __init__(self, model, tok, kind, cfg, log=None, about=None):
         self.model, self.tok, self.kind, self.cfg = model, tok, kind, cfg
-        self.about = about or {}  # what /v1/models says of the model beside its mask
         self.block_size = model.config.block_size
-        self.sessions = OrderedDict()  # number -> ChatSession
-        self.seeds = random.Random()  # for the requests without a seed; seeded by the OS
+        self.models = {"object": "list", "data": [{  # what GET /v1/models answers
+            "id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "ismgpt", "mask": kind,
+            "block_size": self.block_size, **(about or {})}]}
+        self.sessions = {}  # number -> ChatSession, least recently used first
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def session_for(self, request):
-        """The session whose cache keeps the most rows of the request's history (not the longest
-        common prefix: an ISM query token's row depends on the rest of its segment too); when
-        none keeps any, a new one while under --sessions, else the least recently used."""
+        """The session keeping most cached rows of the history (not the longest common prefix: an
+        ISM query row depends on its whole segment), else a new one, else the least recent."""
         history = request.ids[:request.history_len], request.roles[:request.history_len]
         kept = {number: s.reusable_rows(*history) for number, s in self.sessions.items()}
-        best = max(kept, key=kept.get, default=None)
-        if best is None or kept[best] == 0:
-            if len(self.sessions) < self.cfg.sessions:
-                best = len(self.sessions)  # reply_reserve=1 as parse_request checked: no turn drops
-                self.sessions[best] = ChatSession(self.model, self.tok, self.kind, reply_reserve=1,
-                                                  use_cache=not self.cfg.no_cache)
-            else:
-                best = next(iter(self.sessions))
-        self.sessions.move_to_end(best)
+        best = max(kept, key=kept.get, default=None)  # the first, least recent, of equals
+        if not kept.get(best) and len(self.sessions) < self.cfg.sessions:
+            best = len(self.sessions)  # reply_reserve=1 as parse_request checked: no turn drops
+            self.sessions[best] = ChatSession(self.model, self.tok, self.kind, reply_reserve=1,
+                                              use_cache=not self.cfg.no_cache)
+        self.sessions[best] = self.sessions.pop(best)  # now the most recent
         return self.sessions[best]
 
     def answer(self, request):
-        """Yields ("prefilled", facts) once the first token is sampled, ("text", piece) in whole
-        characters (never a stop string or what follows), then ("done", {text, finish_reason,
-        usage, ismgpt}). Closing it early stops the generation; the session stays consistent."""
+        """Yields ("prefilled", facts), ("text", whole characters before any stop string), then
+        ("done", {text, finish_reason, usage, ismgpt, summary}). Closing it stops the generation."""
         try:
             session = self.session_for(request)
             session.set_history(request.messages[:-1])  # keeps exactly the rows that stay exact
-            seed = request.seed if request.seed is not None else self.seeds.getrandbits(63)
-            sampling = Sampling(request.temperature, request.top_k or None, request.top_p,
-                                torch.Generator().manual_seed(seed))
-            tokens = session.generate(request.messages[-1]["content"], request.max_tokens, sampling)
-            yield from self._events(session, request, tokens)
+            tokens = session.generate(request.messages[-1]["content"], request.max_tokens,
+                                      request.sampling)
+            stream, text, shown, stopped = TextStream(self.tok), "", 0, False
+            with closing(tokens):
+                for token in tokens:
+                    if session.last.generated_tokens == 1:
+                        yield "prefilled", self.facts(session)
+                    piece = stream.push(token) if token != self.tok.end else ""
+                    text, stopped, sure = cut_at_stop(text + piece, request.stop)
+                    if stopped:
+                        break  # closing the tokens closes the answer, keeping what was sampled
+                    if sure > shown:
+                        yield "text", text[shown:sure]
+                        shown = sure
         except TurnError as e:  # what parse_request cannot see and the engine can
             raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         except ModelError as e:  # the model's own fault (non-finite logits)
             raise ApiError(500, str(e)) from None
-
-    def _events(self, session, request, tokens):
-        stream, text, shown, stopped = TextStream(self.tok), "", 0, False
-        with closing(tokens):
-            for token in tokens:
-                if session.last.generated_tokens == 1:
-                    yield "prefilled", self.facts(session)
-                if token != self.tok.end:
-                    text, stopped = cut_at_stop(text + stream.push(token), request.stop)
-                if stopped:
-                    break  # closing the tokens closes the answer, keeping what was sampled
-                sure = len(text) - unsure_tail(text, request.stop)
-                if sure > shown:
-                    yield "text", text[shown:sure]
-                    shown = sure
         if not stopped:
-            text, stopped = cut_at_stop(text + stream.flush(), request.stop)
+            text, stopped, _ = cut_at_stop(text + stream.flush(), request.stop)
         if len(text) > shown:
             yield "text", text[shown:]
         finish = "stop" if stopped or session.last.stopped == "end" else "length"  # or context
-        yield "done", {"text": text, "finish_reason": finish, "usage": self.usage(session, request),
-                       "ismgpt": self.facts(session)}
-
-    def usage(self, session, request):
-        """OpenAI's usage; completion tokens are those sampled, a final closing token included."""
-        completion = session.last.generated_tokens
-        return {"prompt_tokens": len(request.ids), "completion_tokens": completion,
-                "total_tokens": len(request.ids) + completion,
-                "prompt_tokens_details": {"cached_tokens": session.last.reused_tokens}}
+        completion = session.last.generated_tokens  # sampled, a final closing token included
+        usage = {"prompt_tokens": len(request.ids), "completion_tokens": completion,
+                 "total_tokens": len(request.ids) + completion,
+                 "prompt_tokens_details": {"cached_tokens": session.last.reused_tokens}}
+        yield "done", {"text": text, "finish_reason": finish, "usage": usage,
+                       "ismgpt": self.facts(session), "summary": f"prompt {len(request.ids)} "
+                       f"cached {session.last.reused_tokens} completion {completion} {finish}"}
 
     def facts(self, session):
         """What the page shows of a turn: prefill, decode, a role letter per token (the mask)."""
-        turn = session.last
-        return {"mask": self.kind, "prefill_tokens": turn.prefill_tokens,
-                "reused_tokens": turn.reused_tokens, "ttft_ms": turn.ttft_ms,
-                "decode_tokens_per_s": turn.decode_tokens_per_s,
+        return {"mask": self.kind, **{name: getattr(session.last, name) for name in FACTS},
                 "roles": "".join(ROLE_LETTERS[r] for r in session.roles)}
-
-    def models(self):
-        return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0,
-                                            "owned_by": "ismgpt", "mask": self.kind,
-                                            "block_size": self.block_size, **self.about}]}
 
 
 def completion(request, reply):
@@ -246,19 +193,16 @@ def completion(request, reply):
 
 
 def chunks(request, event, value):
-    """The chat.completion.chunk bodies of one of ChatService.answer's events: the role (with the
-    prefill's facts), the content, the finish_reason (with the turn's), the usage if asked for.
-    With include_usage every chunk has "usage", null but the last."""
-    def chunk(choices, **extra):
+    """The chat.completion.chunk bodies of an answer's event; "usage", if asked: null but last."""
+    def chunk(delta=None, finish_reason=None, **extra):  # no delta: no choice
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                             "finish_reason": finish_reason}]
         usage = {"usage": None} if request.include_usage else {}
         return {"id": request.id, "object": "chat.completion.chunk", "created": request.created,
                 "model": request.model, "choices": choices, **usage, **extra}
-
-    def delta(content, finish_reason=None):
-        return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}]
     if event == "prefilled":
-        return [chunk(delta({"role": "assistant", "content": ""}), ismgpt=value)]
+        return [chunk({"role": "assistant", "content": ""}, ismgpt=value)]
     if event == "text":
-        return [chunk(delta({"content": value}))]
-    usage = [chunk([], usage=value["usage"])] if request.include_usage else []
-    return [chunk(delta({}, value["finish_reason"]), ismgpt=value["ismgpt"]), *usage]
+        return [chunk({"content": value})]
+    usage = [chunk(usage=value["usage"])] if request.include_usage else []
+    return [chunk({}, value["finish_reason"], ismgpt=value["ismgpt"]), *usage]
