@@ -121,6 +121,25 @@ def test_odd_widths_decode_as_the_float_model_does(mode):
         torch.testing.assert_close(quantize(model, mode)(ids, mask)[0], want, atol=0, rtol=0)
 
 
+def test_a_fresh_cache_filled_with_nan_gives_the_logits_of_one_filled_with_zeros():
+    """The KV cache is allocated empty (memory taken only as it fills): the int4 model, fed a prompt of many rows
+    (the dequantized path) and then one token at a time (the kernels), never reads a slot not yet written."""
+    torch.manual_seed(5)
+    config = GPTConfig(block_size=128, vocab_size=128, n_layer=2, n_head=4, n_embd=64, bias=False,
+                       family="llama", n_kv_head=2, mlp_hidden=128)
+    model = quantize(GPT(config).eval(), "int4")
+    ids, roles = torch.randint(0, 128, (110,)).tolist(), torch.full((110,), ASSISTANT)
+    logits = []
+    for fill in (0.0, float("nan")):
+        cache = KVCache(config, dtype=torch.bfloat16)
+        for buffer in (*cache.keys, *cache.values):
+            buffer.fill_(fill)
+        with torch.no_grad():
+            logits.append(torch.stack([feed(model, ids[:end], roles, "causal", start, cache)
+                                       for start, end in zip([0, *range(100, 109)], range(100, 111))]))
+    assert torch.equal(*logits)  # NaN read anywhere would differ
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_gpt2_folder_quantizes_though_its_weights_are_stored_transposed(mode, tmp_path,
                                                                            capsys):
