@@ -1,5 +1,4 @@
-"""
-The chat engine: one conversation with a model and its KV cache, a turn at a time. sample.py,
+"""The chat engine: one conversation with a model and its KV cache, a turn at a time. sample.py,
 serve.py, eval.py and bench.py all drive it. A turn (ChatSession.generate) has four phases:
 
 1. make room  drop the oldest whole turns (not the system message) if history + prompt + room for
@@ -29,7 +28,7 @@ from torch.nn import functional as F
 from cli.errors import ModelError, TurnError, UserError
 from data.chat import render, render_user, system_of
 from mask import ASSISTANT, MASKS, check_kind, make_mask
-from model import KVCache
+from model import GPT, GPTConfig, KVCache
 
 _KEEP = object()  # reset(): keep the current system message
 DECODE_MODES = ("eager", "static", "compiled")
@@ -39,14 +38,11 @@ DECODE_MODES = ("eager", "static", "compiled")
 
 @dataclass
 class Sampling:
-    """temperature 0: greedy; top_k 0/None and top_p None/1: every token. generator: a CPU
-    torch.Generator (sampling runs on the CPU: a seed gives the same tokens on any device).
-    min_new_tokens: no closing token before this many (benchmarks' fixed-length answers)."""
-    temperature: float = 0.0
-    top_k: int = None
-    top_p: float = None
-    generator: torch.Generator = None
-    min_new_tokens: int = 0
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = None  # 0 or None: every token
+    top_p: float = None  # None or 1: every token
+    generator: torch.Generator = None  # on the CPU, where sampling runs: seeded, same on any device
+    min_new_tokens: int = 0  # no closing token before this many (benchmarks' fixed-length answers)
 
 
 def never_sampled(tok, vocab_size):
@@ -83,8 +79,7 @@ class TextStream:
     bytes become U+FFFD): the pieces join to tok.decode(ids)."""
 
     def __init__(self, tok):
-        self.tok = tok
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.tok, self.decoder = tok, codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token):
         return self.decoder.decode(self.tok.token_bytes(token))
@@ -100,20 +95,21 @@ def feed(model, ids, roles, kind, start, cache=None):
     token's logits [V]. roles: [>= len(ids)]. The chunk's mask is its slice of the whole,
     make_mask(kind, roles[:end])[start:end]; its positions are start .. end - 1."""
     idx = torch.tensor([ids[start:]], device=roles.device)  # idx: [1, T]
-    logits, _ = model(idx, make_mask(kind, roles[:len(ids)], start=start), kv_cache=cache,
-                      last_only=True)
-    return logits[0, -1]
+    mask = make_mask(kind, roles[:len(ids)], start=start)  # mask: [T, len(ids)]
+    return model(idx, mask, kv_cache=cache, last_only=True)[0][0, -1]
 
 
 class StaticDecoder:
-    """One answer token fed with no Python value that changes per step: the token and its position
-    live in preallocated tensors, so torch.compile compiles the step once. On CUDA attention spans
-    the cache's whole capacity, later slots masked out (fixed shapes: one CUDA graph, replayed). On
-    a CPU it spans the filled slots only, their count the one dynamic shape (reading the whole
-    capacity would cost more than it saves; a fully dynamic graph takes minutes to compile).
-    compile=False runs the same step eagerly."""
+    """One answer token fed with no Python value changing per step: token and position live in
+    preallocated tensors, so torch.compile compiles the step once. On CUDA attention spans the
+    cache's whole capacity, later slots masked (fixed shapes: one CUDA graph, replayed). On a CPU it
+    spans the filled slots, their count the one dynamic shape (reading all would cost more than it
+    saves; a fully dynamic graph takes minutes to compile). decode="static" runs it eagerly."""
 
-    def __init__(self, model, cache, compile=True):
+    def __init__(self, model, cache, decode="compiled"):
+        if decode not in ("static", "compiled") or cache is None:
+            raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}; a "
+                             "static step needs the cache")
         self.model, self.cache = model, cache
         device = cache.keys[0].device
         self.whole_capacity = device.type == "cuda"
@@ -124,7 +120,7 @@ class StaticDecoder:
             for buffer in (*cache.keys, *cache.values):
                 buffer.zero_()
         self.step = self._step
-        if compile:
+        if decode == "compiled":
             if device.type == "cuda":  # a graph replay reads and updates these in place
                 for buffer in (*cache.keys, *cache.values, self.idx, self.position):
                     torch._dynamo.mark_static_address(buffer, guard=False)
@@ -148,17 +144,8 @@ class StaticDecoder:
         return self.step(self.idx, self.position, *filled).clone()  # a replay reuses its output
 
 
-def static_decoder(decode, model, cache):
-    """decode: one of DECODE_MODES -> None (eager) or the StaticDecoder of the cache."""
-    if decode not in DECODE_MODES or (decode != "eager" and cache is None):
-        raise ValueError(f"decode={decode!r}: choose one of {', '.join(DECODE_MODES)}; a "
-                         "static step needs the cache")
-    return None if decode == "eager" else StaticDecoder(model, cache, decode == "compiled")
-
-
 def check_room(system_len, tok, reply_reserve, block_size):
-    """UserError unless a system message of system_len tokens leaves room for a message and
-    reply_reserve answer tokens."""
+    """UserError unless a system message of system_len tokens leaves room for a turn."""
     smallest_prompt = len(render_user("x", tok, after_answer=True)[0])
     if system_len + smallest_prompt + reply_reserve + 1 > block_size:
         raise UserError(f"the system message is {system_len} tokens; with a message and "
@@ -180,15 +167,13 @@ def reusable_prefix(kind, cached_ids, cached_roles, ids, roles):
         if cached != new:
             break
         common += 1
-    if kind == "causal" or common == 0 or roles[common - 1] == ASSISTANT:
+    role = roles[common - 1] if common else ASSISTANT
+    goes_on = any(len(r) > common and r[common] == role for r in (cached_roles, roles))
+    if kind == "causal" or role == ASSISTANT or not goes_on:
         return common
-    role = roles[common - 1]
-    if not any(len(r) > common and r[common] == role for r in (cached_roles, roles)):
-        return common
-    start = common - 1
-    while start > 0 and roles[start - 1] == role:
-        start -= 1
-    return start
+    while common > 0 and roles[common - 1] == role:  # back to the query segment's start
+        common -= 1
+    return common
 
 
 # ---------------------------------------------------------------------------------- chat session
@@ -244,7 +229,7 @@ class ChatSession:
         self.reply_reserve = default_reserve if reply_reserve is None else reply_reserve
         self.never = never_sampled(tok, model.config.vocab_size)
         self.cache = KVCache(model.config, 1, self.device, param.dtype) if use_cache else None
-        self.static = static_decoder(decode, model, self.cache)
+        self.static = None if decode == "eager" else StaticDecoder(model, self.cache, decode)
         self.system, self.last, self.cached = None, None, 0
         self.reset(system)
 
@@ -290,10 +275,9 @@ class ChatSession:
         if len(ids) > self.block_size:
             raise TurnError(f"the conversation is {len(ids)} tokens, more than block_size "
                             f"{self.block_size}")
-        kept = self.reusable_rows(ids, roles)
-        self._forget(kept)
+        self._forget(self.reusable_rows(ids, roles))
         self.system, self.messages, self.ids, self.roles = system_of(messages), messages, ids, roles
-        return kept
+        return self.cached
 
     def replace_answer(self, text):
         """Teacher forcing (eval.py --history=gold): text replaces the last answer's, uncached."""
@@ -394,8 +378,6 @@ def kept_turns(messages, tok, block_size, prompt_len, need):
                     f"{need - prompt_len} kept for the answer; shorten it")
 
 
-# ------------------------------------------------------------------------------ around a session
-
 def consume(session, tokens, on_text=None, interruptible=False):
     """Read a generate() iterator to its end, streaming text to on_text(str) -> session.last as
     JSON. Ctrl-C closes the answer, then is re-raised, or with interruptible ends the turn."""
@@ -421,7 +403,6 @@ def self_check(turns=("what is 3 + 4 ?", "and times 2 ?", "sort 9 1 5"), seed=0)
     """A random model, three turns per mask: the tokens each turn prefills and reuses, and the
     largest difference between the cached logits and a recompute without the cache."""
     from data.tokenizer import get_tokenizer
-    from model import GPT, GPTConfig
     torch.manual_seed(seed)
     tok = get_tokenizer("byte")
     config = GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_embd=64)

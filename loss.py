@@ -1,5 +1,4 @@
-"""
-The answer loss: cross-entropy on answer targets only, for a training step (train.py) and for the
+"""The answer loss: cross-entropy on answer targets only, for a training step (train.py) and for the
 held-out loss (eval.py, bench.py).
 
 Why answers only: under ISM and prefix a query token may see the tokens after it in its own query,
@@ -64,15 +63,12 @@ def answer_turns(batch):
     """-> [B, T]: where a position's target is an answer token, which answer of its document it is
     (1, 2, ...); 0 where no loss is taken. Under prefix a document ends with its trained answer."""
     roles, docs = batch["roles"], batch["doc_ids"]
-    B, T = roles.shape
     answer = roles == ASSISTANT
     starts = answer.clone()  # an answer's first token: after a non-answer or at a new document
     starts[:, 1:] &= ~answer[:, :-1] | (docs[:, 1:] != docs[:, :-1])
     count = starts.long().cumsum(1)  # answers begun so far in the row
-    positions = torch.arange(T, device=roles.device).expand(B, T)
-    first = torch.full((B, int(docs.max()) + 1), T - 1, device=roles.device)
-    first = first.scatter_reduce(1, docs, positions, "amin")  # each document's first position
-    before = (count - starts.long()).gather(1, first)  # answers begun before each document
+    before = torch.zeros_like(count).scatter_reduce(  # answers begun before each document
+        1, docs, count - starts.long(), "amin", include_self=False)
     turn = (count - before.gather(1, docs)) * answer
     targets = torch.zeros_like(turn)
     targets[:, :-1] = turn[:, 1:]  # position t is trained on token t + 1

@@ -1,5 +1,4 @@
-"""
-The attention rule of ismGPT: causal, prefix and ISM masks from per-token roles.
+"""The attention rule of ismGPT: causal, prefix and ISM masks from per-token roles.
 
 Each token has a role (SYSTEM, USER or ASSISTANT). A *segment* is a maximal run of equal role inside
 one document; packed rows hold several documents (doc_ids) that never see each other. Query token q
@@ -17,7 +16,7 @@ FlexAttention (CUDA). `python mask.py` draws the three masks.
 from typing import NamedTuple
 
 import torch
-from torch.nn.attention.flex_attention import and_masks, or_masks
+from torch.nn.attention.flex_attention import and_masks, create_block_mask, or_masks
 
 SYSTEM, USER, ASSISTANT = 0, 1, 2
 MASKS = ("causal", "prefix", "ism")
@@ -62,28 +61,10 @@ def segment_info(roles, doc_ids=None):
     return Segments(doc, segment, is_query, in_prefix=~(in_last & ~is_query))
 
 
-# ----------------------------------------------------------------------------- the named predicates
+# ----------------------------------------------------------------------------------------- the rule
 
 def earlier(b, h, q_idx, kv_idx):  # a token sees itself and what came before
     return kv_idx <= q_idx
-
-
-def same_document(doc):
-    def same_document(b, h, q_idx, kv_idx):
-        return doc[b, q_idx] == doc[b, kv_idx]
-    return same_document
-
-
-def same_query_segment(segment, is_query):
-    def same_query_segment(b, h, q_idx, kv_idx):  # a query sees all of itself
-        return (segment[b, q_idx] == segment[b, kv_idx]) & is_query[b, q_idx]
-    return same_query_segment
-
-
-def both_in_prefix(in_prefix):
-    def both_in_prefix(b, h, q_idx, kv_idx):  # the prefix is one bidirectional block
-        return in_prefix[b, q_idx] & in_prefix[b, kv_idx]
-    return both_in_prefix
 
 
 def check_kind(kind):
@@ -94,11 +75,20 @@ def check_kind(kind):
 def mask_mod(kind, roles, doc_ids=None):
     """The rule as a FlexAttention mask_mod: what a token sees inside its own document."""
     check_kind(kind)
-    s = segment_info(roles, doc_ids)
-    sees = {"causal": earlier,
-            "ism": or_masks(earlier, same_query_segment(s.segment, s.is_query)),
-            "prefix": or_masks(earlier, both_in_prefix(s.in_prefix))}[kind]
-    return and_masks(same_document(s.doc), sees)
+    doc, segment, is_query, in_prefix = segment_info(roles, doc_ids)
+
+    def same_document(b, h, q_idx, kv_idx):
+        return doc[b, q_idx] == doc[b, kv_idx]
+
+    def same_query_segment(b, h, q_idx, kv_idx):  # a query sees all of itself
+        return (segment[b, q_idx] == segment[b, kv_idx]) & is_query[b, q_idx]
+
+    def both_in_prefix(b, h, q_idx, kv_idx):  # the prefix is one bidirectional block
+        return in_prefix[b, q_idx] & in_prefix[b, kv_idx]
+
+    sees = {"causal": earlier, "ism": or_masks(earlier, same_query_segment),
+            "prefix": or_masks(earlier, both_in_prefix)}[kind]
+    return and_masks(same_document, sees)
 
 
 # ------------------------------------------------------------------------------------ the two forms
@@ -117,7 +107,6 @@ def make_mask(kind, roles, doc_ids=None, start=0):
 
 def block_mask(kind, roles, doc_ids=None):
     """The same rule as a FlexAttention BlockMask [B, 1, T, T], on roles' device."""
-    from torch.nn.attention.flex_attention import create_block_mask
     B, T = _as_rows(roles).shape
     # compiled on CUDA: uncompiled, it evaluates the whole [B, T, T] grid in memory
     return create_block_mask(mask_mod(kind, roles, doc_ids), B, None, T, T, device=roles.device,
@@ -134,13 +123,6 @@ def picture(kind, roles):
     return "\n".join(lines)
 
 
-def main():
-    # system (3 tokens), user (3), answer (2), user (3), answer (2)
-    roles = torch.tensor([SYSTEM] * 3 + [USER] * 3 + [ASSISTANT] * 2 + [USER] * 3 + [ASSISTANT] * 2)
-    for kind in MASKS:
-        print(picture(kind, roles), end="\n\n")
-
-
 if __name__ == "__main__":
     import signal
     import sys
@@ -154,4 +136,7 @@ if __name__ == "__main__":
               "does)", file=sys.stderr)
         sys.exit(2)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `python mask.py | head` ends quietly
-    main()
+    # system (3 tokens), user (3), answer (2), user (3), answer (2)
+    roles = torch.tensor([SYSTEM] * 3 + [USER] * 3 + [ASSISTANT] * 2 + [USER] * 3 + [ASSISTANT] * 2)
+    for kind in MASKS:
+        print(picture(kind, roles), end="\n\n")

@@ -1,5 +1,4 @@
-"""
-A GPT whose attention takes an explicit mask, and a KV cache for chat. Two families by config:
+"""A GPT whose attention takes an explicit mask, and a KV cache for chat. Two families by config:
 GPT-2 (learned positions, LayerNorm, tanh GELU, biases; GPT-2's parameter names: its weights load)
 and Llama (SmolLM2, Qwen2: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional q/k/v biases,
 LoRA adapters), under the same names: c_attn stacks q, k, v and c_fc the SwiGLU's gate and up.
@@ -11,7 +10,6 @@ it writes, and it attends over the first S slots, S its mask's width; the engine
 counts the filled slots, not the model. Imports torch only.
 """
 import functools
-import inspect
 import itertools
 import math
 from dataclasses import dataclass
@@ -45,9 +43,7 @@ class GPTConfig:
     n_kv_head: int = 0  # key/value heads (grouped-query attention); 0: n_head
     mlp_hidden: int = 0  # MLP width; 0: 4 * n_embd
     rope_theta: float = 10000.0
-    # Llama 3's RoPE scaling, Hugging Face's dict: {"rope_type": "llama3", "factor",
-    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None: plain RoPE
-    rope_scaling: dict = None
+    rope_scaling: dict = None  # Llama 3's RoPE scaling, as Hugging Face's dict; None: plain RoPE
     norm_eps: float = 1e-5
     qkv_bias: bool = False  # biases on q, k, v even without bias (Qwen2)
     tie_embeddings: bool = True  # lm_head shares the token embedding's weights
@@ -146,17 +142,15 @@ def apply_rope(x, rope):
 
 
 def linear(in_features, parts, bias, config):
-    """A Linear whose output stacks parts ({"q_proj": size, ...}), a LoRALinear if config adapts
-    one of them."""
+    """A Linear stacking parts ({"q_proj": size, ...}); a LoRALinear if config adapts one."""
     if config.lora_rank and set(parts) & set(config.lora_targets):
         return LoRALinear(in_features, parts, bias, config)
     return nn.Linear(in_features, sum(parts.values()), bias=bias)
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear with a LoRA adapter on each stacked part config.lora_targets names, computed as
-    PEFT does: part += dropout(x) A^T B^T * lora_alpha / lora_rank; lora_A.<part> is (rank, in),
-    lora_B.<part> (part's out, rank)."""
+    """nn.Linear plus PEFT's LoRA on each part in config.lora_targets: part += dropout(x) A^T B^T *
+    lora_alpha / lora_rank; lora_A.<part>: (rank, in), lora_B.<part>: (part's out, rank)."""
 
     def __init__(self, in_features, parts, bias, config):
         super().__init__(in_features, sum(parts.values()), bias=bias)
@@ -178,11 +172,6 @@ class LoRALinear(nn.Linear):
             self.lora_A[part] = nn.Parameter(A.to(self.weight.dtype))
             self.lora_B[part] = nn.Parameter(self.weight.new_zeros(end - start, self.rank))
 
-    def adapter_params(self):
-        """-> {name: parameter} of the adapters (lora_A.q_proj, ...)."""
-        return dict(itertools.chain(self.lora_A.named_parameters("lora_A"),
-                                    self.lora_B.named_parameters("lora_B")))
-
     def forward(self, x):
         y = super().forward(x)
         h = self.lora_dropout(x)
@@ -193,7 +182,6 @@ class LoRALinear(nn.Linear):
 
 
 class CausalSelfAttention(nn.Module):  # GPT-2's name; the mask passed in decides what is seen
-
     def __init__(self, config, layer_index):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
@@ -237,7 +225,6 @@ class MLP(nn.Module):
         self.swiglu, hidden = config.family == "llama", config.mlp_hidden
         parts = {"gate_proj": hidden, "up_proj": hidden} if self.swiglu else {"c_fc": hidden}
         self.c_fc = linear(config.n_embd, parts, config.bias, config)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU ("gelu_new")
         self.c_proj = linear(hidden, {"down_proj": config.n_embd}, config.bias, config)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -245,11 +232,10 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = self.c_fc(x).chunk(2, dim=-1)
             return self.dropout(self.c_proj(F.silu(gate) * up))
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # "gelu_new"
 
 
 class Block(nn.Module):
-
     def __init__(self, config, layer_index):
         super().__init__()
         self.ln_1 = norm(config)
@@ -269,7 +255,6 @@ class Embedding(nn.Embedding):
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -277,11 +262,8 @@ class GPT(nn.Module):
         if config.family == "gpt2":  # learned positions; Llama rotates q and k instead (RoPE)
             layers["wpe"] = Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            **layers,
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=norm(config),
-        ))
+            **layers, drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]), ln_f=norm(config)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.checkpoint_blocks = False  # activation checkpointing: less memory, one more forward
         if config.tie_embeddings:
@@ -318,8 +300,7 @@ class GPT(nn.Module):
 
     def adapter_params(self):
         """-> {state-dict name: parameter} of every LoRA adapter: what a LoRA run trains, saves."""
-        return {f"{name}.{key}": p for name, module in self.named_modules()
-                if isinstance(module, LoRALinear) for key, p in module.adapter_params().items()}
+        return {name: p for name, p in self.named_parameters() if ".lora_" in name}
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -331,16 +312,14 @@ class GPT(nn.Module):
         positions (T,) or (B, T), default the last T of the S. targets (B, T), -1 where no loss is
         taken -> (logits (N, vocab) of the N targets, their cross-entropy, "mean" or "sum");
         last_only -> ((B, 1, vocab), None); else ((B, T, vocab), None): logits only where read."""
-        B, T = idx.shape
-        width = mask.shape[-1]
+        T, width = idx.shape[1], mask.shape[-1]
         if width > self.config.block_size:
             raise ValueError(f"sequence of {width} tokens exceeds block_size "
                              f"{self.config.block_size}")
         if positions is None:
             positions = torch.arange(width - T, width, device=idx.device)
-        x = self.transformer.wte(idx)
-        rope = None
-        if self.config.family == "gpt2":
+        x, rope = self.transformer.wte(idx), None
+        if "wpe" in self.transformer:
             x = x + self.transformer.wpe(positions)
         else:
             rope = rope_angles(positions, self.config)  # once per forward, for every layer
@@ -363,9 +342,8 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = {"fused": True} if fused else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        fused = {"fused": True} if device_type == "cuda" else {}  # fused=False also stops foreach
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops=989e12):
         """Model FLOPs utilisation against a peak (default: H100 bf16 dense), PaLM's appendix B: 6N

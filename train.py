@@ -1,5 +1,4 @@
-"""
-Train an ismGPT chat model: answer-only loss under a causal, prefix or ISM attention mask.
+"""Train an ismGPT chat model: answer-only loss under a causal, prefix or ISM attention mask.
 
     python train.py                                 # synthetic data (prepared if missing), ISM
     python train.py --init_from=resume              # continue out/ckpt.pt where it stopped
@@ -207,26 +206,23 @@ class Data:
 
 
 def load_data(cfg, tokenizer, rt, log):
-    """-> (cfg saying the data and tokenizer used, Data). The data must be in the start's tokens
-    (tokenizer: its description, None for any). Rank 0 prepares the synthetic dataset when it is
-    missing (several nodes without a shared disk: prepare on each first); any other missing
-    data_dir is an error, never a silent stand-in."""
+    """-> (cfg naming the data and tokenizer used, Data), in the start's tokens (tokenizer: its
+    description; None: any). Rank 0 prepares a missing synthetic dataset (nodes without a shared
+    disk: prepare on each first); any other missing data_dir is an error, never a stand-in."""
     if tokenizer is not None and tokenizer["name"] != cfg.tokenizer:
         cfg = replace(cfg, tokenizer=tokenizer["name"])
     if not cfg.data_dir:
         cfg = replace(cfg, data_dir=synthetic_dir(cfg.tokenizer))
-    problem = None
+    problem = [None]
     if rt.is_master:
         try:
             prepare_if_default(cfg.data_dir, cfg.tokenizer, cfg.block_size, log)
         except DataError as e:
-            problem = str(e)
+            problem = [str(e)]
     if dist.is_initialized():  # the other ranks wait for rank 0, and learn whether it failed
-        shared = [problem]
-        dist.broadcast_object_list(shared, src=0)
-        problem = shared[0]
-    if problem:
-        raise UserError(problem)
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise UserError(problem[0])
     meta = load_meta(cfg.data_dir, cfg.block_size)
     name = meta["tokenizer"]["name"]
     if tokenizer is not None and meta["tokenizer"] != tokenizer:
@@ -309,9 +305,8 @@ def heldout(val_split, cfg, rt, log):
 
 @dataclass
 class Run:
-    """What the loop works on: the settings, where it runs, the raw model (what is saved) and the
-    two that run it (step_model: compiled and wrapped; eval_model: never DDP), the optimizer, the
-    row stream, the data and this rank's held-out rows, the state checkpoints record, the log."""
+    """What the loop works on. model is the raw one, what is saved; step_model runs a step (compiled
+    and wrapped), eval_model evaluation (never DDP)."""
     cfg: object
     flags_given: object
     rt: object
@@ -469,10 +464,8 @@ def describe_run(log, cfg, rt, model, data, rows_per_epoch):
 
 
 def main(argv=None):
-    """Train as the flags say -> the trained model (raw, not compiled or wrapped), or None when
-    out_dir already holds this very run, finished."""
-    flags_given = flags.parse(TrainConfig(), sys.argv[1:] if argv is None else argv, __doc__)
-    cfg = flags_given
+    """Train as the flags say -> the raw trained model; None if out_dir holds this run, finished."""
+    cfg = flags_given = flags.parse(TrainConfig(), sys.argv[1:] if argv is None else argv, __doc__)
     check_config(cfg)
     if check_fresh_start(cfg, flags_given):
         print(f"{os.path.join(cfg.out_dir, 'ckpt.pt')} already holds this run, trained to iter "
