@@ -172,6 +172,11 @@ class LoRALinear(nn.Linear):
             self.lora_A[part] = nn.Parameter(A.to(self.weight.dtype))
             self.lora_B[part] = nn.Parameter(self.weight.new_zeros(end - start, self.rank))
 
+    def adapter_params(self):
+        """-> {name: parameter} of the adapters (lora_A.q_proj, ...)."""
+        return dict(itertools.chain(self.lora_A.named_parameters("lora_A"),
+                                    self.lora_B.named_parameters("lora_B")))
+
     def forward(self, x):
         y = super().forward(x)
         h = self.lora_dropout(x)
@@ -300,7 +305,8 @@ class GPT(nn.Module):
 
     def adapter_params(self):
         """-> {state-dict name: parameter} of every LoRA adapter: what a LoRA run trains, saves."""
-        return {name: p for name, p in self.named_parameters() if ".lora_" in name}
+        return {f"{name}.{key}": p for name, module in self.named_modules()
+                if isinstance(module, LoRALinear) for key, p in module.adapter_params().items()}
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
