@@ -32,7 +32,8 @@ RECIPES = {
 
 
 def lora_parameters(c, rank, targets):
-    """The adapters' parameters: rank x (in + out) for each adapted projection of each layer."""
+    """The adapters' parameters (0 at rank 0: no LoRA): rank x (in + out) for each adapted
+    projection of each layer."""
     h, kv, m = c.n_embd, c.n_kv_head * c.head_dim, c.mlp_hidden
     in_out = {"q_proj": h + h, "k_proj": h + kv, "v_proj": h + kv, "o_proj": h + h,
               "gate_proj": h + m, "up_proj": h + m, "down_proj": m + h}
