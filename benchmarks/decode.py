@@ -1,6 +1,5 @@
-"""3. decode: ChatSession's tokens/s with the KV cache (eager; with --compile the compiled
-static-shape step too) and without it at growing context, beside transformers' generate(); the
-cache's size."""
+"""3. decode: ChatSession's tokens/s with the KV cache (with --compile the compiled static-shape
+step too) and without it at growing context, beside transformers' generate(); the cache's size."""
 import functools
 
 import torch

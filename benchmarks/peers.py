@@ -1,10 +1,8 @@
-"""4. peers (a pretrained start on the CPU): at 1 and 2 threads, ours (float32; the int8 and int4
-copies of support/quantize.py; with --compile the compiled int4 step), transformers on the same
-weights and llama.cpp on the same GGUF file and token ids (when llama_cpp imports), interleaved
-round by round: decode at ~256 and ~2,000 tokens of context, prefill of 511 and ~2,000 tokens, a
-cached chat turn's time to first token; each decode beside its ceiling, the memory streaming rate
-over the bytes one step reads. Then the int4 chat model and llama.cpp each alone in a process
-(benchmarks/process.py): resident memory after load and over the long prefill, a second start."""
+"""4. peers (a pretrained start on the CPU): ours in float32, int8 and int4 (support/quantize.py;
+with --compile the compiled int4 step) against transformers and llama.cpp (when it imports) on the
+same weights and token ids, at 1 and 2 threads: decode, prefill, a cached chat turn, each decode
+beside its memory-bound ceiling; then the int4 model and llama.cpp each alone in a process
+(benchmarks/process.py): memory, and a second start to ready."""
 import copy
 import functools
 import json
@@ -115,9 +113,8 @@ def llama_cpp_file(init_from):
 
 
 def measures(turn, prompts_, new_tokens, chat_ttft):
-    """One round's MEASURES: turn(prompt, n) -> the record of a turn from an empty cache (a short
-    decode, a prefill, a long decode and prefill), then chat_ttft() -> the cached chat's times to
-    first token (the first turn's not counted)."""
+    """One round's MEASURES: turn(prompt, n) -> a turn's record from an empty cache (a short decode,
+    a prefill, a long decode); chat_ttft() -> the cached chat's TTFTs (the first not counted)."""
     short, prefill, long = (turn(p, n) for p, n in zip(prompts_, (new_tokens, 1, new_tokens)))
 
     def per_second(record):  # prefill tokens/s, to the first token
@@ -232,21 +229,18 @@ def peers_section(cfg, rt, tok, model, hf):
 
 
 def peers_tables(r, notes):
-    headers = ["threads", "variant", "decode tok/s", "of its ceiling", "vs float32",
-               f"decode tok/s at {r['lengths'][2]}", "prefill tok/s", f"prefill tok/s at "
-               f"{r['lengths'][2]}", "cached turn TTFT ms", "bytes/token (MB)", "ceiling tok/s"]
-    base = {x["threads"]: x["decode"] for x in r["rows"] if x["variant"] == "float32"}
-    rows = []
-    for x in r["rows"]:
-        share = f"{x['decode'] / x['ceiling']:.0%}" if x["ceiling"] else "-"
-        mb = fmt(x["bytes_per_token"] / 1e6, 0) if x["bytes_per_token"] else "-"
-        rows.append([x["threads"], x["variant"], fmt(x["decode"]), share,
-                     f"{x['decode'] / base[x['threads']]:.2f}x", fmt(x["decode_long"]),
-                     fmt(x["prefill"], 0), fmt(x["prefill_long"], 0), fmt(x["ttft_ms"], 0), mb,
-                     fmt(x["ceiling"])])
-    rates = ", ".join(f"{x['stream_gb_s']:.1f} GB/s at {x['threads']} thread(s)" for x in r["rows"]
-                      if x["variant"] == "float32")
     context, prefill, long = r["lengths"]
+    headers = ["threads", "variant", "decode tok/s", "of its ceiling", "vs float32",
+               f"decode tok/s at {long}", "prefill tok/s", f"prefill tok/s at {long}",
+               "cached turn TTFT ms", "bytes/token (MB)", "ceiling tok/s"]
+    float32 = {x["threads"]: x for x in r["rows"] if x["variant"] == "float32"}
+    rows = [[x["threads"], x["variant"], fmt(x["decode"]),
+             f"{x['decode'] / x['ceiling']:.0%}" if x["ceiling"] else "-",
+             f"{x['decode'] / float32[x['threads']]['decode']:.2f}x", fmt(x["decode_long"]),
+             fmt(x["prefill"], 0), fmt(x["prefill_long"], 0), fmt(x["ttft_ms"], 0),
+             fmt(x["bytes_per_token"] / 1e6, 0) if x["bytes_per_token"] else "-", fmt(x["ceiling"])]
+            for x in r["rows"]]
+    rates = ", ".join(f"{x['stream_gb_s']:.1f} GB/s at {t} thread(s)" for t, x in float32.items())
     lines = [f"### Peers (ISM session, greedy; decode of {r['new_tokens']} tokens at {context} and "
              f"{long} tokens of context, prefill of {prefill} tokens to the first token, a cached "
              f"chat turn's TTFT: the median of turns 2-{CHAT_TURNS} ({CHAT_PROMPT}+ token "
