@@ -20,28 +20,25 @@ def chat_messages(tok, block_size, answer_tokens, seed):
     rng = random.Random(seed)
     users, length = [], len(render([], tok)[0])  # <|bos|>, or ChatML's default system message
     while True:
-        for message in synthetic.conversation(rng)["messages"]:
-            if message["role"] != "user":
-                continue
-            prompt = render_user(message["content"], tok, after_answer=bool(users))[0]
-            length += len(prompt) + answer_tokens + 1
+        messages = synthetic.conversation(rng)["messages"]
+        for text in [m["content"] for m in messages if m["role"] == "user"]:
+            length += len(render_user(text, tok, after_answer=bool(users))[0]) + answer_tokens + 1
             if length > block_size:
                 return users
-            users.append(message["content"])
+            users.append(text)
 
 
 class HFChat:
-    """The Hugging Face model following the ISM session's conversation token for token (its ids,
-    so every turn has the same lengths). carry=True keeps past_key_values across turns and feeds
-    only what the cache lacks, then the answer tokens one by one, as our sessions do; carry=False
-    re-prefills the whole history each turn (the common chat front-end) and decodes nothing.
-    TTFT = the prefill + argmax of its last logits."""
+    """transformers' model following the ISM session's conversation token for token (its ids: the
+    same lengths every turn). carry=True keeps its cache across turns and feeds only what it lacks,
+    then the answer tokens one by one, as our sessions do; carry=False re-prefills the whole history
+    each turn (the common chat front-end) and decodes nothing. TTFT: prefill + argmax."""
 
     def __init__(self, model, carry, device):
         self.model, self.carry, self.device = model, carry, device
         # transformers 5 calls past_key_values `cache` (the old name still works, with a warning)
-        parameters = inspect.signature(model.forward).parameters
-        self.cache_name = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_name = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                           else "past_key_values")
         self.reset()
 
     def forward(self, ids, past):
@@ -55,8 +52,8 @@ class HFChat:
     @torch.no_grad()
     def turn(self, ids, prompt_end, answer_tokens):
         t0 = time.perf_counter()
-        start = self.cached if self.carry else 0
-        logits, past = self.forward(ids[start:prompt_end], self.past if self.carry else None)
+        start = self.cached  # 0 and no past unless carrying
+        logits, past = self.forward(ids[start:prompt_end], self.past)
         int(logits[0, -1].argmax())  # the first token: int() waits for the device
         ttft_ms = (time.perf_counter() - t0) * 1e3
         if self.carry:
@@ -100,8 +97,8 @@ def chat_section(cfg, rt, tok, model, hf):
 
 
 def turn_row(k, text, runs):
-    """Turn k's row from {variant: [its result in each timed round]}: the median TTFT; the token
-    counts, the same in every round."""
+    """Turn k's row from {variant: [its result in each timed round]}: the token counts (the same in
+    every round) and the median TTFT."""
     first = runs["ism"][0]
     row = {"turn": k + 1, "user": text,
            "context": first["context_tokens"] - first["generated_tokens"] - 1}
@@ -179,8 +176,8 @@ def plot_ttft(r, path, device_name):
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, style in STYLES.items():
         if name in r["turns"][0]:
-            ttft = [t[name]["ttft_ms"] for t in r["turns"]]
-            ax.plot(turns, ttft, style, label=name, markersize=4)
+            ax.plot(turns, [t[name]["ttft_ms"] for t in r["turns"]], style, label=name,
+                    markersize=4)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set(xlabel="turn", ylabel="time to first token (ms)")
     ax.set_title(f"ismGPT chat TTFT per turn ({device_name})", fontsize=10)

@@ -22,9 +22,8 @@ def rotated(items, shift):
 
 
 def rounds(fns, repeats, warmup):
-    """{name: fn} -> {name: [fn()'s value in each kept round]}. Each round calls every fn once, in a
-    rotating order, so a shared machine's changing load and cache effects hit every variant alike;
-    the first `warmup` rounds are dropped."""
+    """{name: fn} -> {name: [fn()'s value in each round after the first `warmup`]}. Each round
+    calls every fn once in a rotating order: a shared machine's changing load hits all alike."""
     values = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
         for name in rotated(list(fns), round_):
@@ -54,20 +53,17 @@ def median(values):
 
 def peak_memory(step, device):
     """GiB at the peak of one more step: on CUDA what torch allocated; on a CPU the process's peak
-    resident set (benchmarks/process.py's peak_mib), which counts everything else it holds too."""
+    resident set, which counts everything else it holds too."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         step()
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return in_gib(peak_mib(step))
+    return resident_gib(peak_mib(step))
 
 
-def resident_gib(field="VmRSS"):
-    """The process's resident memory (VmRSS) or its peak (VmHWM) in GiB; None without /proc."""
-    return in_gib(memory_mib(field))
-
-
-def in_gib(mib):
+def resident_gib(mib=None):
+    """mib, by default the process's resident MiB, in GiB; None without /proc."""
+    mib = memory_mib() if mib is None else mib
     return None if mib is None else mib / 1024
 
 
@@ -77,8 +73,8 @@ def fixed_length(n):
 
 
 def prompt_of(tok, tokens):
-    """A user message of synthetic-style digits and letters whose rendered conversation is `tokens`
-    long (exact with the byte tokenizer; at most that with another)."""
+    """A user message of random digits and letters whose rendered conversation is `tokens` long
+    (exact with the byte tokenizer; at most that with another)."""
     rng = random.Random(tokens)
     text = " ".join(rng.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(tokens))
     while len(prompt_ids(tok, text)) > tokens:

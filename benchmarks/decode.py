@@ -1,6 +1,7 @@
-"""3. decode: ChatSession's tokens/s with the KV cache (eager; with --compile the compiled
-static-shape step too) and without it at growing context, beside transformers' generate(); the
-cache's size."""
+"""3. decode: ChatSession's tokens/s with the KV cache (with --compile the compiled static-shape
+step too) and without it at growing context, beside transformers' generate(); the cache's size."""
+import functools
+
 import torch
 
 from benchmarks.common import (fixed_length, fmt, log, median, prompt_ids, prompt_of, rounds, table,
@@ -10,9 +11,14 @@ from engine import ChatSession
 from model import KVCache
 
 
+def decode_speed(session, text, n):
+    """Tokens/s over the n - 1 tokens after the first of a turn from an empty cache."""
+    session.reset()
+    return session.turn(text, **fixed_length(n))["decode_tokens_per_s"]
+
+
 def decode_section(cfg, rt, tok, model, hf):
-    """At each context: one turn whose prompt fills context - n - 1 tokens, then n greedy tokens;
-    tokens/s over the tokens after the first (ChatSession's decode_tokens_per_s)."""
+    """At each context: one turn whose prompt fills context - n - 1 tokens, then n greedy tokens."""
     contexts = sorted({max(cfg.block_size // d, 8) for d in (8, 4, 2, 1)})
     sessions = {"cache": ChatSession(model, tok, "ism"),
                 "no cache": ChatSession(model, tok, "ism", use_cache=False)}
@@ -25,11 +31,7 @@ def decode_section(cfg, rt, tok, model, hf):
         n = min(cfg.new_tokens, context // 2)
         text = prompt_of(tok, context - n - 1)
         prompt = prompt_ids(tok, text)
-
-        def ours(session):
-            session.reset()
-            return session.turn(text, **fixed_length(n))["decode_tokens_per_s"]
-        fns = {name: (lambda s=s: ours(s)) for name, s in sessions.items()}
+        fns = {name: functools.partial(decode_speed, s, text, n) for name, s in sessions.items()}
         if hf:
             ids = torch.tensor([prompt], device=rt.device)
             fns["HF generate"] = lambda: hf_generate(hf, ids, n)[1]
@@ -50,14 +52,11 @@ def decode_section(cfg, rt, tok, model, hf):
 def decode_tables(r, notes):
     names = [n for n in ("cache", "compiled", "no cache", "HF generate") if n in r["rows"][0]]
     hf = "HF generate" in names
-    headers = ["context", "prompt", "new tokens", *[f"tok/s {n}" for n in names]]
-    headers += ["cache / no cache"] + ["ours / HF"] * hf
-    rows = []
-    for x in r["rows"]:
-        speeds = [fmt(x[n], 0) for n in names] + [f"{x['cache'] / x['no cache']:.1f}x"]
-        rows.append([x["context"], x["prompt_tokens"], x["new_tokens"], *speeds])
-        if hf:
-            rows[-1].append(f"{x[r['ours']] / x['HF generate']:.2f}x")
+    headers = ["context", "prompt", "new tokens", *[f"tok/s {n}" for n in names],
+               "cache / no cache"] + ["ours / HF"] * hf
+    rows = [[x["context"], x["prompt_tokens"], x["new_tokens"], *[fmt(x[n], 0) for n in names],
+             f"{x['cache'] / x['no cache']:.1f}x"]
+            + ([f"{x[r['ours']] / x['HF generate']:.2f}x"] if hf else []) for x in r["rows"]]
     context = r["rows"][-1]["context"]
     out = ["### Decode (ISM session, greedy; tokens/s over the tokens after the first; HF: "
            "generate() with its own cache, min_new_tokens = max_new_tokens, same interval; "

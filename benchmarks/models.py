@@ -21,8 +21,7 @@ def load_pretrained(cfg, device, results):
     loaded, before, t0 = [], resident_gib(), time.perf_counter()
     peak = peak_memory(lambda: loaded.append(
         load_start(cfg.init_from, cfg.block_size or None, 0.0, device)), "cpu")
-    start = loaded[0]
-    model = start.model
+    start, model = loaded[0], loaded[0].model
     results["model"] = {"what": start.what, "load_s": time.perf_counter() - t0,
                         "resident_before_gib": before, "peak_gib": peak,
                         "resident_gib": resident_gib(), "parameters": model.num_params(),
@@ -63,8 +62,7 @@ def hf_model(cfg, model, rt):
 
 def hf_generate(hf, ids, n):
     """transformers' generate() of exactly n greedy tokens after ids [1, T] with its own cache
-    -> (prefill tokens/s to the first token, decode tokens/s over the tokens after it, or None
-    for n = 1)."""
+    -> (prefill tokens/s to the first token, decode tokens/s after it, or None for n = 1)."""
     times, t0 = [], time.perf_counter()  # a streamer's put(): the prompt, then each token
     clock = SimpleNamespace(put=lambda _: times.append(time.perf_counter()), end=lambda: None)
     with torch.no_grad():

@@ -1,12 +1,10 @@
-"""4. peers (a pretrained start on the CPU): at 1 and 2 threads, ours (float32; the int8 and int4
-copies of support/quantize.py; with --compile the compiled int4 step), transformers on the same
-weights and llama.cpp on the same GGUF file with the same token ids (when llama_cpp imports),
-interleaved round by round: decode at ~256 and ~2,000 tokens of context, prefill of 511 and ~2,000
-tokens, a cached chat turn's time to first token. Each decode is beside its ceiling, the memory
-streaming rate over the bytes one step reads. Then the chat model (int4) and llama.cpp each in a
-process of its own (benchmarks/process.py): resident memory after load and over the long prefill,
-and a second start to ready."""
+"""4. peers (a pretrained start on the CPU): ours in float32, int8 and int4 (support/quantize.py;
+with --compile the compiled int4 step) against transformers and llama.cpp (when it imports) on the
+same weights and token ids, at 1 and 2 threads: decode, prefill, a cached chat turn, each decode
+beside its memory-bound ceiling; then the int4 model and llama.cpp each alone in a process
+(benchmarks/process.py): memory, and a second start to ready."""
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -37,26 +35,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stream_rate(repeats=5):
-    """Bytes per second a float32 matrix-vector product streams from memory at torch's current
-    thread count: what bounds a one-token decode step, which reads every weight once. 256 MiB, far
-    beyond any cache."""
+    """Bytes/s a float32 matrix-vector product streams from memory at torch's thread count: what
+    bounds a one-token decode step, which reads every weight once (256 MiB, beyond any cache)."""
     matrix, vector = torch.randn(16384, 4096), torch.randn(4096)
     return matrix.nbytes / min(interleaved({"mv": lambda: matrix @ vector}, repeats, 1)["mv"])
 
 
 def decode_bytes(model):
-    """Bytes of weights one decode step reads: every Linear's as the step uses them (a
-    QuantizedLinear's int8 or int4 weights and scales); norms and one embedding row are left out
-    (under 0.1%)."""
+    """Bytes of weights a decode step reads: every Linear's as the step uses them (int8 or int4
+    weights and scales); norms and one embedding row are left out (under 0.1%)."""
     return sum(m.weight_q.nbytes + m.scales.nbytes if isinstance(m, QuantizedLinear) else
                m.weight.nbytes for m in model.modules()
                if isinstance(m, (QuantizedLinear, torch.nn.Linear)))
 
 
-def lengths(config):
-    """(decode context, prefill tokens, long context), or what a smaller context holds."""
-    return (min(DECODE_CONTEXT, config.block_size // 2), min(PREFILL, config.block_size // 2),
-            min(LONG_CONTEXT, config.block_size - 2))
+def prompts(tok, block_size, new_tokens):
+    """-> ([decode context, prefill tokens, long context], or what a smaller block_size holds; the
+    decode's new tokens; the texts of a short decode, a prefill, a long decode; the chat's)."""
+    lengths = [min(DECODE_CONTEXT, block_size // 2), min(PREFILL, block_size // 2),
+               min(LONG_CONTEXT, block_size - 2)]
+    context, prefill, long = lengths
+    new_tokens = min(max(new_tokens, MIN_NEW_TOKENS), context // 2)
+    texts = [prompt_of(tok, n) for n in (context - new_tokens, prefill, long - new_tokens)]
+    framing = len(prompt_ids(tok, "x"))  # a message's tokens besides its own (a system message)
+    chat = [prompt_of(tok, framing + CHAT_PROMPT + i) for i in range(CHAT_TURNS)]
+    return lengths, new_tokens, texts, chat
 
 
 class Process:
@@ -64,24 +67,22 @@ class Process:
 
     def __init__(self, *args):
         t0 = time.perf_counter()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get(
-            "PYTHONPATH")))))
-        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.process",
-                                         *map(str, args)], env=env, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
-        self.ready = self.read()
+        path = os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH"))))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.process", *map(str, args)],
+            env=dict(os.environ, PYTHONPATH=path), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True)
+        self.ready = self.ask()  # no request: the line it prints once ready
         self.ready["ready_s"] = time.perf_counter() - t0
 
-    def read(self):
+    def ask(self, **request):
+        if request:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
         line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"benchmarks/process.py {self.process.args[3:]} ended early")
         return json.loads(line)
-
-    def ask(self, **request):
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        return self.read()
 
     def close(self):
         self.process.stdin.close()
@@ -111,31 +112,16 @@ def llama_cpp_file(init_from):
     return path, f"llama.cpp: llama-cpp-python {llama_cpp.__version__}"
 
 
-def tokenizer_note(process, tok, id_lists):
-    """Whether llama.cpp's tokenizer gives our ids for the text of each prompt, in words."""
-    agree = all(process.ask(tokenize=tok.decode(ids)) == ids for ids in id_lists)
-    return f"its tokenizer {'gives' if agree else 'DOES NOT give'} our ids for each prompt's text"
+def measures(turn, prompts_, new_tokens, chat_ttft):
+    """One round's MEASURES: turn(prompt, n) -> a turn's record from an empty cache (a short decode,
+    a prefill, a long decode); chat_ttft() -> the cached chat's TTFTs (the first not counted)."""
+    short, prefill, long = (turn(p, n) for p, n in zip(prompts_, (new_tokens, 1, new_tokens)))
 
-
-def processes(cfg, path, long_text, long_ids):
-    """The chat model (int4) and llama.cpp each alone in a process: resident memory after load and
-    its peak over the long prefill, and the start to ready."""
-    if not cfg.init_from:
-        return {"processes": {}, "second_load_s": None}
-    context = cfg.block_size
-    alone_ = {"int4": alone("ismgpt", cfg.init_from, 1, context, "int4", peak=long_text)}
-    if path:
-        alone_["llama.cpp"] = alone("llama.cpp", path, 1, context, peak=long_ids)
-    return {"processes": alone_, "second_load_s": alone_["int4"]["ready_s"]}
-
-
-def measures(short, prefill, long, ttft):
-    """One round's MEASURES from its turns' records (a short decode, a prefill, a long decode and
-    prefill) and the cached chat's times to first token (the first turn's not counted)."""
     def per_second(record):  # prefill tokens/s, to the first token
         return record["prefill_tokens"] / (record["ttft_ms"] / 1e3)
     return dict(zip(MEASURES, (short["decode_tokens_per_s"], per_second(prefill),
-                               long["decode_tokens_per_s"], per_second(long), median(ttft[1:]))))
+                               long["decode_tokens_per_s"], per_second(long),
+                               median(chat_ttft()[1:]))))
 
 
 def ours(session, texts, new_tokens, chat, answer_tokens):
@@ -144,13 +130,10 @@ def ours(session, texts, new_tokens, chat, answer_tokens):
         session.reset()
         return session.turn(text, **fixed_length(n))
 
-    def measure():
-        short, prefill = turn(texts[0], new_tokens), turn(texts[1], 1)
-        long = turn(texts[2], new_tokens)
+    def chat_ttft():
         session.reset()
-        ttft = [session.turn(text, **fixed_length(answer_tokens))["ttft_ms"] for text in chat]
-        return measures(short, prefill, long, ttft)
-    return measure
+        return [session.turn(text, **fixed_length(answer_tokens))["ttft_ms"] for text in chat]
+    return functools.partial(measures, turn, texts, new_tokens, chat_ttft)
 
 
 def conversation(session, chat, new_tokens):
@@ -167,18 +150,14 @@ def conversation(session, chat, new_tokens):
 def llama_cpp(process, ids, new_tokens, turns):
     """-> measure(): the same round in llama.cpp's process, fed the same ids (the chat's turns
     with our answers, decoded one token at a time), its cache emptied before each measure."""
-    def turn(prompt, n, answer=None, reset=True):
-        if reset:
-            process.ask(reset=True)
-        return process.ask(turn=prompt, answer=answer, new_tokens=n)
-
-    def measure():
-        short, prefill = turn(ids[0], new_tokens), turn(ids[1], 1)
-        long = turn(ids[2], new_tokens)
+    def turn(prompt, n):
         process.ask(reset=True)
-        ttft = [turn(prompt, 0, answer, False)["ttft_ms"] for prompt, answer in turns]
-        return measures(short, prefill, long, ttft)
-    return measure
+        return process.ask(turn=prompt, new_tokens=n)
+
+    def chat_ttft():
+        process.ask(reset=True)
+        return [process.ask(turn=prompt, answer=answer)["ttft_ms"] for prompt, answer in turns]
+    return functools.partial(measures, turn, ids, new_tokens, chat_ttft)
 
 
 def transformers(hf, ids, new_tokens):
@@ -190,6 +169,17 @@ def transformers(hf, ids, new_tokens):
     return measure
 
 
+def processes(cfg, path, long_text, long_ids):
+    """The chat model (int4) and llama.cpp each alone in a process: resident memory after load and
+    its peak over the long prefill, and the start to ready."""
+    if not cfg.init_from:
+        return {"processes": {}, "second_load_s": None}
+    alone_ = {"int4": alone("ismgpt", cfg.init_from, 1, cfg.block_size, "int4", peak=long_text)}
+    if path:
+        alone_["llama.cpp"] = alone("llama.cpp", path, 1, cfg.block_size, peak=long_ids)
+    return {"processes": alone_, "second_load_s": alone_["int4"]["ready_s"]}
+
+
 def peers_section(cfg, rt, tok, model, hf):
     """Every variant at each thread count, interleaved, beside a decode step's ceiling; then the
     chat model and llama.cpp each alone in a process."""
@@ -197,65 +187,60 @@ def peers_section(cfg, rt, tok, model, hf):
         raise UserError("--sections=peers measures the CPU's kernels (int8/int4 decode): run it "
                         "with --device=cpu")
     model = copy.deepcopy(model).float()  # the table is float32's (the chat's may be in --dtype)
-    models = {"float32": model}
-    models.update({mode: quantize(copy.deepcopy(model), mode) for mode in ("int8", "int4")})
+    models = {"float32": model, **{mode: quantize(copy.deepcopy(model), mode)
+                                   for mode in ("int8", "int4")}}
     sessions = {name: ChatSession(m, tok, "ism") for name, m in models.items()}
     if cfg.compile:
         sessions["int4 compiled"] = ChatSession(models["int4"], tok, "ism", decode="compiled")
-    context, prefill, long = lengths(model.config)
-    new_tokens = min(max(cfg.new_tokens, MIN_NEW_TOKENS), context // 2)
-    texts = [prompt_of(tok, n) for n in (context - new_tokens, prefill, long - new_tokens)]
-    framing = len(prompt_ids(tok, "x"))  # a message's tokens besides its own (a system message)
-    chat = [prompt_of(tok, framing + CHAT_PROMPT + i) for i in range(CHAT_TURNS)]
+    weights = {name: decode_bytes(session.model) for name, session in sessions.items()}
+    lengths, new_tokens, texts, chat = prompts(tok, model.config.block_size, cfg.new_tokens)
+    ids = [prompt_ids(tok, text) for text in texts]
     fns = {name: ours(session, texts, new_tokens, chat, cfg.answer_tokens)
            for name, session in sessions.items()}
-    ids = [prompt_ids(tok, text) for text in texts]
     if hf:
         fns["transformers"] = transformers(hf, ids, new_tokens)
     path, note = llama_cpp_file(cfg.init_from)
-    turns = conversation(sessions["float32"], chat, cfg.answer_tokens) if path else []
-    rows, workers, threads_before = [], [], torch.get_num_threads()
+    if path:
+        turns = conversation(sessions["float32"], chat, cfg.answer_tokens)
+        weights["llama.cpp"] = os.path.getsize(path)  # its tensors, 98%
+    rows, threads_before = [], torch.get_num_threads()
     for threads in THREADS:
         torch.set_num_threads(threads)
         rate = stream_rate()
         if path:
-            workers.append(Process("llama.cpp", path, threads, model.config.block_size))
-            fns["llama.cpp"] = llama_cpp(workers[-1], ids, new_tokens, turns)
-            words = tokenizer_note(workers[-1], tok, ids + [turns[-1][0]])
-        log(f"peers: {threads} thread(s), {len(fns)} variants x {cfg.warmup + cfg.repeats} "
-            "rounds")
-        values = rounds(fns, cfg.repeats, cfg.warmup)
-        for name, measured in values.items():
-            weights = decode_bytes(models[name.split()[0]]) if name in sessions else \
-                os.path.getsize(path) if name == "llama.cpp" else None  # its tensors, 98%
-            rows.append({"threads": threads, "variant": name, "bytes_per_token": weights,
+            worker = Process("llama.cpp", path, threads, model.config.block_size)
+            fns["llama.cpp"] = llama_cpp(worker, ids, new_tokens, turns)
+            agree = all(worker.ask(tokenize=tok.decode(i)) == i for i in ids + [turns[-1][0]])
+        log(f"peers: {threads} thread(s), {len(fns)} variants x {cfg.warmup + cfg.repeats} rounds")
+        for name, measured in rounds(fns, cfg.repeats, cfg.warmup).items():
+            rows.append({"threads": threads, "variant": name, "bytes_per_token": weights.get(name),
                          **{m: median([v[m] for v in measured]) for m in MEASURES},
-                         "stream_gb_s": rate / 1e9, "ceiling": rate / weights if weights else None})
+                         "stream_gb_s": rate / 1e9,
+                         "ceiling": rate / weights[name] if name in weights else None})
+        if path:
+            worker.close()
     torch.set_num_threads(threads_before)
-    for worker in workers:
-        worker.close()
-    return {"rows": rows, "lengths": [context, prefill, long], "new_tokens": new_tokens,
-            "answer_tokens": cfg.answer_tokens,
-            "llama_cpp": f"{note}; {words}" if path else note,
+    if path:
+        note += f"; its tokenizer {'gives' if agree else 'DOES NOT give'} our ids for each " \
+                "prompt's text"
+    return {"rows": rows, "lengths": lengths, "new_tokens": new_tokens,
+            "answer_tokens": cfg.answer_tokens, "llama_cpp": note,
             **processes(cfg, path, texts[2], ids[2])}
 
 
 def peers_tables(r, notes):
-    headers = ["threads", "variant", "decode tok/s", "of its ceiling", "vs float32",
-               f"decode tok/s at {r['lengths'][2]}", "prefill tok/s", f"prefill tok/s at "
-               f"{r['lengths'][2]}", "cached turn TTFT ms", "bytes/token (MB)", "ceiling tok/s"]
-    base = {x["threads"]: x["decode"] for x in r["rows"] if x["variant"] == "float32"}
-    rows = []
-    for x in r["rows"]:
-        share = f"{x['decode'] / x['ceiling']:.0%}" if x["ceiling"] else "-"
-        mb = fmt(x["bytes_per_token"] / 1e6, 0) if x["bytes_per_token"] else "-"
-        rows.append([x["threads"], x["variant"], fmt(x["decode"]), share,
-                     f"{x['decode'] / base[x['threads']]:.2f}x", fmt(x["decode_long"]),
-                     fmt(x["prefill"], 0), fmt(x["prefill_long"], 0), fmt(x["ttft_ms"], 0), mb,
-                     fmt(x["ceiling"])])
-    rates = ", ".join(f"{x['stream_gb_s']:.1f} GB/s at {x['threads']} thread(s)" for x in r["rows"]
-                      if x["variant"] == "float32")
     context, prefill, long = r["lengths"]
+    headers = ["threads", "variant", "decode tok/s", "of its ceiling", "vs float32",
+               f"decode tok/s at {long}", "prefill tok/s", f"prefill tok/s at {long}",
+               "cached turn TTFT ms", "bytes/token (MB)", "ceiling tok/s"]
+    float32 = {x["threads"]: x for x in r["rows"] if x["variant"] == "float32"}
+    rows = [[x["threads"], x["variant"], fmt(x["decode"]),
+             f"{x['decode'] / x['ceiling']:.0%}" if x["ceiling"] else "-",
+             f"{x['decode'] / float32[x['threads']]['decode']:.2f}x", fmt(x["decode_long"]),
+             fmt(x["prefill"], 0), fmt(x["prefill_long"], 0), fmt(x["ttft_ms"], 0),
+             fmt(x["bytes_per_token"] / 1e6, 0) if x["bytes_per_token"] else "-", fmt(x["ceiling"])]
+            for x in r["rows"]]
+    rates = ", ".join(f"{x['stream_gb_s']:.1f} GB/s at {t} thread(s)" for t, x in float32.items())
     lines = [f"### Peers (ISM session, greedy; decode of {r['new_tokens']} tokens at {context} and "
              f"{long} tokens of context, prefill of {prefill} tokens to the first token, a cached "
              f"chat turn's TTFT: the median of turns 2-{CHAT_TURNS} ({CHAT_PROMPT}+ token "

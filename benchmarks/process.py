@@ -1,14 +1,14 @@
-"""A chat model alone in a process, driven one JSON line at a time over its stdin and stdout, so
-that its resident memory and its time from start to ready are its own: llama.cpp on a GGUF file
-(this process never imports torch), or ismGPT's chat model as sample.py loads it.
+"""A chat model alone in a process, driven one JSON line at a time over stdin and stdout, so that
+its resident memory and time from start to ready are its own: llama.cpp on a GGUF file (this
+process never imports torch), or ismGPT's chat model as sample.py loads it.
 
     python -m benchmarks.process llama.cpp FILE THREADS CONTEXT
     python -m benchmarks.process ismgpt START THREADS CONTEXT QUANTIZE
 
-It prints {"resident_mib": ...} once ready (the caller times the start), then answers each request:
-{"tokenize": text} -> ids (llama.cpp); {"turn": ids, "answer": ids or null, "new_tokens": n}
--> a turn's timings (llama.cpp: its prompt cache kept between turns; {"reset": true} empties it);
-{"peak": text or ids} -> the peak resident MiB over one prefill of it, the cache emptied first."""
+Once ready it prints {"resident_mib": ...}, then answers each request. llama.cpp only:
+{"tokenize": text} -> ids; {"turn": ids, "answer": ids or null, "new_tokens": n} -> a turn's
+timings, its prompt cache kept ({"reset": true} empties it). Both: {"peak": text or ids} -> the
+peak resident MiB over one prefill of it, the cache emptied first."""
 import json
 import sys
 import time

@@ -68,7 +68,7 @@ def train_section(cfg, device, start):
     else:
         raw_model = random_model(cfg, cfg.vocab_size or vocab_size).to(rt.device)
     epoch = {kind: epoch_rows(split, kind, cfg.block_size, cfg.seed, 0) for kind in MASKS}
-    steps = step_rows(cfg, rt, raw_model, train_batches(cfg, split, epoch, rt), backends)
+    steps = step_rows(cfg, rt, raw_model, split, epoch, backends)
     ms = {(s["attention"], s["mask"]): s["ms_per_iter"] for s in steps}
     ratios = [{"attention": a, "against": f"causal ({a})", "ratio": ms[a, "ism"] / ms[a, "causal"]}
               for a in backends]
@@ -86,21 +86,16 @@ def train_section(cfg, device, start):
     return result
 
 
-def train_batches(cfg, split, epoch, rt):
-    """Two batches per mask from the first rows of epoch 0 (causal and ISM get the very same rows),
-    collated once: {mask: [(batch, answer targets, tokens)]}."""
-    batches = {}
+def step_rows(cfg, rt, raw_model, split, epoch, backends):
+    """Each (backend, mask) training step timed, interleaved, on two batches of epoch 0's first rows
+    (causal and ISM get the very same), with its mask's construction timed alone, MFU on CUDA and
+    its peak memory."""
+    batches = {}  # mask -> [(batch, answer targets, tokens)], collated once
     for kind in MASKS:
         rows = [epoch[kind][i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(2)]
         rows = [r for r in rows if r] or [epoch[kind]]
         batches[kind] = [(rt.to_device(collate(split, r, cfg.block_size)),
                           answer_target_count(split, r), token_count(r)) for r in rows]
-    return batches
-
-
-def step_rows(cfg, rt, raw_model, batches, backends):
-    """Each (backend, mask) training step timed, interleaved, with its mask's construction timed
-    alone, MFU on CUDA and its peak memory."""
     model = torch.compile(raw_model) if cfg.compile else raw_model
     optimizer = raw_model.configure_optimizers(**OPTIMIZER, device_type=rt.device_type)
 

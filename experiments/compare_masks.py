@@ -24,6 +24,7 @@ Resuming: a finished run with the same train.py flags (run.json) is reused, and 
 import json
 import math
 import os
+import pathlib
 import re
 import shlex
 import subprocess
@@ -131,22 +132,18 @@ def train_argv(cfg, kind, seed, run_dir, start="scratch", iters=None):
 
 def run_specs(cfg, masks):
     """-> [(run name, mask, optimizer steps)]: every mask, and with --prefix_answers prefix again
-    for as many answer tokens as causal and ISM."""
+    for as many answer tokens as causal and ISM train in max_iters (from the answer targets per row
+    of the first epoch, packed as train.py packs it)."""
     specs = [(kind, kind, cfg.max_iters) for kind in masks]
     if cfg.prefix_answers:
-        specs.append(("prefix-answers", "prefix", equal_answer_iters(cfg)))
+        split = load_split(cfg.data_dir, "train")
+
+        def answers_per_row(kind):
+            rows = epoch_rows(split, kind, cfg.block_size, 0, 0)
+            return answer_target_count(split, rows) / len(rows)
+        steps = math.ceil(cfg.max_iters * answers_per_row("causal") / answers_per_row("prefix"))
+        specs.append(("prefix-answers", "prefix", steps))
     return specs
-
-
-def equal_answer_iters(cfg):
-    """The steps in which prefix trains on as many answer tokens as causal and ISM in max_iters,
-    from the answer targets per row of the first epoch, packed as train.py packs it."""
-    split = load_split(cfg.data_dir, "train")
-    per_row = {}
-    for kind in ("causal", "prefix"):
-        rows = epoch_rows(split, kind, cfg.block_size, 0, 0)
-        per_row[kind] = answer_target_count(split, rows) / len(rows)
-    return math.ceil(cfg.max_iters * per_row["causal"] / per_row["prefix"])
 
 
 _LOG_LINE = re.compile(r"^(?:iter (\d+)/\d+: .*?([\d.]+)ms/iter|resuming .* at iter (\d+) )", re.M)
@@ -157,13 +154,10 @@ def step_seconds(log):
     since the previous line, or since the step a `resuming ... at iter N` line went on from (steps
     done again count twice: they took time twice); None if there are none."""
     total, last, found = 0.0, 0, False
-    for match in _LOG_LINE.finditer(log):
-        if match.group(3) is not None:
-            last = int(match.group(3))
-            continue
-        n, ms = int(match.group(1)), float(match.group(2))
-        total += (n - last) * ms / 1000
-        last, found = n, True
+    for step, ms, resumed_at in _LOG_LINE.findall(log):
+        if not resumed_at:
+            total, found = total + (int(step) - last) * float(ms) / 1000, True
+        last = int(step or resumed_at)
     return round(total, 2) if found else None
 
 
@@ -177,10 +171,7 @@ def read_json(path):
 
 def write_json(path, obj):
     """Atomically, through a temporary file of its own (mkstemp never follows a planted link)."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-    atomic(path, write)
+    atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj)))
 
 
 def run_script(script, argv, log_path, what, append=False):
@@ -193,10 +184,9 @@ def run_script(script, argv, log_path, what, append=False):
                               text=True, stdout=log if log_path else subprocess.PIPE,
                               stderr=subprocess.STDOUT if log_path else subprocess.PIPE)
     seconds = time.time() - t0
-    output = open(log_path).read() if log_path else proc.stdout
+    output = pathlib.Path(log_path).read_text() if log_path else proc.stdout
     if proc.returncode != 0:
-        text = (output if log_path else proc.stderr).strip()
-        last = text.splitlines()[-1] if text else "(no output)"
+        last = ((output if log_path else proc.stderr).strip().splitlines() or ["(no output)"])[-1]
         where = f" (log: {log_path})" if log_path else ""
         raise UserError(f"{what} failed (exit {proc.returncode}): {last}{where}")
     return output, seconds
@@ -233,42 +223,35 @@ def train_run(name, run_dir, argv, say):
 def start_of(cfg, seed, say):
     """train.py --init_from of the seed's runs: scratch, --init_from, or the seed's pretrained
     causal model (trained with train.py's own optimizer settings: no --train_args)."""
-    if cfg.init_from:
-        return cfg.init_from
-    if not cfg.pretrain_iters:
-        return "scratch"
+    if cfg.init_from or not cfg.pretrain_iters:
+        return cfg.init_from or "scratch"
     run_dir = os.path.join(cfg.out_dir, f"pretrain-s{seed}")
     argv = train_argv(replace(cfg, train_args=""), "causal", seed, run_dir, "scratch",
                       cfg.pretrain_iters)
     return train_run(f"pretrain-s{seed}", run_dir, argv, say)[0]
 
 
-def model_stamp(path):
-    """Size and modification time: what tells a model file from the one scored before ([]: no file,
-    such as smollm2)."""
-    return [os.stat(path).st_size, os.stat(path).st_mtime_ns] if os.path.exists(path) else []
-
-
 def trained_model(cfg, run_dir):
-    """(eval.py's flags naming a trained run, its stamp)."""
-    stamp = model_stamp(os.path.join(run_dir, "ckpt.pt"))
-    return [f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}"], stamp
+    """(eval.py's flags naming a trained run, its model file)."""
+    return [f"--out_dir={run_dir}", f"--data_dir={cfg.data_dir}"], os.path.join(run_dir, "ckpt.pt")
 
 
 def start_model(start, kind, data_dir):
-    """(eval.py's flags naming a start as it is under mask kind, its stamp)."""
-    return [f"--init_from={start}", f"--mask={kind}", f"--data_dir={data_dir}"], model_stamp(start)
+    """(eval.py's flags naming a start as it is under mask kind, its model file)."""
+    return [f"--init_from={start}", f"--mask={kind}", f"--data_dir={data_dir}"], start
 
 
 def scored(cfg, model, folder, say, replies=False):
-    """eval.py's JSON result for model (flags, stamp), records left out; replies: the records of
+    """eval.py's JSON result for model (flags, file), records left out; replies: the records of
     greedy replies to the first cfg.replies conversations, the gold history kept."""
-    argv, stamp = model
+    argv, path = model
     history, count = ("gold", cfg.replies) if replies else (cfg.history, cfg.max_conversations)
     argv = argv + [f"--device={cfg.device}", f"--history={history}",
                    f"--max_conversations={count}", f"--max_new_tokens={cfg.max_new_tokens}",
                    f"--threads={cfg.threads}"]
-    argv += ["--json"] if replies else [f"--replay={cfg.score == 'exact'}", "--json"]
+    argv += ([] if replies else [f"--replay={cfg.score == 'exact'}"]) + ["--json"]
+    # size and mtime tell a model file from the one scored before ([]: no file, such as smollm2)
+    stamp = [os.stat(path).st_size, os.stat(path).st_mtime_ns] if os.path.exists(path) else []
     os.makedirs(folder, exist_ok=True)
     result = evaluated(argv, folder, stamp, say)
     return result["records"] if replies else {k: v for k, v in result.items() if k != "records"}
@@ -350,18 +333,14 @@ def side_by_side(cfg, names, seed, starts, data_dir, say):
             for name, model in models.items()}
 
 
-def with_absolute_paths(cfg):
-    """train.py and eval.py run from the repository root: relative folders and files become
-    absolute, naming the same files there (and a finished run whatever spelling named it)."""
-    start = cfg.init_from
-    start = os.path.abspath(start) if start and os.path.exists(start) else start
-    return replace(cfg, out_dir=os.path.abspath(cfg.out_dir), init_from=start,
-                   data_dir=cfg.data_dir and os.path.abspath(cfg.data_dir))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg = with_absolute_paths(flags.parse(CompareConfig(), argv, __doc__))
+    cfg = flags.parse(CompareConfig(), argv, __doc__)
+    # train.py and eval.py run from the repository root: relative folders and files become
+    # absolute, naming the same files there (and a finished run whatever spelling named it)
+    start = os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
+    cfg = replace(cfg, out_dir=os.path.abspath(cfg.out_dir), init_from=start,
+                  data_dir=cfg.data_dir and os.path.abspath(cfg.data_dir))
     masks, seeds = check_config(cfg)
     result = compare(cfg, masks, seeds, argv)
     if cfg.json:

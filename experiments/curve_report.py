@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from cli import flags
 from cli.errors import UserError
 from cli.flags import setting
-from experiments.mask_tables import fmt, ism_minus_causal, markdown, md_row, mean_std
+from experiments.mask_tables import by_mask, fmt, markdown, md_row
 from experiments.plot_training import pyplot, save
 
 GROUPS = {"overall": None, "turn 1": ("1",), "turns 2-4": ("2", "3", "4"),
@@ -57,9 +57,8 @@ def read_runs(out_dir):
     for kind, seeds in runs.items():
         start = os.path.join(out_dir, f"start-{kind}", "eval-0.json")
         if os.path.exists(start):
-            result = load(start)
             for evals in seeds.values():
-                evals[0] = result
+                evals[0] = load(start)
     return runs
 
 
@@ -77,11 +76,10 @@ def rows(runs, key, groups):
     """(seeds, table rows) of one evaluation (steps, or "all"): each mask, then the paired
     difference, a column per group."""
     seeds = common_seeds(runs, key)[:1 if key == 0 else None]  # step 0: one start, every seed's
-    loss = {m: {g: [group_loss(runs[m][s][key], t) for s in seeds] for g, t in groups.items()}
-            for m in MASKS}
-    out = [[m] + [fmt(mean_std(loss[m][g]), 1, 3) for g in groups] for m in MASKS]
-    diffs = [fmt(ism_minus_causal(loss["ism"][g], loss["causal"][g]), 1, 3, "+") for g in groups]
-    return len(seeds), out + [["ism - causal"] + diffs]
+    stats = [by_mask({m: [group_loss(runs[m][s][key], turns) for s in seeds] for m in MASKS})
+             for turns in groups.values()]
+    out = [[m] + [fmt(group[m], 1, 3) for group in stats] for m in MASKS]
+    return len(seeds), out + [["ism - causal"] + [fmt(g["ism-causal"], 1, 3, "+") for g in stats]]
 
 
 def curve_table(runs):

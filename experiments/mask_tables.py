@@ -13,9 +13,10 @@ T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
         18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060,
         26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
-# table -> (the field of a cell in eval.py's result, how it is shown: scale and digits)
-METRICS = {"by_family": ("accuracy", 100.0, 1), "by_turn": ("accuracy", 100.0, 1),
-           "loss_by_turn": ("loss", 1.0, 3)}
+# table -> (its rows in eval.py's result, the field of a cell, how it is shown: scale and digits)
+METRICS = {"by_family": ("by_family", "accuracy", 100.0, 1),
+           "by_turn": ("by_turn", "accuracy", 100.0, 1),
+           "loss_by_turn": ("val_loss_by_turn", "loss", 1.0, 3)}
 
 
 def mean_std(values):
@@ -44,6 +45,15 @@ def ism_minus_causal(ism, causal):
     return paired([None if i is None or c is None else i - c for i, c in zip(ism, causal)])
 
 
+def by_mask(values, **extra):
+    """{name: per-seed values} -> {name: (mean, std)}, then extra, then "ism-causal" (paired) when
+    both are there."""
+    out = {**{name: mean_std(v) for name, v in values.items()}, **extra}
+    if "ism" in values and "causal" in values:
+        out["ism-causal"] = ism_minus_causal(values["ism"], values["causal"])
+    return out
+
+
 def fmt(stats, scale=100.0, digits=1, sign=""):
     """(mean, std[, low, high]) -> "mean ± std [low, high]", the parts there are ("-" without a
     mean); sign="+" signs the mean."""
@@ -68,45 +78,30 @@ def md_row(cells):
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
-def rows_of(result, table):
-    """{row: cell} of one of eval.py's tables (by_family, by_turn, or the loss by turn)."""
-    return result["val_loss_by_turn"] if table == "loss_by_turn" else result[table]
-
-
 def cell(result, table, row):
     """One run's value in a table row (eval.py's JSON), or None."""
-    return rows_of(result, table).get(row, {}).get(METRICS[table][0])
+    rows, field = METRICS[table][:2]
+    return result[rows].get(row, {}).get(field)
 
 
 def summarise(runs, names, seeds, score):
     """runs {(name, seed): {"eval", "train"}} -> the tables (JSON-able): loss by turn (with score
     "exact" also exact match by family and turn), rows {name: (mean, std), "n", "ism-causal"}."""
+    evals = {run: runs[run]["eval"] for run in runs}
     summary = {}
     for table in ["loss_by_turn"] + (["by_family", "by_turn"] if score == "exact" else []):
-        counts = rows_of(runs[names[0], seeds[0]]["eval"], table)  # the first run's counts
-        rows = dict.fromkeys(r for m in names for s in seeds
-                             for r in rows_of(runs[m, s]["eval"], table))
-        summary[table] = {row: entry(runs, names, seeds, table, row, counts.get(row, {}).get("n"))
+        where = METRICS[table][0]
+        counts = evals[names[0], seeds[0]][where]  # the first run's counts
+        rows = dict.fromkeys(r for m in names for s in seeds for r in evals[m, s][where])
+        summary[table] = {row: by_mask({m: [cell(evals[m, s], table, row) for s in seeds]
+                                        for m in names}, n=counts.get(row, {}).get("n"))
                           for row in rows}
     measures = {"loss": lambda e: e["val_loss"], "exact": lambda e: e["overall"]["accuracy"]}
-    values = {m: {k: [f(runs[m, s]["eval"]) for s in seeds] for k, f in measures.items()}
-              for m in names}
-    summary["overall"] = {m: {k: mean_std(v) for k, v in values[m].items()} for m in names}
-    if "ism" in names and "causal" in names:
-        ism, causal = values["ism"], values["causal"]
-        summary["overall"]["ism-causal"] = {k: ism_minus_causal(ism[k], causal[k])
-                                            for k in measures}
+    overall = {k: by_mask({m: [f(evals[m, s]) for s in seeds] for m in names})
+               for k, f in measures.items()}  # {measure: {name: stats}}: turned into rows
+    summary["overall"] = {name: {k: overall[k][name] for k in measures} for name in overall["loss"]}
     summary["cost"] = {m: cost(runs, m, seeds) for m in names}
     return summary
-
-
-def entry(runs, names, seeds, table, row, n):
-    values = {m: [cell(runs[m, s]["eval"], table, row) for s in seeds] for m in names}
-    out = {m: mean_std(values[m]) for m in names}
-    out["n"] = n
-    if "ism" in names and "causal" in names:
-        out["ism-causal"] = ism_minus_causal(values["ism"], values["causal"])
-    return out
 
 
 def cost(runs, name, seeds):
@@ -145,13 +140,12 @@ def report(result):
     s, c = result["summary"], result["settings"]
     masks, lines = c["masks"], header(result) + [""]
     if c["score"] == "exact":
-        lines += table(masks, s["by_family"], "family (exact match %)", "by_family", family_label,
-                       (s["overall"], "exact", result["runs"][0]["eval"]["overall"]["n"]))
-        lines += [""] + table(masks, s["by_turn"], "turn (exact match %)", "by_turn", str) + [""]
+        n = result["runs"][0]["eval"]["overall"]["n"]
+        lines += table(masks, s, "by_family", "family (exact match %)", family_label, "exact", n)
+        lines += ["", *table(masks, s, "by_turn", "turn (exact match %)"), ""]
     n = sum(row["n"] or 0 for row in s["loss_by_turn"].values())
-    lines += table(masks, s["loss_by_turn"], "turn (held-out answer loss)", "loss_by_turn", str,
-                   (s["overall"], "loss", n))
-    lines += [""] + cost_table(masks, s["cost"])
+    lines += table(masks, s, "loss_by_turn", "turn (held-out answer loss)", str, "loss", n)
+    lines += ["", *cost_table(masks, s["cost"])]
     if result.get("start"):
         lines += ["", *start_table(result["start"], [m for m in masks if m in result["start"]])]
     if result.get("replies"):
@@ -160,8 +154,7 @@ def report(result):
 
 
 def header(result):
-    c = result["settings"]
-    m = result["runs"][0]["eval"]["model_args"]
+    c, m = result["settings"], result["runs"][0]["eval"]["model_args"]
     family = "Llama-family " if m.get("family") == "llama" else ""
     shape = (f"{family}{m['n_layer']} layers x {m['n_embd']} wide ({m['n_head']} heads), "
              f"block_size {m['block_size']}")
@@ -190,17 +183,17 @@ def header(result):
             f"command: {c['command']}"]
 
 
-def table(masks, rows, label, kind, name, overall=None):
-    """A markdown table of rows (summarise's entries), the paired column when ISM and causal are
-    both there; overall: (summary["overall"], "loss" or "exact", n) adds its row."""
-    _, scale, digits = METRICS[kind]
+def table(masks, summary, kind, label, name=str, overall=None, n=None):
+    """A markdown table of summary[kind], the paired column when ISM and causal are both there;
+    overall ("loss" or "exact") adds its row of summary["overall"], of n answers (tokens)."""
+    _, _, scale, digits = METRICS[kind]
     paired_column = "ism" in masks and "causal" in masks
-    count = "answer tokens" if kind == "loss_by_turn" else "answers"
-    rows = [(name(row), values) for row, values in rows.items()]
+    rows = [(name(row), values) for row, values in summary[kind].items()]
     if overall:
-        stats, which, n = overall
-        rows.append(("**overall**", {**{k: v[which] for k, v in stats.items()}, "n": n}))
+        rows.append(("**overall**", {**{k: v[overall] for k, v in summary["overall"].items()},
+                                     "n": n}))
     columns = masks + ["ism-causal"] * paired_column
+    count = "answer tokens" if kind == "loss_by_turn" else "answers"
     return markdown([label, count, *masks] + ["ism - causal (paired)"] * paired_column,
                     [[row, values["n"]] + [fmt(values[k], scale, digits) for k in columns]
                      for row, values in rows])
