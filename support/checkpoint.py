@@ -9,7 +9,8 @@ import torch
 from cli.errors import UserError
 from model import GPT, GPTConfig
 
-TEMPORARY_PREFIX = ".tmp-"  # atomic()'s files before they are renamed
+TEMPORARY_PREFIX = ".tmp-"  # atomic()'s files before they are renamed (<prefix>*.tmp)
+CHECKPOINT_PREFIX, LOG_PREFIX = ".ckpt-", ".log-"  # in out_dir, where RunLock clears them
 REQUIRED_KEYS = {"model", "model_args", "tokenizer", "mask"}
 
 
@@ -32,20 +33,22 @@ def atomic(path, write, prefix=TEMPORARY_PREFIX, suffix=".tmp"):
         raise
 
 
-def save_checkpoint(checkpoint, path):
-    """atomic(): a failed write leaves the previous checkpoint (UserError)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def save_atomically(path, write, what, prefix=TEMPORARY_PREFIX):
+    """atomic(), its folder made first; a failure is a UserError: the previous `what` stays."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        atomic(path, write, prefix)
+    except (OSError, RuntimeError) as e:  # a full disk can be the zip writer's RuntimeError
+        problem = e.strerror if isinstance(e, OSError) and e.strerror else "the disk may be full"
+        raise UserError(f"could not write {path} ({problem}); the previous {what}, if any, is "
+                        "unchanged") from None
 
+
+def save_checkpoint(checkpoint, path):
     def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
-
-    try:
-        atomic(path, write, prefix=".ckpt-")  # .ckpt-*.tmp: RunLock clears them
-    except (OSError, RuntimeError) as e:  # a full disk can be the zip writer's RuntimeError
-        problem = e.strerror if isinstance(e, OSError) and e.strerror else "the disk may be full"
-        raise UserError(f"could not write {path} ({problem}); the previous checkpoint, if any, is "
-                        "unchanged") from None
+    save_atomically(path, write, "checkpoint", CHECKPOINT_PREFIX)
 
 
 def load_checkpoint(path, device="cpu"):

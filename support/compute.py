@@ -47,7 +47,6 @@ class Runtime:
     dtype: str = "float32"
     attention: str = "sdpa"
     rank: int = 0
-    local_rank: int = 0
     world_size: int = 1
 
     @property
@@ -87,8 +86,7 @@ def compute_init(device="auto", dtype="auto", attention="auto", threads=None, tr
     if is_cuda(device):
         device = f"cuda:{local_rank}" if device == "cuda" else device
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if dtype == "auto":
         dtype = "bfloat16" if is_cuda(device) and torch.cuda.is_bf16_supported() else "float32"
     if attention == "auto":
@@ -99,7 +97,7 @@ def compute_init(device="auto", dtype="auto", attention="auto", threads=None, tr
     if training and not is_cuda(device) and attention == "flex":
         raise UserError("--attention=flex cannot train on CPU (FlexAttention has no CPU backward): "
                         "use --attention=sdpa (or auto)")
-    return Runtime(device, dtype, attention, rank, local_rank, world_size)
+    return Runtime(device, dtype, attention, rank, world_size)
 
 
 def all_ranks_sum(values, device):
@@ -159,10 +157,8 @@ def _proc(path, key):
 
 def machine(device):
     """{device, name, torch, threads, cpus, python, load_average}: what a result was measured on."""
-    if is_cuda(device):
-        name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        name = _proc("/proc/cpuinfo", "model name") or platform.processor() or "unknown CPU"
+    name = torch.cuda.get_device_name(torch.device(device)) if is_cuda(device) else \
+        (_proc("/proc/cpuinfo", "model name") or platform.processor() or "unknown CPU")
     info = {"device": str(device), "name": name, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "python": platform.python_version()}

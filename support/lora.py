@@ -1,6 +1,5 @@
-"""LoRA adapters on a loaded model (model.py's LoRALinear computes them): fresh, folded into the
-weights, and in PEFT's format, so that an adapter trained here runs under peft on transformers'
-model of the same base, and one trained with peft runs here."""
+"""LoRA adapters (model.py's LoRALinear computes them): fresh, folded into the weights, and in
+PEFT's format: one trained here runs under peft on the same base, and one from peft runs here."""
 import hashlib
 import json
 import math
@@ -10,9 +9,9 @@ from dataclasses import replace
 
 import torch
 
-from cli.errors import UserError, reason
+from cli.errors import UserError
 from model import GPT, LORA_TARGETS, LoRALinear
-from support.checkpoint import atomic
+from support.checkpoint import save_atomically
 from support.run_files import planted_link
 from support.weights import peft_name
 
@@ -86,23 +85,17 @@ def write_adapter(state, config, folder, base_name=None):
     from safetensors.torch import save
     tensors = {peft_name(name): state[name].detach().float().cpu().contiguous()
                for name in GPT.from_state(config).adapter_params()}
-    settings = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.lora_rank,
-                "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-                "target_modules": list(config.lora_targets), "bias": "none",
-                "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-                "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
-                "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base_name,
-                "inference_mode": True}
+    settings = dict(peft_type="LORA", task_type="CAUSAL_LM", r=config.lora_rank,
+                    lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                    target_modules=list(config.lora_targets), bias="none", fan_in_fan_out=False,
+                    use_rslora=False, use_dora=False, init_lora_weights=True, modules_to_save=None,
+                    layers_to_transform=None, rank_pattern={}, alpha_pattern={},
+                    base_model_name_or_path=base_name, inference_mode=True)
     check_adapter_folder(folder)
     for name, data in ((ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"})),
                        (ADAPTER_CONFIG, json.dumps(settings, indent=1).encode())):
-        path = os.path.join(folder, name)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
-        except OSError as e:
-            raise UserError(f"could not write {path} ({reason(e)}); the previous adapter, "
-                            "if any, is unchanged") from None
+        save_atomically(os.path.join(folder, name), lambda tmp: pathlib.Path(tmp).write_bytes(data),
+                        "adapter")
 
 
 def check_adapter_folder(folder):

@@ -1,8 +1,7 @@
 """Where a training run starts, whether it may, and what its checkpoint records: a new run never
-silently replaces another run's files; a resumed one must be the run its flags describe (the same
-mask, seed, rows per step, data and shape), from a training state that train.py writes."""
+silently replaces another run's files; a resumed one must be the run its flags describe."""
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from cli.errors import UserError
 from support.checkpoint import load_checkpoint
@@ -16,8 +15,7 @@ SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 # product: the same rows per step train the same on any number of ranks).
 RUN_KEYS = ("seed", "dropout", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "adapter")
 NO_EFFECT = ("threads", "log_interval", "compile", "overwrite")  # change neither result nor plan
-RESUMED = {"iter_num": int, "best_val_loss": float, "data_state": dict, "optimizer": dict,
-           "config": dict}
+RESUMED = dict(iter_num=int, best_val_loss=float, data_state=dict, optimizer=dict, config=dict)
 AGAIN = "start a new run with --overwrite or another --out_dir"
 ADAPTER_DIR = "adapter"  # out_dir/adapter/: a LoRA run's adapters in PEFT's format
 
@@ -131,12 +129,11 @@ def check_resumable(checkpoint, path, cfg, rows_per_step):
     if not (isinstance(tokens, dict) and
             all(type(tokens.get(k)) is int for k in ("tokens", "answer_tokens"))):
         raise UserError(f"{path} holds no usable token counts (tokens): {AGAIN}")
-    saved = checkpoint["config"]
+    saved = {**checkpoint["config"], "mask": checkpoint["mask"]}
     # A run from pretrained weights got its shape from them, not from --n_layer and the like.
     shape = SHAPE_KEYS if checkpoint.get("start", "scratch") == "scratch" else ("block_size",)
-    wrong = [f"--mask={checkpoint['mask']}"] if checkpoint["mask"] != cfg.mask else []
-    wrong += [f"--{k}={saved[k]}" for k in shape + RUN_KEYS
-              if k in saved and saved[k] != getattr(cfg, k)]
+    wrong = [f"--{k}={saved[k]}" for k in ("mask",) + shape + RUN_KEYS
+             if k in saved and saved[k] != getattr(cfg, k)]
     saved_rows = checkpoint.get("rows_per_step", saved.get("batch_size", 0) *
                                 saved.get("gradient_accumulation_steps", 1))
     if saved_rows != rows_per_step:
@@ -154,18 +151,6 @@ def data_fingerprint(meta):
                for name, split in meta["splits"].items()}}
 
 
-def check_same_data(checkpoint, path, cfg, meta):
-    saved, ours = checkpoint.get("data"), data_fingerprint(meta)
-    if saved is None or saved == ours:
-        return
-    trained = saved.get("train") if isinstance(saved, dict) else None
-    count = f"{trained['conversations']:,}" if isinstance(trained, dict) and \
-        isinstance(trained.get("conversations"), int) else "an unreadable number of"
-    raise UserError(f"{path} was trained on other data than {cfg.data_dir} ({count} train "
-                    f"conversations, not {ours['train']['conversations']:,}): pass the --data_dir "
-                    f"it was trained on, or {AGAIN}")
-
-
 @dataclass
 class RunState:
     """What a checkpoint records of the run besides the weights and the optimizer."""
@@ -179,8 +164,7 @@ class RunState:
 
     @classmethod
     def of(cls, checkpoint):
-        return cls(**{k: checkpoint[k] for k in ("iter_num", "best_val_loss", "best_iter", "tokens",
-                                                 "start", "data_state", "base") if k in checkpoint})
+        return cls(**{f.name: checkpoint[f.name] for f in fields(cls) if f.name in checkpoint})
 
 
 def make_checkpoint(model_state, config, cfg, flags_given, meta, state, rows_per_step,
@@ -197,8 +181,8 @@ def make_checkpoint(model_state, config, cfg, flags_given, meta, state, rows_per
 
 
 def resumed_state(cfg, start, load_optimizer, meta, log, is_master=True):
-    """The RunState of the resumed checkpoint (load_optimizer loads its optimizer state), or of a
-    new run, which removes the best.pt and adapter of a run it replaces."""
+    """The RunState of the resumed checkpoint (trained on this data; load_optimizer loads its
+    optimizer state), or of a new run, which removes a replaced run's best.pt and adapter."""
     if start.checkpoint is None:
         replaced = os.path.join(cfg.out_dir, "best.pt")
         if is_master and os.path.lexists(replaced):
@@ -207,8 +191,15 @@ def resumed_state(cfg, start, load_optimizer, meta, log, is_master=True):
         if is_master and not writes_adapter(cfg) and not adapter_is_start(cfg):
             remove_adapter(os.path.join(cfg.out_dir, ADAPTER_DIR), log)
         return RunState(start=cfg.init_from, base=start.base)
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    check_same_data(start.checkpoint, path, cfg, meta)
+    path, saved = os.path.join(cfg.out_dir, "ckpt.pt"), start.checkpoint.get("data")
+    ours = data_fingerprint(meta)
+    if saved is not None and saved != ours:
+        trained = saved.get("train") if isinstance(saved, dict) else None
+        count = f"{trained['conversations']:,}" if isinstance(trained, dict) and \
+            isinstance(trained.get("conversations"), int) else "an unreadable number of"
+        raise UserError(f"{path} was trained on other data than {cfg.data_dir} ({count} train "
+                        f"conversations, not {ours['train']['conversations']:,}): pass the "
+                        f"--data_dir it was trained on, or {AGAIN}")
     try:
         load_optimizer(start.checkpoint["optimizer"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:

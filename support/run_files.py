@@ -5,11 +5,13 @@ import fcntl
 import glob
 import json
 import os
+import pathlib
 import sys
 import tempfile
 import time
 
 from cli.errors import UserError
+from support.checkpoint import CHECKPOINT_PREFIX, LOG_PREFIX, TEMPORARY_PREFIX
 
 RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl")  # what a new run writes: never silently replaced
 
@@ -37,8 +39,9 @@ class RunLock:
         with contextlib.suppress(OSError):  # the pid only names the owner in another run's error
             os.ftruncate(self.fd, 0)
             os.write(self.fd, f"pid {os.getpid()}".encode())
-        # save_checkpoint's, TrainingLog's and the adapter's (support.checkpoint.atomic) leftovers
-        for pattern in (".ckpt-*.tmp", ".log-*.tmp", os.path.join("adapter", ".tmp-*")):
+        # what killed writes left: save_checkpoint's, TrainingLog's and the adapter's (atomic's)
+        for pattern in (f"{CHECKPOINT_PREFIX}*.tmp", f"{LOG_PREFIX}*.tmp",
+                        os.path.join("adapter", f"{TEMPORARY_PREFIX}*")):
             for leftover in glob.glob(os.path.join(self.out_dir, pattern)):
                 if os.path.isfile(leftover) and not os.path.islink(leftover):
                     os.remove(leftover)
@@ -67,10 +70,9 @@ class RunLock:
         # Removed while still locked, then released: a run that opened the file before it went
         # finds, once it holds the lock, that the path names another file or none, and locks anew.
         try:
-            if same_file(self.fd, self.path):
-                os.remove(self.path)
-        except OSError:
-            pass  # a file left behind blocks nothing: the lock is the kernel's
+            with contextlib.suppress(OSError):  # a file left behind blocks nothing: flock locks
+                if same_file(self.fd, self.path):
+                    os.remove(self.path)
         finally:
             os.close(self.fd)
 
@@ -97,7 +99,7 @@ class TrainingLog:
         tmp = None
         try:  # kept records go to a new file that takes the log's name: a kill leaves one or other
             kept = self._records_before(resumed_at) if resumed_at is not None else []
-            self.fd, tmp = tempfile.mkstemp(prefix=".log-", suffix=".tmp", dir=out_dir)
+            self.fd, tmp = tempfile.mkstemp(prefix=LOG_PREFIX, suffix=".tmp", dir=out_dir)
             os.write(self.fd, "".join(line + "\n" for line in kept).encode())
             os.replace(tmp, self.path)  # replaces a name, never writes through what it points to
         except OSError as e:
@@ -114,8 +116,7 @@ class TrainingLog:
         """The log's records of earlier steps, and the step record of `step` (written before the
         evaluation the resumed run repeats)."""
         try:
-            with open(self.path, "rb") as f:
-                lines = f.read().decode("utf-8", errors="replace").splitlines()
+            lines = pathlib.Path(self.path).read_text("utf-8", "replace").splitlines()
         except FileNotFoundError:
             return []
         kept = []

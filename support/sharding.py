@@ -12,16 +12,19 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from cli.errors import UserError
 from model import GPT
 
+FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # rank 0's, whole
+
 
 def start_on_rank0(find, rt):
-    """find() -> its start record on rank 0 alone; the other ranks get it without tensors, with a
-    model of its config on the meta device (shard() fills it). A UserError on rank 0 is all's."""
+    """find() on rank 0 -> its start record; the others get it without tensors (sent later), its
+    model built on the meta device for shard() to fill. A UserError on rank 0 is every rank's."""
     shared = [None, None, None]  # rank 0's problem, or its model's config and record
     if rt.is_master:
         try:
             start = find()
-            sent = replace(start, model=None, checkpoint=tensorless(start.checkpoint))
-            shared = [None, start.model.config, sent]
+            checkpoint = None if start.checkpoint is None else \
+                {**{k: v for k, v in start.checkpoint.items() if k != "model"}, "optimizer": {}}
+            shared = [None, start.model.config, replace(start, model=None, checkpoint=checkpoint)]
         except UserError as e:
             shared = [str(e), None, None]
     dist.broadcast_object_list(shared, src=0)
@@ -29,12 +32,6 @@ def start_on_rank0(find, rt):
     if problem:
         raise UserError(problem)
     return start if rt.is_master else replace(sent, model=GPT.from_state(config))
-
-
-def tensorless(checkpoint):
-    """A checkpoint without the weights and the optimizer's state (sent later)."""
-    return None if checkpoint is None else \
-        {**{k: v for k, v in checkpoint.items() if k != "model"}, "optimizer": {}}
 
 
 def shard(model, rt):
@@ -47,8 +44,7 @@ def shard(model, rt):
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     model.to_empty(device=rt.device)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, weights, options=options)
+    set_model_state_dict(model, weights, options=FROM_RANK0)
     return model
 
 
@@ -82,10 +78,8 @@ def renamed(optimizer_state, new):
 def load_optimizer_state(model, optimizer, state):
     """Load full_state's optimizer state (or an older checkpoint's numbered one), sharded or not."""
     if isinstance(model, FSDPModule):
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_optimizer_state_dict(model, optimizer, state, options=options)
+        set_optimizer_state_dict(model, optimizer, state, options=FROM_RANK0)
         return
     if any(isinstance(name, str) for g in state["param_groups"] for name in g["params"]):
-        names = parameter_names(model, optimizer)
-        state = renamed(state, {name: i for i, name in enumerate(names)})
+        state = renamed(state, {n: i for i, n in enumerate(parameter_names(model, optimizer))})
     optimizer.load_state_dict(state)

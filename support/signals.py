@@ -22,8 +22,7 @@ class StopOnSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True  # first: the message may meet a closed pipe; the save must not care
-        say(f"\nstopping {self.when} to save a checkpoint (Ctrl-C again to abort)",
-            file=sys.stderr)
+        say(f"\nstopping {self.when} to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
