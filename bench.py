@@ -79,8 +79,7 @@ PRETRAINED_ROUNDS = dict(repeats=2, chat_repeats=2, new_tokens=8)  # --init_from
 
 
 def parse_config(argv):
-    """-> (config, sections). A settings file may be train.py's (config/*.py): keys bench does not
-    know are skipped."""
+    """-> (config, sections). A train.py settings file (config/*.py): its other keys are skipped."""
     cfg = parse(BenchConfig(), argv, __doc__, shared_files=True)
     defaults = dict(QUICK, quick=True) if cfg.quick else PRETRAINED_ROUNDS if cfg.init_from else {}
     if defaults:  # those defaults, then the flags again so that explicit ones win
@@ -134,8 +133,7 @@ def run_bench(cfg, sections, device):
     if start:
         cfg = replace(cfg, block_size=start.model.config.block_size)
         results["config"] = asdict(cfg)
-    for line in header(cfg, info, device, start, results):
-        say(line)
+    say("\n\n".join(header(cfg, info, device, start, results)))
     if "train" in sections:
         results["train"] = train_section(cfg, device, start)
         say(train_tables(results["train"]))

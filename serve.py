@@ -17,9 +17,10 @@ are usage.prompt_tokens_details.cached_tokens; an extra "ismgpt" field gives the
 (prefill, time to first token, decode speed, the mask, a role per token). Answered: this machine's
 clients and the server's own page (on loopback the Host must name this machine, against DNS
 rebinding; a browser's Origin must be the server's). One request at a time; --queue more wait, then
-503. A client that closes its sending side (nc -N) is gone. For TLS, a password or other machines:
---host=127.0.0.1 behind a reverse proxy that sends 127.0.0.1:PORT as the Host (nginx's proxy_pass
-does; Caddy: header_up Host {upstream_hostport})."""
+503. A client that closes its sending side (nc -N) is gone.
+
+For TLS, a password or other machines: --host=127.0.0.1 behind a reverse proxy that sends
+127.0.0.1:PORT as the Host (nginx's proxy_pass does; Caddy: header_up Host {upstream_hostport})."""
 import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 from dataclasses import dataclass
