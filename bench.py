@@ -1,5 +1,4 @@
-"""
-What the three masks cost, measured on this project's own code in one run.
+"""What the three masks cost, measured on this project's own code in one run.
 
     python bench.py                          # CPU, the default model, every section
     python bench.py --device=cuda --compile  # GPU: FlexAttention + bf16, compiled model and decode
@@ -8,18 +7,16 @@ What the three masks cost, measured on this project's own code in one run.
     python bench.py --quick                  # tiny model and data, one repeat: the smoke test's run
     python bench.py --init_from=smollm2      # SmolLM2-135M-Instruct (2048 tokens of context)
 
-Sections, a module each in benchmarks/: 1. train: each mask's training step, and an epoch;
-2. chat: time to first token per turn of a long conversation; 3. decode: tokens/s with and without
-the KV cache; 4. peers (a pretrained start on the CPU; not by default): float32 against int8, int4
-and transformers. Weights are random (costs, not quality) unless --init_from names pretrained ones.
-Timings: warmup rounds, then the median of --repeats rounds, the variants interleaved in a rotating
-order so that a shared machine's changing load hits them alike: compare the ratios of one run.
-"""
+Sections, a module each in benchmarks/: train (each mask's training step, and an epoch), chat (time
+to first token per turn of a long conversation), decode (tokens/s with and without the KV cache),
+peers (a pretrained start on the CPU; not by default: float32 against int8, int4 and transformers).
+Weights are random (costs, not quality) unless --init_from names pretrained ones. Timings: warmup
+rounds, then the median of --repeats rounds, the variants interleaved in a rotating order so that a
+shared machine's changing load hits them alike: compare the ratios of one run."""
 import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, replace
 
 from benchmarks.chat import chat_section, chat_tables, plot_ttft
@@ -28,9 +25,8 @@ from benchmarks.decode import decode_section, decode_tables
 from benchmarks.models import PRETRAINED_CONTEXT, chat_model, hf_model, load_pretrained
 from benchmarks.peers import LLAMA_CPP_NOTE, peers_section, peers_tables
 from benchmarks.training import train_section, train_tables
-from cli import flags
 from cli.errors import UserError
-from cli.flags import setting
+from cli.flags import parse, run, setting
 from data.chat import plural
 from data.tokenizer import get_tokenizer
 from support.compute import (CHAT_DTYPE_HELP, DEVICE_HELP, DTYPES, THREADS_HELP, compute_init,
@@ -83,15 +79,13 @@ PRETRAINED_ROUNDS = dict(repeats=2, chat_repeats=2, new_tokens=8)  # --init_from
 
 
 def parse_config(argv):
-    """-> (config, sections). A settings file may be train.py's (config/*.py): keys bench does not
-    know are skipped."""
-    cfg = flags.parse(BenchConfig(), argv, __doc__, shared_files=True)
+    """-> (config, sections). A train.py settings file (config/*.py): its other keys are skipped."""
+    cfg = parse(BenchConfig(), argv, __doc__, shared_files=True)
     defaults = dict(QUICK, quick=True) if cfg.quick else PRETRAINED_ROUNDS if cfg.init_from else {}
     if defaults:  # those defaults, then the flags again so that explicit ones win
-        cfg = flags.parse(replace(BenchConfig(), **defaults), argv, __doc__, shared_files=True)
-    pretrained = bool(cfg.init_from)
-    cfg = replace(cfg, block_size=cfg.block_size or (0 if pretrained else 512),  # 0: once loaded
-                  batch_size=cfg.batch_size or (1 if pretrained else 8))
+        cfg = parse(replace(BenchConfig(), **defaults), argv, __doc__, shared_files=True)
+    cfg = replace(cfg, block_size=cfg.block_size or (0 if cfg.init_from else 512),  # 0: once loaded
+                  batch_size=cfg.batch_size or (1 if cfg.init_from else 8))
     sections = [s for s in cfg.sections.split(",") if s]
     if not sections or any(s not in SECTIONS for s in sections):
         raise UserError(f"--sections={cfg.sections}: choose from {','.join(SECTIONS)}")
@@ -103,7 +97,7 @@ def parse_config(argv):
 
 def main(argv=None):
     """Run the sections the flags ask for, print the tables (or JSON); return the results dict."""
-    cfg, sections = parse_config(sys.argv[1:] if argv is None else argv)
+    cfg, sections = parse_config(argv)
     device = resolve_device(cfg.device)
     with cpu_threads(cfg.threads):
         return run_bench(cfg, sections, device)
@@ -139,8 +133,7 @@ def run_bench(cfg, sections, device):
     if start:
         cfg = replace(cfg, block_size=start.model.config.block_size)
         results["config"] = asdict(cfg)
-    for line in header(cfg, info, device, start, results):
-        say(line)
+    say("\n\n".join(header(cfg, info, device, start, results)))
     if "train" in sections:
         results["train"] = train_section(cfg, device, start)
         say(train_tables(results["train"]))
@@ -170,4 +163,4 @@ def run_bench(cfg, sections, device):
 
 
 if __name__ == "__main__":
-    flags.run(main)
+    run(main)

@@ -1,5 +1,4 @@
-"""
-Score a model: held-out answer loss, and exact match of greedy answers given through the chat.
+"""Score a model: held-out answer loss, and exact match of greedy answers given through the chat.
 
     python eval.py --out_dir=out                     # markdown tables
     python eval.py --out_dir=out --json              # one JSON object, per-turn records included
@@ -8,21 +7,18 @@ Score a model: held-out answer loss, and exact match of greedy answers given thr
 The loss: mean cross-entropy of every answer token of data_dir's val split under the mask the model
 chats with. Exact match (--replay): each conversation of data_dir/val.jsonl is replayed through
 engine.ChatSession, each user turn answered greedily; a reply must equal the gold answer after
-stripping surrounding whitespace (one cut by max_new_tokens is wrong). The loss is reported per
-turn (1..7, then 8+) and overall; exact match also per task family (the synthetic data's "tasks"
-tags; the instruction-last ones first and pooled). experiments/compare_masks.py compares masks.
-"""
+stripping surrounding whitespace (one cut by max_new_tokens is wrong). Both are reported per turn
+(1..7, then 8+) and overall; exact match also per task family (the synthetic data's "tasks" tags;
+the instruction-last ones first and pooled). experiments/compare_masks.py compares masks."""
 import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
-from cli import flags
 from cli.errors import UserError
-from cli.flags import setting
+from cli.flags import parse, run, setting
 from data.batching import batches_of, heldout_rows
 from data.chat import read_jsonl, system_of
 from data.store import first_conversations, load_meta, load_split
@@ -46,8 +42,7 @@ class EvalConfig(ModelFlags):
     data_dir: str = setting("", "prepared data with val.jsonl (empty: the checkpoint's data_dir)")
     history: str = setting("gold", "gold | own: what stays in the conversation after a scored turn",
                            choices=("gold", "own"))
-    max_conversations: int = setting(0, "held-out conversations scored, the first of val.jsonl "
-                                        "(0: all)", min=0)
+    max_conversations: int = setting(0, "the first val.jsonl conversations scored (0: all)", min=0)
     max_new_tokens: int = setting(64, "longest reply; one cut here is wrong", min=1)
     batch_size: int = setting(16, "rows per batch for the held-out loss", min=1)
     replay: bool = setting(True, "score exact match; false: the held-out answer loss only (real "
@@ -61,7 +56,6 @@ def score(reply, gold):
 
 
 def turn_bucket(turn):
-    """1-based turn -> its row in the per-turn tables: "1" .. "7", then "8+"."""
     return f"{LAST_TURN_BUCKET}+" if turn >= LAST_TURN_BUCKET else str(turn)
 
 
@@ -214,7 +208,7 @@ def report(r):
 
 
 def main(argv=None):
-    cfg = flags.parse(EvalConfig(), sys.argv[1:] if argv is None else argv, __doc__)
+    cfg = parse(EvalConfig(), argv, __doc__)
     result = evaluate(cfg.load(), cfg.data_dir, cfg.history, cfg.max_conversations,
                       cfg.max_new_tokens, cfg.batch_size, cfg.replay)
     print(json.dumps(result) if cfg.json else report(result))
@@ -222,4 +216,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    flags.run(main)
+    run(main)

@@ -1,5 +1,4 @@
-"""Prepare a dataset: conversations -> token ids and roles in data/NAME/ (data/prepare.py says
-how; --help lists the flags)."""
+"""Prepare a dataset: conversations -> token ids and roles in data/NAME/ (how: data/prepare.py)."""
 import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while imports run ends quietly)
 
 import sys

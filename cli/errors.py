@@ -1,7 +1,5 @@
-"""
-The errors a user can cause, raised anywhere as UserError("what, and how to fix it"): flags.run
-prints it as one line on stderr and exits with status 2. Anything else is a bug and raises as usual.
-"""
+"""The errors a user can cause, raised anywhere as UserError("what, and how to fix it"): flags.run
+prints it as one line on stderr and exits with status 2. Anything else is a bug: it raises."""
 
 
 class UserError(Exception):

@@ -1,9 +1,7 @@
-"""
-Command-line settings, nanoGPT style: every setting is a dataclass field, overridden as --key=value.
+"""Command-line settings, nanoGPT style: each setting a dataclass field, overridden as --key=value.
 Unlike nanoGPT's exec'd configurator, --help lists every flag with its default; values convert by
-the field's type (--learning_rate=1 is a float, --max_iters=2e3 an int) and are checked against the
-allowed values and ranges; a config file holds `key = value` lines read by ast.literal_eval.
-"""
+the field's type (--max_iters=2e3 is an int) and are checked against the allowed values and ranges;
+a config file holds `key = value` lines read by ast.literal_eval."""
 import ast
 import dataclasses
 import difflib
@@ -12,7 +10,7 @@ import os
 import signal
 import sys
 
-from cli.errors import UserError
+from cli.errors import UserError, reason
 
 _BOUNDS = {"min": (lambda v, b: v >= b, "at least"), "max": (lambda v, b: v <= b, "at most"),
            "above": (lambda v, b: v > b, "above"), "below": (lambda v, b: v < b, "below")}
@@ -28,24 +26,21 @@ def setting(default, help, choices=None, **bounds):
                                                         "bounds": bounds})
 
 
-def _convert(text, kind, key):
-    if kind is bool and text.lower() in _WORDS:
-        return _WORDS[text.lower()]
+def _value(text, defaults, field):
+    """The typed, checked value of --key=text for a field of the dataclass `defaults`."""
+    key, kind = field.name, type(getattr(defaults, field.name))
     try:
-        value = float(text) if kind in (int, float) else kind(text)
+        if kind is bool:
+            value = _WORDS.get(text.lower())  # None: not a yes/no word
+        else:
+            value = float(text) if kind in (int, float) else kind(text)
         # nan and inf pass every range check, then train to NaN
-        if kind is bool or kind in (int, float) and not math.isfinite(value) or \
+        if value is None or kind in (int, float) and not math.isfinite(value) or \
                 kind is int and value != int(value):
             raise ValueError
     except ValueError:
         raise UserError(f"--{key}={text}: expected {kind.__name__}") from None
-    return int(value) if kind is int else value
-
-
-def _value(text, defaults, field):
-    """The typed, checked value of --key=text for a field of the dataclass `defaults`."""
-    key = field.name
-    value = _convert(text, type(getattr(defaults, key)), key)
+    value = int(value) if kind is int else value
     choices = field.metadata.get("choices")
     if choices is not None and value not in choices:
         named = [str(c) for c in choices if c != ""] + (["empty"] if "" in choices else [])
@@ -83,30 +78,24 @@ def _read_config_file(path):
     return settings
 
 
-def usage(defaults, doc):
-    lines = [doc.strip(), "", "flags (--key=value; a positional FILE holds key = value lines):"]
-    for f in dataclasses.fields(defaults):
-        flag = f"--{f.name}={getattr(defaults, f.name)}"
-        lines.append(f"  {flag:<32} {f.metadata.get('help', '')}")
-    return "\n".join(lines)
-
-
-def parse(defaults, argv, doc="", shared_files=False):
-    """A copy of the dataclass `defaults` with config files' values, then --key=value flags,
-    applied. shared_files: a file may hold another script's settings (bench.py reads train.py's),
-    so keys this script does not know are skipped, not refused."""
+def parse(defaults, argv=None, doc="", shared_files=False):
+    """A copy of the dataclass `defaults`, argv's (None: sys.argv[1:]) files and flags applied in
+    order. shared_files: keys a file holds for another script (bench.py: train.py's) are skipped."""
     fields = {f.name: f for f in dataclasses.fields(defaults)}
     settings = {}
-    for arg in argv:
+    for arg in sys.argv[1:] if argv is None else argv:
         if arg in ("-h", "--help"):
-            print(usage(defaults, doc))
+            print(f"{doc.strip()}\n\nflags (--key=value; a FILE argument holds key = value lines):")
+            for f in dataclasses.fields(defaults):
+                flag = f"--{f.name}={getattr(defaults, f.name)}"
+                print(f"  {flag:<32} {f.metadata.get('help', '')}")
             sys.exit(0)
         if not arg.startswith("--"):
             for key, value in _read_config_file(arg).items():
-                if key not in fields and not shared_files:
-                    _unknown(key, fields, f"{arg}: ")
                 if key in fields:
                     settings[key] = _value(str(value), defaults, fields[key])
+                elif not shared_files:
+                    _unknown(key, fields, f"{arg}: ")
             continue
         key, sep, text = arg[2:].partition("=")
         if key not in fields:
@@ -129,10 +118,7 @@ class OutputError(OSError):
 
     def __init__(self, name, stream, error):
         super().__init__(error.errno, error.strerror)
-        self.name, self.stream, self.reason = name, stream, error.strerror or str(error)
-
-    def __str__(self):
-        return f"cannot write to {self.name}: {self.reason}"
+        self.name, self.stream, self.reason = name, stream, reason(error)
 
 
 class _Watched:
@@ -201,7 +187,7 @@ def run(main):
         say(file=sys.stderr)
         sys.exit(130)
     except OutputError as e:
-        say(f"error: {e}", file=sys.stderr)
+        say(f"error: cannot write to {e.name}: {e.reason}", file=sys.stderr)
         _silence(e.stream)
         sys.exit(1)
     except BrokenPipeError:  # the reader went away (`| head`)

@@ -1,8 +1,6 @@
-"""
-Imported first by every script, before torch (seconds to import): a Ctrl-C meanwhile ends the
+"""Imported first by every script, before torch (seconds to import): a Ctrl-C meanwhile ends the
 program quietly, not with a traceback, until flags.run makes it a KeyboardInterrupt. Only when one
-of this repository's scripts is the program: a test that imports a script keeps its own handler.
-"""
+of this repository's scripts is the program: a test that imports a script keeps its own handler."""
 import os
 import signal
 import sys

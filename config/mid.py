@@ -1,6 +1,5 @@
-# A mid-size model (6 layers, 6 heads, 384 wide, 512 tokens), between the default one and GPT-2
-# small, on a CPU or a GPU:
-#   python train.py config/mid.py      # python bench.py config/mid.py: its costs
+# A mid-size model (6 layers, 6 heads, 384 wide, 512 tokens) between the default and GPT-2 small,
+# for a CPU or a GPU: python train.py config/mid.py (python bench.py config/mid.py: its costs)
 mask = 'ism'
 out_dir = 'out-mid'
 block_size = 512
