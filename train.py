@@ -16,7 +16,6 @@ import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports e
 
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -465,7 +464,7 @@ def describe_run(log, cfg, rt, model, data, rows_per_epoch):
 
 def main(argv=None):
     """Train as the flags say -> the raw trained model; None if out_dir holds this run, finished."""
-    cfg = flags_given = flags.parse(TrainConfig(), sys.argv[1:] if argv is None else argv, __doc__)
+    cfg = flags_given = flags.parse(TrainConfig(), argv, __doc__)
     check_config(cfg)
     if check_fresh_start(cfg, flags_given):
         print(f"{os.path.join(cfg.out_dir, 'ckpt.pt')} already holds this run, trained to iter "

@@ -138,7 +138,7 @@ def plot(runs, png):
 
 
 def main(argv=None):
-    cfg = flags.parse(CurveConfig(), sys.argv[1:] if argv is None else argv, __doc__)
+    cfg = flags.parse(CurveConfig(), argv, __doc__)
     runs = read_runs(cfg.out_dir)
     missing = [m for m in MASKS if m not in runs]
     if missing:
