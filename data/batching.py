@@ -1,13 +1,9 @@
 """
 Training batches from a prepared split: documents, packed into rows, collated into tensors.
-
-A document is a (start, end, loss_from) triple of indices into the split's flat arrays:
-- causal and ism: one per conversation, loss_from = start: one pass trains every answer;
-- prefix: one per answer, the conversation up to the end of that answer, loss from its first
-  token: under the prefix mask each answer needs its own copy of the history.
-Rows of block_size tokens hold whole documents, told apart by doc_ids, positions restarting at 0.
-Training reads a RowStream (epochs packed afresh from (seed, epoch)), split between ranks by
-rank_rows; the held-out loss reads heldout_rows; both collate through batches_of.
+A document is a (start, end, loss_from) triple of indices into the split's flat arrays: under
+causal and ism a conversation, one pass training every answer; under prefix each answer needs its
+own copy of the history: the conversation up to that answer's end, loss from its first token.
+Rows of block_size tokens hold whole documents (doc_ids tell them apart, positions restart at 0).
 """
 import bisect
 
@@ -28,7 +24,7 @@ def documents(split, kind):
     if kind != "prefix":
         starts = offsets[:-1].tolist()
         return list(zip(starts, offsets[1:].tolist(), starts))
-    # answers: maximal runs of ASSISTANT, never across conversations (each starts with <|bos|>)
+    # answers: maximal runs of ASSISTANT, never across conversations (none starts with one)
     is_answer = np.asarray(split.roles) == ASSISTANT
     answer_start = np.flatnonzero(is_answer & ~np.r_[False, is_answer[:-1]])
     answer_end = np.flatnonzero(is_answer & ~np.r_[is_answer[1:], False]) + 1
@@ -42,8 +38,8 @@ def expansion_factor(split):
 
 
 def pack(docs, block_size, rng):
-    """Shuffle docs with the numpy Generator rng, then put each into the fullest row it still fits
-    in (best fit). -> rows, each a list of docs."""
+    """Shuffle docs by the numpy Generator rng, then best fit: each into the fullest row with room.
+    -> rows, each a list of docs."""
     rows, free = [], []  # free: sorted (space left, row index) of rows with room
     for i in rng.permutation(len(docs)):
         doc = docs[i]
@@ -64,8 +60,8 @@ def pack(docs, block_size, rng):
 
 
 def answer_target_count(split, rows):
-    """The targets collate(split, rows) would train, counted off the roles: every ASSISTANT token
-    of a document from max(start + 1, loss_from) on. Cheap: each rank counts a whole step."""
+    """The targets collate(split, rows) would train, counted off the roles: cheap, so each rank
+    counts a whole step's."""
     return sum(int(np.count_nonzero(split.roles[max(start + 1, loss_from):end] == ASSISTANT))
                for row in rows for start, end, loss_from in row)
 
@@ -79,9 +75,8 @@ def collate(split, rows, block_size):
     """rows -> dict of [B, block_size] int64 tensors: idx, targets (-1: no loss), positions (from 0
     per doc), roles, doc_ids (0, 1, ...; the padding after the last doc is one more doc, ASSISTANT,
     no targets). A target is the next token where that is ASSISTANT, from loss_from on."""
-    shape = (len(rows), block_size)
     fill = {"idx": PAD_ID, "targets": NO_TARGET, "positions": 0, "roles": ASSISTANT, "doc_ids": 0}
-    out = {name: np.full(shape, value, dtype=np.int64) for name, value in fill.items()}
+    out = {name: np.full((len(rows), block_size), value, np.int64) for name, value in fill.items()}
     for b, row in enumerate(rows):
         t = 0
         for doc_id, (start, end, loss_from) in enumerate(row):
@@ -100,14 +95,12 @@ def collate(split, rows, block_size):
 
 
 def epoch_rows(split, kind, block_size, seed, epoch):
-    """One epoch's packed rows, the same for the same (seed, epoch): train.py indexes into them to
-    resume exactly and to shard across ranks."""
+    """One epoch's packed rows, the same for the same (seed, epoch): resumable, shardable."""
     return pack(documents(split, kind), block_size, np.random.default_rng((seed, epoch)))
 
 
 class RowStream:
-    """The training rows as an endless stream of epochs (epoch_rows). Its position (epoch, row) is
-    saved in checkpoints, so a resumed run reads exactly the rows it would have."""
+    """Training rows, epoch after epoch; its position (epoch, row) is checkpointed to resume."""
 
     def __init__(self, split, kind, block_size, seed, epoch=0, row=0):
         self.split, self.kind, self.block_size, self.seed = split, kind, block_size, seed
@@ -132,9 +125,8 @@ class RowStream:
 
 
 def rank_rows(rows, batch_size, rank, world_size):
-    """This rank's micro-batches of a step's rows: micro-batch k of rank r is rows
-    [(k * world_size + r) * batch_size, + batch_size), so 2 ranks x 1 micro-batch train on the
-    same rows as 1 rank x 2 micro-batches."""
+    """This rank's micro-batches of a step's rows, interleaved: 2 ranks x 1 micro-batch train on
+    the rows of 1 rank x 2."""
     n_micro = len(rows) // (batch_size * world_size)
     starts = [(k * world_size + rank) * batch_size for k in range(n_micro)]
     return [rows[s:s + batch_size] for s in starts]

@@ -1,11 +1,11 @@
 """
-Byte-level BPE as pretrained chat models ship it (SmolLM2, Qwen2, Llama 3), applied as Hugging
-Face's tokenizers library applies it, read from a GGUF file or a tokenizer.json:
+Byte-level BPE of pretrained chat models (SmolLM2, Qwen2, Llama 3), read from a GGUF file or a
+tokenizer.json and applied as Hugging Face's tokenizers library applies it:
 1. split the text by each pattern in turn (matches and the gaps between them are pieces);
 2. map each piece's UTF-8 bytes to GPT-2's printable stand-in characters (BYTE_TO_CHAR);
-3. from single characters (those not in the vocabulary dropped), merge the adjacent pair that
-   comes first in the merges list, leftmost first, until none is left. Under ignore_merges
-   (Llama 3) a piece that is a token is that token.
+3. from single characters (those not in the vocabulary dropped), merge the adjacent pair first in
+   the merges list, leftmost first, until none is left. Under ignore_merges (Llama 3) a piece that
+   is a token is that token.
 tiktoken cannot stand in: it joins any adjacent parts whose join is a token, so with the merges
 "b c", "a b", "ab c" it makes "abc" one token where the merges list leaves "a" "bc".
 Special tokens never come from text: a user who types "<|im_end|>" gets ordinary pieces.
@@ -36,8 +36,7 @@ CACHE_WORDS = 1 << 16  # encoded pieces kept (chat text repeats its words)
 
 
 def _byte_to_char():
-    """GPT-2's reversible map of the 256 bytes to printable characters (tokens are stored in
-    these): "!".."~", "¡".."¬" and "®".."ÿ" stand for themselves, other bytes for chr(256)..."""
+    """GPT-2's reversible map of the 256 bytes to printable characters, the alphabet of tokens."""
     printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
     others = (chr(256 + n) for n in range(256))
     return {b: chr(b) if b in printable else next(others) for b in range(256)}
@@ -48,9 +47,9 @@ CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 
 class BPE:
-    """tokens: id -> string in BYTE_TO_CHAR characters (special tokens as their text); merges:
-    "left right" strings in priority order; stages: the pre-tokenizer's patterns; special: the
-    special tokens' ids; nfc: normalise text to NFC first (Qwen2); ignore_merges: Llama 3's rule."""
+    """tokens: id -> string in BYTE_TO_CHAR characters (special ones as their text); merges: "left
+    right" strings by priority; stages: the pre-tokenizer's patterns; special: the special tokens'
+    ids; nfc: normalise text to NFC first (Qwen2); ignore_merges: Llama 3's rule."""
 
     def __init__(self, tokens, merges, stages, special, nfc=False, ignore_merges=False):
         self.tokens, self.merges, self.special = list(tokens), list(merges), sorted(special)
@@ -159,7 +158,8 @@ def default_system_message(template):
     """The system message a ChatML chat template inserts when there is none (SmolLM2's), read off
     its literal text, or None."""
     pattern = r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>"
-    for found in stdlib_re.finditer(pattern, template or "", stdlib_re.S):
+    template = template if isinstance(template, str) else ""
+    for found in stdlib_re.finditer(pattern, template, stdlib_re.S):
         text = found.group(1)
         if "{" not in text and "'" not in text:  # literal, not a branch that builds it
             return text.replace("\\n", "\n")
@@ -167,19 +167,16 @@ def default_system_message(template):
 
 
 def from_gguf(path):
-    """-> (BPE, default system message or None) from a GGUF file's tokenizer.ggml.* fields."""
+    """-> (BPE, default system message or None) from a GGUF file's tokenizer.* fields."""
     fields = open_gguf(path).fields
-
-    def field(key):
-        return fields[key].contents() if key in fields else None
-
-    model, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")
+    model, pre, tokens, merges, types, template = (
+        fields[f"tokenizer.{key}"].contents() if f"tokenizer.{key}" in fields else None
+        for key in ("ggml.model", "ggml.pre", "ggml.tokens", "ggml.merges", "ggml.token_type",
+                    "chat_template"))
     if model != "gpt2" or pre not in GGUF_PRE_TOKENIZERS:
         raise DataError(f"{path}: tokenizer {model!r} with pre-tokenizer {pre!r}: supported are "
                         "byte-level BPE (gpt2) with pre-tokenizer "
                         f"{', '.join(GGUF_PRE_TOKENIZERS)}")
-    tokens, merges, types = (field(f"tokenizer.ggml.{k}")
-                             for k in ("tokens", "merges", "token_type"))
     if tokens is None or merges is None or types is None:
         raise DataError(f"{path}: the tokenizer's tokens, merges or token types are missing")
     if len(types) != len(tokens):
@@ -188,7 +185,7 @@ def from_gguf(path):
     check_merges(merges, tokens, f"{path}: tokenizer.ggml.merges")
     control = {i for i, kind in enumerate(types) if kind in (3, 4)}  # control, user-defined
     bpe = BPE(tokens, merges, GGUF_PRE_TOKENIZERS[pre], control, ignore_merges=pre == "llama-bpe")
-    return bpe, default_system_message(field("tokenizer.chat_template"))
+    return bpe, default_system_message(template)
 
 
 def check_merges(merges, vocabulary, where):
@@ -207,8 +204,7 @@ def check_merges(merges, vocabulary, where):
 
 @functools.lru_cache(maxsize=2)
 def open_gguf(path):
-    """gguf.GGUFReader on path, or a one-line DataError. Kept: a start reads the file twice
-    (weights, tokenizer), and reading a large vocabulary's metadata is slow."""
+    """gguf.GGUFReader on path, or a one-line DataError; cached, as a start reads it twice."""
     try:
         import gguf
     except ImportError:
@@ -222,8 +218,8 @@ def open_gguf(path):
 
 
 def from_tokenizer_json(folder):
-    """-> (BPE, default system message or None) from a Hugging Face folder's tokenizer.json (and
-    tokenizer_config.json's chat template). Only what computes as BPE above is accepted."""
+    """-> (BPE, default system message or None) from a Hugging Face folder: tokenizer.json, if it
+    computes as BPE above, and tokenizer_config.json's chat template."""
     path = os.path.join(folder, "tokenizer.json")
     spec = _read_json(path)
     model = spec.get("model") if isinstance(spec, dict) else None
@@ -238,20 +234,18 @@ def from_tokenizer_json(folder):
     if normalizer is not None and normalizer.get("type") != "NFC":
         raise DataError(f"{path}: normalizer {normalizer.get('type')!r} is not supported (only "
                         "none or NFC)")
-    vocab, special = dict(model["vocab"]), set()
-    for added in spec.get("added_tokens") or []:
-        vocab[added["content"]] = added["id"]
-        if added.get("special"):
-            special.add(added["id"])
+    added = spec.get("added_tokens") or []
+    vocab = {**model["vocab"], **{token["content"]: token["id"] for token in added}}
     names = {i: token for token, i in vocab.items()}
     tokens = [names.get(i, f"<unused {i}>") for i in range(max(names) + 1)]
     check_merges(model["merges"], model["vocab"], f"{path}: model.merges")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     config = os.path.join(folder, "tokenizer_config.json")
     template = _read_json(config).get("chat_template") if os.path.exists(config) else None
+    special = {token["id"] for token in added if token.get("special")}
     encoder = BPE(tokens, merges, stages, special, nfc=normalizer is not None,
                   ignore_merges=bool(model.get("ignore_merges")))
-    return encoder, default_system_message(template if isinstance(template, str) else None)
+    return encoder, default_system_message(template)
 
 
 def _pre_tokenizer_stages(spec, path):

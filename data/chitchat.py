@@ -1,15 +1,11 @@
 """
-The BYU Chit-Chat Challenge corpus (pip package chitchat-dataset, MIT licence): real people
-chatting in pairs, as training conversations.
-
-    python prepare.py --input=chitchat                # the package's dataset.json -> data/chitchat/
-    python prepare.py --input=PATH/dataset.json       # any file of its format
-
-The file is one JSON object keyed by conversation id, each {"prompt": topic, "messages":
-[[{"text", "sender", ...}, ...], ...]} (an inner list is one turn). Kept: conversations of exactly
-two senders. The first speaker, who opens the topic, is the user, so every answer has a turn to
-answer; a last unanswered turn is dropped, as are blank texts; a speaker's consecutive messages
-are one turn. The topic is the system message. The split is by a hash of the id.
+The BYU Chit-Chat Challenge corpus (pip package chitchat-dataset, MIT licence), people chatting in
+pairs, as training conversations (python prepare.py --input=chitchat, or --input=PATH of a file of
+its format). The file is one JSON object keyed by conversation id, each {"prompt": topic,
+"messages": [[{"text", "sender", ...}, ...], ...]} (an inner list is one turn). Kept: conversations
+of exactly two senders. The first speaker, who opens the topic, is the user, so every answer has a
+turn to answer; a last unanswered turn is dropped, as are blank texts; a speaker's consecutive
+messages are one turn. The topic is the system message. The split is by a hash of the id.
 """
 import hashlib
 import importlib.util
@@ -36,18 +32,17 @@ def package_file():
 
 
 def read(input):
-    """-> (conversations, counts) for chitchat or a file of its format, else None (JSONL).
-    counts: the file, its conversations, how many were converted, and COUNTS."""
+    """-> (conversations, counts) for chitchat or a file of its format, else None (JSONL)."""
     path = package_file() if input == NAME else input
     records = _records(path)
     if records is None:
         return None
-    tally = Counter()
+    tally = Counter(dict.fromkeys(COUNTS, 0))
     converted = (_conversation(key, record, f"{path}: conversation {shorten(key)}", tally)
                  for key, record in records.items())
     conversations = [conversation for conversation in converted if conversation is not None]
-    counts = {"file": path, "conversations": len(records), "converted": len(conversations)}
-    return conversations, {**counts, **{key: tally[key] for key in COUNTS}}
+    return conversations, {"file": path, "conversations": len(records),
+                           "converted": len(conversations), **tally}
 
 
 def _records(path):
@@ -64,10 +59,8 @@ def _records(path):
         return None
     if isinstance(value, dict) and ("messages" in value or "conversations" in value):
         return None  # a file of one JSONL line: one conversation, not an object of them
-    if isinstance(value, dict) and any(isinstance(v, dict) and "messages" in v
-                                       for v in value.values()):
-        return value
-    if not json_name:
+    if not json_name and not (isinstance(value, dict) and
+                              any(isinstance(v, dict) and "messages" in v for v in value.values())):
         return None
     if not isinstance(value, dict):
         raise DataError(f"{path}: not an object of conversations keyed by id")
@@ -123,9 +116,8 @@ def _said(record, where):
 
 
 def split_by_id(kept, val_fraction):
-    """kept = [(conversation, was cut)] -> (train, val), in the order of the ids' hashes. An id
-    that hashes below val_fraction is in val, whatever the others; only when a split would be empty
-    does the lowest (or highest) hash move over."""
+    """kept = [(conversation, was cut)] -> (train, val), by the ids' hashes: an id that hashes below
+    val_fraction is in val whatever the others, unless a split would be empty."""
     ranked = sorted(kept, key=lambda item: _rank(item[0]["id"]))
     n_val = sum(_rank(conversation["id"]) < val_fraction for conversation, _ in ranked)
     n_val = min(max(n_val, 1), len(ranked) - 1)

@@ -117,8 +117,7 @@ def check_settings(config):
 
 
 def fit_all(conversations, tok, block_size):
-    """-> (kept, dropped): kept = [(conversation as fitted, whether it was cut)], dropped = how many
-    had not even their first turn fit."""
+    """-> ([(conversation as fitted, whether it was cut)], how many not even a first turn fit)."""
     fitted = [(fit_to_block(c, tok, block_size), c) for c in conversations]
     kept = [(f, f is not c) for f, c in fitted if f is not None]
     return kept, len(conversations) - len(kept)
@@ -126,7 +125,7 @@ def fit_all(conversations, tok, block_size):
 
 def own_splits(input, tok, block_size, skip_bad, val_fraction, seed):
     """-> (train, val, dropped, bad lines, Chit-Chat counts or None) from a JSONL or Chit-Chat
-    file, fitted before splitting so that any conversation that fits can land in either split."""
+    file, fitted before splitting: any conversation that fits can land in either split."""
     chit_chat = chitchat.read(input)
     if chit_chat is None:
         (conversations, bad), counts = read_jsonl(input, skip_bad=skip_bad), None
@@ -148,7 +147,7 @@ def own_splits(input, tok, block_size, skip_bad, val_fraction, seed):
 
 
 def synthetic_splits(tok, block_size, n_train, n_val, seed, max_turns):
-    """-> (train, val, dropped), each split fitted on its own (val is drawn apart from train)."""
+    """-> (train, val, dropped, [], None) as own_splits, each split fitted on its own."""
     splits, dropped = [], 0
     for name, conversations in zip(SPLITS, synthetic.splits(n_train, n_val, seed, max_turns)):
         kept, split_dropped = fit_all(conversations, tok, block_size)
@@ -156,7 +155,7 @@ def synthetic_splits(tok, block_size, n_train, n_val, seed, max_turns):
             raise DataError(f"no synthetic {name} conversation fits --block_size={block_size}")
         splits.append(kept)
         dropped += split_dropped
-    return *splits, dropped
+    return *splits, dropped, [], None
 
 
 def render_split(conversations, tok):
@@ -188,12 +187,9 @@ def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=133
                                  val_fraction=val_fraction, n_train=n_train, n_val=n_val,
                                  max_turns=max_turns))
     tok = get_tokenizer(tokenizer)
-    bad, counts = [], None
-    if input:
-        train, val, dropped, bad, counts = own_splits(input, tok, block_size, skip_bad,
-                                                      val_fraction, seed)
-    else:
-        train, val, dropped = synthetic_splits(tok, block_size, n_train, n_val, seed, max_turns)
+    train, val, dropped, bad, counts = (
+        own_splits(input, tok, block_size, skip_bad, val_fraction, seed) if input
+        else synthetic_splits(tok, block_size, n_train, n_val, seed, max_turns))
     meta = {"source": input or f"synthetic (1 to {max_turns} turns)", "seed": seed,
             "tokenizer": tok.describe(), "vocab_size": tok.vocab_size, "block_size": block_size,
             "skipped_lines": len(bad), "bad_lines": bad[:100], "dropped": dropped,
@@ -202,8 +198,8 @@ def prepare(out_dir=None, input=None, tokenizer="byte", block_size=512, seed=133
     for name, kept in zip(SPLITS, (train, val)):
         conversations = [conversation for conversation, _ in kept]
         splits[name] = render_split(conversations, tok), conversations
-        cut = sum(was_cut for _, was_cut in kept)
-        meta["splits"][name] = split_stats(splits[name][0], conversations, cut)
+        meta["splits"][name] = split_stats(splits[name][0], conversations,
+                                           cut=sum(was_cut for _, was_cut in kept))
     write_prepared(out_dir, splits, meta)
     return meta
 
@@ -215,25 +211,21 @@ def write_prepared(out_dir, splits, meta):
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)  # flock the folder: no lock file
-    except OSError as e:
-        raise DataError(f"cannot create a folder in {out_dir}: {reason(e)}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one prepare per folder; a killed one's lock goes with it
-        for path in glob.glob(os.path.join(out_dir, ".prepare-*")):  # work folders of killed ones
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-        work = tempfile.mkdtemp(prefix=".prepare-", dir=out_dir)
         try:
-            write_all(work, splits, meta, out_dir)
-            move_in(work, out_dir)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one prepare per folder; a killed one's goes with it
+            for path in glob.glob(os.path.join(out_dir, ".prepare-*")):  # killed ones' work folders
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+            with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out_dir,
+                                             ignore_cleanup_errors=True) as work:
+                write_all(work, splits, meta, out_dir)
+                move_in(work, out_dir)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            os.close(lock)
+            if created and not os.listdir(out_dir):
+                os.rmdir(out_dir)
     except OSError as e:
         raise DataError(f"cannot create a folder in {out_dir}: {reason(e)}") from None
-    finally:
-        os.close(lock)
-        if created and not os.listdir(out_dir):
-            os.rmdir(out_dir)
 
 
 def write_all(work, splits, meta, out_dir):
@@ -290,8 +282,8 @@ def main(argv):
     """-> exit status: 0, 1 for a problem with the data, 2 for a bad flag (one line on stderr)."""
     try:
         config = flags.parse(PrepareConfig(), argv, __doc__)
-        out_dir = config.out_dir or default_out_dir(config.input, config.tokenizer)
-        config = replace(config, out_dir=out_dir)
+        config = replace(config, out_dir=config.out_dir or default_out_dir(config.input,
+                                                                           config.tokenizer))
         check_settings(config)
     except UserError as e:  # DataError included: these are bad flag values
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,5 @@
-"""
-A prepared folder as data/prepare.py writes it, loaded and checked: damage is one line here, not
-nonsense (or a KeyError) in training.
-"""
+"""A prepared folder (data/prepare.py), loaded and checked: damage is one line here, not nonsense
+(or a KeyError) in training."""
 import json
 import os
 from dataclasses import dataclass
@@ -55,8 +53,7 @@ def load_meta(data_dir, block_size=None):
         raise damaged(path, "not JSON") from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {reason(e)}") from None
-    problem = _meta_problem(meta)
-    if problem:
+    if problem := _meta_problem(meta):
         raise damaged(path, problem)
     longest = max(split["max_tokens"] for split in meta["splits"].values())
     if block_size is not None and block_size < longest:

