@@ -14,6 +14,13 @@ CHECKPOINT_PREFIX, LOG_PREFIX = ".ckpt-", ".log-"  # in out_dir, where RunLock c
 REQUIRED_KEYS = {"model", "model_args", "tokenizer", "mask"}
 
 
+def usual_mode():
+    """The mode open() gives a new file under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic(path, write, prefix=TEMPORARY_PREFIX, suffix=".tmp"):
     """write(tmp) into a new temporary file beside path (mkstemp's: no planted link is followed),
     synced, then renamed over path: a crash or a full disk leaves the old file and no other."""
@@ -23,9 +30,7 @@ def atomic(path, write, prefix=TEMPORARY_PREFIX, suffix=".tmp"):
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; ours are not
+        os.chmod(tmp, usual_mode())  # mkstemp's file is private; ours are not
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from cli.errors import UserError
-from support.checkpoint import CHECKPOINT_PREFIX, LOG_PREFIX, TEMPORARY_PREFIX
+from support.checkpoint import CHECKPOINT_PREFIX, LOG_PREFIX, TEMPORARY_PREFIX, usual_mode
 
 RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl")  # what a new run writes: never silently replaced
 
@@ -100,6 +100,7 @@ class TrainingLog:
         try:  # kept records go to a new file that takes the log's name: a kill leaves one or other
             kept = self._records_before(resumed_at) if resumed_at is not None else []
             self.fd, tmp = tempfile.mkstemp(prefix=LOG_PREFIX, suffix=".tmp", dir=out_dir)
+            os.fchmod(self.fd, usual_mode())  # mkstemp's file is private; a log is not
             os.write(self.fd, "".join(line + "\n" for line in kept).encode())
             os.replace(tmp, self.path)  # replaces a name, never writes through what it points to
         except OSError as e:

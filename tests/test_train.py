@@ -437,6 +437,8 @@ def test_log_jsonl_records_the_run_and_a_resume_appends(small_data_dir, tmp_path
     assert [r["iter"] for r in records if "val_loss" in r] == [0, 4, 8]  # the log of an uninterrupted run
     assert [r["iter"] for r in records if "loss" in r] == [2, 4, 6, 8]
     assert all(math.isfinite(r["loss"]) and r["lr"] > 0 for r in records if "loss" in r)
+    (tmp_path / "plain").write_text("")  # the log is readable as a file open() makes is
+    assert os.stat(tmp_path / "log.jsonl").st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777
 
 
 def evals_of(log):
