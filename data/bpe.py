@@ -222,7 +222,7 @@ def from_tokenizer_json(folder):
     computes as BPE above, and tokenizer_config.json's chat template."""
     path = os.path.join(folder, "tokenizer.json")
     spec = _read_json(path)
-    model = spec.get("model") if isinstance(spec, dict) else None
+    model = spec.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE" or \
             model.get("byte_fallback") or model.get("continuing_subword_prefix") or \
             model.get("end_of_word_suffix") or not isinstance(model.get("vocab"), dict) or \
@@ -231,10 +231,14 @@ def from_tokenizer_json(folder):
                         "supported")
     stages = _pre_tokenizer_stages(spec.get("pre_tokenizer"), path)
     normalizer = spec.get("normalizer")
-    if normalizer is not None and normalizer.get("type") != "NFC":
-        raise DataError(f"{path}: normalizer {normalizer.get('type')!r} is not supported (only "
+    nfc = isinstance(normalizer, dict) and normalizer.get("type") == "NFC"
+    if normalizer is not None and not nfc:
+        raise DataError(f"{path}: normalizer {json.dumps(normalizer)[:80]} is not supported (only "
                         "none or NFC)")
     added = spec.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(t, dict) and type(t.get("id")) is int
+                                              and isinstance(t.get("content"), str) for t in added):
+        raise DataError(f"{path}: added_tokens: each needs a content (a string) and an id")
     vocab = {**model["vocab"], **{token["content"]: token["id"] for token in added}}
     names = {i: token for token, i in vocab.items()}
     tokens = [names.get(i, f"<unused {i}>") for i in range(max(names) + 1)]
@@ -243,7 +247,7 @@ def from_tokenizer_json(folder):
     config = os.path.join(folder, "tokenizer_config.json")
     template = _read_json(config).get("chat_template") if os.path.exists(config) else None
     special = {token["id"] for token in added if token.get("special")}
-    encoder = BPE(tokens, merges, stages, special, nfc=normalizer is not None,
+    encoder = BPE(tokens, merges, stages, special, nfc=nfc,
                   ignore_merges=bool(model.get("ignore_merges")))
     return encoder, default_system_message(template)
 
@@ -252,7 +256,7 @@ def _pre_tokenizer_stages(spec, path):
     """tokenizer.json's pre_tokenizer -> the patterns of step 1."""
     if spec is None:
         return []
-    kind = spec.get("type")
+    kind = spec.get("type") if isinstance(spec, dict) else None
     if kind == "Sequence":
         subs = spec.get("pretokenizers", [])
         return [p for sub in subs for p in _pre_tokenizer_stages(sub, path)]
@@ -261,7 +265,7 @@ def _pre_tokenizer_stages(spec, path):
     if kind == "Digits" and spec.get("individual_digits"):
         return [DIGITS]
     if kind == "Split" and spec.get("behavior") == "Isolated" and not spec.get("invert") and \
-            "Regex" in spec.get("pattern", {}):
+            isinstance(spec.get("pattern"), dict) and "Regex" in spec["pattern"]:
         return [spec["pattern"]["Regex"]]
     raise DataError(f"{path}: pre-tokenizer {json.dumps(spec)[:80]} is not supported (ByteLevel "
                     "without a prefix space, Digits, Split)")
@@ -270,8 +274,11 @@ def _pre_tokenizer_stages(spec, path):
 def _read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path} is missing") from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise DataError(f"cannot read {path} ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path} is not a JSON object")
+    return value

@@ -540,6 +540,29 @@ def test_ignore_merges_is_applied_as_the_tokenizers_library_does(ignore_merges, 
     assert ours.encode("abc") == ([258] if ignore_merges else [ord("a"), 256])  # where the setting decides
 
 
+MALFORMED_TOKENIZERS = {  # (file, what to change in it (None: the whole file), the error)
+    "not an object": ("tokenizer.json", None, "is not a JSON object"),
+    "its config not an object": ("tokenizer_config.json", None, "is not a JSON object"),
+    "normalizer a string": ("tokenizer.json", {"normalizer": "NFC"}, 'normalizer "NFC" is not'),
+    "pre-tokenizer a list": ("tokenizer.json", {"pre_tokenizer": []}, "pre-tokenizer .* is not"),
+    "Split's pattern a string": ("tokenizer.json", {"pre_tokenizer": {
+        "type": "Split", "behavior": "Isolated", "pattern": "Regex"}}, "pre-tokenizer .* is not"),
+    "an added token without id": ("tokenizer.json", {"added_tokens": [{"content": "<x>"}]},
+                                  "added_tokens: each needs"),
+    "added tokens not a list": ("tokenizer.json", {"added_tokens": 3}, "added_tokens: each needs"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_TOKENIZERS))
+def test_a_malformed_tokenizer_json_or_its_config_is_one_line(case, tmp_path):
+    trained_tokenizer(tmp_path, PRE_TOKENIZERS["qwen2"](), ["the cat the hat the tat"] * 10)
+    name, changes, match = MALFORMED_TOKENIZERS[case]
+    path = tmp_path / name
+    spec = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(["a list"] if changes is None else {**spec, **changes}))
+    refused(path, match, load=lambda path: from_tokenizer_json(os.path.dirname(path)))
+
+
 def test_a_tokenizer_json_nested_too_deep_is_one_line(tmp_path):
     (tmp_path / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
     refused(tmp_path / "tokenizer.json", "cannot read .*tokenizer.json",
