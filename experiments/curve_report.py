@@ -35,11 +35,13 @@ class CurveConfig:
 
 
 def group_loss(result, turns):
-    """The held-out answer loss over the answer tokens of some turn buckets (None: all of them)."""
+    """The held-out answer loss over the answer tokens of some turn buckets (None: all of them);
+    None where the held-out conversations have none of those turns (shown as "-")."""
     if turns is None:
         return result["val_loss"]
     cells = [result["val_loss_by_turn"][t] for t in turns if t in result["val_loss_by_turn"]]
-    return sum(c["loss"] * c["n"] for c in cells) / sum(c["n"] for c in cells)
+    tokens = sum(c["n"] for c in cells)
+    return sum(c["loss"] * c["n"] for c in cells) / tokens if tokens else None
 
 
 def read_runs(out_dir):
@@ -63,8 +65,11 @@ def read_runs(out_dir):
 
 
 def load(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # a run killed while writing, a file edited by hand
+        raise UserError(f"cannot read {path} ({e}): rerun its evaluation or remove it") from None
 
 
 def common_seeds(runs, key):

@@ -84,3 +84,31 @@ def test_bench_plot_note_names_the_file_it_wrote(tmp_path, given):
     [written] = new_files(tmp_path, before)
     assert written == (given if "." in given else given + ".png")
     assert note == f"TTFT plot written to {tmp_path / written}"
+
+
+def write_eval(out_dir, run, name, by_turn):
+    """An eval.py result: {turn: (loss, answer tokens)} -> val_loss_by_turn and the token-weighted val_loss."""
+    os.makedirs(out_dir / run, exist_ok=True)
+    cells = {t: {"loss": loss, "n": n} for t, (loss, n) in by_turn.items()}
+    total = sum(n for _, n in by_turn.values())
+    (out_dir / run / name).write_text(json.dumps(
+        {"val_loss": sum(loss * n for loss, n in by_turn.values()) / total, "val_loss_by_turn": cells}))
+
+
+def test_curve_report_weighs_turn_groups_by_answer_tokens_and_pairs_seeds(tmp_path, capsys):
+    from experiments import curve_report
+    losses = {("causal", 1): 2.0, ("causal", 2): 2.2, ("ism", 1): 2.1, ("ism", 2): 2.5}
+    for (mask, seed), base in losses.items():  # turn 2 weighs 3 tokens for 1 of turn 3
+        turn_3 = base + (3 if mask == "ism" else 2)
+        write_eval(tmp_path, f"{mask}-s{seed}", "eval-10.json", {"1": (base, 4), "2": (base + 1, 3), "3": (turn_3, 1)})
+    curve_report.main([f"--out_dir={tmp_path}"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 10 | 2 | ism - causal"))
+    # turns 2-4 per seed: causal (3 (b + 1) + (b + 2)) / 4 = b + 1.25, ism (3 (b + 1) + (b + 3)) / 4 = b + 1.5;
+    # ism - causal paired: 0.1 + 0.25 and 0.3 + 0.25 -> mean +0.45 (unweighted turns would give +0.7)
+    cells = [c.strip() for c in row.split("|")]
+    # overall (8 tokens): causal b + 5/8, ism b + 6/8 -> +0.325; turn 1 +0.2; no turn 5+ at all: "-"
+    assert [c[:6] for c in cells[4:8]] == ["+0.325", "+0.200", "+0.450", "-"], row
+    (tmp_path / "ism-s2" / "eval-10.json").write_text('{"val_loss": ')  # a run killed while writing
+    with pytest.raises(UserError, match=r"cannot read .*ism-s2/eval-10.json") as info:
+        curve_report.main([f"--out_dir={tmp_path}"])
+    assert "\n" not in str(info.value)
