@@ -200,8 +200,7 @@ def quantize(model, mode):
 
 
 def from_state(config, state, mode):
-    """A GPT of config quantized as mode, from the state dict of one (a conversion cached in that
-    form): its structure built on the meta device, then given state's tensors."""
+    """A GPT of config quantized as mode, given the tensors of one (a cached conversion's state)."""
     model = quantize(GPT.from_state(config), mode)
     model.load_state_dict(state, assign=True)
     return model.eval()
