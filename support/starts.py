@@ -37,9 +37,8 @@ class Start:
 
 def load_start(source, block_size=None, dropout=0.0, device="cpu", dtype=torch.float32, adapter="",
                quantize="none"):
-    """-> Start of source, in dtype on device, a PEFT adapter folder folded in when named, its
-    context cut to block_size (None: its own) and dropout set, quantized (support/quantize.py; a
-    GGUF file's conversion is cached so); UserError when it cannot be had."""
+    """-> Start of source in dtype on device, a PEFT adapter folder folded in, its context cut to
+    block_size (None: its own), dropout set, quantized; UserError when it cannot be had."""
     checkpoint_path = os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source
     if os.path.isfile(checkpoint_path) and not source.endswith(".gguf"):
         start = from_checkpoint(checkpoint_path, device)
@@ -49,8 +48,8 @@ def load_start(source, block_size=None, dropout=0.0, device="cpu", dtype=torch.f
             raise UserError(f"--init_from={source}: no such file")
         model, tok = from_gguf(path, source if source == SMOLLM2 else path, dtype,
                                "none" if adapter else quantize)  # an adapter merges first
-        what = f"{os.path.basename(path)} (GGUF, {model.num_params() / 1e6:.0f}M parameters)"
-        start = Start(model, tok, what)
+        start = Start(model, tok, f"{os.path.basename(path)} (GGUF, "
+                                  f"{model.num_params() / 1e6:.0f}M parameters)")
     elif source in GPT2_NAMES or os.path.isfile(os.path.join(source, "config.json")):
         start = Start(*from_hugging_face(source, dtype))
     else:
@@ -58,11 +57,10 @@ def load_start(source, block_size=None, dropout=0.0, device="cpu", dtype=torch.f
     if adapter:
         start.model = merged(read_adapter(start.model, adapter))
         start.what = f"{start.what} + the adapter {adapter}"
-    start.model = fit_context(start.model, block_size or start.model.config.block_size, dropout)
+    model = fit_context(start.model, block_size or start.model.config.block_size, dropout)
     if quantize == "none":
-        start.model = start.model.to(device=device, dtype=dtype)
+        start.model = model.to(device=device, dtype=dtype)
     else:  # (a no-op on a cached conversion, quantized already)
-        model = start.model
         start.model = quantized(merged(model) if model.adapter_params() else model, quantize)
     return start
 
@@ -83,10 +81,10 @@ def from_checkpoint(path, device, check=lambda checkpoint: None):
         tok = tokenizer_from_description(checkpoint["tokenizer"])
     except DataError as e:
         raise UserError(f"{path}: {e}") from None
-    model = model_of_checkpoint(checkpoint, device, path)
     what = f"the weights of {path} (mask {checkpoint['mask']}, iter " \
            f"{checkpoint.get('iter_num', '?')})"
-    return Start(model, tok, what, checkpoint["mask"], checkpoint)
+    return Start(model_of_checkpoint(checkpoint, device, path), tok, what, checkpoint["mask"],
+                 checkpoint)
 
 
 def model_of_checkpoint(checkpoint, device, path):
@@ -176,15 +174,14 @@ def load_chat_model(init_from="resume", out_dir="out", ckpt="ckpt.pt", mask="", 
     if start.tok.vocab_size > start.model.config.vocab_size:
         raise UserError(f"{source}: tokenizer has {start.tok.vocab_size} tokens, model only "
                         f"{start.model.config.vocab_size}")
-    model, what = start.model.eval(), start.what
-    if quantize != "none":
-        what = f"{what}, decoding in {quantize}"
-    return ChatModel(model, start.tok, mask or start.mask, start.mask, what, start.checkpoint, rt)
+    what = start.what + (f", decoding in {quantize}" if quantize != "none" else "")
+    return ChatModel(start.model.eval(), start.tok, mask or start.mask, start.mask, what,
+                     start.checkpoint, rt)
 
 
 def check_cache_fits(config, source, device, dtype):
-    """UserError naming --block_size when the KV cache of the context (allocated at once) would
-    not fit the machine's or the GPU's memory, rather than the out-of-memory killer."""
+    """UserError naming --block_size, not the out-of-memory killer, when the context's KV cache
+    (allocated at once) would not fit the machine's or the GPU's memory."""
     per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim * dtype.itemsize
     if torch.device(device).type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory

@@ -17,7 +17,7 @@ VOCAB_MULTIPLE = 64  # an embedding grown by the chat tokens is padded to this: 
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the causal mask older files hold: not weights
 
-# ours -> Hugging Face Llama / Qwen2; a tuple: its tensors stacked in this order (output dimension)
+# ours -> Hugging Face Llama / Qwen2; a layer's tensors stacked in this order (output dimension)
 LLAMA_TOP = {"transformer.wte.weight": "model.embed_tokens.weight",
              "transformer.ln_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
 LLAMA_LAYER = {  # inside transformer.h.N. -> inside model.layers.N.
@@ -25,13 +25,12 @@ LLAMA_LAYER = {  # inside transformer.h.N. -> inside model.layers.N.
                            "self_attn.v_proj.weight"),
     "attn.c_attn.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias",
                          "self_attn.v_proj.bias"),  # Qwen2
-    "attn.c_proj.weight": "self_attn.o_proj.weight",
+    "attn.c_proj.weight": ("self_attn.o_proj.weight",),
     "mlp.c_fc.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-    "mlp.c_proj.weight": "mlp.down_proj.weight",
-    "ln_1.weight": "input_layernorm.weight",
-    "ln_2.weight": "post_attention_layernorm.weight",
+    "mlp.c_proj.weight": ("mlp.down_proj.weight",),
+    "ln_1.weight": ("input_layernorm.weight",),
+    "ln_2.weight": ("post_attention_layernorm.weight",),
 }
-HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}
 
 # Hugging Face's Llama module -> llama.cpp's GGUF tensor (blk.N.<name>.weight)
 GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -43,25 +42,23 @@ GGUF_TOP = {"model.embed_tokens.weight": "token_embd.weight",
 
 
 def llama_names(config):
-    """-> [(our name, its Hugging Face name or names)] of every tensor of a Llama-family GPT."""
-    names = [(ours, hf) for ours, hf in LLAMA_TOP.items()
+    """-> [(our name, its Hugging Face names)] of every tensor of a Llama-family GPT."""
+    names = [(ours, (hf,)) for ours, hf in LLAMA_TOP.items()
              if ours != "lm_head.weight" or not config.tie_embeddings]
     for i in range(config.n_layer):
         for ours, hf in LLAMA_LAYER.items():
-            if ours == "attn.c_attn.bias" and not config.qkv_bias:
-                continue
-            layer = f"model.layers.{i}"
-            hf = tuple(f"{layer}.{h}" for h in hf) if isinstance(hf, tuple) else f"{layer}.{hf}"
-            names.append((f"transformer.h.{i}.{ours}", hf))
+            if ours != "attn.c_attn.bias" or config.qkv_bias:
+                names.append((f"transformer.h.{i}.{ours}",
+                              tuple(f"model.layers.{i}.{name}" for name in hf)))
     return names
 
 
-def stacked_sizes(config, name):
-    """The output sizes of the tensors a stacked tensor holds (q, k, v or gate, up)."""
+def hf_parts(config, name, tensor):
+    """Our tensor split into its Hugging Face ones: q, k, v or gate, up (views), else itself."""
     if "c_attn" in name:
         kv = config.n_kv_head * config.head_dim
-        return [config.n_head * config.head_dim, kv, kv]
-    return [config.mlp_hidden, config.mlp_hidden]
+        return tensor.split([config.n_head * config.head_dim, kv, kv])
+    return tensor.split(config.mlp_hidden) if "c_fc" in name else (tensor,)
 
 
 def llama_from_hf(get, config, dtype=torch.float32):
@@ -71,33 +68,21 @@ def llama_from_hf(get, config, dtype=torch.float32):
     state = {}
     for ours, hf in llama_names(config):
         state[ours] = torch.empty(shapes[ours], dtype=dtype)
-        parts, sizes = (hf, stacked_sizes(config, ours)) if isinstance(hf, tuple) else \
-            ((hf,), [shapes[ours][0]])
-        for part, rows in zip(parts, state[ours].split(sizes)):
-            rows.copy_(get(part, rows.shape))
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
+        for name, rows in zip(hf, hf_parts(config, ours, state[ours])):
+            rows.copy_(get(name, rows.shape))
     return state
 
 
 def llama_to_hf(state, config):
     """Hugging Face Llama / Qwen2 tensors from our state dict: the stacked ones split again."""
-    out = {}
-    for ours, hf in llama_names(config):
-        if isinstance(hf, tuple):
-            out.update(zip(hf, state[ours].split(stacked_sizes(config, ours))))
-        else:
-            out[hf] = state[ours]
-    return out
+    return {name: part for ours, hf in llama_names(config)
+            for name, part in zip(hf, hf_parts(config, ours, state[ours]))}
 
 
 def gpt2_from_hf(state):
     """Our state dict from transformers' GPT-2 one (Conv1D matrices transposed; no mask buffers)."""
     return {name: (t.t() if name.endswith(GPT2_CONV1D) else t) for name, t in state.items()
             if not name.endswith(GPT2_BUFFERS)}
-
-
-gpt2_to_hf = gpt2_from_hf  # transposing is its own inverse
 
 
 def gguf_name(hf_name):
@@ -112,13 +97,16 @@ def gguf_name(hf_name):
 def peft_name(name):
     """Our adapter's name (h.N.attn.c_attn.lora_A.q_proj) -> PEFT's (self_attn.q_proj.lora_A)."""
     _, _, layer, block, _, ab, part = name.split(".")
-    return f"base_model.model.model.layers.{layer}.{HF_BLOCK[block]}.{part}.{ab}.weight"
+    block = {"attn": "self_attn", "mlp": "mlp"}[block]
+    return f"base_model.model.model.layers.{layer}.{block}.{part}.{ab}.weight"
 
 
 # ------------------------------------------------- a loader's rules, and a GPT from named tensors
 
 def build(config, state, path="the start"):
     """GPT.from_state in eval mode; UserError when a parameter is missing, extra or misshapen."""
+    if config.tie_embeddings:  # one tensor for both
+        state["lm_head.weight"] = state["transformer.wte.weight"]
     try:
         return GPT.from_state(config, state).eval()
     except RuntimeError as e:
@@ -175,13 +163,11 @@ def chat_tokenizer(config, state, folder_or_file, vocab_source):
 
 
 def with_chat_tokens(config, state):
-    """-> (config, state), wte and lm_head grown by the chat tokens (the mean row) and padding."""
+    """-> (config, state): wte and an own lm_head grown by the chat tokens (mean rows), padded."""
     vocab_size = -(-(config.vocab_size + len(SPECIAL_TOKENS)) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     own_head = () if config.tie_embeddings else ("lm_head.weight",)
     for name in ("transformer.wte.weight", *own_head):
         weight = state[name]
         mean = weight.mean(0, keepdim=True).expand(vocab_size - weight.shape[0], -1)
         state[name] = torch.cat([weight, mean])
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
     return replace(config, vocab_size=vocab_size), state
