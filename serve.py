@@ -26,7 +26,7 @@ import cli.quiet_interrupt  # noqa: F401  (first: a Ctrl-C while torch imports e
 from dataclasses import dataclass
 
 from data.synthetic import example_prompts
-from cli.errors import UserError
+from cli.errors import UserError, reason
 from cli.flags import parse, run, setting
 from support.starts import ModelFlags
 from tools.http_server import Server
@@ -63,7 +63,7 @@ def main(argv=None):
     try:
         server = Server(service, cfg.host, cfg.port)
     except OSError as e:
-        raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e})") from None
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({reason(e)})") from None
     host, port = server.address
     cache = ("no cache (reference path)" if cfg.no_cache
              else f"KV cache for {cfg.sessions} conversations")

@@ -59,7 +59,7 @@ def _read_config_file(path):
         with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+        raise UserError(f"cannot read config file {path}: {reason(e)}") from None
     except UnicodeDecodeError:
         raise UserError(f"config file {path} is not UTF-8 text") from None
     settings = {}

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from cli.errors import UserError
+from cli.errors import UserError, reason
 from support.checkpoint import CHECKPOINT_PREFIX, LOG_PREFIX, TEMPORARY_PREFIX, usual_mode
 
 RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl")  # what a new run writes: never silently replaced
@@ -32,7 +32,7 @@ class RunLock:
         try:
             os.makedirs(self.out_dir, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot write to {self.out_dir} ({e.strerror}): pick another "
+            raise UserError(f"cannot write to {self.out_dir} ({reason(e)}): pick another "
                             "--out_dir") from None
         while not self._locked():  # the file we locked was removed by a run ending: lock anew
             os.close(self.fd)
@@ -55,7 +55,7 @@ class RunLock:
         except OSError as e:
             if os.path.islink(self.path):
                 raise planted_link(self.path, "its lock") from None
-            raise UserError(f"cannot write {self.path} ({e.strerror or e}): pick another "
+            raise UserError(f"cannot write {self.path} ({reason(e)}): pick another "
                             "--out_dir") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,7 +109,7 @@ class TrainingLog:
             self.stop_logging(e)
 
     def stop_logging(self, error):
-        print(f"warning: cannot write {self.path} ({error.strerror or error}): training goes on "
+        print(f"warning: cannot write {self.path} ({reason(error)}): training goes on "
               "without it", file=sys.stderr, flush=True)
         self.__exit__()
 
