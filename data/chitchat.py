@@ -59,8 +59,10 @@ def _records(path):
         return None
     if isinstance(value, dict) and ("messages" in value or "conversations" in value):
         return None  # a file of one JSONL line: one conversation, not an object of them
-    if not json_name and not (isinstance(value, dict) and
-                              any(isinstance(v, dict) and "messages" in v for v in value.values())):
+    if isinstance(value, dict) and any(isinstance(v, dict) and "messages" in v
+                                       for v in value.values()):
+        return value
+    if not json_name:
         return None
     if not isinstance(value, dict):
         raise DataError(f"{path}: not an object of conversations keyed by id")

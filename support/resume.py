@@ -151,6 +151,19 @@ def data_fingerprint(meta):
                for name, split in meta["splits"].items()}}
 
 
+def check_same_data(checkpoint, path, cfg, meta):
+    """UserError unless the checkpoint was trained on meta's data (or records none)."""
+    saved, ours = checkpoint.get("data"), data_fingerprint(meta)
+    if saved is None or saved == ours:
+        return
+    trained = saved.get("train") if isinstance(saved, dict) else None
+    count = f"{trained['conversations']:,}" if isinstance(trained, dict) and \
+        isinstance(trained.get("conversations"), int) else "an unreadable number of"
+    raise UserError(f"{path} was trained on other data than {cfg.data_dir} ({count} train "
+                    f"conversations, not {ours['train']['conversations']:,}): pass the --data_dir "
+                    f"it was trained on, or {AGAIN}")
+
+
 @dataclass
 class RunState:
     """What a checkpoint records of the run besides the weights and the optimizer."""
@@ -181,8 +194,8 @@ def make_checkpoint(model_state, config, cfg, flags_given, meta, state, rows_per
 
 
 def resumed_state(cfg, start, load_optimizer, meta, log, is_master=True):
-    """The RunState of the resumed checkpoint (trained on this data; load_optimizer loads its
-    optimizer state), or of a new run, which removes a replaced run's best.pt and adapter."""
+    """The RunState of the resumed checkpoint (load_optimizer loads its optimizer state), or of a
+    new run, which removes a replaced run's best.pt and adapter."""
     if start.checkpoint is None:
         replaced = os.path.join(cfg.out_dir, "best.pt")
         if is_master and os.path.lexists(replaced):
@@ -191,15 +204,8 @@ def resumed_state(cfg, start, load_optimizer, meta, log, is_master=True):
         if is_master and not writes_adapter(cfg) and not adapter_is_start(cfg):
             remove_adapter(os.path.join(cfg.out_dir, ADAPTER_DIR), log)
         return RunState(start=cfg.init_from, base=start.base)
-    path, saved = os.path.join(cfg.out_dir, "ckpt.pt"), start.checkpoint.get("data")
-    ours = data_fingerprint(meta)
-    if saved is not None and saved != ours:
-        trained = saved.get("train") if isinstance(saved, dict) else None
-        count = f"{trained['conversations']:,}" if isinstance(trained, dict) and \
-            isinstance(trained.get("conversations"), int) else "an unreadable number of"
-        raise UserError(f"{path} was trained on other data than {cfg.data_dir} ({count} train "
-                        f"conversations, not {ours['train']['conversations']:,}): pass the "
-                        f"--data_dir it was trained on, or {AGAIN}")
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    check_same_data(start.checkpoint, path, cfg, meta)
     try:
         load_optimizer(start.checkpoint["optimizer"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:

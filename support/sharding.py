@@ -22,9 +22,8 @@ def start_on_rank0(find, rt):
     if rt.is_master:
         try:
             start = find()
-            checkpoint = None if start.checkpoint is None else \
-                {**{k: v for k, v in start.checkpoint.items() if k != "model"}, "optimizer": {}}
-            shared = [None, start.model.config, replace(start, model=None, checkpoint=checkpoint)]
+            sent = replace(start, model=None, checkpoint=tensorless(start.checkpoint))
+            shared = [None, start.model.config, sent]
         except UserError as e:
             shared = [str(e), None, None]
     dist.broadcast_object_list(shared, src=0)
@@ -32,6 +31,12 @@ def start_on_rank0(find, rt):
     if problem:
         raise UserError(problem)
     return start if rt.is_master else replace(sent, model=GPT.from_state(config))
+
+
+def tensorless(checkpoint):
+    """A checkpoint without the weights and the optimizer's state (sent later)."""
+    return None if checkpoint is None else \
+        {**{k: v for k, v in checkpoint.items() if k != "model"}, "optimizer": {}}
 
 
 def shard(model, rt):
